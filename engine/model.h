@@ -28,10 +28,10 @@ struct ModelConfig {
   std::string architecture;  // "llama", "mistral", "qwen2"
   std::string name;
   int n_layers = 0;
-  int hidden = 0;        // model width
-  int ffn_hidden = 0;    // SwiGLU inner width
-  int n_heads = 0;       // query heads
-  int n_kv_heads = 0;    // key/value heads (GQA groups = n_heads / n_kv_heads)
+  int hidden = 0;      // model width
+  int ffn_hidden = 0;  // SwiGLU inner width
+  int n_heads = 0;     // query heads
+  int n_kv_heads = 0;  // key/value heads (GQA groups = n_heads / n_kv_heads)
   int head_dim = 0;
   int vocab_size = 0;
   int max_context = 0;
@@ -39,8 +39,8 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   RopeLayout rope_layout = RopeLayout::kHalves;
   RopeScaling rope_scaling;
-  bool qkv_bias = false;        // Qwen2
-  bool tied_embeddings = false; // output projection reuses token_embedding
+  bool qkv_bias = false;         // Qwen2
+  bool tied_embeddings = false;  // output projection reuses token_embedding
   // Mistral sliding window; 0 = full attention.
   int sliding_window = 0;
 };
@@ -53,20 +53,20 @@ struct Matrix {
 };
 
 struct LayerWeights {
-  std::vector<float> attn_norm;  // (hidden)
-  Matrix wq;                     // (n_heads * head_dim, hidden)
-  Matrix wk;                     // (n_kv_heads * head_dim, hidden)
-  Matrix wv;                     // (n_kv_heads * head_dim, hidden)
-  std::vector<float> bq, bk, bv; // empty unless qkv_bias
-  Matrix wo;                     // (hidden, n_heads * head_dim)
-  std::vector<float> ffn_norm;   // (hidden)
-  Matrix w_gate;                 // (ffn_hidden, hidden)
-  Matrix w_up;                   // (ffn_hidden, hidden)
-  Matrix w_down;                 // (hidden, ffn_hidden)
+  std::vector<float> attn_norm;   // (hidden)
+  Matrix wq;                      // (n_heads * head_dim, hidden)
+  Matrix wk;                      // (n_kv_heads * head_dim, hidden)
+  Matrix wv;                      // (n_kv_heads * head_dim, hidden)
+  std::vector<float> bq, bk, bv;  // empty unless qkv_bias
+  Matrix wo;                      // (hidden, n_heads * head_dim)
+  std::vector<float> ffn_norm;    // (hidden)
+  Matrix w_gate;                  // (ffn_hidden, hidden)
+  Matrix w_up;                    // (ffn_hidden, hidden)
+  Matrix w_down;                  // (hidden, ffn_hidden)
 };
 
 struct ModelWeights {
-  Matrix token_embedding;          // (vocab_size, hidden)
+  Matrix token_embedding;  // (vocab_size, hidden)
   std::vector<LayerWeights> layers;
   std::vector<float> output_norm;  // (hidden)
   Matrix output;                   // (vocab_size, hidden); empty when tied_embeddings
@@ -75,16 +75,16 @@ struct ModelWeights {
 
 // Byte-level BPE description, as GGUF's tokenizer.ggml.* keys or a tokenizer.json carry it.
 struct TokenizerSpec {
-  std::string model = "gpt2";     // tokenizer.ggml.model
-  std::string pre;                // pre-tokenizer name: "smollm", "llama-bpe", "qwen2", "gpt2"
-  std::vector<std::string> tokens;        // id -> token text (byte-level encoded)
-  std::vector<int32_t> token_types;       // id -> 1 normal, 3 control, 4 user-defined, ...
-  std::vector<std::string> merges;        // "left right", highest priority first
+  std::string model = "gpt2";        // tokenizer.ggml.model
+  std::string pre;                   // pre-tokenizer name: "smollm", "llama-bpe", "qwen2", "gpt2"
+  std::vector<std::string> tokens;   // id -> token text (byte-level encoded)
+  std::vector<int32_t> token_types;  // id -> 1 normal, 3 control, 4 user-defined, ...
+  std::vector<std::string> merges;   // "left right", highest priority first
   int32_t bos_id = -1;
   int32_t eos_id = -1;
   int32_t pad_id = -1;
   bool add_bos = false;
-  std::string chat_template;      // Jinja source, used to recognise the template family
+  std::string chat_template;  // Jinja source, used to recognise the template family
 };
 
 struct Model {

@@ -1,0 +1,260 @@
+// The reference forward pass. Per step, all new tokens of all sequences are packed into one
+// (T, hidden) matrix so every projection is one GEMM; attention is per sequence over its pages.
+//
+//   x = embed(tokens)
+//   for each layer:  x += Wo · attention(rope(Wq·n), rope(Wk·n), Wv·n)   with n = rmsnorm(x)
+//                    x += Wdown · (silu(Wgate·n) * Wup·n)                 with n = rmsnorm(x)
+//   logits = lm_head · rmsnorm(x[last token of each sequence])
+#include "engine/cpu/forward.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "engine/rope.h"
+
+namespace kvtrim::engine {
+namespace {
+
+// y (T, rows) = x (T, cols) · Wᵀ (+ bias)
+void Linear(const float* x, int tokens, const Matrix& w, const std::vector<float>& bias, float* y) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, w.rows, w.cols, 1.0f, x, w.cols,
+              w.data.data(), w.cols, 0.0f, y, w.rows);
+  if (bias.empty()) return;
+#pragma omp parallel for
+  for (int t = 0; t < tokens; ++t) {
+    for (int i = 0; i < w.rows; ++i) y[static_cast<size_t>(t) * w.rows + i] += bias[i];
+  }
+}
+
+void RmsNorm(const float* x, int tokens, int dim, const std::vector<float>& weight, float eps,
+             float* out) {
+#pragma omp parallel for
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = x + static_cast<size_t>(t) * dim;
+    float sum_squares = 0.0f;
+    for (int i = 0; i < dim; ++i) sum_squares += row[i] * row[i];
+    const float scale = 1.0f / std::sqrt(sum_squares / dim + eps);
+    float* dst = out + static_cast<size_t>(t) * dim;
+    for (int i = 0; i < dim; ++i) dst[i] = row[i] * scale * weight[i];
+  }
+}
+
+void SoftmaxInPlace(float* row, int n) {
+  float max_value = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < n; ++j) max_value = std::max(max_value, row[j]);
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - max_value);
+    sum += row[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int j = 0; j < n; ++j) row[j] *= inv;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(const Model* model,
+                                                               memory::KvCache* cache) {
+  const ModelConfig& c = model->config;
+  const memory::KvShape& shape = cache->shape();
+  if (shape.n_layers != c.n_layers || shape.n_kv_heads != c.n_kv_heads ||
+      shape.head_dim != c.head_dim || shape.element_bytes != sizeof(float)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache shape (", shape.n_layers, " layers, ", shape.n_kv_heads, " kv heads, ",
+        shape.head_dim, " head dim, ", shape.element_bytes, "-byte elements) does not match ",
+        c.name, " (", c.n_layers, ", ", c.n_kv_heads, ", ", c.head_dim, ", fp32)"));
+  }
+  return std::unique_ptr<CpuBackend>(new CpuBackend(model, cache));
+}
+
+CpuBackend::CpuBackend(const Model* model, memory::KvCache* cache)
+    : model_(*model),
+      config_(model->config),
+      cache_(*cache),
+      inv_freq_(RopeInverseFrequencies(model->config)) {}
+
+absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) {
+  const int hidden = config_.hidden;
+  int tokens = 0;
+  for (const SequenceStep& step : steps) {
+    if (step.kv->keys[0].capacity() < step.kv->cached_tokens() + (int)step.tokens.size()) {
+      return absl::InternalError("Forward: page capacity was not reserved for the new tokens");
+    }
+    for (int32_t id : step.tokens) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id, " is outside [0, ", config_.vocab_size, ")"));
+      }
+    }
+    tokens += static_cast<int>(step.tokens.size());
+  }
+  x_.resize(static_cast<size_t>(tokens) * hidden);
+  positions_.resize(tokens);
+  int t = 0;
+  for (const SequenceStep& step : steps) {
+    for (size_t i = 0; i < step.tokens.size(); ++i, ++t) {
+      const float* embedding =
+          model_.weights.token_embedding.data.data() + static_cast<size_t>(step.tokens[i]) * hidden;
+      std::copy(embedding, embedding + hidden, x_.begin() + static_cast<size_t>(t) * hidden);
+      positions_[t] = step.kv->cached_tokens() + static_cast<int>(i);
+    }
+  }
+  for (int layer = 0; layer < config_.n_layers; ++layer) Layer(layer, steps);
+  for (const SequenceStep& step : steps) {
+    for (int layer = 0; layer < config_.n_layers; ++layer) {
+      step.kv->keys[layer].rows += static_cast<int>(step.tokens.size());
+      step.kv->values[layer].rows += static_cast<int>(step.tokens.size());
+    }
+  }
+
+  // Final norm and logits for the last token of each sequence that wants them.
+  std::vector<float> last;
+  int end = 0;
+  for (const SequenceStep& step : steps) {
+    end += static_cast<int>(step.tokens.size());
+    if (!step.want_logits || step.tokens.empty()) continue;
+    last.insert(last.end(), x_.begin() + static_cast<size_t>(end - 1) * hidden,
+                x_.begin() + static_cast<size_t>(end) * hidden);
+  }
+  const int wanting = static_cast<int>(last.size()) / hidden;
+  std::vector<float> normed(last.size());
+  RmsNorm(last.data(), wanting, hidden, model_.weights.output_norm, config_.rms_eps, normed.data());
+  logits.resize(static_cast<size_t>(wanting) * config_.vocab_size);
+  Linear(normed.data(), wanting, model_.weights.lm_head(config_.tied_embeddings), {},
+         logits.data());
+  return absl::OkStatus();
+}
+
+void CpuBackend::Layer(int layer, std::span<const SequenceStep> steps) {
+  const LayerWeights& w = model_.weights.layers[layer];
+  const int tokens = static_cast<int>(positions_.size());
+  const int hidden = config_.hidden, head_dim = config_.head_dim;
+  const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
+  normed_.resize(x_.size());
+  q_.resize(static_cast<size_t>(tokens) * q_width);
+  k_.resize(static_cast<size_t>(tokens) * kv_width);
+  v_.resize(static_cast<size_t>(tokens) * kv_width);
+  attn_out_.resize(q_.size());
+
+  RmsNorm(x_.data(), tokens, hidden, w.attn_norm, config_.rms_eps, normed_.data());
+  Linear(normed_.data(), tokens, w.wq, w.bq, q_.data());
+  Linear(normed_.data(), tokens, w.wk, w.bk, k_.data());
+  Linear(normed_.data(), tokens, w.wv, w.bv, v_.data());
+#pragma omp parallel for
+  for (int t = 0; t < tokens; ++t) {
+    for (int h = 0; h < config_.n_heads; ++h) {
+      ApplyRope(&q_[static_cast<size_t>(t) * q_width + h * head_dim], head_dim, positions_[t],
+                inv_freq_.data(), config_.rope_layout);
+    }
+    for (int h = 0; h < config_.n_kv_heads; ++h) {
+      ApplyRope(&k_[static_cast<size_t>(t) * kv_width + h * head_dim], head_dim, positions_[t],
+                inv_freq_.data(), config_.rope_layout);
+    }
+  }
+  StoreKv(layer, steps);
+  Attention(layer, steps);
+
+  // Output projection added to the residual stream (normed_ reused as scratch).
+  Linear(attn_out_.data(), tokens, w.wo, {}, normed_.data());
+  for (size_t i = 0; i < x_.size(); ++i) x_[i] += normed_[i];
+
+  const int ffn = config_.ffn_hidden;
+  gate_.resize(static_cast<size_t>(tokens) * ffn);
+  up_.resize(gate_.size());
+  RmsNorm(x_.data(), tokens, hidden, w.ffn_norm, config_.rms_eps, normed_.data());
+  Linear(normed_.data(), tokens, w.w_gate, {}, gate_.data());
+  Linear(normed_.data(), tokens, w.w_up, {}, up_.data());
+#pragma omp parallel for
+  for (size_t i = 0; i < gate_.size(); ++i) {
+    const float g = gate_[i];
+    gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
+  }
+  Linear(gate_.data(), tokens, w.w_down, {}, normed_.data());
+  for (size_t i = 0; i < x_.size(); ++i) x_[i] += normed_[i];
+}
+
+void CpuBackend::StoreKv(int layer, std::span<const SequenceStep> steps) {
+  const size_t row_floats = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim;
+  int t = 0;
+  for (const SequenceStep& step : steps) {
+    memory::PageList& keys = step.kv->keys[layer];
+    memory::PageList& values = step.kv->values[layer];
+    for (size_t i = 0; i < step.tokens.size(); ++i, ++t) {
+      const int row = keys.rows + static_cast<int>(i);
+      std::memcpy(cache_.Row(keys, row), &k_[t * row_floats], row_floats * sizeof(float));
+      std::memcpy(cache_.Row(values, row), &v_[t * row_floats], row_floats * sizeof(float));
+    }
+  }
+}
+
+void CpuBackend::Attention(int layer, std::span<const SequenceStep> steps) {
+  int first_row = 0;
+  for (const SequenceStep& step : steps) {
+    AttendSequence(layer, step, first_row);
+    first_row += static_cast<int>(step.tokens.size());
+  }
+}
+
+// One sequence: its n new queries attend to all N = cached + n rows of its pages, causally.
+// K and V of each kv-head are gathered once into contiguous (N, D) buffers, then every query
+// head of that GQA group runs two GEMMs: scores (n, N) = Q Kᵀ and out (n, D) = P V.
+void CpuBackend::AttendSequence(int layer, const SequenceStep& step, int first_row) {
+  const memory::PageList& keys = step.kv->keys[layer];
+  const memory::PageList& values = step.kv->values[layer];
+  const int n_new = static_cast<int>(step.tokens.size());
+  const int n_rows = keys.rows + n_new;
+  const int first_position = keys.rows;
+  const int head_dim = config_.head_dim;
+  const int group = config_.n_heads / config_.n_kv_heads;
+  const int q_width = config_.n_heads * head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const int window = config_.sliding_window;
+
+  std::vector<float> k(static_cast<size_t>(n_rows) * head_dim);    // (N, D)
+  std::vector<float> v(k.size());                                  // (N, D)
+  std::vector<float> q(static_cast<size_t>(n_new) * head_dim);     // (n, D)
+  std::vector<float> scores(static_cast<size_t>(n_new) * n_rows);  // (n, N)
+  std::vector<float> out(q.size());                                // (n, D)
+  for (int kv_head = 0; kv_head < config_.n_kv_heads; ++kv_head) {
+#pragma omp parallel for
+    for (int j = 0; j < n_rows; ++j) {
+      const float* key = reinterpret_cast<const float*>(cache_.Row(keys, j)) + kv_head * head_dim;
+      const float* value =
+          reinterpret_cast<const float*>(cache_.Row(values, j)) + kv_head * head_dim;
+      std::copy(key, key + head_dim, &k[static_cast<size_t>(j) * head_dim]);
+      std::copy(value, value + head_dim, &v[static_cast<size_t>(j) * head_dim]);
+    }
+    for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+      for (int i = 0; i < n_new; ++i) {
+        const float* src = &q_[static_cast<size_t>(first_row + i) * q_width + head * head_dim];
+        std::copy(src, src + head_dim, &q[static_cast<size_t>(i) * head_dim]);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_new, n_rows, head_dim, scale, q.data(),
+                  head_dim, k.data(), head_dim, 0.0f, scores.data(), n_rows);
+#pragma omp parallel for
+      for (int i = 0; i < n_new; ++i) {
+        // Query i sits at position first_position + i and sees rows [lo, position].
+        const int position = first_position + i;
+        const int lo = window > 0 ? std::max(0, position - window + 1) : 0;
+        float* row = &scores[static_cast<size_t>(i) * n_rows];
+        std::fill(row, row + lo, 0.0f);
+        std::fill(row + position + 1, row + n_rows, 0.0f);
+        SoftmaxInPlace(row + lo, position + 1 - lo);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_new, head_dim, n_rows, 1.0f,
+                  scores.data(), n_rows, v.data(), head_dim, 0.0f, out.data(), head_dim);
+      for (int i = 0; i < n_new; ++i) {
+        std::copy(&out[static_cast<size_t>(i) * head_dim],
+                  &out[static_cast<size_t>(i + 1) * head_dim],
+                  &attn_out_[static_cast<size_t>(first_row + i) * q_width + head * head_dim]);
+      }
+    }
+  }
+}
+
+}  // namespace kvtrim::engine

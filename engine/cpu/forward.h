@@ -1,0 +1,49 @@
+// The CPU reference backend: fp32, OpenBLAS GEMMs, OpenMP loops, K/V rows in the paged pool.
+#pragma once
+
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/model.h"
+#include "memory/kv_cache.h"
+
+namespace kvtrim::engine {
+
+class CpuBackend : public Backend {
+ public:
+  // `model` and `cache` must outlive the backend; the cache's shape must match the model with
+  // 4-byte elements.
+  static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(const Model* model,
+                                                            memory::KvCache* cache);
+
+  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+
+ private:
+  CpuBackend(const Model* model, memory::KvCache* cache);
+
+  // One layer over the packed step: x_ holds the residual stream.
+  void Layer(int layer, std::span<const SequenceStep> steps);
+  // Writes each sequence's new K/V rows for `layer` to its pages (positions already rotated).
+  void StoreKv(int layer, std::span<const SequenceStep> steps);
+  // attn_out_ = softmax(Q K^T / sqrt(D)) V for every sequence, reading K/V from the pages.
+  void Attention(int layer, std::span<const SequenceStep> steps);
+  void AttendSequence(int layer, const SequenceStep& step, int first_row);
+
+  const Model& model_;
+  const ModelConfig& config_;
+  memory::KvCache& cache_;
+  std::vector<float> inv_freq_;  // (head_dim / 2)
+
+  // Per-step scratch, sized to the packed token count T.
+  std::vector<float> x_;            // (T, hidden) residual stream
+  std::vector<float> normed_;       // (T, hidden)
+  std::vector<float> q_;            // (T, n_heads * head_dim)
+  std::vector<float> k_;            // (T, n_kv_heads * head_dim)
+  std::vector<float> v_;            // (T, n_kv_heads * head_dim)
+  std::vector<float> attn_out_;     // (T, n_heads * head_dim)
+  std::vector<float> gate_;         // (T, ffn_hidden)
+  std::vector<float> up_;           // (T, ffn_hidden)
+  std::vector<int32_t> positions_;  // (T)
+};
+
+}  // namespace kvtrim::engine
