@@ -22,8 +22,14 @@ namespace {
 
 // y (T, rows) = x (T, cols) · Wᵀ (+ bias)
 void Linear(const float* x, int tokens, const Matrix& w, const std::vector<float>& bias, float* y) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, w.rows, w.cols, 1.0f, x, w.cols,
-              w.data.data(), w.cols, 0.0f, y, w.rows);
+  if (tokens == 1) {
+    // One token (batch-1 decode): a matrix-vector product reads W once, without GEMM packing.
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, w.rows, w.cols, 1.0f, w.data.data(), w.cols, x, 1,
+                0.0f, y, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, w.rows, w.cols, 1.0f, x, w.cols,
+                w.data.data(), w.cols, 0.0f, y, w.rows);
+  }
   if (bias.empty()) return;
 #pragma omp parallel for
   for (int t = 0; t < tokens; ++t) {
@@ -192,67 +198,93 @@ void CpuBackend::StoreKv(int layer, std::span<const SequenceStep> steps) {
   }
 }
 
+// Attention work is split into items of (sequence, kv-head, block of up to kQueryBlock new
+// queries) spread over the threads, so a decode batch parallelises across sequences and a long
+// prefill chunk across query blocks; the GEMMs inside an item run single-threaded.
+constexpr int kQueryBlock = 64;
+
 void CpuBackend::Attention(int layer, std::span<const SequenceStep> steps) {
+  struct Item {
+    int step;
+    int kv_head;
+    int first_query;  // index among the step's new tokens
+    int n_queries;
+    int first_row;  // row of the step's first new token in the packed (T, ...) buffers
+  };
+  std::vector<Item> items;
   int first_row = 0;
-  for (const SequenceStep& step : steps) {
-    AttendSequence(layer, step, first_row);
-    first_row += static_cast<int>(step.tokens.size());
+  for (int s = 0; s < static_cast<int>(steps.size()); ++s) {
+    const int n_new = static_cast<int>(steps[s].tokens.size());
+    for (int kv_head = 0; kv_head < config_.n_kv_heads; ++kv_head) {
+      for (int i = 0; i < n_new; i += kQueryBlock) {
+        items.push_back({s, kv_head, i, std::min(kQueryBlock, n_new - i), first_row});
+      }
+    }
+    first_row += n_new;
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& item = items[i];
+    AttendBlock(layer, steps[item.step], item.kv_head, item.first_query, item.n_queries,
+                item.first_row);
   }
 }
 
-// One sequence: its n new queries attend to all N = cached + n rows of its pages, causally.
-// K and V of each kv-head are gathered once into contiguous (N, D) buffers, then every query
-// head of that GQA group runs two GEMMs: scores (n, N) = Q Kᵀ and out (n, D) = P V.
-void CpuBackend::AttendSequence(int layer, const SequenceStep& step, int first_row) {
+// Queries [first_query, first_query + n) of one sequence, for the query heads of one kv-head
+// group, attend causally (and within the sliding window) to the rows of its pages. The rows they
+// can see, [lo, hi), are gathered once into contiguous (N, D) buffers; then every query head of
+// the group runs two GEMMs: scores (n, N) = Q Kᵀ and out (n, D) = P V.
+void CpuBackend::AttendBlock(int layer, const SequenceStep& step, int kv_head, int first_query,
+                             int n, int first_row) {
   const memory::PageList& keys = step.kv->keys[layer];
   const memory::PageList& values = step.kv->values[layer];
-  const int n_new = static_cast<int>(step.tokens.size());
-  const int n_rows = keys.rows + n_new;
-  const int first_position = keys.rows;
+  const int first_position = keys.rows + first_query;  // position of query 0 of the block
   const int head_dim = config_.head_dim;
   const int group = config_.n_heads / config_.n_kv_heads;
   const int q_width = config_.n_heads * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const int window = config_.sliding_window;
+  const int lo = window > 0 ? std::max(0, first_position - window + 1) : 0;
+  const int hi = first_position + n;
+  const int rows = hi - lo;
 
-  std::vector<float> k(static_cast<size_t>(n_rows) * head_dim);    // (N, D)
-  std::vector<float> v(k.size());                                  // (N, D)
-  std::vector<float> q(static_cast<size_t>(n_new) * head_dim);     // (n, D)
-  std::vector<float> scores(static_cast<size_t>(n_new) * n_rows);  // (n, N)
-  std::vector<float> out(q.size());                                // (n, D)
-  for (int kv_head = 0; kv_head < config_.n_kv_heads; ++kv_head) {
-#pragma omp parallel for
-    for (int j = 0; j < n_rows; ++j) {
-      const float* key = reinterpret_cast<const float*>(cache_.Row(keys, j)) + kv_head * head_dim;
-      const float* value =
-          reinterpret_cast<const float*>(cache_.Row(values, j)) + kv_head * head_dim;
-      std::copy(key, key + head_dim, &k[static_cast<size_t>(j) * head_dim]);
-      std::copy(value, value + head_dim, &v[static_cast<size_t>(j) * head_dim]);
+  thread_local std::vector<float> k, v, q, scores, out;
+  k.resize(static_cast<size_t>(rows) * head_dim);  // (N, D)
+  v.resize(k.size());                              // (N, D)
+  q.resize(static_cast<size_t>(n) * head_dim);     // (n, D)
+  scores.resize(static_cast<size_t>(n) * rows);    // (n, N)
+  out.resize(q.size());                            // (n, D)
+  for (int j = 0; j < rows; ++j) {
+    const float* key =
+        reinterpret_cast<const float*>(cache_.Row(keys, lo + j)) + kv_head * head_dim;
+    const float* value =
+        reinterpret_cast<const float*>(cache_.Row(values, lo + j)) + kv_head * head_dim;
+    std::copy(key, key + head_dim, &k[static_cast<size_t>(j) * head_dim]);
+    std::copy(value, value + head_dim, &v[static_cast<size_t>(j) * head_dim]);
+  }
+  for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+    for (int i = 0; i < n; ++i) {
+      const float* src =
+          &q_[static_cast<size_t>(first_row + first_query + i) * q_width + head * head_dim];
+      std::copy(src, src + head_dim, &q[static_cast<size_t>(i) * head_dim]);
     }
-    for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-      for (int i = 0; i < n_new; ++i) {
-        const float* src = &q_[static_cast<size_t>(first_row + i) * q_width + head * head_dim];
-        std::copy(src, src + head_dim, &q[static_cast<size_t>(i) * head_dim]);
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_new, n_rows, head_dim, scale, q.data(),
-                  head_dim, k.data(), head_dim, 0.0f, scores.data(), n_rows);
-#pragma omp parallel for
-      for (int i = 0; i < n_new; ++i) {
-        // Query i sits at position first_position + i and sees rows [lo, position].
-        const int position = first_position + i;
-        const int lo = window > 0 ? std::max(0, position - window + 1) : 0;
-        float* row = &scores[static_cast<size_t>(i) * n_rows];
-        std::fill(row, row + lo, 0.0f);
-        std::fill(row + position + 1, row + n_rows, 0.0f);
-        SoftmaxInPlace(row + lo, position + 1 - lo);
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_new, head_dim, n_rows, 1.0f,
-                  scores.data(), n_rows, v.data(), head_dim, 0.0f, out.data(), head_dim);
-      for (int i = 0; i < n_new; ++i) {
-        std::copy(&out[static_cast<size_t>(i) * head_dim],
-                  &out[static_cast<size_t>(i + 1) * head_dim],
-                  &attn_out_[static_cast<size_t>(first_row + i) * q_width + head * head_dim]);
-      }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, head_dim, scale, q.data(),
+                head_dim, k.data(), head_dim, 0.0f, scores.data(), rows);
+    for (int i = 0; i < n; ++i) {
+      // Query i sits at position first_position + i and sees positions [from, to].
+      const int to = first_position + i;
+      const int from = window > 0 ? std::max(0, to - window + 1) : 0;
+      float* row = &scores[static_cast<size_t>(i) * rows];
+      std::fill(row, row + (from - lo), 0.0f);
+      std::fill(row + (to + 1 - lo), row + rows, 0.0f);
+      SoftmaxInPlace(row + (from - lo), to + 1 - from);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, head_dim, rows, 1.0f, scores.data(),
+                rows, v.data(), head_dim, 0.0f, out.data(), head_dim);
+    for (int i = 0; i < n; ++i) {
+      std::copy(
+          &out[static_cast<size_t>(i) * head_dim], &out[static_cast<size_t>(i + 1) * head_dim],
+          &attn_out_[static_cast<size_t>(first_row + first_query + i) * q_width + head * head_dim]);
     }
   }
 }

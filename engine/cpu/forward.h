@@ -27,7 +27,8 @@ class CpuBackend : public Backend {
   void StoreKv(int layer, std::span<const SequenceStep> steps);
   // attn_out_ = softmax(Q K^T / sqrt(D)) V for every sequence, reading K/V from the pages.
   void Attention(int layer, std::span<const SequenceStep> steps);
-  void AttendSequence(int layer, const SequenceStep& step, int first_row);
+  void AttendBlock(int layer, const SequenceStep& step, int kv_head, int first_query, int n,
+                   int first_row);
 
   const Model& model_;
   const ModelConfig& config_;

@@ -108,15 +108,18 @@ TEST_P(TinyModelTest, BothLoadersMatchTransformersAtEveryPosition) {
     EXPECT_LT(MaxAbsDiff(dir_steps, want), kTinyTolerance) << "safetensors, token by token";
     EXPECT_LT(MaxAbsDiff(gguf_steps, dir_steps), kTinyTolerance) << "GGUF vs safetensors";
 
-    // The prefill path: the whole sequence packed into chunks of 16 tokens.
+    // The prefill path: the sequence in chunks of 16 tokens, and in one chunk.
     for (const Model* model : {&*from_gguf, &*from_dir}) {
-      absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(
-          model, {.pool_bytes = 1 << 22, .page_bytes = 4096, .prefill_chunk = 16});
-      ASSERT_TRUE(generator.ok()) << generator.status();
-      absl::StatusOr<std::vector<float>> last = (*generator)->PromptLogits(ids);
-      ASSERT_TRUE(last.ok()) << last.status();
-      EXPECT_LT(MaxAbsDiff(*last, want.subspan((ids.size() - 1) * vocab, vocab)), kTinyTolerance)
-          << "prefill, " << (model == &*from_gguf ? "GGUF" : "safetensors");
+      for (int32_t chunk : {16, 64}) {
+        SCOPED_TRACE(::testing::Message() << "prefill chunk " << chunk);
+        absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(
+            model, {.pool_bytes = 1 << 22, .page_bytes = 4096, .prefill_chunk = chunk});
+        ASSERT_TRUE(generator.ok()) << generator.status();
+        absl::StatusOr<std::vector<float>> last = (*generator)->PromptLogits(ids);
+        ASSERT_TRUE(last.ok()) << last.status();
+        EXPECT_LT(MaxAbsDiff(*last, want.subspan((ids.size() - 1) * vocab, vocab)), kTinyTolerance)
+            << "prefill, " << (model == &*from_gguf ? "GGUF" : "safetensors");
+      }
     }
   }
 }

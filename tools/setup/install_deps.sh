@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(
   build-essential cmake make pkg-config ccache git unzip ca-certificates
   clang libclang-rt-14-dev
-  libabsl-dev libpcre2-dev nlohmann-json3-dev libopenblas-dev
+  libabsl-dev libpcre2-dev nlohmann-json3-dev libopenblas-openmp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev
