@@ -1,147 +1,112 @@
 #include "engine/generator.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/forward.h"
+#include "memory/kv_cache.h"
 
 namespace kvtrim::engine {
+namespace {
+
+// Collects one request's stream into its GenerationResult (Run steps on the calling thread, so
+// the sink runs there too).
+class CollectingSink : public RequestSink {
+ public:
+  CollectingSink(int index, GenerationResult* result, const Generator::TokenCallback* on_token)
+      : index_(index), result_(result), on_token_(on_token) {}
+
+  void OnTokens(std::vector<TokenOutput> tokens) override {
+    for (const TokenOutput& token : tokens) {
+      result_->tokens.push_back(token.id);
+      result_->text += token.text;
+      if (*on_token_) (*on_token_)(index_, token);
+    }
+  }
+  void OnFinish(const Finish& finish) override {
+    result_->text += finish.text;
+    result_->finish = finish;
+  }
+
+ private:
+  int index_;
+  GenerationResult* result_;
+  const Generator::TokenCallback* on_token_;
+};
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const Model* model,
                                                              const GeneratorOptions& options) {
   std::unique_ptr<Generator> generator(new Generator(model, options));
-  const size_t pages = options.pool_bytes / options.page_bytes;
-  if (pages == 0 || pages > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("a KV pool of ", options.pool_bytes,
-                                                   " bytes cannot hold pages of ",
-                                                   options.page_bytes, " bytes"));
-  }
-  absl::StatusOr<memory::PagePool> pool =
-      memory::PagePool::Create(options.page_bytes, static_cast<int32_t>(pages));
-  if (!pool.ok()) return pool.status();
-  generator->pool_ = std::make_unique<memory::PagePool>(*std::move(pool));
-  const ModelConfig& c = model->config;
-  absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(
-      generator->pool_.get(), {c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)});
-  if (!cache.ok()) return cache.status();
-  generator->cache_ = std::make_unique<memory::KvCache>(*std::move(cache));
-  absl::StatusOr<std::unique_ptr<CpuBackend>> backend =
-      CpuBackend::Create(model, generator->cache_.get());
-  if (!backend.ok()) return backend.status();
-  generator->backend_ = *std::move(backend);
+  absl::StatusOr<Tokenizer> tokenizer = Tokenizer::Create(model->tokenizer);
+  if (!tokenizer.ok()) return tokenizer.status();
+  generator->tokenizer_ = std::make_unique<Tokenizer>(*std::move(tokenizer));
+  // Run queues all its requests at once: no queue limit.
+  const SchedulerOptions scheduler_options{
+      .pool_bytes = options.pool_bytes,
+      .page_bytes = options.page_bytes,
+      .step_tokens = options.step_tokens,
+      .max_running = std::min(options.max_running, options.step_tokens),
+      .max_queued = INT32_MAX};
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      Scheduler::Create(model, generator->tokenizer_.get(), scheduler_options);
+  if (!scheduler.ok()) return scheduler.status();
+  generator->scheduler_ = *std::move(scheduler);
   return generator;
-}
-
-// Feeds every prompt through the model in chunks of at most prefill_chunk packed tokens and
-// leaves the last-position logits of each prompt in `logits` (n_prompts, vocab).
-absl::Status Generator::Prefill(std::span<memory::SequenceKv> kvs,
-                                std::span<const std::vector<int32_t>> prompts,
-                                std::vector<float>& logits) {
-  const int vocab = model_.config.vocab_size;
-  logits.assign(prompts.size() * vocab, 0.0f);
-  std::vector<float> step_logits;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::vector<int32_t>& prompt = prompts[i];
-    for (size_t start = 0; start < prompt.size(); start += options_.prefill_chunk) {
-      const size_t n = std::min<size_t>(options_.prefill_chunk, prompt.size() - start);
-      if (!cache_->Reserve(kvs[i], static_cast<int32_t>(n))) {
-        return absl::ResourceExhaustedError(absl::StrCat("KV pool full: ", pool_->free_pages(),
-                                                         " free pages cannot hold prompt ", i, " (",
-                                                         prompt.size(), " tokens)"));
-      }
-      const bool last = start + n == prompt.size();
-      SequenceStep step{&kvs[i], std::span(prompt).subspan(start, n), last};
-      if (absl::Status s = backend_->Forward({&step, 1}, step_logits); !s.ok()) return s;
-      if (last) std::copy(step_logits.begin(), step_logits.end(), logits.begin() + i * vocab);
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32_t> prompt) {
-  std::vector<memory::SequenceKv> kvs = {cache_->NewSequence()};
-  std::vector<std::vector<int32_t>> prompts = {{prompt.begin(), prompt.end()}};
-  std::vector<float> logits;
-  absl::Status status = Prefill(kvs, prompts, logits);
-  cache_->Release(kvs[0]);
-  if (!status.ok()) return status;
-  return logits;
 }
 
 absl::StatusOr<std::vector<GenerationResult>> Generator::Run(
     std::span<const GenerationRequest> requests, const TokenCallback& on_token) {
-  const int vocab = model_.config.vocab_size;
-  const int n = static_cast<int>(requests.size());
-  std::vector<memory::SequenceKv> kvs(n, cache_->NewSequence());
-  std::vector<std::vector<int32_t>> prompts, history;
-  std::vector<Sampler> samplers;
-  for (const GenerationRequest& r : requests) {
-    if (r.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
-    if (absl::Status s = ValidateSamplingParams(r.sampling); !s.ok()) return s;
-    prompts.push_back(r.prompt);
-    samplers.emplace_back(r.sampling);
-  }
-  history = prompts;
-  std::vector<GenerationResult> results(n);
-  auto release_all = [&] {
-    for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
-  };
-
-  std::vector<float> logits;
-  if (absl::Status s = Prefill(kvs, prompts, logits); !s.ok()) {
-    release_all();
-    return s;
-  }
-  std::vector<bool> running(n, true);
-  std::vector<int32_t> next(n);
-  // Samples request i's next token from its logits row; returns whether it goes on.
-  auto advance = [&](int i, std::span<float> row) {
-    const GenerationRequest& r = requests[i];
-    const int32_t token = samplers[i].Sample(row, history[i]);
-    results[i].tokens.push_back(token);
-    history[i].push_back(token);
-    if (on_token) on_token(i, token);
-    const bool eos = token == model_.tokenizer.eos_id && !r.ignore_eos;
-    const bool stop = std::find(r.stop_ids.begin(), r.stop_ids.end(), token) != r.stop_ids.end();
-    if (eos || stop) {
-      results[i].finish_reason = eos ? FinishReason::kEos : FinishReason::kStop;
-    } else if (static_cast<int>(results[i].tokens.size()) >= r.max_tokens) {
-      results[i].finish_reason = FinishReason::kLength;
-    } else {
-      next[i] = token;
-      return true;
+  std::vector<GenerationResult> results(requests.size());
+  std::vector<uint64_t> handles;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    absl::StatusOr<uint64_t> handle = scheduler_->Submit(
+        requests[i], std::make_shared<CollectingSink>(static_cast<int>(i), &results[i], &on_token));
+    if (!handle.ok()) {
+      for (uint64_t submitted : handles) scheduler_->Cancel(submitted);
+      scheduler_->RunUntilIdle();
+      return absl::Status(handle.status().code(),
+                          absl::StrCat("request ", i, ": ", handle.status().message()));
     }
-    results[i].kv_bytes = cache_->Bytes(kvs[i]);
-    cache_->Release(kvs[i]);
-    return false;
-  };
-  for (int i = 0; i < n; ++i) {
-    running[i] = requests[i].max_tokens > 0 &&
-                 advance(i, std::span(logits).subspan(static_cast<size_t>(i) * vocab, vocab));
-    if (requests[i].max_tokens <= 0) cache_->Release(kvs[i]);
+    handles.push_back(*handle);
   }
-  while (true) {
-    std::vector<SequenceStep> steps;
-    std::vector<int> owners;
-    for (int i = 0; i < n; ++i) {
-      if (!running[i]) continue;
-      if (!cache_->Reserve(kvs[i], 1)) {
-        release_all();
-        return absl::ResourceExhaustedError("KV pool full during decode");
-      }
-      steps.push_back({&kvs[i], std::span(&next[i], 1), true});
-      owners.push_back(i);
-    }
-    if (steps.empty()) break;
-    if (absl::Status s = backend_->Forward(steps, logits); !s.ok()) {
-      release_all();
-      return s;
-    }
-    for (size_t k = 0; k < owners.size(); ++k) {
-      running[owners[k]] = advance(owners[k], std::span(logits).subspan(k * vocab, vocab));
-    }
-  }
+  scheduler_->RunUntilIdle();
   return results;
+}
+
+absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32_t> prompt) {
+  if (prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
+  const ModelConfig& c = model_.config;
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)};
+  const size_t rows_per_page = options_.page_bytes / shape.row_bytes();
+  if (rows_per_page == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("a KV row of ", shape.row_bytes(),
+                                                   " bytes does not fit a page of ",
+                                                   options_.page_bytes, " bytes"));
+  }
+  // A pool of its own, exactly the prompt's pages: never competes with Run's requests.
+  const size_t pages = 2 * shape.n_layers * ((prompt.size() + rows_per_page - 1) / rows_per_page);
+  absl::StatusOr<memory::PagePool> pool =
+      memory::PagePool::Create(options_.page_bytes, static_cast<int32_t>(pages));
+  if (!pool.ok()) return pool.status();
+  absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(&*pool, shape);
+  if (!cache.ok()) return cache.status();
+  absl::StatusOr<std::unique_ptr<CpuBackend>> backend = CpuBackend::Create(&model_, &*cache);
+  if (!backend.ok()) return backend.status();
+
+  memory::SequenceKv kv = cache->NewSequence();
+  if (!cache->Reserve(kv, static_cast<int32_t>(prompt.size()))) {
+    return absl::InternalError("PromptLogits: the pool sized for the prompt is too small");
+  }
+  std::vector<float> logits;
+  for (size_t start = 0; start < prompt.size(); start += options_.step_tokens) {
+    const size_t n = std::min<size_t>(options_.step_tokens, prompt.size() - start);
+    const SequenceStep step{&kv, prompt.subspan(start, n), start + n == prompt.size()};
+    if (absl::Status s = (*backend)->Forward({&step, 1}, logits); !s.ok()) return s;
+  }
+  return logits;
 }
 
 }  // namespace kvtrim::engine

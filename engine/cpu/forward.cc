@@ -282,8 +282,9 @@ void CpuBackend::AttendBlock(int layer, const SequenceStep& step, int kv_head, i
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, head_dim, rows, 1.0f, scores.data(),
                 rows, v.data(), head_dim, 0.0f, out.data(), head_dim);
     for (int i = 0; i < n; ++i) {
+      const float* src = out.data() + static_cast<size_t>(i) * head_dim;
       std::copy(
-          &out[static_cast<size_t>(i) * head_dim], &out[static_cast<size_t>(i + 1) * head_dim],
+          src, src + head_dim,
           &attn_out_[static_cast<size_t>(first_row + first_query + i) * q_width + head * head_dim]);
     }
   }

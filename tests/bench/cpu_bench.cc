@@ -104,7 +104,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
     return 1;
   }
-  auto generator = kvtrim::engine::Generator::Create(&*model, {.pool_bytes = size_t{8} << 30});
+  // Prefill goes through PromptLogits (a pool of its own, chunks of step_tokens = 512).
+  auto generator = kvtrim::engine::Generator::Create(&*model, {});
   if (!generator.ok()) {
     std::fprintf(stderr, "%s\n", std::string(generator.status().message()).c_str());
     return 1;
@@ -151,14 +152,21 @@ int main(int argc, char** argv) {
       r.max_tokens = new_tokens;
       r.ignore_eos = true;
     }
+    // One step may hold every prompt, so all sequences prefill together and then decode as one
+    // batch, as the table means.
+    auto decoder = kvtrim::engine::Generator::Create(
+        &*model, {.pool_bytes = size_t{8} << 30,
+                  .step_tokens = std::max(512, batch * prompt_length),
+                  .max_running = batch});
+    if (!decoder.ok()) return 1;
     // Decode time = time from the first sampled token of the batch to the end.
     Clock::time_point first_token;
     bool seen = false;
-    auto on_token = [&](int, int32_t) {
+    auto on_token = [&](int, const kvtrim::engine::TokenOutput&) {
       if (!seen) first_token = Clock::now();
       seen = true;
     };
-    auto results = (*generator)->Run(requests, on_token);
+    auto results = (*decoder)->Run(requests, on_token);
     if (!results.ok()) return 1;
     // The first token of each sequence comes from prefill; the remaining ones from decode steps.
     const double seconds = Seconds(first_token);

@@ -113,7 +113,7 @@ TEST_P(TinyModelTest, BothLoadersMatchTransformersAtEveryPosition) {
       for (int32_t chunk : {16, 64}) {
         SCOPED_TRACE(::testing::Message() << "prefill chunk " << chunk);
         absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(
-            model, {.pool_bytes = 1 << 22, .page_bytes = 4096, .prefill_chunk = chunk});
+            model, {.pool_bytes = 1 << 22, .page_bytes = 4096, .step_tokens = chunk});
         ASSERT_TRUE(generator.ok()) << generator.status();
         absl::StatusOr<std::vector<float>> last = (*generator)->PromptLogits(ids);
         ASSERT_TRUE(last.ok()) << last.status();

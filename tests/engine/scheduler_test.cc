@@ -1,0 +1,343 @@
+// The continuous-batching scheduler: batching and chunking do not change greedy output,
+// preemption recomputes without re-streaming, length limits, cancel and deadline free pages
+// within a step, Submit validation, Forward failures, and the engine thread. What a request
+// streams (stop rules, eos, logprobs, sampling, text) is in scheduler_output_test.cc.
+#include "engine/scheduler.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/cpu/forward.h"
+#include "tests/engine/scheduler_test_util.h"
+
+namespace kvtrim::engine {
+namespace {
+
+TEST_F(SchedulerTest, MixedBatchGreedyMatchesEachRequestAlone) {
+  // (prompt tokens, max_tokens): prompts longer than the 16-token step are prefilled in chunks.
+  const std::vector<std::pair<int, int>> shapes = {{3, 20}, {40, 12}, {7, 30},
+                                                   {70, 8}, {1, 16},  {25, 25}};
+  std::vector<GenerationRequest> requests;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    requests.push_back(Greedy(RandomPrompt(shapes[i].first, 100 + i), shapes[i].second));
+  }
+  std::unique_ptr<Scheduler> scheduler =
+      Make({.pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8});
+  int step = 0;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  // The first three start; the others arrive while they decode.
+  for (size_t i = 0; i < 3; ++i) sinks.push_back(Submit(*scheduler, requests[i], &step));
+  for (int k = 0; k < 3; ++k, ++step) ASSERT_TRUE(scheduler->Step());
+  for (size_t i = 3; i < requests.size(); ++i) {
+    sinks.push_back(Submit(*scheduler, requests[i], &step));
+  }
+  while (scheduler->Step()) ++step;
+
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    std::shared_ptr<RecordingSink> alone = RunAlone(requests[i]);
+    EXPECT_EQ(sinks[i]->ids(), alone->ids());
+    EXPECT_EQ(sinks[i]->finish_calls, 1);
+    EXPECT_EQ(sinks[i]->finish.reason, FinishReason::kLength);
+    EXPECT_EQ(sinks[i]->finish.completion_tokens, shapes[i].second);
+    EXPECT_EQ(sinks[i]->finish.prompt_tokens, shapes[i].first);
+    EXPECT_EQ(sinks[i]->on_tokens_calls, shapes[i].second);  // one token per step
+    EXPECT_EQ(sinks[i]->text(), tokenizer_->Decode(sinks[i]->ids(), /*skip_special=*/true));
+    EXPECT_GT(sinks[i]->finish.kv_bytes.stored, 0);
+    const RequestTimings& timings = sinks[i]->finish.timings;
+    EXPECT_LE(timings.queue_seconds, timings.first_token_seconds);
+    EXPECT_LE(timings.first_token_seconds, timings.total_seconds);
+  }
+  // The 70-token prompt, submitted after step 3, needs at least 5 steps of 16 tokens.
+  EXPECT_GE(sinks[3]->first_token_step, 3 + 4);
+  const SchedulerStats stats = scheduler->stats();
+  EXPECT_EQ(stats.running, 0);
+  EXPECT_EQ(stats.waiting, 0);
+  EXPECT_EQ(stats.pages_used, 0);
+  EXPECT_EQ(stats.steps_total, step);
+  EXPECT_EQ(stats.preemptions_total, 0);
+}
+
+TEST_F(SchedulerTest, PreemptionRecomputesAndKeepsGreedyOutput) {
+  // Each request ends with 50 tokens: 7 pages per (layer, K|V) list. The pool holds two such
+  // sequences, four are admitted (their prompts fit), so decode runs out and preempts.
+  const int32_t layers = model_->config.n_layers;
+  const SchedulerOptions options{.pool_bytes = static_cast<size_t>(2 * 7 * 2 * layers) * 1024,
+                                 .page_bytes = 1024};
+  std::unique_ptr<Scheduler> scheduler = Make(options);
+  std::vector<GenerationRequest> requests;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 4; ++i) {
+    requests.push_back(Greedy(RandomPrompt(10, 200 + i), 40));
+    sinks.push_back(Submit(*scheduler, requests.back()));
+  }
+  scheduler->RunUntilIdle();
+  int32_t preemptions = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    EXPECT_EQ(sinks[i]->finish.reason, FinishReason::kLength);
+    EXPECT_EQ(sinks[i]->ids(), RunAlone(requests[i])->ids());  // nothing streamed twice
+    EXPECT_EQ(sinks[i]->finish.completion_tokens, 40);
+    preemptions += sinks[i]->finish.preemptions;
+  }
+  EXPECT_GT(preemptions, 0);
+  EXPECT_EQ(scheduler->stats().preemptions_total, preemptions);
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+}
+
+TEST_F(SchedulerTest, LengthEndsAtMaxTokensAndAtTheModelContext) {
+  const int32_t context = model_->config.max_context;  // 256
+  std::unique_ptr<Scheduler> scheduler = Make();
+  std::shared_ptr<RecordingSink> near_end =
+      Submit(*scheduler, Greedy(RandomPrompt(context - 6, 1000), 100));
+  std::shared_ptr<RecordingSink> full = Submit(*scheduler, Greedy(RandomPrompt(context, 1001), 5));
+  std::shared_ptr<RecordingSink> none = Submit(*scheduler, Greedy(RandomPrompt(5, 1002), 0));
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(near_end->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(near_end->finish.completion_tokens, 6);  // prompt + generated == max_context
+  for (const auto& sink : {full, none}) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kLength);
+    EXPECT_EQ(sink->finish.completion_tokens, 0);
+    EXPECT_TRUE(sink->outputs.empty());
+  }
+  EXPECT_EQ(full->finish.prompt_tokens, context);
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+}
+
+TEST_F(SchedulerTest, CancelFreesPagesWithinOneStep) {
+  std::unique_ptr<Scheduler> scheduler =
+      Make({.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2});
+  auto running = std::make_shared<RecordingSink>();
+  auto queued = std::make_shared<RecordingSink>();
+  const GenerationRequest other_request = Greedy(RandomPrompt(5, 301), 30);
+  const uint64_t running_handle = *scheduler->Submit(Greedy(RandomPrompt(20, 300), 100), running);
+  std::shared_ptr<RecordingSink> other = Submit(*scheduler, other_request);
+  const uint64_t queued_handle = *scheduler->Submit(Greedy(RandomPrompt(8, 302), 10), queued);
+  for (int k = 0; k < 3; ++k) ASSERT_TRUE(scheduler->Step());
+  const SchedulerStats stats = scheduler->stats();
+  EXPECT_EQ(stats.running, 2);
+  EXPECT_EQ(stats.waiting, 1);
+  const int32_t used_before = scheduler->pool().used_pages();
+  EXPECT_EQ(stats.pages_used, used_before);
+  EXPECT_EQ(stats.page_bytes, 1024);
+  // 20 + 2 and 5 + 2 cached tokens (the third sampled token is not fed yet), 3 layers, K and V.
+  EXPECT_EQ(stats.kv_bytes_stored, (22 + 7) * 3 * 2 * 128);
+  EXPECT_EQ(stats.kv_bytes_full, stats.kv_bytes_stored);  // no compression yet
+
+  scheduler->Cancel(running_handle);
+  scheduler->Cancel(queued_handle);
+  ASSERT_TRUE(scheduler->Step());
+  EXPECT_EQ(running->finish_calls, 1);
+  EXPECT_EQ(running->finish.reason, FinishReason::kCancelled);
+  EXPECT_EQ(running->finish.completion_tokens, 3);
+  const int32_t freed = static_cast<int32_t>(running->finish.kv_bytes.pages / 1024);
+  EXPECT_GT(freed, 0);
+  EXPECT_EQ(queued->finish_calls, 1);
+  EXPECT_EQ(queued->finish.reason, FinishReason::kCancelled);
+  EXPECT_TRUE(queued->outputs.empty());
+  EXPECT_EQ(queued->finish.kv_bytes.pages, 0);
+  // Only the other request holds pages now: what it held, plus at most one page per list.
+  EXPECT_LE(scheduler->pool().used_pages(), used_before - freed + 2 * model_->config.n_layers);
+  EXPECT_EQ(scheduler->stats().running, 1);
+  EXPECT_EQ(scheduler->stats().waiting, 0);
+
+  scheduler->Cancel(running_handle);  // already finished: no-op
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(running->finish_calls, 1);
+  EXPECT_EQ(other->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(other->ids(), RunAlone(other_request)->ids());
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+}
+
+TEST_F(SchedulerTest, DeadlineEndsQueuedAndRunningRequests) {
+  std::unique_ptr<Scheduler> scheduler = Make();
+  GenerationRequest past = Greedy(RandomPrompt(6, 400), 10);
+  past.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+  std::shared_ptr<RecordingSink> expired = Submit(*scheduler, past);
+
+  // A deadline that passes mid-generation: the sink sleeps past it after the first token, so the
+  // next step must end the request (no assertion on how long anything took).
+  GenerationRequest soon = Greedy(RandomPrompt(6, 401), 100);
+  soon.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  struct SleepingSink : RecordingSink {
+    std::chrono::steady_clock::time_point until;
+    void OnTokens(std::vector<TokenOutput> tokens) override {
+      RecordingSink::OnTokens(std::move(tokens));
+      std::this_thread::sleep_until(until + std::chrono::milliseconds(1));
+    }
+  };
+  auto sleeping = std::make_shared<SleepingSink>();
+  sleeping->until = soon.deadline;
+  ASSERT_TRUE(scheduler->Submit(soon, sleeping).ok());
+  scheduler->RunUntilIdle();
+
+  EXPECT_EQ(expired->finish.reason, FinishReason::kDeadline);
+  EXPECT_EQ(expired->finish.completion_tokens, 0);
+  EXPECT_EQ(sleeping->finish_calls, 1);
+  EXPECT_EQ(sleeping->finish.reason, FinishReason::kDeadline);
+  EXPECT_LE(sleeping->finish.completion_tokens, 1);
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+}
+
+TEST_F(SchedulerTest, SubmitRejectsBadRequestsNamingTheField) {
+  std::unique_ptr<Scheduler> scheduler = Make();
+  auto expect_invalid = [&](GenerationRequest request, const std::string& field) {
+    absl::StatusOr<uint64_t> handle =
+        scheduler->Submit(std::move(request), std::make_shared<RecordingSink>());
+    ASSERT_FALSE(handle.ok()) << field;
+    EXPECT_EQ(handle.status().code(), absl::StatusCode::kInvalidArgument) << handle.status();
+    EXPECT_NE(handle.status().message().find(field), std::string::npos) << handle.status();
+  };
+  expect_invalid(Greedy({}, 4), "prompt");
+  expect_invalid(Greedy({5, 6, 7, 99999}, 4), "prompt: token id 99999 at position 3");
+  expect_invalid(Greedy({5, -1}, 4), "prompt: token id -1 at position 1 is outside [0, 384)");
+  expect_invalid(Greedy(RandomPrompt(model_->config.max_context + 1, 1), 4), "prompt");
+  expect_invalid(Greedy({5}, -1), "max_tokens");
+  GenerationRequest request = Greedy({5}, 4);
+  request.sampling.temperature = -1.0f;
+  expect_invalid(request, "temperature");
+  request = Greedy({5}, 4);
+  request.sampling.top_p = 0.0f;
+  expect_invalid(request, "top_p");
+  request = Greedy({5}, 4);
+  request.stop_ids = {3, 384};
+  expect_invalid(request, "stop_ids");
+  request = Greedy({5}, 4);
+  request.stop_strings = {"x", ""};
+  expect_invalid(request, "stop_strings");
+  request = Greedy({5}, 4);
+  request.top_logprobs = kMaxTopLogprobs + 1;
+  expect_invalid(request, "top_logprobs");
+  EXPECT_FALSE(scheduler->Step());  // nothing was queued
+}
+
+TEST_F(SchedulerTest, SubmitRejectsWhatCannotBeServed) {
+  // 12 pages of 8 rows: a sequence of n tokens takes 2 * 3 layers * ceil(n / 8) pages.
+  std::unique_ptr<Scheduler> scheduler =
+      Make({.pool_bytes = 12 * 1024, .page_bytes = 1024, .max_queued = 2});
+  auto sink = std::make_shared<RecordingSink>();
+  absl::StatusOr<uint64_t> too_big = scheduler->Submit(Greedy(RandomPrompt(16, 1), 1), sink);
+  ASSERT_FALSE(too_big.ok());
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_big.status().message().find("need 18 KV pages, the pool has 12"), std::string::npos)
+      << too_big.status();
+
+  std::shared_ptr<RecordingSink> first = Submit(*scheduler, Greedy(RandomPrompt(15, 2), 2));
+  std::shared_ptr<RecordingSink> second = Submit(*scheduler, Greedy(RandomPrompt(3, 3), 2));
+  absl::StatusOr<uint64_t> third = scheduler->Submit(Greedy({5}, 2), sink);
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("queue full"), std::string::npos) << third.status();
+  EXPECT_EQ(scheduler->stats().waiting, 2);
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(first->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(second->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(sink->finish_calls, 0);
+}
+
+// Fails one chosen Forward call (1-based), otherwise runs the CPU backend.
+class FailingBackend : public Backend {
+ public:
+  FailingBackend(std::unique_ptr<Backend> cpu, int failing_call)
+      : cpu_(std::move(cpu)), failing_call_(failing_call) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override {
+    if (++calls_ == failing_call_) return absl::InternalError("injected failure");
+    return cpu_->Forward(steps, logits);
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  int failing_call_;
+  int calls_ = 0;
+};
+
+TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
+      [](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
+        if (!cpu.ok()) return cpu.status();
+        return std::make_unique<FailingBackend>(*std::move(cpu), /*failing_call=*/3);
+      });
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 900), 10));
+  std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 901), 10));
+  const GenerationRequest queued_request = Greedy(RandomPrompt(7, 902), 10);
+  std::shared_ptr<RecordingSink> queued = Submit(**scheduler, queued_request);
+  (*scheduler)->RunUntilIdle();
+  for (const auto& sink : {first, second}) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
+    EXPECT_EQ(sink->finish.error, "injected failure");
+    EXPECT_EQ(sink->finish.completion_tokens, 2);
+  }
+  EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
+  EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+}
+
+TEST_F(SchedulerTest, EngineThreadServesSubmittersFromSeveralThreads) {
+  std::unique_ptr<Scheduler> scheduler =
+      Make({.pool_bytes = 64 * 1024, .page_bytes = 1024, .step_tokens = 32, .max_running = 4});
+  scheduler->Start();
+  constexpr int kThreads = 4, kPerThread = 6;
+  std::vector<std::shared_ptr<RecordingSink>> sinks(kThreads * kPerThread);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const int index = t * kPerThread + i;
+        sinks[index] = std::make_shared<RecordingSink>();
+        absl::StatusOr<uint64_t> handle = scheduler->Submit(
+            Greedy(RandomPrompt(4 + index, 800 + index), 5 + index), sinks[index]);
+        ASSERT_TRUE(handle.ok()) << handle.status();
+        if (i % 3 == 2) scheduler->Cancel(*handle);
+        (void)scheduler->stats();
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (const std::shared_ptr<RecordingSink>& sink : sinks) sink->WaitFinished();
+  scheduler->Stop();
+  for (int index = 0; index < kThreads * kPerThread; ++index) {
+    const RecordingSink& sink = *sinks[index];
+    EXPECT_EQ(sink.finish_calls, 1);
+    if (index % kPerThread % 3 == 2) {
+      EXPECT_TRUE(sink.finish.reason == FinishReason::kCancelled ||
+                  sink.finish.reason == FinishReason::kLength);
+    } else {
+      EXPECT_EQ(sink.finish.reason, FinishReason::kLength);
+      EXPECT_EQ(sink.finish.completion_tokens, 5 + index);
+    }
+  }
+  EXPECT_EQ(scheduler->stats().pages_used, 0);
+}
+
+TEST_F(SchedulerTest, StopAndDestructorCancelWhatIsLeft) {
+  std::unique_ptr<Scheduler> scheduler = Make({.pool_bytes = 1 << 22, .page_bytes = 1024});
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 3; ++i) sinks.push_back(Submit(*scheduler, Greedy(RandomPrompt(8, i), 200)));
+  scheduler->Start();
+  scheduler->Stop();  // whatever the engine thread got done, the rest is cancelled
+  for (const auto& sink : sinks) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_TRUE(sink->finish.reason == FinishReason::kCancelled ||
+                sink->finish.reason == FinishReason::kLength);
+  }
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+
+  std::shared_ptr<RecordingSink> pending = Submit(*scheduler, Greedy(RandomPrompt(8, 9), 20));
+  ASSERT_TRUE(scheduler->Step());
+  scheduler.reset();
+  EXPECT_EQ(pending->finish_calls, 1);
+  EXPECT_EQ(pending->finish.reason, FinishReason::kCancelled);
+  EXPECT_EQ(pending->finish.completion_tokens, 1);
+}
+}  // namespace
+}  // namespace kvtrim::engine
