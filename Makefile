@@ -5,8 +5,12 @@ export KVTRIM_CACHE
 MODEL ?= $(KVTRIM_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 60
+# The interpreter the test venv is made from: Debian's /usr/bin/python3 (python3-venv) or any
+# python3 >= 3.9 on the PATH.
+PYTHON ?= python3
+PYENV := $(BUILD)/pyenv
 
-.PHONY: deps build model serve test unit fuzz goldens format clean
+.PHONY: deps build model serve test unit pyenv fuzz goldens format clean
 
 deps:
 	@tools/setup/install_deps.sh
@@ -20,10 +24,26 @@ build: deps $(BUILD)/CMakeCache.txt
 model: deps
 	@tools/setup/fetch_model.sh >/dev/null
 
+# Starts kvtrim-server on the test model, prints its address and its answer to a sample chat
+# question, and serves until Ctrl-C (which drains it). From another shell:
+#   build/tools/kvtrim generate --server localhost:50051 --chat "Hi"
+LISTEN ?= 0.0.0.0:50051
+METRICS_PORT ?= 9400
 serve: build model
-	$(BUILD)/tools/kvtrim generate --model $(MODEL) --chat "What is the capital of France?" --max-tokens 64
+	tools/setup/serve.sh $(BUILD) $(MODEL) $(LISTEN) $(METRICS_PORT)
 
-unit: build model
+# The Python side of the server integration tests (tests/server/): grpcio, its code generator,
+# health and reflection clients, pinned in requirements.txt. Remade when that file changes.
+$(PYENV)/.installed: tests/server/requirements.txt | deps
+	rm -rf $(PYENV)
+	$(PYTHON) -m venv $(PYENV)
+	$(PYENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -r tests/server/requirements.txt
+	touch $@
+
+pyenv: $(PYENV)/.installed
+
+unit: build model pyenv
 	cd $(BUILD) && KVTRIM_MODEL=$(MODEL) ctest --output-on-failure -j $(JOBS)
 
 fuzz: deps

@@ -1,28 +1,32 @@
 // kvtrim: the command-line tool.
 //
-//   kvtrim generate --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N]
-//                   [--temperature T] [--top-p P] [--top-k K] [--min-p P]
+//   kvtrim generate (--model PATH | --server HOST:PORT) (--prompt TEXT | --chat TEXT)
+//                   [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P]
 //                   [--repetition-penalty R] [--seed S] [--ignore-eos]
+//   kvtrim tokenize --server HOST:PORT (--prompt TEXT | --chat TEXT)
+//   kvtrim info     --server HOST:PORT
+//   kvtrim health   --server HOST:PORT
 //
-// `generate` loads the model (a GGUF file or a Hugging Face directory), runs the CPU reference
-// engine in-process and streams the generated text to stdout; a summary goes to stderr.
-#include <algorithm>
-#include <chrono>
+// With --model, `generate` loads the model (a GGUF file or a Hugging Face directory), runs the
+// CPU engine in-process and streams the text to stdout; with --server it asks a running
+// kvtrim-server. A summary goes to stderr. Exit code 0 on success, 1 on an error, 2 on misuse.
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "engine/generator.h"
 #include "engine/model.h"
+#include "engine/request.h"
 #include "engine/tokenizer/chat_template.h"
-#include "engine/tokenizer/detokenizer.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "server/flag_spelling.h"
+#include "tools/cli/client.h"
 
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt, "", "raw prompt text, tokenized as is");
@@ -35,12 +39,15 @@ ABSL_FLAG(double, min_p, 0.0, "drop tokens below min_p times the top probability
 ABSL_FLAG(double, repetition_penalty, 1.0, "penalty on tokens already seen; 1 = off");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed: the same seed gives the same text");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating past the end-of-sequence token");
-ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB");
+ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB (in-process)");
+ABSL_FLAG(std::string, server, "", "HOST:PORT of a kvtrim-server (client mode)");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent as \"authorization: Bearer <key>\"; KVTRIM_API_KEY when unset");
+ABSL_FLAG(std::string, tls_ca, "", "PEM file of the CA that signed the server's certificate");
+ABSL_FLAG(double, timeout, 0, "client mode: seconds before a call is abandoned; 0 = none");
 
 namespace kvtrim {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 absl::StatusOr<std::vector<int32_t>> PromptIds(const engine::Model& model,
                                                const engine::Tokenizer& tokenizer) {
@@ -63,9 +70,12 @@ absl::Status Generate() {
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
   absl::StatusOr<engine::Model> model = engine::LoadModel(path);
   if (!model.ok()) return model.status();
-  absl::StatusOr<engine::Tokenizer> tokenizer = engine::Tokenizer::Create(model->tokenizer);
-  if (!tokenizer.ok()) return tokenizer.status();
-  absl::StatusOr<std::vector<int32_t>> prompt = PromptIds(*model, *tokenizer);
+  const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
+  if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
+  absl::StatusOr<std::unique_ptr<engine::Generator>> generator =
+      engine::Generator::Create(&*model, {.pool_bytes = static_cast<size_t>(pool_mib) << 20});
+  if (!generator.ok()) return generator.status();
+  absl::StatusOr<std::vector<int32_t>> prompt = PromptIds(*model, (*generator)->tokenizer());
   if (!prompt.ok()) return prompt.status();
   if (prompt->empty()) return absl::InvalidArgumentError("the prompt has no tokens");
 
@@ -81,55 +91,89 @@ absl::Status Generate() {
   request.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   request.sampling.seed = absl::GetFlag(FLAGS_seed);
 
-  const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
-  if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
-  absl::StatusOr<std::unique_ptr<engine::Generator>> generator =
-      engine::Generator::Create(&*model, {.pool_bytes = static_cast<size_t>(pool_mib) << 20});
-  if (!generator.ok()) return generator.status();
-
-  engine::Detokenizer detokenizer(&*tokenizer, /*skip_special=*/true);
-  const Clock::time_point start = Clock::now();
-  Clock::time_point first_token;
+  // The engine detokenizes: each streamed token carries its text, the finish the held-back tail.
   absl::StatusOr<std::vector<engine::GenerationResult>> results =
-      (*generator)->Run({&request, 1}, [&](int, int32_t id) {
-        if (first_token == Clock::time_point{}) first_token = Clock::now();
-        const std::string text = detokenizer.Add(id);
-        std::fwrite(text.data(), 1, text.size(), stdout);
+      (*generator)->Run({&request, 1}, [&](int, const engine::TokenOutput& token) {
+        std::fwrite(token.text.data(), 1, token.text.size(), stdout);
         std::fflush(stdout);
       });
   if (!results.ok()) return results.status();
-  const std::string tail = detokenizer.Finish();
-  std::fwrite(tail.data(), 1, tail.size(), stdout);
+  const engine::Finish& finish = results->front().finish;
+  std::fwrite(finish.text.data(), 1, finish.text.size(), stdout);
   std::fputc('\n', stdout);
+  std::fflush(stdout);  // the text before the summary on stderr
 
-  const engine::GenerationResult& result = results->front();
-  const double total = std::chrono::duration<double>(Clock::now() - start).count();
-  const double prefill = std::chrono::duration<double>(first_token - start).count();
-  const char* reason = result.finish_reason == engine::FinishReason::kEos    ? "eos"
-                       : result.finish_reason == engine::FinishReason::kStop ? "stop"
-                                                                             : "length";
+  const double prefill = finish.timings.first_token_seconds;
+  const double decode = finish.timings.total_seconds - prefill;
   std::fprintf(stderr,
-               "[%zu prompt tokens in %.2f s, %zu generated in %.2f s (%.1f tokens/s), finish: "
+               "[%d prompt tokens in %.2f s, %d generated in %.2f s (%.1f tokens/s), finish: "
                "%s, KV cache %.2f MiB]\n",
-               request.prompt.size(), prefill, result.tokens.size(), total - prefill,
-               result.tokens.size() > 1 ? (result.tokens.size() - 1) / (total - prefill) : 0.0,
-               reason, result.kv_bytes.pages / 1048576.0);
+               finish.prompt_tokens, prefill, finish.completion_tokens, decode,
+               finish.completion_tokens > 1 ? (finish.completion_tokens - 1) / decode : 0.0,
+               engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0);
   return absl::OkStatus();
 }
 
-// Lets flags be spelled with dashes (--max-tokens) as well as abseil's underscores: an argument
-// "--a-b[=v]" becomes "--a_b[=v]" when a_b is a defined flag, so values are never rewritten.
-std::vector<std::string> DashedFlagsToUnderscores(int argc, char** argv) {
-  std::vector<std::string> args(argv, argv + argc);
-  for (std::string& arg : args) {
-    if (!arg.starts_with("--")) continue;
-    const size_t end = std::min(arg.find('='), arg.size());
-    std::string name = arg.substr(2, end - 2);
-    std::replace(name.begin(), name.end(), '-', '_');
-    const bool negated = name.starts_with("no") && absl::FindCommandLineFlag(name.substr(2));
-    if (absl::FindCommandLineFlag(name) || negated) arg = "--" + name + arg.substr(end);
+cli::ClientOptions Client() {
+  cli::ClientOptions client;
+  client.server = absl::GetFlag(FLAGS_server);
+  client.api_key = absl::GetFlag(FLAGS_api_key);
+  if (client.api_key.empty()) {
+    if (const char* env = std::getenv("KVTRIM_API_KEY")) client.api_key = env;
   }
-  return args;
+  client.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  client.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  return client;
+}
+
+absl::Status RemoteGenerate() {
+  cli::GenerateOptions options;
+  options.prompt = absl::GetFlag(FLAGS_prompt);
+  options.chat = absl::GetFlag(FLAGS_chat);
+  if (options.prompt.empty() == options.chat.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --prompt and --chat");
+  }
+  options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  options.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  options.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  options.top_k = absl::GetFlag(FLAGS_top_k);
+  options.min_p = static_cast<float>(absl::GetFlag(FLAGS_min_p));
+  options.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+  return cli::ClientGenerate(Client(), options);
+}
+
+// Runs one command; 2 for misuse.
+int Dispatch(const std::string& command) {
+  const bool remote = !absl::GetFlag(FLAGS_server).empty();
+  if (remote == !absl::GetFlag(FLAGS_model).empty() && command == "generate") {
+    std::fprintf(stderr, "kvtrim generate: give exactly one of --model and --server\n");
+    return 2;
+  }
+  if (!remote && command != "generate") {
+    std::fprintf(stderr, "kvtrim %s: --server is required\n", command.c_str());
+    return 2;
+  }
+  absl::Status status;
+  if (command == "generate") {
+    status = remote ? RemoteGenerate() : Generate();
+  } else if (command == "tokenize") {
+    status = cli::ClientTokenize(Client(), absl::GetFlag(FLAGS_prompt), absl::GetFlag(FLAGS_chat));
+  } else if (command == "info") {
+    status = cli::ClientInfo(Client());
+  } else if (command == "health") {
+    status = cli::ClientHealth(Client());
+  } else {
+    std::fprintf(stderr, "kvtrim: unknown command \"%s\"\n%s\n", command.c_str(),
+                 absl::ProgramUsageMessage().data());
+    return 2;
+  }
+  if (!status.ok()) {
+    std::fprintf(stderr, "kvtrim: %s\n", std::string(status.message()).c_str());
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace
@@ -137,20 +181,17 @@ std::vector<std::string> DashedFlagsToUnderscores(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvtrim generate --model PATH (--prompt TEXT | --chat TEXT) [--max-tokens N] "
-      "[--temperature T] [--top-p P] [--seed S]");
+      "kvtrim generate (--model PATH | --server HOST:PORT) (--prompt TEXT | --chat TEXT) "
+      "[--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+      "       kvtrim tokenize|info|health --server HOST:PORT");
   std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
   std::vector<char*> argv_spelled;
   for (std::string& arg : spelled) argv_spelled.push_back(arg.data());
   std::vector<char*> args =
       absl::ParseCommandLine(static_cast<int>(argv_spelled.size()), argv_spelled.data());
-  if (args.size() != 2 || std::string(args[1]) != "generate") {
+  if (args.size() != 2) {
     std::fprintf(stderr, "usage: %s\n", absl::ProgramUsageMessage().data());
     return 2;
   }
-  if (absl::Status status = kvtrim::Generate(); !status.ok()) {
-    std::fprintf(stderr, "kvtrim: %s\n", std::string(status.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return kvtrim::Dispatch(args[1]);
 }

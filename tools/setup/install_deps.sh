@@ -8,7 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev
-  python3 python3-pip
+  python3 python3-pip python3-venv
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,253 @@
+#include "server/generate_reactor.h"
+
+#include <chrono>
+#include <mutex>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace kvtrim::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+v1::FinishReason ToProto(engine::FinishReason reason) {
+  switch (reason) {
+    case engine::FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case engine::FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    default:
+      return v1::FINISH_REASON_CANCELLED;
+  }
+}
+
+// The status a stream ends with; OK streams end with a final message first.
+grpc::Status FinishStatus(const engine::Finish& finish) {
+  switch (finish.reason) {
+    case engine::FinishReason::kCancelled:
+      return grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled");
+    case engine::FinishReason::kDeadline:
+      return grpc::Status(
+          grpc::StatusCode::DEADLINE_EXCEEDED,
+          absl::StrCat("deadline exceeded after ", finish.completion_tokens, " generated tokens"));
+    case engine::FinishReason::kError:
+      return grpc::Status(grpc::StatusCode::INTERNAL, finish.error);
+    default:
+      return grpc::Status::OK;
+  }
+}
+
+}  // namespace
+
+// Shared by the reactor (gRPC threads) and the scheduler (engine thread); outlives whichever
+// of the two finishes first.
+class StreamSink final : public engine::RequestSink {
+ public:
+  StreamSink(GenerateReactor* reactor, InferenceService* service, std::string request_id,
+             const v1::OutputOptions& output)
+      : reactor_(reactor),
+        service_(service),
+        request_id_(std::move(request_id)),
+        want_text_(output.has_text() ? output.text() : true),
+        want_tokens_((output.has_token_ids() ? output.token_ids() : true) || output.logprobs() ||
+                     output.top_logprobs() > 0),
+        want_logprobs_(output.logprobs()) {
+    pending_.set_request_id(request_id_);
+  }
+
+  void set_handle(uint64_t handle) { handle_ = handle; }
+  uint64_t handle() const { return handle_; }
+
+  void OnTokens(std::vector<engine::TokenOutput> tokens) override {
+    const Clock::time_point now = Clock::now();
+    if (last_token_time_ && service_->metrics() && !tokens.empty()) {
+      const double gap = std::chrono::duration<double>(now - *last_token_time_).count();
+      for (size_t i = 0; i < tokens.size(); ++i)
+        service_->metrics()->InterTokenLatency(gap / tokens.size());
+    }
+    last_token_time_ = now;
+    std::lock_guard lock(mu_);
+    for (engine::TokenOutput& token : tokens) {
+      if (want_text_) pending_.mutable_text()->append(token.text);
+      if (!want_tokens_) continue;
+      v1::GeneratedToken* out = pending_.add_tokens();
+      out->set_id(token.id);
+      if (want_logprobs_) out->set_logprob(token.logprob);
+      for (const auto& [id, logprob] : token.top_logprobs) {
+        v1::TokenLogprob* alternative = out->add_top_logprobs();
+        alternative->set_id(id);
+        alternative->set_logprob(logprob);
+      }
+    }
+    has_pending_ = true;
+    MaybeWriteLocked();
+  }
+
+  void OnFinish(const engine::Finish& finish) override {
+    LogFinish(finish);
+    service_->CountFinished();
+    if (service_->metrics()) service_->metrics()->RequestFinished(finish);
+    std::lock_guard lock(mu_);
+    status_ = FinishStatus(finish);
+    if (status_->ok()) {
+      // Text the engine held back (a possible stop-string start, an incomplete UTF-8 tail) is
+      // released only here: without it the streamed text would lose its end.
+      if (want_text_) pending_.mutable_text()->append(finish.text);
+      pending_.set_finish_reason(ToProto(finish.reason));
+      pending_.mutable_usage()->set_prompt_tokens(finish.prompt_tokens);
+      pending_.mutable_usage()->set_completion_tokens(finish.completion_tokens);
+      pending_.mutable_timings()->set_queue_seconds(finish.timings.queue_seconds);
+      pending_.mutable_timings()->set_first_token_seconds(finish.timings.first_token_seconds);
+      pending_.mutable_timings()->set_total_seconds(finish.timings.total_seconds);
+      pending_.mutable_kv_memory()->set_bytes_stored(finish.kv_bytes.stored);
+      pending_.mutable_kv_memory()->set_bytes_uncompressed(finish.kv_bytes.full);
+      pending_.mutable_kv_memory()->set_bytes_pages(finish.kv_bytes.pages);
+      pending_.set_preemptions(finish.preemptions);
+      has_pending_ = true;
+    }
+    MaybeWriteLocked();
+    service_->StreamEnded();  // the last message is handed to gRPC: the drain may go on
+  }
+
+  // gRPC thread: the previous write completed; !ok means the client is gone (the engine is told
+  // through OnCancel).
+  void WriteDone(bool ok) {
+    std::lock_guard lock(mu_);
+    write_in_flight_ = false;
+    if (!ok) broken_ = true;
+    MaybeWriteLocked();
+  }
+
+  // gRPC thread: the stream was cancelled; nothing more is written, and the stream finishes as
+  // soon as the engine has let go of the request.
+  void Cancelled() {
+    std::lock_guard lock(mu_);
+    broken_ = true;
+    MaybeWriteLocked();
+  }
+
+  void Detach() {
+    std::lock_guard lock(mu_);
+    reactor_ = nullptr;
+  }
+
+ private:
+  // Starts the next write, or the Finish once the last message is out. Caller holds mu_.
+  void MaybeWriteLocked() {
+    if (reactor_ == nullptr || write_in_flight_ || finish_called_) return;
+    if (broken_) {
+      if (status_) {
+        finish_called_ = true;
+        reactor_->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
+      }
+      return;
+    }
+    const bool last = status_.has_value();
+    if (has_pending_ && (!last || status_->ok())) {
+      SerializeResponse(pending_, &in_flight_);
+      pending_.Clear();
+      pending_.set_request_id(request_id_);
+      has_pending_ = false;
+      if (last) {
+        finish_called_ = true;
+        reactor_->StartWriteAndFinish(&in_flight_, grpc::WriteOptions(), *status_);
+      } else {
+        write_in_flight_ = true;
+        reactor_->StartWrite(&in_flight_);
+      }
+    } else if (last) {
+      finish_called_ = true;
+      reactor_->Finish(*status_);
+    }
+  }
+
+  void LogFinish(const engine::Finish& f) const {
+    spdlog::info(
+        "request {} finished: {} | prompt {} tokens, generated {} | queue {:.3f}s, first token "
+        "{:.3f}s, total {:.3f}s | KV {} bytes stored, {} uncompressed, {} in pages | "
+        "preemptions {}{}",
+        request_id_, engine::FinishReasonName(f.reason), f.prompt_tokens, f.completion_tokens,
+        f.timings.queue_seconds, f.timings.first_token_seconds, f.timings.total_seconds,
+        f.kv_bytes.stored, f.kv_bytes.full, f.kv_bytes.pages, f.preemptions,
+        f.error.empty() ? "" : " | error: " + f.error);
+  }
+
+  std::mutex mu_;
+  GenerateReactor* reactor_;  // null after OnDone
+  InferenceService* service_;
+  const std::string request_id_;
+  const bool want_text_, want_tokens_, want_logprobs_;
+  uint64_t handle_ = 0;
+  std::optional<Clock::time_point> last_token_time_;  // engine thread only
+
+  v1::GenerateResponse pending_;  // accumulating
+  grpc::ByteBuffer in_flight_;    // being written: a serialized v1::GenerateResponse
+  bool has_pending_ = false;
+  bool write_in_flight_ = false;
+  bool finish_called_ = false;
+  bool broken_ = false;
+  std::optional<grpc::Status> status_;  // set by OnFinish
+};
+
+GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServerContext* context,
+                                 const grpc::ByteBuffer* request_bytes)
+    : service_(service) {
+  service->StreamStarted();  // before Admit's draining check: see StreamStarted
+  if (grpc::Status refused = service->Admit(*context, "Generate"); !refused.ok()) {
+    service->StreamEnded();
+    Finish(refused);
+    return;
+  }
+  v1::GenerateRequest request;
+  const absl::Status parsed = ParseRequest(*request_bytes, request);
+  absl::StatusOr<engine::GenerationRequest> engine_request =
+      parsed.ok() ? ToEngineRequest(request, service->model(), service->options().limits)
+                  : absl::StatusOr<engine::GenerationRequest>(parsed);
+  const std::string id = request.request_id().empty() || !parsed.ok() ? service->NextRequestId()
+                                                                      : request.request_id();
+  auto refuse = [&](const absl::Status& status) {
+    spdlog::warn("request {} rejected: {}", id, status.ToString());
+    if (service->metrics()) {
+      service->metrics()->RequestRejected(absl::StatusCodeToString(status.code()));
+    }
+    service->StreamEnded();
+    Finish(ToGrpcStatus(status));
+  };
+  if (!engine_request.ok()) {
+    refuse(engine_request.status());
+    return;
+  }
+  engine_request->id = id;
+  const auto deadline = context->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    engine_request->deadline = Clock::now() + (deadline - std::chrono::system_clock::now());
+  }
+  sink_ = std::make_shared<StreamSink>(this, service, id, request.output());
+  absl::StatusOr<uint64_t> handle = service->scheduler().Submit(*std::move(engine_request), sink_);
+  if (!handle.ok()) {
+    sink_->Detach();
+    sink_.reset();
+    refuse(handle.status());
+    return;
+  }
+  sink_->set_handle(*handle);
+}
+
+void GenerateReactor::OnWriteDone(bool ok) { sink_->WriteDone(ok); }
+
+void GenerateReactor::OnCancel() {
+  if (!sink_) return;
+  service_->scheduler().Cancel(sink_->handle());
+  sink_->Cancelled();
+}
+
+void GenerateReactor::OnDone() {
+  if (sink_) sink_->Detach();
+  delete this;
+}
+
+}  // namespace kvtrim::server

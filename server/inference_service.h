@@ -1,0 +1,93 @@
+// kvtrim.v1.Inference on gRPC's callback API. Handlers run on gRPC threads and only validate,
+// submit to the scheduler and stream what the engine thread publishes; Generate is one small
+// reactor per stream (generate_reactor.h).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "engine/scheduler.h"
+#include "kvtrim/v1/inference.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/validate.h"
+
+namespace kvtrim::server {
+
+struct ServiceOptions {
+  RequestLimits limits;
+  std::string api_key;  // empty = no authentication
+  std::string backend = "cpu";
+};
+
+// Generate and Tokenize take their requests as bytes and parse them with ParseRequest, so that a
+// string that is not UTF-8 is an INVALID_ARGUMENT naming the field rather than gRPC's bare
+// UNIMPLEMENTED; responses are serialized the same way.
+using InferenceCallbackBase = v1::Inference::WithRawCallbackMethod_Generate<
+    v1::Inference::WithRawCallbackMethod_Tokenize<v1::Inference::WithCallbackMethod_GetModelInfo<
+        v1::Inference::WithCallbackMethod_GetServerStats<v1::Inference::Service>>>>;
+
+class InferenceService final : public InferenceCallbackBase {
+ public:
+  // Everything passed in must outlive the service.
+  InferenceService(const ModelContext& model, engine::Scheduler* scheduler, Metrics* metrics,
+                   ServiceOptions options)
+      : model_(model), scheduler_(scheduler), metrics_(metrics), options_(std::move(options)) {}
+
+  // Requests: v1::GenerateRequest; responses: v1::GenerateResponse.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  // Request: v1::TokenizeRequest; response: v1::TokenizeResponse.
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* GetServerStats(grpc::CallbackServerContext* context,
+                                           const v1::GetServerStatsRequest* request,
+                                           v1::ServerStats* response) override;
+
+  // From now on new requests get UNAVAILABLE; requests already streaming go on.
+  void StartDraining() { draining_ = true; }
+  bool draining() const { return draining_; }
+
+  // For the reactors.
+  const ModelContext& model() const { return model_; }
+  engine::Scheduler& scheduler() { return *scheduler_; }
+  Metrics* metrics() { return metrics_; }
+  const ServiceOptions& options() const { return options_; }
+  std::string NextRequestId() { return "req-" + std::to_string(++request_counter_); }
+  void CountFinished() { ++finished_total_; }
+  // Generate streams taken in and not finished by the engine yet: the drain waits for none to
+  // be left. A stream is counted before it checks for draining, so it either sees the drain and
+  // is refused or the drain sees it. (The scheduler's stats cannot tell: they are published at
+  // the end of a step, so a request in its first step, its prefill, does not show yet.)
+  void StreamStarted() { ++streams_in_flight_; }
+  void StreamEnded() { --streams_in_flight_; }
+  int64_t streams_in_flight() const { return streams_in_flight_; }
+
+  // OK, or the status a new request must be refused with (authentication, draining); the
+  // refusal is logged and counted.
+  grpc::Status Admit(const grpc::CallbackServerContext& context, const char* method);
+  // OK, or UNAUTHENTICATED when an API key is set and the call does not carry it.
+  grpc::Status Authenticate(const grpc::CallbackServerContext& context) const;
+
+ private:
+  ModelContext model_;
+  engine::Scheduler* scheduler_;
+  Metrics* metrics_;
+  ServiceOptions options_;
+  std::atomic<bool> draining_ = false;
+  std::atomic<uint64_t> request_counter_ = 0;
+  std::atomic<int64_t> finished_total_ = 0;
+  std::atomic<int64_t> streams_in_flight_ = 0;
+};
+
+// absl → gRPC status, same code and message.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// A response message as the bytes of a raw method.
+void SerializeResponse(const google::protobuf::Message& message, grpc::ByteBuffer* bytes);
+
+}  // namespace kvtrim::server

@@ -1,0 +1,242 @@
+// kvtrim-server: loads a model, starts the engine thread and serves kvtrim.v1.Inference,
+// grpc.health.v1.Health and server reflection on --listen, Prometheus metrics on --metrics-port.
+//
+// SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
+// flight run to completion for up to --drain-timeout and are then cancelled; exit code 0.
+#include <omp.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "engine/tokenizer/chat_template.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "server/flag_spelling.h"
+#include "server/inference_service.h"
+#include "server/metrics.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
+ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
+ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");
+ABSL_FLAG(int, page_kib, 64, "KV page size, KiB");
+ABSL_FLAG(int, step_tokens, 512, "most tokens (decode + prefill chunks) in one engine step");
+ABSL_FLAG(int, max_running, 64, "most requests prefilling or decoding at once");
+ABSL_FLAG(int, max_queued, 256, "most requests waiting; beyond it RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_prompt_tokens, 0, "longest prompt accepted; 0 = the model's context length");
+ABSL_FLAG(int, max_new_tokens, 4096, "largest max_tokens a request may ask for");
+ABSL_FLAG(int, default_max_tokens, 256, "max_tokens of a request that leaves it unset");
+ABSL_FLAG(int, max_message_mib, 16, "largest request message, MiB");
+ABSL_FLAG(std::string, api_key_file, "",
+          "file holding the API key clients must send as \"authorization: Bearer <key>\"; "
+          "the KVTRIM_API_KEY environment variable is used when unset; no key = no auth");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls-key serves TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "on SIGTERM, how long requests in flight may run before they are cancelled");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(int, threads, 0,
+          "CPU engine threads; 0 = one per core (fewer when other work shares the cores)");
+
+namespace kvtrim::server {
+namespace {
+
+absl::StatusOr<std::string> ReadSecretFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  return text;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials() {
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+  if (cert.empty() && key.empty()) return grpc::InsecureServerCredentials();
+  if (cert.empty() || key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  absl::StatusOr<std::string> cert_pem = ReadSecretFile(cert), key_pem = ReadSecretFile(key);
+  if (!cert_pem.ok()) return cert_pem.status();
+  if (!key_pem.ok()) return key_pem.status();
+  grpc::SslServerCredentialsOptions options;
+  options.pem_key_cert_pairs.push_back({*key_pem, *cert_pem});
+  return grpc::SslServerCredentials(options);
+}
+
+absl::StatusOr<std::string> ApiKey() {
+  const std::string file = absl::GetFlag(FLAGS_api_key_file);
+  if (!file.empty()) return ReadSecretFile(file);
+  const char* env = std::getenv("KVTRIM_API_KEY");
+  return std::string(env ? env : "");
+}
+
+// Blocks until SIGTERM or SIGINT (blocked in every thread by main), then drains.
+void DrainOnSignal(grpc::Server* server, InferenceService* service, engine::Scheduler* scheduler,
+                   sigset_t signals) {
+  int signal = 0;
+  sigwait(&signals, &signal);
+  const absl::Duration timeout = absl::GetFlag(FLAGS_drain_timeout);
+  spdlog::info("{}: draining (health NOT_SERVING, new requests UNAVAILABLE, up to {})",
+               strsignal(signal), absl::FormatDuration(timeout));
+  server->GetHealthCheckService()->SetServingStatus(false);
+  service->StartDraining();
+  const absl::Time give_up = absl::Now() + timeout;
+  while (service->streams_in_flight() > 0 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  if (const int64_t left = service->streams_in_flight(); left > 0) {
+    spdlog::warn("drain timeout: cancelling {} requests", left);
+  }
+  scheduler->Stop();  // unfinished requests finish as cancelled
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+}
+
+int Run() {
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  if (const int threads = absl::GetFlag(FLAGS_threads); threads > 0) omp_set_num_threads(threads);
+  const std::string model_path = absl::GetFlag(FLAGS_model);
+  if (model_path.empty()) {
+    spdlog::error("--model is required");
+    return 2;
+  }
+  absl::StatusOr<engine::Model> model = engine::LoadModel(model_path);
+  if (!model.ok()) {
+    spdlog::error("{}", std::string(model.status().message()));
+    return 1;
+  }
+  absl::StatusOr<engine::Tokenizer> tokenizer = engine::Tokenizer::Create(model->tokenizer);
+  if (!tokenizer.ok()) {
+    spdlog::error("{}: {}", model_path, std::string(tokenizer.status().message()));
+    return 1;
+  }
+  absl::StatusOr<engine::ChatTemplate> chat_template =
+      engine::ChatTemplate::FromSpec(model->tokenizer);
+  if (!chat_template.ok()) {
+    spdlog::warn("chat requests disabled: {}", std::string(chat_template.status().message()));
+  }
+  absl::StatusOr<std::string> api_key = ApiKey();
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials();
+  for (const absl::Status& s : {api_key.status(), credentials.status()}) {
+    if (!s.ok()) {
+      spdlog::error("{}", std::string(s.message()));
+      return 2;
+    }
+  }
+
+  engine::SchedulerOptions scheduler_options{
+      .pool_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_kv_pool_mib)) << 20,
+      .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
+      .step_tokens = absl::GetFlag(FLAGS_step_tokens),
+      .max_running = absl::GetFlag(FLAGS_max_running),
+      .max_queued = absl::GetFlag(FLAGS_max_queued)};
+  absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
+      engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options);
+  if (!scheduler.ok()) {
+    spdlog::error("{}", std::string(scheduler.status().message()));
+    return 2;
+  }
+
+  ServiceOptions service_options;
+  RequestLimits& limits = service_options.limits;
+  limits.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens) > 0
+                                 ? absl::GetFlag(FLAGS_max_prompt_tokens)
+                                 : model->config.max_context;
+  limits.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  limits.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
+  service_options.api_key = *api_key;
+
+  std::unique_ptr<Metrics> metrics;
+  if (const int port = absl::GetFlag(FLAGS_metrics_port); port > 0) {
+    absl::StatusOr<std::unique_ptr<Metrics>> created =
+        Metrics::Create(absl::StrCat("0.0.0.0:", port), scheduler->get());
+    if (!created.ok()) {
+      spdlog::error("{}", std::string(created.status().message()));
+      return 1;
+    }
+    metrics = *std::move(created);
+  }
+  ModelContext context{&*model, &*tokenizer, chat_template.ok() ? &*chat_template : nullptr};
+  InferenceService service(context, scheduler->get(), metrics.get(), service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  builder.AddListeningPort(listen, *credentials, &port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_message_mib) << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    spdlog::error("cannot listen on {}", listen);
+    return 1;
+  }
+  (*scheduler)->Start();
+  const engine::ModelConfig& c = model->config;
+  spdlog::info(
+      "model {} ({}, {} layers, {} heads / {} kv heads x {}, vocab {}, context {}) from {}", c.name,
+      c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_context,
+      model_path);
+  spdlog::info(
+      "config: KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, max queued {}, "
+      "max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, auth {}, TLS "
+      "{}, drain timeout {}, metrics {}, {} engine threads",
+      absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
+      scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
+      limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
+      absl::GetFlag(FLAGS_max_message_mib), api_key->empty() ? "off" : "on",
+      absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
+      absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
+      metrics ? absl::StrCat(":", absl::GetFlag(FLAGS_metrics_port), "/metrics") : "off",
+      omp_get_max_threads());
+  const std::string host = listen.substr(0, listen.rfind(':'));
+  spdlog::info("kvtrim-server listening on {}:{}", host, port);
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  std::thread drainer(DrainOnSignal, server.get(), &service, scheduler->get(), signals);
+  server->Wait();
+  drainer.join();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvtrim::server
+
+int main(int argc, char** argv) {
+  // Blocked here, before any thread starts, so every thread inherits the mask and only the
+  // drain thread's sigwait sees SIGTERM / SIGINT.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  absl::SetProgramUsageMessage("kvtrim-server --model PATH [--listen HOST:PORT] [flags]");
+  std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
+  std::vector<char*> args;
+  for (std::string& arg : spelled) args.push_back(arg.data());
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  return kvtrim::server::Run();
+}

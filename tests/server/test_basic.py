@@ -1,0 +1,197 @@
+"""kvtrim-server basics: the same text as the kvtrim CLI, reflection, health, Tokenize,
+GetModelInfo, logprobs, and authentication with an API key from the environment or a file."""
+
+import os
+import subprocess
+import unittest
+
+import grpc
+
+import harness
+from harness import Server, chat, generate
+
+CAPITAL = "What is the capital of France?"
+
+
+class Basics(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("basic")
+        cls.stub = cls.server.stub
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def cli(self, *flags):
+        """stdout of `kvtrim generate --model M FLAGS`."""
+        done = subprocess.run(
+            [harness.PATHS.cli, "generate", "--model", harness.PATHS.model, *flags],
+            capture_output=True, timeout=harness.STREAM_TIMEOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        return done.stdout.decode("utf-8")
+
+    def test_chat_text_equals_cli(self):
+        cli_text = self.cli("--chat", CAPITAL, "--max-tokens", "16")
+        result = generate(self.stub, harness.pb.GenerateRequest(
+            chat=chat("user", CAPITAL), stopping=harness.pb.StoppingCriteria(max_tokens=16)))
+        self.assertTrue(result.ok, result.details)
+        self.assertTrue(result.text, "no text")
+        self.assertEqual(result.text + "\n", cli_text)  # the CLI ends its output with a newline
+        self.assertIn("Paris", result.text)
+
+    def test_raw_text_equals_cli(self):
+        prompt = "The quick brown fox"
+        cli_text = self.cli("--prompt", prompt, "--max-tokens", "12", "--ignore-eos")
+        result = generate(self.stub, harness.pb.GenerateRequest(
+            text=prompt, stopping=harness.pb.StoppingCriteria(max_tokens=12, ignore_eos=True)))
+        self.assertTrue(result.ok, result.details)
+        self.assertEqual(result.final.finish_reason, harness.pb.FINISH_REASON_LENGTH)
+        self.assertEqual(len(result.ids), 12)
+        self.assertEqual(result.text + "\n", cli_text)
+        # The same with a stop string that starts with the output's last characters but never
+        # matches: the server holds that end back while it could be a match, and must still send
+        # it when the request ends.
+        held = generate(self.stub, harness.pb.GenerateRequest(
+            text=prompt, stopping=harness.pb.StoppingCriteria(
+                max_tokens=12, ignore_eos=True, stop=[result.text[-3:] + "\u2603"])))
+        self.assertTrue(held.ok, held.details)
+        self.assertEqual(held.final.finish_reason, harness.pb.FINISH_REASON_LENGTH)
+        self.assertEqual(held.text, result.text)
+
+    def test_reflection_lists_services(self):
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.server.channel)
+        responses = list(stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+        services = {s.name for r in responses for s in r.list_services_response.service}
+        self.assertIn("kvtrim.v1.Inference", services)
+        self.assertIn("grpc.health.v1.Health", services)
+        # The descriptors come through too, so grpcurl can build requests.
+        responses = list(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="kvtrim.v1.Inference")
+        ]), timeout=30))
+        self.assertTrue(responses[0].file_descriptor_response.file_descriptor_proto)
+
+    def test_health_serving(self):
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        stub = health_pb2_grpc.HealthStub(self.server.channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        self.assertEqual(response.status, health_pb2.HealthCheckResponse.SERVING)
+
+    def test_model_info(self):
+        info = self.stub.GetModelInfo(harness.pb.GetModelInfoRequest(), timeout=30)
+        self.assertEqual(info.architecture, "llama")
+        self.assertEqual((info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim),
+                         (30, 9, 3, 64))
+        self.assertEqual(info.hidden, 576)
+        self.assertEqual(info.vocab_size, 49152)
+        self.assertEqual(info.max_context, 8192)
+        self.assertEqual(info.eos_id, 2)
+        self.assertEqual(info.bos_id, 1)
+        self.assertEqual(info.chat_template_family, "chatml")
+        self.assertEqual(info.backend, "cpu")
+
+    def test_tokenize(self):
+        pb = harness.pb
+        response = self.stub.Tokenize(pb.TokenizeRequest(text="Hello world", with_pieces=True),
+                                      timeout=30)
+        self.assertEqual(len(response.ids), len(response.pieces))
+        self.assertEqual("".join(response.pieces), "Hello world")
+        # The chat is rendered with ChatML: <|im_start|> (id 1) opens each turn, and the prompt
+        # ends with the assistant opener.
+        response = self.stub.Tokenize(pb.TokenizeRequest(chat=chat("user", CAPITAL),
+                                                         with_pieces=True), timeout=30)
+        self.assertEqual(response.ids[0], 1)
+        self.assertTrue("".join(response.pieces).endswith("<|im_start|>assistant\n"))
+        # Generate reports the same prompt length.
+        result = generate(self.stub, pb.GenerateRequest(
+            chat=chat("user", CAPITAL), stopping=pb.StoppingCriteria(max_tokens=1)))
+        self.assertTrue(result.ok, result.details)
+        self.assertEqual(result.final.usage.prompt_tokens, len(response.ids))
+        # Token ids in, the same tokens as the text they came from.
+        by_ids = generate(self.stub, pb.GenerateRequest(
+            tokens=pb.TokenIds(ids=response.ids), stopping=pb.StoppingCriteria(max_tokens=1)))
+        self.assertEqual(by_ids.ids, result.ids)
+
+    def test_logprobs(self):
+        pb = harness.pb
+        result = generate(self.stub, pb.GenerateRequest(
+            text="The quick brown fox", stopping=pb.StoppingCriteria(max_tokens=4, ignore_eos=True),
+            output=pb.OutputOptions(logprobs=True, top_logprobs=3)))
+        self.assertTrue(result.ok, result.details)
+        self.assertEqual(len(result.tokens), 4)
+        for token in result.tokens:
+            self.assertLessEqual(token.logprob, 0.0)
+            self.assertEqual(len(token.top_logprobs), 3)
+            logprobs = [t.logprob for t in token.top_logprobs]
+            self.assertEqual(logprobs, sorted(logprobs, reverse=True))
+            # Greedy: the sampled token is the most likely one.
+            self.assertEqual(token.top_logprobs[0].id, token.id)
+            self.assertAlmostEqual(token.top_logprobs[0].logprob, token.logprob, places=4)
+
+    def test_output_options(self):
+        pb = harness.pb
+        text_only = generate(self.stub, pb.GenerateRequest(
+            text="The quick brown fox", stopping=pb.StoppingCriteria(max_tokens=4, ignore_eos=True),
+            output=pb.OutputOptions(token_ids=False)))
+        ids_only = generate(self.stub, pb.GenerateRequest(
+            text="The quick brown fox", stopping=pb.StoppingCriteria(max_tokens=4, ignore_eos=True),
+            output=pb.OutputOptions(text=False)))
+        self.assertTrue(text_only.ok and ids_only.ok)
+        self.assertEqual(text_only.ids, [])
+        self.assertTrue(text_only.text)
+        self.assertEqual(ids_only.text, "")
+        self.assertEqual(len(ids_only.ids), 4)
+        self.assertEqual(text_only.final.usage.completion_tokens, 4)
+
+
+class Authentication(unittest.TestCase):
+    KEY = "s3cret-key-for-tests"
+
+    def check_auth(self, server):
+        pb = harness.pb
+        request = pb.GenerateRequest(text="Hello", stopping=pb.StoppingCriteria(max_tokens=2))
+        for metadata, what in [(None, "missing"),
+                               ((("authorization", "Bearer wrong-key"),), "wrong"),
+                               ((("authorization", self.KEY),), "without Bearer"),
+                               ((("authorization", "Bearer " + self.KEY + "x"),), "longer")]:
+            result = generate(server.stub, request, metadata=metadata)
+            self.assertEqual(result.code, grpc.StatusCode.UNAUTHENTICATED, what)
+            self.assertIn("authorization", result.details, what)
+            with self.assertRaises(grpc.RpcError) as raised:
+                server.stub.Tokenize(pb.TokenizeRequest(text="Hello"), timeout=30,
+                                     metadata=metadata)
+            self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAUTHENTICATED, what)
+        good = (("authorization", "Bearer " + self.KEY),)
+        result = generate(server.stub, request, metadata=good)
+        self.assertTrue(result.ok, result.details)
+        self.assertEqual(len(result.ids), result.final.usage.completion_tokens)
+        self.assertGreater(len(result.ids), 0)
+        server.stub.Tokenize(pb.TokenizeRequest(text="Hello"), timeout=30, metadata=good)
+        server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=good)
+        self.assertEqual(server.stats(metadata=good).requests_finished_total, 1)
+
+    def test_key_from_environment(self):
+        server = Server("auth-env", env={"KVTRIM_API_KEY": self.KEY})
+        try:
+            self.check_auth(server)
+        finally:
+            server.stop()
+
+    def test_key_from_file(self):
+        path = os.path.join(harness.PATHS.work_dir, "api-key")
+        with open(path, "w") as f:
+            f.write(self.KEY + "\n")
+        # The file wins over the environment.
+        server = Server("auth-file", "--api-key-file", path, env={"KVTRIM_API_KEY": "other"})
+        try:
+            self.check_auth(server)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    harness.main()

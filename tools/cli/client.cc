@@ -1,0 +1,165 @@
+#include "tools/cli/client.h"
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "kvtrim/v1/inference.grpc.pb.h"
+
+namespace kvtrim::cli {
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& status, const std::string& server) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      absl::StrCat(server, ": ", status.error_message()));
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const ClientOptions& client) {
+  if (client.server.empty()) return absl::InvalidArgumentError("--server is empty");
+  if (client.tls_ca.empty()) {
+    return grpc::CreateChannel(client.server, grpc::InsecureChannelCredentials());
+  }
+  std::ifstream in(client.tls_ca, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(client.tls_ca, ": cannot open"));
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return grpc::CreateChannel(client.server, grpc::SslCredentials(ssl));
+}
+
+void Prepare(const ClientOptions& client, grpc::ClientContext& context) {
+  if (!client.api_key.empty()) context.AddMetadata("authorization", "Bearer " + client.api_key);
+  if (client.timeout_seconds > 0) {
+    context.set_deadline(
+        std::chrono::system_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(client.timeout_seconds * 1000)));
+  }
+}
+
+const char* FinishName(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_EOS:
+      return "eos";
+    case v1::FINISH_REASON_STOP:
+      return "stop";
+    case v1::FINISH_REASON_LENGTH:
+      return "length";
+    case v1::FINISH_REASON_CANCELLED:
+      return "cancelled";
+    default:
+      return "unspecified";
+  }
+}
+
+}  // namespace
+
+absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& options) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(client);
+  if (!channel.ok()) return channel.status();
+  std::unique_ptr<v1::Inference::Stub> stub = v1::Inference::NewStub(*channel);
+  v1::GenerateRequest request;
+  if (!options.chat.empty()) {
+    v1::ChatMessage* message = request.mutable_chat()->add_messages();
+    message->set_role("user");
+    message->set_content(options.chat);
+  } else {
+    request.set_text(options.prompt);
+  }
+  v1::SamplingParams* sampling = request.mutable_sampling();
+  sampling->set_temperature(options.temperature);
+  sampling->set_top_p(options.top_p);
+  sampling->set_top_k(options.top_k);
+  sampling->set_min_p(options.min_p);
+  sampling->set_repetition_penalty(options.repetition_penalty);
+  sampling->set_seed(options.seed);
+  request.mutable_stopping()->set_max_tokens(options.max_tokens);
+  request.mutable_stopping()->set_ignore_eos(options.ignore_eos);
+  request.mutable_output()->set_token_ids(false);
+
+  grpc::ClientContext context;
+  Prepare(client, context);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      stub->Generate(&context, request);
+  v1::GenerateResponse response, last;
+  while (reader->Read(&response)) {
+    std::fwrite(response.text().data(), 1, response.text().size(), stdout);
+    std::fflush(stdout);
+    last = response;
+  }
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+  if (absl::Status status = FromGrpc(reader->Finish(), client.server); !status.ok()) return status;
+  std::fprintf(stderr,
+               "[%s: %d prompt tokens, %d generated, first token %.2f s, total %.2f s, finish: %s, "
+               "KV %.2f MiB]\n",
+               last.request_id().c_str(), last.usage().prompt_tokens(),
+               last.usage().completion_tokens(), last.timings().first_token_seconds(),
+               last.timings().total_seconds(), FinishName(last.finish_reason()),
+               last.kv_memory().bytes_pages() / 1048576.0);
+  return absl::OkStatus();
+}
+
+absl::Status ClientTokenize(const ClientOptions& client, const std::string& text,
+                            const std::string& chat) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(client);
+  if (!channel.ok()) return channel.status();
+  v1::TokenizeRequest request;
+  if (!chat.empty()) {
+    v1::ChatMessage* message = request.mutable_chat()->add_messages();
+    message->set_role("user");
+    message->set_content(chat);
+  } else {
+    request.set_text(text);
+  }
+  request.set_with_pieces(true);
+  grpc::ClientContext context;
+  Prepare(client, context);
+  v1::TokenizeResponse response;
+  grpc::Status status = v1::Inference::NewStub(*channel)->Tokenize(&context, request, &response);
+  if (!status.ok()) return FromGrpc(status, client.server);
+  for (int i = 0; i < response.ids_size(); ++i) {
+    std::printf("%d\t%s\n", response.ids(i),
+                i < response.pieces_size() ? response.pieces(i).c_str() : "");
+  }
+  std::fprintf(stderr, "[%d tokens]\n", response.ids_size());
+  return absl::OkStatus();
+}
+
+absl::Status ClientInfo(const ClientOptions& client) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(client);
+  if (!channel.ok()) return channel.status();
+  grpc::ClientContext context;
+  Prepare(client, context);
+  v1::ModelInfo info;
+  grpc::Status status =
+      v1::Inference::NewStub(*channel)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+  if (!status.ok()) return FromGrpc(status, client.server);
+  std::printf("%s", info.DebugString().c_str());
+  return absl::OkStatus();
+}
+
+absl::Status ClientHealth(const ClientOptions& client) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(client);
+  if (!channel.ok()) return channel.status();
+  grpc::ClientContext context;
+  Prepare(client, context);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status status = grpc::health::v1::Health::NewStub(*channel)->Check(
+      &context, grpc::health::v1::HealthCheckRequest(), &response);
+  if (!status.ok()) return FromGrpc(status, client.server);
+  std::printf("%s\n",
+              grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()).c_str());
+  if (response.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    return absl::UnavailableError(absl::StrCat(client.server, " is not serving"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvtrim::cli
