@@ -1,0 +1,133 @@
+#include "engine/cuda/device_weights.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/bf16.h"
+#include "engine/cuda/status.h"
+
+namespace kvtrim::engine::cuda {
+
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
+  DeviceBuffer buffer;
+  if (bytes == 0) return buffer;
+  absl::Status status =
+      CudaStatus(cudaMalloc(&buffer.data_, bytes), absl::StrCat("cudaMalloc(", bytes, " bytes)"));
+  if (!status.ok()) return status;
+  buffer.bytes_ = bytes;
+  return buffer;
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_) cudaFree(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+// cudaFree's error is dropped: a destructor cannot report it, and it only fails when the
+// context is already broken, which the next checked call reports.
+DeviceBuffer::~DeviceBuffer() {
+  if (data_) cudaFree(data_);
+}
+
+absl::Status CopyToDeviceBf16(std::span<const float> host, __nv_bfloat16* device) {
+  std::vector<uint16_t> staging(host.size());
+#pragma omp parallel for
+  for (size_t i = 0; i < host.size(); ++i) staging[i] = FloatToBf16Bits(host[i]);
+  return CudaStatus(
+      cudaMemcpy(device, staging.data(), staging.size() * sizeof(uint16_t), cudaMemcpyHostToDevice),
+      "cudaMemcpy(weights, host to device)");
+}
+
+namespace {
+
+constexpr size_t kAlignment = 256;
+
+size_t AlignUp(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+
+// Lays tensors out in the arena in two passes over the same code: the first (arena == nullptr)
+// only sums sizes, the second copies.
+class ArenaWriter {
+ public:
+  explicit ArenaWriter(std::byte* arena) : arena_(arena) {}
+
+  DeviceMatrix Matrix(const engine::Matrix& m) {
+    auto* device = reinterpret_cast<__nv_bfloat16*>(Reserve(m.data.size() * sizeof(uint16_t)));
+    if (arena_ && status_.ok()) status_ = CopyToDeviceBf16(m.data, device);
+    return {device, m.rows, m.cols};
+  }
+
+  const float* Vector(const std::vector<float>& v) {
+    if (v.empty()) return nullptr;
+    auto* device = reinterpret_cast<float*>(Reserve(v.size() * sizeof(float)));
+    if (arena_ && status_.ok()) {
+      status_ =
+          CudaStatus(cudaMemcpy(device, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice),
+                     "cudaMemcpy(norm weights, host to device)");
+    }
+    return device;
+  }
+
+  size_t used() const { return used_; }
+  const absl::Status& status() const { return status_; }
+
+ private:
+  std::byte* Reserve(size_t bytes) {
+    std::byte* at = arena_ ? arena_ + used_ : nullptr;
+    used_ += AlignUp(bytes);
+    return at;
+  }
+
+  std::byte* arena_;
+  size_t used_ = 0;
+  absl::Status status_;
+};
+
+void Place(const Model& model, ArenaWriter& writer, DeviceWeights& out) {
+  const ModelWeights& w = model.weights;
+  out.token_embedding = writer.Matrix(w.token_embedding);
+  out.layers.clear();
+  for (const LayerWeights& layer : w.layers) {
+    DeviceLayerWeights& d = out.layers.emplace_back();
+    d.attn_norm = writer.Vector(layer.attn_norm);
+    d.wq = writer.Matrix(layer.wq);
+    d.wk = writer.Matrix(layer.wk);
+    d.wv = writer.Matrix(layer.wv);
+    d.bq = writer.Vector(layer.bq);
+    d.bk = writer.Vector(layer.bk);
+    d.bv = writer.Vector(layer.bv);
+    d.wo = writer.Matrix(layer.wo);
+    d.ffn_norm = writer.Vector(layer.ffn_norm);
+    d.w_gate = writer.Matrix(layer.w_gate);
+    d.w_up = writer.Matrix(layer.w_up);
+    d.w_down = writer.Matrix(layer.w_down);
+  }
+  out.output_norm = writer.Vector(w.output_norm);
+  out.lm_head = model.config.tied_embeddings ? out.token_embedding : writer.Matrix(w.output);
+}
+
+}  // namespace
+
+absl::StatusOr<DeviceWeights> DeviceWeights::Upload(const Model& model) {
+  DeviceWeights weights;
+  ArenaWriter sizing(nullptr);
+  Place(model, sizing, weights);
+  absl::StatusOr<DeviceBuffer> arena = DeviceBuffer::Allocate(sizing.used());
+  if (!arena.ok()) return arena.status();
+  weights.arena_ = *std::move(arena);
+  ArenaWriter writer(weights.arena_.as<std::byte>());
+  Place(model, writer, weights);
+  if (!writer.status().ok()) return writer.status();
+  return weights;
+}
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,17 @@
+// Token embedding lookup on the GPU (embedding.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kvtrim::engine::cuda {
+
+// residual (tokens, hidden) fp32 = table[token_ids[t]] widened from bf16.
+// token_ids (tokens) are device memory, already checked to lie in [0, vocab) by the caller; an id
+// outside it still writes its row, as NaN, so the bug shows in the logits.
+cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __nv_bfloat16* table,
+                            int vocab, int hidden, float* residual, cudaStream_t stream);
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,39 @@
+// The projections of the forward pass, y = x · Wᵀ, as cuBLAS bf16 GEMMs (gemm.cc).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "engine/cuda/device_weights.h"
+
+namespace kvtrim::engine::cuda {
+
+enum class GemmOutput { kBf16, kFloat };
+
+// One cuBLAS handle bound to one stream, with its own workspace (so the calls can be captured
+// in a CUDA graph). Not thread-safe: the engine thread owns it.
+class Gemm {
+ public:
+  static absl::StatusOr<std::unique_ptr<Gemm>> Create(cudaStream_t stream);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // y (tokens, w.rows) = x (tokens, w.cols) · wᵀ, plus y's previous value when `accumulate`.
+  // All tokens of a step are packed into x, so each projection is one GEMM. Inputs bf16,
+  // products and sums fp32 (no reduced-precision split-K), y stored as `output`.
+  absl::Status Linear(const __nv_bfloat16* x, int tokens, const DeviceMatrix& w, void* y,
+                      GemmOutput output, bool accumulate = false);
+
+ private:
+  Gemm() = default;
+
+  cublasHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;  // (32 MiB) cuBLAS scratch
+};
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,26 @@
+// absl::Status from CUDA runtime and cuBLAS return codes, for host code (*.cc).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+
+namespace kvtrim::engine::cuda {
+
+// `what` names the call or the kernel, e.g. "cudaMalloc(weights)" or "AddRmsNorm".
+inline absl::Status CudaStatus(cudaError_t error, absl::string_view what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
+}
+
+inline absl::Status CublasStatus(cublasStatus_t status, absl::string_view what) {
+  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cublasGetStatusName(status), " (",
+                                          cublasGetStatusString(status), ")"));
+}
+
+}  // namespace kvtrim::engine::cuda

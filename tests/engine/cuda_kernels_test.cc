@@ -1,0 +1,596 @@
+// Every CUDA kernel of engine/cuda/ against its CPU twin on fresh random inputs (a new seed each
+// run, printed on failure), by relative error ‖out − ref‖₂ / ‖ref‖₂: bf16 data paths within
+// 1e-2, fp32 paths far tighter. Any NaN or infinity in an output fails, and every output buffer
+// is filled with NaN before the kernel runs, so an element the kernel forgot to write fails too.
+// Each check prints a "[parity]" line (kernel, shape, error) for docs/PERFORMANCE.md.
+//
+// Without a CUDA device (a CI machine with nvcc but no GPU) the device tests skip.
+#include <cblas.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/bf16.h"
+#include "engine/cuda/device_weights.h"
+#include "engine/cuda/embedding.h"
+#include "engine/cuda/gemm.h"
+#include "engine/cuda/rmsnorm.h"
+#include "engine/cuda/rope.h"
+#include "engine/cuda/swiglu.h"
+#include "engine/model.h"
+#include "engine/rope.h"
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+constexpr double kBf16Bound = 1e-2;
+
+#define ASSERT_CUDA(expr)                                                     \
+  do {                                                                        \
+    const cudaError_t error_ = (expr);                                        \
+    ASSERT_EQ(error_, cudaSuccess) << cudaGetErrorName(error_) << ": " #expr; \
+  } while (0)
+
+// ---- host helpers ----
+
+std::vector<float> Random(std::mt19937& rng, size_t n, float mean = 0.0f, float stddev = 1.0f) {
+  std::normal_distribution<float> normal(mean, stddev);
+  std::vector<float> values(n);
+  for (float& v : values) v = normal(rng);
+  return values;
+}
+
+std::vector<uint16_t> ToBf16(const std::vector<float>& values) {
+  std::vector<uint16_t> bits(values.size());
+  for (size_t i = 0; i < values.size(); ++i) bits[i] = FloatToBf16Bits(values[i]);
+  return bits;
+}
+
+std::vector<float> FromBf16(const std::vector<uint16_t>& bits) {
+  std::vector<float> values(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) values[i] = Bf16BitsToFloat(bits[i]);
+  return values;
+}
+
+std::vector<float> RoundedToBf16(const std::vector<float>& values) {
+  return FromBf16(ToBf16(values));
+}
+
+// ‖out − ref‖₂ / ‖ref‖₂ in double; infinity when out holds a NaN or an infinity.
+double RelativeError(const std::vector<float>& out, const std::vector<float>& ref) {
+  EXPECT_EQ(out.size(), ref.size());
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) return std::numeric_limits<double>::infinity();
+    const double d = static_cast<double>(out[i]) - ref[i];
+    diff += d * d;
+    norm += static_cast<double>(ref[i]) * ref[i];
+  }
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+void ExpectClose(const std::string& kernel, const std::string& shape, const std::vector<float>& out,
+                 const std::vector<float>& ref, double bound) {
+  const double error = RelativeError(out, ref);
+  std::printf("[parity] %-22s %-44s rel_err %.3e (bound %.0e)\n", kernel.c_str(), shape.c_str(),
+              error, bound);
+  EXPECT_LE(error, bound) << kernel << " " << shape;
+}
+
+// ---- device helpers ----
+
+template <typename T>
+DeviceBuffer Upload(const std::vector<T>& host) {
+  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(host.size() * sizeof(T));
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ(
+      cudaMemcpy(buffer->as<void>(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
+      cudaSuccess);
+  return *std::move(buffer);
+}
+
+// A buffer of `count` elements of T, every byte 0xFF: NaN as fp32 and as bf16.
+template <typename T>
+DeviceBuffer Poisoned(size_t count) {
+  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(count * sizeof(T));
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ(cudaMemset(buffer->as<void>(), 0xFF, count * sizeof(T)), cudaSuccess);
+  return *std::move(buffer);
+}
+
+template <typename T>
+std::vector<T> Download(const DeviceBuffer& buffer, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_EQ(cudaMemcpy(host.data(), buffer.as<void>(), count * sizeof(T), cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  return host;
+}
+
+std::vector<float> DownloadBf16(const DeviceBuffer& buffer, size_t count) {
+  return FromBf16(Download<uint16_t>(buffer, count));
+}
+
+class CudaKernelsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int devices = 0;
+    const cudaError_t error = cudaGetDeviceCount(&devices);
+    if (error != cudaSuccess || devices == 0) {
+      GTEST_SKIP() << "no CUDA device here (" << cudaGetErrorName(error)
+                   << "): the CUDA kernel parity tests run on a GPU machine "
+                      "(tools/gpu/run_tests.sh)";
+    }
+    const unsigned seed = std::random_device{}();
+    rng_.seed(seed);
+    RecordProperty("seed", std::to_string(seed));
+    seed_trace_ =
+        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
+    ASSERT_CUDA(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) {
+      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
+    }
+  }
+  void Sync() { ASSERT_CUDA(cudaStreamSynchronize(stream_)); }
+
+  std::mt19937 rng_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+};
+
+// ---- bf16 conversion (host; runs without a GPU) ----
+
+TEST(Bf16Test, HostRoundingMatchesCuda) {
+  std::mt19937 rng(std::random_device{}());
+  std::vector<float> values = Random(rng, 100000, 0.0f, 100.0f);
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            1.00390625f,  // halfway between two bf16 values: ties to even
+                            1.01171875f,  // the other tie
+                            std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::max(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN()};
+  values.insert(values.end(), std::begin(specials), std::end(specials));
+  for (float v : values) {
+    const float mine = Bf16BitsToFloat(FloatToBf16Bits(v));
+    const float theirs = __bfloat162float(__float2bfloat16(v));
+    if (std::isnan(theirs)) {
+      EXPECT_TRUE(std::isnan(mine)) << v;
+    } else {
+      EXPECT_EQ(std::bit_cast<uint32_t>(mine), std::bit_cast<uint32_t>(theirs)) << v;
+    }
+  }
+}
+
+// ---- embedding ----
+
+TEST_F(CudaKernelsTest, EmbeddingMatchesTableRows) {
+  struct Shape {
+    int tokens, vocab, hidden;
+  };
+  for (const Shape s : {Shape{1, 3, 1}, Shape{5, 17, 7}, Shape{33, 1000, 576},
+                        Shape{257, 301, 4096}, Shape{3, 50, 4100}}) {
+    const std::vector<float> table = Random(rng_, static_cast<size_t>(s.vocab) * s.hidden);
+    std::uniform_int_distribution<int32_t> pick(0, s.vocab - 1);
+    std::vector<int32_t> ids(s.tokens);
+    for (int32_t& id : ids) id = pick(rng_);
+    DeviceBuffer d_table = Upload(ToBf16(table));
+    DeviceBuffer d_ids = Upload(ids);
+    DeviceBuffer d_out = Poisoned<float>(static_cast<size_t>(s.tokens) * s.hidden);
+    ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), s.tokens, d_table.as<__nv_bfloat16>(), s.vocab,
+                                s.hidden, d_out.as<float>(), stream_));
+    Sync();
+    const std::vector<float> out = Download<float>(d_out, static_cast<size_t>(s.tokens) * s.hidden);
+
+    // The CPU twin copies fp32 rows; the GPU's table holds them rounded to bf16, exactly.
+    std::vector<float> ref, ref_bf16;
+    const std::vector<float> table_bf16 = RoundedToBf16(table);
+    for (int32_t id : ids) {
+      const size_t row = static_cast<size_t>(id) * s.hidden;
+      ref.insert(ref.end(), table.begin() + row, table.begin() + row + s.hidden);
+      ref_bf16.insert(ref_bf16.end(), table_bf16.begin() + row,
+                      table_bf16.begin() + row + s.hidden);
+    }
+    const std::string shape =
+        absl::StrCat("tokens ", s.tokens, " vocab ", s.vocab, " hidden ", s.hidden);
+    ExpectClose("embedding", shape, out, ref, kBf16Bound);
+    EXPECT_EQ(RelativeError(out, ref_bf16), 0.0) << shape;
+  }
+}
+
+TEST_F(CudaKernelsTest, EmbeddingOutOfRangeIdWritesNaN) {
+  const int vocab = 4, hidden = 16;
+  DeviceBuffer d_table = Upload(ToBf16(Random(rng_, vocab * hidden)));
+  DeviceBuffer d_ids = Upload(std::vector<int32_t>{1, vocab, -1});
+  absl::StatusOr<DeviceBuffer> d_out = DeviceBuffer::Allocate(3 * hidden * sizeof(float));
+  ASSERT_TRUE(d_out.ok());
+  ASSERT_CUDA(cudaMemset(d_out->as<void>(), 0, 3 * hidden * sizeof(float)));
+  ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), 3, d_table.as<__nv_bfloat16>(), vocab, hidden,
+                              d_out->as<float>(), stream_));
+  Sync();
+  const std::vector<float> out = Download<float>(*d_out, 3 * hidden);
+  for (int i = 0; i < hidden; ++i) {
+    EXPECT_TRUE(std::isfinite(out[i]));
+    EXPECT_TRUE(std::isnan(out[hidden + i]));
+    EXPECT_TRUE(std::isnan(out[2 * hidden + i]));
+  }
+}
+
+// ---- RMSNorm fused with the residual add ----
+
+// The CPU twin: forward.cc's residual add then RmsNorm, fp32.
+void AddRmsNormReference(std::vector<float>& residual, const std::vector<float>* delta,
+                         const std::vector<float>& weight, float eps, int tokens, int hidden,
+                         std::vector<float>& normed) {
+  if (delta) {
+    for (size_t i = 0; i < residual.size(); ++i) residual[i] += (*delta)[i];
+  }
+  normed.resize(residual.size());
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = &residual[static_cast<size_t>(t) * hidden];
+    float sum_squares = 0.0f;
+    for (int i = 0; i < hidden; ++i) sum_squares += row[i] * row[i];
+    const float scale = 1.0f / std::sqrt(sum_squares / hidden + eps);
+    for (int i = 0; i < hidden; ++i) {
+      normed[static_cast<size_t>(t) * hidden + i] = row[i] * scale * weight[i];
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, AddRmsNormMatchesCpu) {
+  struct Shape {
+    int tokens, hidden;
+  };
+  const float eps = 1e-5f;
+  for (const bool with_delta : {true, false}) {
+    for (const Shape s : {Shape{1, 1}, Shape{3, 7}, Shape{17, 576}, Shape{64, 4096}, Shape{2, 1000},
+                          Shape{9, 999}, Shape{4, 8200}}) {
+      const size_t n = static_cast<size_t>(s.tokens) * s.hidden;
+      std::vector<float> residual = Random(rng_, n, 0.0f, 3.0f);
+      // The delta reaches the kernel as bf16 (a GEMM output); the twin gets the same values.
+      const std::vector<float> delta = RoundedToBf16(Random(rng_, n));
+      std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
+      std::vector<float> weight(s.hidden);
+      for (float& w : weight) w = uniform(rng_);
+
+      DeviceBuffer d_residual = Upload(residual);
+      DeviceBuffer d_delta = Upload(ToBf16(delta));
+      DeviceBuffer d_weight = Upload(weight);
+      DeviceBuffer d_normed = Poisoned<uint16_t>(n);
+      ASSERT_CUDA(LaunchAddRmsNorm(
+          d_residual.as<float>(), with_delta ? d_delta.as<__nv_bfloat16>() : nullptr,
+          d_weight.as<float>(), eps, s.tokens, s.hidden, d_normed.as<__nv_bfloat16>(), stream_));
+      Sync();
+      std::vector<float> ref_normed;
+      AddRmsNormReference(residual, with_delta ? &delta : nullptr, weight, eps, s.tokens, s.hidden,
+                          ref_normed);
+      const std::string shape = absl::StrCat("tokens ", s.tokens, " hidden ", s.hidden,
+                                             with_delta ? " +delta" : " no delta");
+      ExpectClose("rmsnorm.normed(bf16)", shape, DownloadBf16(d_normed, n), ref_normed, kBf16Bound);
+      // The residual stays fp32: the same single fp32 addition on both sides.
+      ExpectClose("rmsnorm.residual(fp32)", shape, Download<float>(d_residual, n), residual, 1e-7);
+    }
+  }
+}
+
+// ---- RoPE ----
+
+struct RopeCase {
+  int tokens, n_q_heads, n_kv_heads, head_dim;
+  bool llama3_scaling;
+};
+
+TEST_F(CudaKernelsTest, RopeMatchesCpuInPackedQkv) {
+  for (const RopeLayout layout : {RopeLayout::kHalves, RopeLayout::kAdjacent}) {
+    for (const RopeCase c :
+         {RopeCase{1, 1, 1, 2, false}, RopeCase{7, 3, 1, 6, false}, RopeCase{130, 9, 3, 64, false},
+          RopeCase{33, 32, 8, 128, true}, RopeCase{5, 4, 0, 64, true}}) {
+      ModelConfig config;
+      config.head_dim = c.head_dim;
+      config.rope_theta = c.llama3_scaling ? 500000.0f : 10000.0f;
+      if (c.llama3_scaling) config.rope_scaling = {8.0f, 1.0f, 4.0f, 8192};
+      const std::vector<float> inv_freq = RopeInverseFrequencies(config);
+
+      // One packed (tokens, [q | k | v]) buffer, as a fused QKV GEMM writes it.
+      const int q_width = c.n_q_heads * c.head_dim, kv_width = c.n_kv_heads * c.head_dim;
+      const int row = q_width + 2 * kv_width;
+      const size_t n = static_cast<size_t>(c.tokens) * row;
+      const std::vector<uint16_t> qkv = ToBf16(Random(rng_, n));
+      std::vector<int32_t> positions(c.tokens);
+      std::uniform_int_distribution<int32_t> pick(0, 131071);
+      for (int32_t& p : positions) p = pick(rng_);
+
+      DeviceBuffer d_qkv = Upload(qkv);
+      DeviceBuffer d_positions = Upload(positions);
+      DeviceBuffer d_inv_freq = Upload(inv_freq);
+      __nv_bfloat16* q = d_qkv.as<__nv_bfloat16>();
+      ASSERT_CUDA(LaunchRope(q, row, c.n_q_heads, q + q_width, row, c.n_kv_heads, c.tokens,
+                             c.head_dim, d_positions.as<int32_t>(), d_inv_freq.as<float>(), layout,
+                             stream_));
+      Sync();
+      const std::vector<uint16_t> out_bits = Download<uint16_t>(d_qkv, n);
+
+      // The CPU twin: ApplyRope on every q and k head of the same bf16 inputs.
+      std::vector<float> ref = FromBf16(qkv);
+      std::vector<float> out_qk, ref_qk;
+      for (int t = 0; t < c.tokens; ++t) {
+        float* token_row = &ref[static_cast<size_t>(t) * row];
+        for (int h = 0; h < c.n_q_heads + c.n_kv_heads; ++h) {
+          ApplyRope(token_row + h * c.head_dim, c.head_dim, positions[t], inv_freq.data(), layout);
+        }
+        for (int i = 0; i < row; ++i) {
+          const size_t at = static_cast<size_t>(t) * row + i;
+          if (i < q_width + kv_width) {
+            out_qk.push_back(Bf16BitsToFloat(out_bits[at]));
+            ref_qk.push_back(ref[at]);
+          } else {
+            EXPECT_EQ(out_bits[at], qkv[at]) << "V column " << i << " of token " << t << " changed";
+          }
+        }
+      }
+      const std::string shape = absl::StrCat(
+          layout == RopeLayout::kHalves ? "halves" : "adjacent", " tokens ", c.tokens, " heads ",
+          c.n_q_heads, "/", c.n_kv_heads, " dim ", c.head_dim, c.llama3_scaling ? " llama3" : "");
+      ExpectClose("rope(bf16)", shape, out_qk, ref_qk, kBf16Bound);
+    }
+  }
+}
+
+// ---- SwiGLU ----
+
+TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
+  struct Shape {
+    int tokens, width;
+  };
+  for (const bool packed : {false, true}) {
+    for (const Shape s :
+         {Shape{1, 1}, Shape{3, 7}, Shape{16, 1536}, Shape{5, 14336}, Shape{33, 1001}}) {
+      // Separate: gate and up (tokens, width). Packed: one (tokens, 2 · width) gate|up buffer.
+      const size_t n = static_cast<size_t>(s.tokens) * s.width;
+      const std::vector<float> gate = RoundedToBf16(Random(rng_, n, 0.0f, 3.0f));
+      const std::vector<float> up = RoundedToBf16(Random(rng_, n));
+      std::vector<float> input;
+      int in_stride = s.width;
+      if (packed) {
+        in_stride = 2 * s.width;
+        for (int t = 0; t < s.tokens; ++t) {
+          input.insert(input.end(), gate.begin() + t * s.width, gate.begin() + (t + 1) * s.width);
+          input.insert(input.end(), up.begin() + t * s.width, up.begin() + (t + 1) * s.width);
+        }
+      } else {
+        input = gate;
+        input.insert(input.end(), up.begin(), up.end());
+      }
+      DeviceBuffer d_input = Upload(ToBf16(input));
+      DeviceBuffer d_out = Poisoned<uint16_t>(n);
+      const __nv_bfloat16* d_gate = d_input.as<__nv_bfloat16>();
+      const __nv_bfloat16* d_up = packed ? d_gate + s.width : d_gate + n;
+      ASSERT_CUDA(LaunchSwiglu(d_gate, d_up, in_stride, s.tokens, s.width,
+                               d_out.as<__nv_bfloat16>(), s.width, stream_));
+      Sync();
+      // The CPU twin, as forward.cc computes it in fp32.
+      std::vector<float> ref(n);
+      for (size_t i = 0; i < n; ++i) ref[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      ExpectClose(
+          "swiglu(bf16)",
+          absl::StrCat(packed ? "packed" : "separate", " tokens ", s.tokens, " width ", s.width),
+          DownloadBf16(d_out, n), ref, kBf16Bound);
+    }
+  }
+}
+
+// The check itself: rows a kernel leaves unwritten stay NaN and fail the comparison, so a kernel
+// that skips elements cannot pass the tests above.
+TEST_F(CudaKernelsTest, UnwrittenOutputFailsTheCheck) {
+  const int tokens = 4, width = 64;
+  const size_t n = static_cast<size_t>(tokens) * width;
+  const std::vector<float> gate = RoundedToBf16(Random(rng_, n));
+  const std::vector<float> up = RoundedToBf16(Random(rng_, n));
+  DeviceBuffer d_gate = Upload(ToBf16(gate));
+  DeviceBuffer d_up = Upload(ToBf16(up));
+  DeviceBuffer d_out = Poisoned<uint16_t>(n);
+  ASSERT_CUDA(LaunchSwiglu(d_gate.as<__nv_bfloat16>(), d_up.as<__nv_bfloat16>(), width, tokens - 1,
+                           width, d_out.as<__nv_bfloat16>(), width, stream_));
+  Sync();
+  std::vector<float> out = DownloadBf16(d_out, n);
+  std::vector<float> ref(n);
+  for (size_t i = 0; i < n; ++i) ref[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  EXPECT_TRUE(std::isnan(out[n - 1]));
+  EXPECT_EQ(RelativeError(out, ref), std::numeric_limits<double>::infinity());
+  out.resize(n - width);
+  ref.resize(n - width);
+  EXPECT_LE(RelativeError(out, ref), kBf16Bound);
+}
+
+// ---- GEMM ----
+
+// y (tokens, rows) = x (tokens, cols) · Wᵀ in double, for inputs already rounded as the GPU
+// sees them: isolates the GEMM's own arithmetic from the bf16 rounding of its inputs.
+std::vector<float> ExactLinear(const std::vector<float>& x, const std::vector<float>& w, int tokens,
+                               int rows, int cols) {
+  std::vector<float> y(static_cast<size_t>(tokens) * rows);
+  for (int t = 0; t < tokens; ++t) {
+    for (int r = 0; r < rows; ++r) {
+      double sum = 0.0;
+      for (int c = 0; c < cols; ++c) {
+        sum += static_cast<double>(x[static_cast<size_t>(t) * cols + c]) *
+               w[static_cast<size_t>(r) * cols + c];
+      }
+      y[static_cast<size_t>(t) * rows + r] = static_cast<float>(sum);
+    }
+  }
+  return y;
+}
+
+TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
+  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
+  ASSERT_TRUE(gemm.ok()) << gemm.status();
+  struct Shape {
+    int tokens, rows, cols;
+  };
+  for (const Shape s : {Shape{1, 576, 576}, Shape{7, 65, 33}, Shape{129, 1536, 576},
+                        Shape{64, 1000, 4096}, Shape{300, 49, 513}}) {
+    const size_t x_size = static_cast<size_t>(s.tokens) * s.cols;
+    const size_t y_size = static_cast<size_t>(s.tokens) * s.rows;
+    const std::vector<float> x = Random(rng_, x_size);
+    const std::vector<float> w = Random(rng_, static_cast<size_t>(s.rows) * s.cols, 0.0f,
+                                        1.0f / std::sqrt(static_cast<float>(s.cols)));
+    DeviceBuffer d_x = Upload(ToBf16(x));
+    absl::StatusOr<DeviceBuffer> d_w = DeviceBuffer::Allocate(w.size() * sizeof(uint16_t));
+    ASSERT_TRUE(d_w.ok());
+    ASSERT_TRUE(CopyToDeviceBf16(w, d_w->as<__nv_bfloat16>()).ok());
+    const DeviceMatrix matrix{d_w->as<__nv_bfloat16>(), s.rows, s.cols};
+
+    // The CPU twin: forward.cc's Linear, fp32 sgemm on the unrounded inputs.
+    std::vector<float> cpu(y_size);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.tokens, s.rows, s.cols, 1.0f, x.data(),
+                s.cols, w.data(), s.cols, 0.0f, cpu.data(), s.rows);
+    const std::vector<float> exact =
+        ExactLinear(RoundedToBf16(x), RoundedToBf16(w), s.tokens, s.rows, s.cols);
+    const std::string shape = absl::StrCat("tokens ", s.tokens, " ", s.cols, " -> ", s.rows);
+
+    DeviceBuffer d_y32 = Poisoned<float>(y_size);
+    ASSERT_TRUE((*gemm)
+                    ->Linear(d_x.as<__nv_bfloat16>(), s.tokens, matrix, d_y32.as<void>(),
+                             GemmOutput::kFloat)
+                    .ok());
+    DeviceBuffer d_y16 = Poisoned<uint16_t>(y_size);
+    ASSERT_TRUE(
+        (*gemm)
+            ->Linear(d_x.as<__nv_bfloat16>(), s.tokens, matrix, d_y16.as<void>(), GemmOutput::kBf16)
+            .ok());
+    Sync();
+    const std::vector<float> y32 = Download<float>(d_y32, y_size);
+    const std::vector<float> y16 = DownloadBf16(d_y16, y_size);
+    ExpectClose("gemm.fp32out vs cpu", shape, y32, cpu, kBf16Bound);
+    ExpectClose("gemm.bf16out vs cpu", shape, y16, cpu, kBf16Bound);
+    // Same inputs as the GPU's: only fp32 accumulation error may remain (bf16 accumulation
+    // would show as ~1e-3).
+    ExpectClose("gemm.fp32out vs exact", shape, y32, exact, 1e-4);
+
+    // Accumulate into an fp32 output (the residual-add form): y = x · Wᵀ + y.
+    const std::vector<float> previous = Random(rng_, y_size);
+    DeviceBuffer d_acc = Upload(previous);
+    ASSERT_TRUE((*gemm)
+                    ->Linear(d_x.as<__nv_bfloat16>(), s.tokens, matrix, d_acc.as<void>(),
+                             GemmOutput::kFloat, /*accumulate=*/true)
+                    .ok());
+    Sync();
+    std::vector<float> ref_acc = exact;
+    for (size_t i = 0; i < y_size; ++i) ref_acc[i] += previous[i];
+    ExpectClose("gemm.accumulate vs exact", shape, Download<float>(d_acc, y_size), ref_acc, 1e-4);
+  }
+  // No tokens: nothing to do, not an error.
+  EXPECT_TRUE((*gemm)->Linear(nullptr, 0, {nullptr, 4, 4}, nullptr, GemmOutput::kFloat).ok());
+}
+
+// ---- weight upload ----
+
+Model RandomModel(std::mt19937& rng, bool tied, bool bias) {
+  Model model;
+  ModelConfig& c = model.config;
+  c.n_layers = 2;
+  c.hidden = 24;
+  c.ffn_hidden = 40;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 6;
+  c.vocab_size = 33;
+  c.tied_embeddings = tied;
+  c.qkv_bias = bias;
+  auto matrix = [&](int rows, int cols) {
+    return Matrix{rows, cols, Random(rng, static_cast<size_t>(rows) * cols)};
+  };
+  const int q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  model.weights.token_embedding = matrix(c.vocab_size, c.hidden);
+  for (int l = 0; l < c.n_layers; ++l) {
+    LayerWeights& w = model.weights.layers.emplace_back();
+    w.attn_norm = Random(rng, c.hidden);
+    w.wq = matrix(q, c.hidden);
+    w.wk = matrix(kv, c.hidden);
+    w.wv = matrix(kv, c.hidden);
+    if (bias) {
+      w.bq = Random(rng, q);
+      w.bk = Random(rng, kv);
+      w.bv = Random(rng, kv);
+    }
+    w.wo = matrix(c.hidden, q);
+    w.ffn_norm = Random(rng, c.hidden);
+    w.w_gate = matrix(c.ffn_hidden, c.hidden);
+    w.w_up = matrix(c.ffn_hidden, c.hidden);
+    w.w_down = matrix(c.hidden, c.ffn_hidden);
+  }
+  model.weights.output_norm = Random(rng, c.hidden);
+  if (!tied) model.weights.output = matrix(c.vocab_size, c.hidden);
+  return model;
+}
+
+void ExpectUploaded(const Matrix& host, const DeviceMatrix& device) {
+  ASSERT_NE(device.data, nullptr);
+  EXPECT_EQ(device.rows, host.rows);
+  EXPECT_EQ(device.cols, host.cols);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(device.data) % 256, 0u);
+  std::vector<uint16_t> bits(host.data.size());
+  ASSERT_CUDA(cudaMemcpy(bits.data(), device.data, bits.size() * 2, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(bits, ToBf16(host.data));
+}
+
+void ExpectUploaded(const std::vector<float>& host, const float* device) {
+  if (host.empty()) {
+    EXPECT_EQ(device, nullptr);
+    return;
+  }
+  ASSERT_NE(device, nullptr);
+  std::vector<float> copy(host.size());
+  ASSERT_CUDA(cudaMemcpy(copy.data(), device, copy.size() * 4, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(copy, host);
+}
+
+TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
+  for (const bool tied : {true, false}) {
+    const Model model = RandomModel(rng_, tied, /*bias=*/!tied);
+    absl::StatusOr<DeviceWeights> weights = DeviceWeights::Upload(model);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    ExpectUploaded(model.weights.token_embedding, weights->token_embedding);
+    ASSERT_EQ(weights->layers.size(), model.weights.layers.size());
+    for (size_t l = 0; l < model.weights.layers.size(); ++l) {
+      const LayerWeights& h = model.weights.layers[l];
+      const DeviceLayerWeights& d = weights->layers[l];
+      for (const auto& [host, device] :
+           {std::pair{&h.wq, &d.wq}, std::pair{&h.wk, &d.wk}, std::pair{&h.wv, &d.wv},
+            std::pair{&h.wo, &d.wo}, std::pair{&h.w_gate, &d.w_gate}, std::pair{&h.w_up, &d.w_up},
+            std::pair{&h.w_down, &d.w_down}}) {
+        ExpectUploaded(*host, *device);
+      }
+      for (const auto& [host, device] :
+           {std::pair{&h.attn_norm, d.attn_norm}, std::pair{&h.ffn_norm, d.ffn_norm},
+            std::pair{&h.bq, d.bq}, std::pair{&h.bk, d.bk}, std::pair{&h.bv, d.bv}}) {
+        ExpectUploaded(*host, device);
+      }
+    }
+    ExpectUploaded(model.weights.output_norm, weights->output_norm);
+    ExpectUploaded(model.weights.lm_head(tied), weights->lm_head);
+    if (tied) {
+      EXPECT_EQ(weights->lm_head.data, weights->token_embedding.data);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvtrim::engine::cuda
