@@ -148,6 +148,19 @@ class Basics(unittest.TestCase):
         self.assertEqual(text_only.final.usage.completion_tokens, 4)
 
 
+class Help(unittest.TestCase):
+
+    def test_help_lists_every_flag_with_its_default(self):
+        done = subprocess.run([harness.PATHS.server, "--help"], capture_output=True, timeout=30)
+        text = (done.stdout + done.stderr).decode()
+        flags = ["model", "listen", "metrics_port", "kv_pool_mib", "page_kib", "step_tokens",
+                 "max_running", "max_queued", "max_prompt_tokens", "max_new_tokens",
+                 "default_max_tokens", "max_message_mib", "api_key_file", "tls_cert", "tls_key",
+                 "drain_timeout", "log_level", "threads"]
+        for flag in flags:
+            self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
+
+
 class Authentication(unittest.TestCase):
     KEY = "s3cret-key-for-tests"
 

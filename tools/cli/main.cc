@@ -18,7 +18,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/generator.h"
 #include "engine/model.h"
@@ -180,6 +182,13 @@ int Dispatch(const std::string& command) {
 }  // namespace kvtrim
 
 int main(int argc, char** argv) {
+  // --help lists this binary's own flags (those defined in this file), with their defaults.
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "tools/cli/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "kvtrim generate (--model PATH | --server HOST:PORT) (--prompt TEXT | --chat TEXT) "
       "[--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
