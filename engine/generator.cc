@@ -49,9 +49,11 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const Model* model,
       .page_bytes = options.page_bytes,
       .step_tokens = options.step_tokens,
       .max_running = std::min(options.max_running, options.step_tokens),
-      .max_queued = INT32_MAX};
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      Scheduler::Create(model, generator->tokenizer_.get(), scheduler_options);
+      .max_queued = INT32_MAX,
+      .kv_element_bytes = options.kv_element_bytes,
+      .kv_storage = options.kv_storage};
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model, generator->tokenizer_.get(), scheduler_options, options.make_backend);
   if (!scheduler.ok()) return scheduler.status();
   generator->scheduler_ = *std::move(scheduler);
   return generator;
@@ -79,7 +81,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::Run(
 absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32_t> prompt) {
   if (prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
   const ModelConfig& c = model_.config;
-  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)};
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, options_.kv_element_bytes};
   const size_t rows_per_page = options_.page_bytes / shape.row_bytes();
   if (rows_per_page == 0) {
     return absl::InvalidArgumentError(absl::StrCat("a KV row of ", shape.row_bytes(),
@@ -88,12 +90,17 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32
   }
   // A pool of its own, exactly the prompt's pages: never competes with Run's requests.
   const size_t pages = 2 * shape.n_layers * ((prompt.size() + rows_per_page - 1) / rows_per_page);
-  absl::StatusOr<memory::PagePool> pool =
-      memory::PagePool::Create(options_.page_bytes, static_cast<int32_t>(pages));
+  absl::StatusOr<memory::PagePool> pool = memory::PagePool::Create(
+      options_.page_bytes, static_cast<int32_t>(pages), options_.kv_storage);
   if (!pool.ok()) return pool.status();
   absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(&*pool, shape);
   if (!cache.ok()) return cache.status();
-  absl::StatusOr<std::unique_ptr<CpuBackend>> backend = CpuBackend::Create(&model_, &*cache);
+  absl::StatusOr<std::unique_ptr<Backend>> backend;
+  if (options_.make_backend) {
+    backend = options_.make_backend(&model_, &*cache);
+  } else {
+    backend = CpuBackend::Create(&model_, &*cache);
+  }
   if (!backend.ok()) return backend.status();
 
   memory::SequenceKv kv = cache->NewSequence();

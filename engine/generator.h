@@ -25,6 +25,11 @@ struct GeneratorOptions {
   // Most tokens in one scheduler step, and the prefill chunk of PromptLogits.
   int32_t step_tokens = 512;
   int32_t max_running = 64;  // capped at step_tokens
+  // The backend and how it stores K/V rows, as Scheduler::Create and SchedulerOptions take them;
+  // the defaults are the CPU reference. PromptLogits builds its own backend with them too.
+  Scheduler::BackendFactory make_backend = {};
+  int32_t kv_element_bytes = 4;
+  memory::PageStorage kv_storage = memory::PageStorage::kHost;
 };
 
 // What one request streamed.

@@ -152,12 +152,12 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   }
   std::unique_ptr<Scheduler> scheduler(new Scheduler(model, tokenizer, options));
   absl::StatusOr<memory::PagePool> pool =
-      memory::PagePool::Create(options.page_bytes, static_cast<int32_t>(pages));
+      memory::PagePool::Create(options.page_bytes, static_cast<int32_t>(pages), options.kv_storage);
   if (!pool.ok()) return pool.status();
   scheduler->pool_ = std::make_unique<memory::PagePool>(*std::move(pool));
   const ModelConfig& c = model->config;
   absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(
-      scheduler->pool_.get(), {c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)});
+      scheduler->pool_.get(), {c.n_layers, c.n_kv_heads, c.head_dim, options.kv_element_bytes});
   if (!cache.ok()) return cache.status();
   scheduler->cache_ = std::make_unique<memory::KvCache>(*std::move(cache));
   if (make_backend) {
@@ -165,6 +165,9 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
     if (!backend.ok()) return backend.status();
     scheduler->backend_ = *std::move(backend);
   } else {
+    if (options.kv_storage != memory::PageStorage::kHost) {
+      return absl::InvalidArgumentError("the CPU backend needs its KV pages in host memory");
+    }
     absl::StatusOr<std::unique_ptr<CpuBackend>> backend =
         CpuBackend::Create(model, scheduler->cache_.get());
     if (!backend.ok()) return backend.status();

@@ -48,6 +48,11 @@ struct SchedulerOptions {
   int32_t step_tokens = 512;  // most tokens (decode + prefill) in one step; >= max_running
   int32_t max_running = 64;   // most requests decoding or prefilling at once
   int32_t max_queued = 256;   // Submit fails with RESOURCE_EXHAUSTED beyond this
+  // How the backend stores K/V rows; the cache is built to match and the backend checks it at
+  // Create. The CPU reference: fp32 (4 bytes) in host pages. The CUDA backend: bf16 (2) with
+  // kNone: the pool only counts pages, their bytes live in the backend's device allocation.
+  int32_t kv_element_bytes = 4;
+  memory::PageStorage kv_storage = memory::PageStorage::kHost;
 };
 
 // A snapshot for GetServerStats and metrics.
@@ -65,7 +70,8 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  // Builds the backend over the scheduler's cache (fp32 rows); the default makes a CpuBackend.
+  // Builds the backend over the scheduler's cache (rows as SchedulerOptions::kv_element_bytes
+  // and kv_storage say); the default makes a CpuBackend.
   // (Added to the interface so that another backend, or a failing one in tests, can be used.)
   using BackendFactory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(
       const Model* model, memory::KvCache* cache)>;

@@ -9,7 +9,8 @@ namespace kvtrim::memory {
 
 void PagePool::AlignedFree::operator()(std::byte* p) const { std::free(p); }
 
-absl::StatusOr<PagePool> PagePool::Create(size_t page_bytes, int32_t num_pages) {
+absl::StatusOr<PagePool> PagePool::Create(size_t page_bytes, int32_t num_pages,
+                                          PageStorage storage) {
   if (page_bytes == 0 || page_bytes % 64 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("page_bytes must be a positive multiple of 64, got ", page_bytes));
@@ -17,17 +18,19 @@ absl::StatusOr<PagePool> PagePool::Create(size_t page_bytes, int32_t num_pages) 
   if (num_pages <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("num_pages must be positive, got ", num_pages));
   }
-  PagePool pool(page_bytes, num_pages);
-  if (pool.base_ == nullptr) {
+  PagePool pool(page_bytes, num_pages, storage);
+  if (storage == PageStorage::kHost && pool.base_ == nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate a KV pool of ", num_pages,
                                                      " pages x ", page_bytes, " bytes"));
   }
   return pool;
 }
 
-PagePool::PagePool(size_t page_bytes, int32_t num_pages)
+PagePool::PagePool(size_t page_bytes, int32_t num_pages, PageStorage storage)
     : page_bytes_(page_bytes),
-      base_(static_cast<std::byte*>(std::aligned_alloc(64, page_bytes * num_pages))),
+      base_(storage == PageStorage::kHost
+                ? static_cast<std::byte*>(std::aligned_alloc(64, page_bytes * num_pages))
+                : nullptr),
       allocated_(num_pages, false) {
   free_list_.reserve(num_pages);
   // Highest id at the bottom so that a fresh pool hands out 0, 1, 2, ...

@@ -36,6 +36,10 @@
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
 
+#ifdef KVTRIM_HAVE_CUDA
+#include "engine/cuda/forward.h"
+#endif
+
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
@@ -56,6 +60,9 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "on SIGTERM, how long requests in flight may run before they are cancelled");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(std::string, device, "auto",
+          "engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a GPU is "
+          "visible)");
 ABSL_FLAG(int, threads, 0,
           "CPU engine threads; 0 = one per core (fewer when other work shares the cores)");
 
@@ -89,6 +96,35 @@ absl::StatusOr<std::string> ApiKey() {
   if (!file.empty()) return ReadSecretFile(file);
   const char* env = std::getenv("KVTRIM_API_KEY");
   return std::string(env ? env : "");
+}
+
+// Resolves --device to "cpu" or "cuda" and points the scheduler at that backend (its factory,
+// and how it stores K/V rows).
+absl::StatusOr<std::string> UseDevice(engine::SchedulerOptions& options,
+                                      engine::Scheduler::BackendFactory& factory) {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda" && device != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
+  }
+#ifdef KVTRIM_HAVE_CUDA
+  std::string why;
+  const bool gpu = device != "cpu" && engine::cuda::DeviceVisible(&why);
+  if (!gpu) {
+    if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
+    return std::string("cpu");
+  }
+  options.kv_element_bytes = engine::cuda::kKvElementBytes;
+  options.kv_storage = engine::cuda::kKvStorage;
+  factory = engine::cuda::CudaBackend::Factory();
+  return std::string("cuda");
+#else
+  if (device == "cuda") {
+    return absl::FailedPreconditionError(
+        "--device cuda: this kvtrim-server was built without CUDA (nvcc was not found)");
+  }
+  return std::string("cpu");
+#endif
 }
 
 // Blocks until SIGTERM or SIGINT (blocked in every thread by main), then drains.
@@ -150,8 +186,14 @@ int Run() {
       .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued)};
+  engine::Scheduler::BackendFactory make_backend;
+  absl::StatusOr<std::string> device = UseDevice(scheduler_options, make_backend);
+  if (!device.ok()) {
+    spdlog::error("{}", std::string(device.status().message()));
+    return 2;
+  }
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
-      engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options);
+      engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, make_backend);
   if (!scheduler.ok()) {
     spdlog::error("{}", std::string(scheduler.status().message()));
     return 2;
@@ -165,6 +207,7 @@ int Run() {
   limits.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   limits.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   service_options.api_key = *api_key;
+  service_options.backend = *device;
 
   std::unique_ptr<Metrics> metrics;
   if (const int port = absl::GetFlag(FLAGS_metrics_port); port > 0) {
@@ -199,10 +242,10 @@ int Run() {
       c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_context,
       model_path);
   spdlog::info(
-      "config: KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, max queued {}, "
-      "max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, auth {}, TLS "
-      "{}, drain timeout {}, metrics {}, {} engine threads",
-      absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
+      "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
+      "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
+      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads",
+      *device, absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
       scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
       limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
       absl::GetFlag(FLAGS_max_message_mib), api_key->empty() ? "off" : "on",

@@ -39,6 +39,33 @@ DeviceBuffer::~DeviceBuffer() {
   if (data_) cudaFree(data_);
 }
 
+absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t bytes) {
+  PinnedBuffer buffer;
+  if (bytes == 0) return buffer;
+  absl::Status status = CudaStatus(cudaMallocHost(&buffer.data_, bytes),
+                                   absl::StrCat("cudaMallocHost(", bytes, " bytes)"));
+  if (!status.ok()) return status;
+  buffer.bytes_ = bytes;
+  return buffer;
+}
+
+PinnedBuffer::PinnedBuffer(PinnedBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_) cudaFreeHost(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+// As ~DeviceBuffer: the error cannot be reported from a destructor.
+PinnedBuffer::~PinnedBuffer() {
+  if (data_) cudaFreeHost(data_);
+}
+
 absl::Status CopyToDeviceBf16(std::span<const float> host, __nv_bfloat16* device) {
   std::vector<uint16_t> staging(host.size());
 #pragma omp parallel for

@@ -35,6 +35,29 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Page-locked host memory (cudaMallocHost), freed on destruction: the staging side of the
+// asynchronous copies of a step (the plan up, the logits down). Move-only.
+class PinnedBuffer {
+ public:
+  static absl::StatusOr<PinnedBuffer> Allocate(size_t bytes);
+  PinnedBuffer() = default;
+  PinnedBuffer(PinnedBuffer&& other) noexcept;
+  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer();
+
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // A row-major bf16 matrix on the device: rows = output features, cols = input features.
 struct DeviceMatrix {
   const __nv_bfloat16* data = nullptr;  // (rows, cols)

@@ -35,6 +35,20 @@ TEST(PagePoolTest, PagesAreDisjointAndAligned) {
   }
 }
 
+// Accounting only (a device backend holds the bytes): the same ids, no host memory.
+TEST(PagePoolTest, PoolWithoutHostStorageHandsOutTheSameIds) {
+  PagePool pool = *PagePool::Create(1 << 20, 4096, PageStorage::kNone);
+  EXPECT_FALSE(pool.has_host_storage());
+  EXPECT_EQ(pool.page_bytes(), 1u << 20);
+  EXPECT_EQ(pool.total_pages(), 4096);
+  EXPECT_EQ(pool.Allocate(), 0);
+  EXPECT_EQ(pool.Allocate(), 1);
+  pool.Free(0);
+  EXPECT_EQ(pool.Allocate(), 0);
+  EXPECT_EQ(pool.used_pages(), 2);
+  EXPECT_TRUE(PagePool::Create(64, 1).value().has_host_storage());
+}
+
 // Random allocate/free interleavings: no page is ever handed out twice, none is lost.
 TEST(PagePoolTest, RandomInterleavingsKeepInvariants) {
   constexpr int kPages = 97;

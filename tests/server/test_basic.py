@@ -156,7 +156,7 @@ class Help(unittest.TestCase):
         flags = ["model", "listen", "metrics_port", "kv_pool_mib", "page_kib", "step_tokens",
                  "max_running", "max_queued", "max_prompt_tokens", "max_new_tokens",
                  "default_max_tokens", "max_message_mib", "api_key_file", "tls_cert", "tls_key",
-                 "drain_timeout", "log_level", "threads"]
+                 "drain_timeout", "log_level", "threads", "device"]
         for flag in flags:
             self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
 

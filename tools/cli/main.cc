@@ -1,15 +1,17 @@
 // kvtrim: the command-line tool.
 //
-//   kvtrim generate (--model PATH | --server HOST:PORT) (--prompt TEXT | --chat TEXT)
-//                   [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P]
-//                   [--repetition-penalty R] [--seed S] [--ignore-eos]
+//   kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT)
+//                   (--prompt TEXT | --chat TEXT) [--max-tokens N] [--temperature T]
+//                   [--top-p P] [--top-k K] [--min-p P] [--repetition-penalty R] [--seed S]
+//                   [--ignore-eos]
 //   kvtrim tokenize --server HOST:PORT (--prompt TEXT | --chat TEXT)
 //   kvtrim info     --server HOST:PORT
 //   kvtrim health   --server HOST:PORT
 //
 // With --model, `generate` loads the model (a GGUF file or a Hugging Face directory), runs the
-// CPU engine in-process and streams the text to stdout; with --server it asks a running
-// kvtrim-server. A summary goes to stderr. Exit code 0 on success, 1 on an error, 2 on misuse.
+// engine in-process (on the GPU when --device allows it and one is visible, else on the CPU)
+// and streams the text to stdout; with --server it asks a running kvtrim-server. A summary goes
+// to stderr. Exit code 0 on success, 1 on an error, 2 on misuse.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -30,6 +32,10 @@
 #include "server/flag_spelling.h"
 #include "tools/cli/client.h"
 
+#ifdef KVTRIM_HAVE_CUDA
+#include "engine/cuda/forward.h"
+#endif
+
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt, "", "raw prompt text, tokenized as is");
 ABSL_FLAG(std::string, chat, "", "a user message, rendered with the model's chat template");
@@ -42,6 +48,9 @@ ABSL_FLAG(double, repetition_penalty, 1.0, "penalty on tokens already seen; 1 = 
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed: the same seed gives the same text");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating past the end-of-sequence token");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB (in-process)");
+ABSL_FLAG(std::string, device, "auto",
+          "in-process engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a "
+          "GPU is visible)");
 ABSL_FLAG(std::string, server, "", "HOST:PORT of a kvtrim-server (client mode)");
 ABSL_FLAG(std::string, api_key, "",
           "API key sent as \"authorization: Bearer <key>\"; KVTRIM_API_KEY when unset");
@@ -67,6 +76,34 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(const engine::Model& model,
   return tokenizer.Encode(chat_template->Render({&message, 1}, /*add_generation_prompt=*/true));
 }
 
+// Resolves --device to "cpu" or "cuda" and points the generator at that backend (its factory,
+// and how it stores K/V rows).
+absl::StatusOr<std::string> UseDevice(engine::GeneratorOptions& options) {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda" && device != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
+  }
+#ifdef KVTRIM_HAVE_CUDA
+  std::string why;
+  const bool gpu = device != "cpu" && engine::cuda::DeviceVisible(&why);
+  if (!gpu) {
+    if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
+    return std::string("cpu");
+  }
+  options.make_backend = engine::cuda::CudaBackend::Factory();
+  options.kv_element_bytes = engine::cuda::kKvElementBytes;
+  options.kv_storage = engine::cuda::kKvStorage;
+  return std::string("cuda");
+#else
+  if (device == "cuda") {
+    return absl::FailedPreconditionError(
+        "--device cuda: this kvtrim was built without CUDA (nvcc was not found)");
+  }
+  return std::string("cpu");
+#endif
+}
+
 absl::Status Generate() {
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
@@ -74,8 +111,11 @@ absl::Status Generate() {
   if (!model.ok()) return model.status();
   const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
   if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
+  engine::GeneratorOptions options{.pool_bytes = static_cast<size_t>(pool_mib) << 20};
+  absl::StatusOr<std::string> device = UseDevice(options);
+  if (!device.ok()) return device.status();
   absl::StatusOr<std::unique_ptr<engine::Generator>> generator =
-      engine::Generator::Create(&*model, {.pool_bytes = static_cast<size_t>(pool_mib) << 20});
+      engine::Generator::Create(&*model, options);
   if (!generator.ok()) return generator.status();
   absl::StatusOr<std::vector<int32_t>> prompt = PromptIds(*model, (*generator)->tokenizer());
   if (!prompt.ok()) return prompt.status();
@@ -109,10 +149,11 @@ absl::Status Generate() {
   const double decode = finish.timings.total_seconds - prefill;
   std::fprintf(stderr,
                "[%d prompt tokens in %.2f s, %d generated in %.2f s (%.1f tokens/s), finish: "
-               "%s, KV cache %.2f MiB]\n",
+               "%s, KV cache %.2f MiB, %s]\n",
                finish.prompt_tokens, prefill, finish.completion_tokens, decode,
                finish.completion_tokens > 1 ? (finish.completion_tokens - 1) / decode : 0.0,
-               engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0);
+               engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0,
+               device->c_str());
   return absl::OkStatus();
 }
 
@@ -190,7 +231,8 @@ int main(int argc, char** argv) {
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "kvtrim generate (--model PATH | --server HOST:PORT) (--prompt TEXT | --chat TEXT) "
+      "kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT) "
+      "(--prompt TEXT | --chat TEXT) "
       "[--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
       "       kvtrim tokenize|info|health --server HOST:PORT");
   std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);

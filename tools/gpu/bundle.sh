@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Packs the built CUDA test and benchmark binaries, and the shared libraries they need that a
-# bare GPU machine may lack, into .gpu/ (git-ignored) so they can travel to the device machine:
+# Packs the built CUDA test and benchmark binaries, the kvtrim CLI and kvtrim-server (when built),
+# and the shared libraries they need that a bare GPU machine may lack, into
+# .gpu/bundle/bundle.tar.xz (git-ignored) so they can travel to the device machine; optionally
+# splits the SmolLM2 GGUF into two parts that travel in two back-to-back calls:
 #
 #   cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release
-#   cmake --build build-cuda --target cuda_kernels_test cuda_limits_bench
-#   tools/gpu/bundle.sh [build-cuda]       # then, on the GPU machine: tools/gpu/run_tests.sh
+#   cmake --build build-cuda --target cuda_kernels_test cuda_attention_test cuda_forward_test \
+#     cuda_limits_bench kvtrim kvtrim-server
+#   tools/gpu/bundle.sh [build-cuda] [--model PATH]
+#
+# Then, on the GPU machine (see run_tests.sh): the first call carries .gpu/bundle and
+# .gpu/model_a, the second .gpu/model_b; run_tests.sh keeps what arrived under /tmp/kvtrim-stage,
+# which outlives a call while the machine stays warm, and joins the model once both parts are
+# there. Part sizes are chosen so that each call's working tree stays under the 64 MiB a call
+# carries: part a fills what the bundle leaves of the first call.
 #
 # Libraries are found with ldd. Left out: the C runtime (libc, libm, libdl, librt, libpthread,
 # ld-linux), libstdc++ and libgcc_s (the GPU image's are newer, and an older copy ahead of them
 # would break cuBLAS and PyTorch), and NVIDIA's own (libcuda, libcudart, libcublas, libcublasLt:
 # the GPU machine has them, matched to its driver). Everything else (abseil, OpenBLAS and its
-# gfortran, libgomp, pcre2, and gRPC, protobuf, spdlog, fmt, prometheus-cpp once a binary links
-# them) is copied and stripped. The binaries are stripped too.
+# gfortran, libgomp, pcre2, gRPC, protobuf, OpenSSL, spdlog, fmt, prometheus-cpp) is copied and
+# stripped. The binaries are stripped too. xz brings OpenBLAS's 35 MB to about 4.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-build=${1:-build-cuda}
+build="build-cuda"
+model=
+while (($#)); do
+  case $1 in
+    --model) model=$2; shift 2 ;;
+    *) build=$1; shift ;;
+  esac
+done
 [[ $build = /* ]] || build=$root/$build
 out=$root/.gpu
-limit_mib=48  # the working tree that travels is capped at 64 MiB, sources included
+call_limit_kib=$((64 * 1024))
+margin_kib=$((3 * 1024))  # room for source edits between bundling and the calls
 
 shopt -s nullglob
 binaries=("$build"/tests/cuda_*_test "$build"/tests/cuda_*_bench)
@@ -26,14 +43,19 @@ if ((${#binaries[@]} == 0)); then
   echo "no CUDA test or bench binaries under $build/tests: build them first (see the top of $0)" >&2
   exit 1
 fi
+for extra in "$build"/tools/kvtrim "$build"/server/kvtrim-server; do
+  [[ -x $extra ]] && binaries+=("$extra")
+done
 
 rm -rf "$out"
-mkdir -p "$out/bin" "$out/lib"
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/bin" "$stage/lib" "$out/bundle"
 skip='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libstdc\+\+\.|libgcc_s\.|libcuda\.|libcudart\.|libcublas\.|libcublasLt\.|libnvidia-)'
 declare -A copied=()
 for binary in "${binaries[@]}"; do
-  cp "$binary" "$out/bin/"
-  strip --strip-unneeded "$out/bin/$(basename "$binary")"
+  cp "$binary" "$stage/bin/"
+  strip --strip-unneeded "$stage/bin/$(basename "$binary")"
   # "name => /path (address)"; a "not found" here would be missing on the GPU machine too.
   while read -r name arrow path _; do
     [[ $arrow == "=>" ]] || continue
@@ -43,9 +65,9 @@ for binary in "${binaries[@]}"; do
     fi
     [[ $name =~ $skip ]] && continue
     [[ -n ${copied[$name]:-} ]] && continue
-    cp -L "$path" "$out/lib/$name"
-    chmod u+w "$out/lib/$name"
-    strip --strip-unneeded "$out/lib/$name"
+    cp -L "$path" "$stage/lib/$name"
+    chmod u+w "$stage/lib/$name"
+    strip --strip-unneeded "$stage/lib/$name"
     copied[$name]=1
   done < <(ldd "$binary")
 done
@@ -53,16 +75,35 @@ done
 {
   echo "built from: $(git -C "$root" rev-parse --short HEAD) (+ working tree), $(date -u +%FT%TZ)"
   echo "build dir: $build"
-  echo "needs glibc >= $(objdump -T "$out"/bin/* "$out"/lib/* 2>/dev/null |
+  echo "needs glibc >= $(objdump -T "$stage"/bin/* "$stage"/lib/* 2>/dev/null |
     grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
-  echo "binaries: $(cd "$out/bin" && echo *)"
-  echo "libraries: $(cd "$out/lib" && echo *)"
-} >"$out/MANIFEST"
+  echo "binaries: $(cd "$stage/bin" && echo *)"
+  echo "libraries: $(cd "$stage/lib" && echo *)"
+} >"$stage/MANIFEST"
+cp "$stage/MANIFEST" "$out/MANIFEST"
 cat "$out/MANIFEST"
-
-size_kib=$(du -sk "$out" | cut -f1)
-echo "size of .gpu/: $((size_kib / 1024)) MiB ($size_kib KiB; limit $limit_mib MiB)"
-if ((size_kib > limit_mib * 1024)); then
-  echo ".gpu/ is over $limit_mib MiB: it would not travel with the working tree" >&2
+tar -C "$stage" -cf - MANIFEST bin lib | xz -T0 -6 >"$out/bundle/bundle.tar.xz"
+bundle_kib=$(du -sk "$out/bundle" | cut -f1)
+# What travels with every call besides the carried paths: tracked and untracked-not-ignored files.
+tree_kib=$(($(cd "$root" && git ls-files -z --cached --others --exclude-standard |
+  xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) / 1024))
+echo "bundle: $((bundle_kib / 1024)) MiB ($bundle_kib KiB); working tree $((tree_kib / 1024)) MiB"
+if ((bundle_kib + tree_kib + margin_kib > call_limit_kib)); then
+  echo "the bundle and the working tree are over the 64 MiB a call carries" >&2
   exit 1
+fi
+
+if [[ -n $model ]]; then
+  model_kib=$(( ($(stat -c %s "$model") + 1023) / 1024))
+  part_a_kib=$((call_limit_kib - bundle_kib - tree_kib - margin_kib))
+  part_b_kib=$((model_kib - part_a_kib))
+  if ((part_b_kib + tree_kib + margin_kib > call_limit_kib)); then
+    echo "$model does not fit in two calls next to the bundle" >&2
+    exit 1
+  fi
+  mkdir -p "$out/model_a" "$out/model_b"
+  head -c $((part_a_kib * 1024)) "$model" >"$out/model_a/$(basename "$model").part_a"
+  tail -c +$((part_a_kib * 1024 + 1)) "$model" >"$out/model_b/$(basename "$model").part_b"
+  echo "model: $(basename "$model") in two parts, $((part_a_kib / 1024)) MiB (call 1, with the" \
+    "bundle) and $((part_b_kib / 1024)) MiB (call 2)"
 fi

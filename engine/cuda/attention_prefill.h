@@ -1,0 +1,32 @@
+// Causal prefill attention over the pages on the GPU (attention_prefill.cu): a chunk of new
+// tokens per sequence, attending to the sequence's cached rows and to each other.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "engine/cuda/attention_decode.h"
+#include "engine/cuda/paged_kv.h"
+
+namespace kvtrim::engine::cuda {
+
+// Query tile of one block: a work item covers up to this many new tokens of one sequence.
+inline constexpr int kPrefillQueryTile = 64;
+
+// items: (n_items, 2) int32 device pairs (sequence index in the step's CSR, first new token of
+// the tile), one per kPrefillQueryTile new tokens of every sequence it covers. For new token i of
+// sequence s (position p = kv_rows[s] - n_new + i, token row token_indptr[s] + i) and every query
+// head h:
+//   out[t, h] = softmax(q[t, h] · Kᵀ / sqrt(head_dim)) · V over the rows at positions
+//               [max(0, p - window + 1) if window else 0, p]
+// of kv-head h / group, read from the pages (this step's rows must be written first). q and out:
+// (tokens, n_heads * head_dim) bf16. Flash-style: K/V tiles through shared memory, bf16 tensor
+// core products with fp32 accumulation, online softmax; no score matrix in global memory.
+cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
+                                   const int32_t* items, int n_items, const __nv_bfloat16* q,
+                                   const AttentionShape& shape, __nv_bfloat16* out,
+                                   cudaStream_t stream);
+
+}  // namespace kvtrim::engine::cuda

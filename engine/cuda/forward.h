@@ -1,0 +1,98 @@
+// The CUDA backend: bf16 weights and activations, fp32 residual stream and logits, cuBLAS GEMMs
+// over all tokens of a step, K/V rows in bf16 in one device allocation laid out as the
+// memory::PagePool's pages (same page ids, same byte offsets).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/cuda/attention_decode.h"
+#include "engine/cuda/device_weights.h"
+#include "engine/cuda/gemm.h"
+#include "engine/cuda/paged_kv.h"
+#include "engine/cuda/step_plan.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "memory/kv_cache.h"
+#include "memory/page_pool.h"
+
+namespace kvtrim::engine::cuda {
+
+// How the CUDA backend stores K/V rows, for SchedulerOptions / GeneratorOptions: bf16, and the
+// pool keeps no host copy of the pages (the backend holds them on the device).
+inline constexpr int32_t kKvElementBytes = 2;
+inline constexpr memory::PageStorage kKvStorage = memory::PageStorage::kNone;
+
+// Whether a CUDA device can be used here; when not, `why` (if given) says why.
+bool DeviceVisible(std::string* why = nullptr);
+
+class CudaBackend : public Backend {
+ public:
+  // `model` and `cache` must outlive the backend. The cache must match the model with
+  // kKvElementBytes elements; the device page allocation takes its pool's geometry
+  // (total_pages x page_bytes). INVALID_ARGUMENT for a cache shape or a model the kernels do not
+  // cover (head_dim other than 16/32/64/128/256, heads not a multiple of kv-heads);
+  // FAILED_PRECONDITION without a CUDA device; INTERNAL when device memory runs out.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const Model* model,
+                                                             memory::KvCache* cache);
+  // The factory Scheduler::Create and GeneratorOptions::make_backend take.
+  static Scheduler::BackendFactory Factory();
+
+  ~CudaBackend() override;
+
+  // As Backend::Forward. Synchronous: returns once the logits are on the host.
+  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+
+ private:
+  CudaBackend(const Model* model, memory::KvCache* cache);
+
+  absl::Status Init();
+  // Grows the per-step buffers to the plan's sizes (never shrinks).
+  absl::Status Reserve(size_t workspace_bytes);
+  // Queues the whole step on stream_ and copies the logits back.
+  absl::Status Run(int splits, std::vector<float>& logits);
+  absl::Status Layer(int layer, int splits);
+  // The page tables of `layer` over the uploaded plan.
+  PagedKv PagesOf(int layer) const;
+  const int32_t* Plan(size_t offset) const { return plan_device_.as<int32_t>() + offset; }
+
+  const Model& model_;
+  const ModelConfig& config_;
+  memory::KvCache& cache_;
+  AttentionShape shape_;
+  int sm_count_ = 0;
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<Gemm> gemm_;
+  DeviceWeights weights_;
+  DeviceBuffer pages_;     // (total_pages, page_bytes) the K/V rows, bf16
+  DeviceBuffer inv_freq_;  // (head_dim / 2) fp32
+
+  StepPlan plan_;              // this step's host plan
+  PinnedBuffer plan_staging_;  // (plan bytes) host side of the plan upload
+  DeviceBuffer plan_device_;   // (plan bytes) the plan on the device
+  int capacity_tokens_ = 0;    // T the buffers below hold
+  DeviceBuffer x_;             // (T, hidden) fp32 residual stream
+  DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
+  DeviceBuffer q_;             // (T, n_heads * head_dim) bf16
+  DeviceBuffer k_;             // (T, n_kv_heads * head_dim) bf16
+  DeviceBuffer v_;             // (T, n_kv_heads * head_dim) bf16
+  DeviceBuffer attention_;     // (T, n_heads * head_dim) bf16
+  DeviceBuffer gate_;          // (T, ffn_hidden) bf16
+  DeviceBuffer up_;            // (T, ffn_hidden) bf16
+  DeviceBuffer activation_;    // (T, ffn_hidden) bf16 silu(gate) * up
+  DeviceBuffer workspace_;     // split-K partial states of the decode kernel
+  int capacity_logits_ = 0;    // N the buffers below hold
+  DeviceBuffer last_;          // (N, hidden) bf16 final-normed rows that want logits
+  DeviceBuffer logits_;        // (N, vocab_size) fp32
+  PinnedBuffer logits_host_;   // (N, vocab_size) fp32
+};
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,21 @@
+// Small row-wise kernels of the forward pass on the GPU (rows.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kvtrim::engine::cuda {
+
+// y[t, i] += bias[i] for t < tokens, i < width, in fp32, rounded to bf16 once (Qwen2's q/k/v
+// biases after the projection GEMM). y: (tokens, row_stride) bf16; bias: (width) fp32.
+cudaError_t LaunchAddBias(__nv_bfloat16* y, int row_stride, const float* bias, int tokens,
+                          int width, cudaStream_t stream);
+
+// dst[i] = src[rows[i]] for i < n: whole rows of `width` bf16 (the last token of each sequence
+// that wants logits, gathered before the lm_head GEMM). rows (n) is device memory.
+cudaError_t LaunchGatherRows(const __nv_bfloat16* src, int width, const int32_t* rows, int n,
+                             __nv_bfloat16* dst, cudaStream_t stream);
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,423 @@
+// The CUDA backend (engine/cuda/forward.cc) against the CPU reference backend, end to end:
+//   - the host step plan and the Create checks (these run without a GPU);
+//   - the tiny random models of tests/data/tiny (Llama GQA, Llama-3 scaling with tied embeddings,
+//     Mistral's sliding window, Qwen2's q/k/v biases): logits of token-by-token decode, of
+//     chunked prefill, and of batched steps mixing decodes and prefill chunks of several
+//     sequences, by relative error against the CPU backend's on the same schedule;
+//   - SmolLM2-135M-Instruct: last-position logits against the goldens, greedy generation of the
+//     five golden prompts batched through the Scheduler (tokens equal to the CPU engine's, which
+//     forward_test holds equal to goldens.json's greedy_ids), and the same run teacher-forced.
+// Each check prints a "[parity]" or "[smollm2]" line for docs/PERFORMANCE.md. The device tests
+// skip without a GPU; the SmolLM2 ones need $KVTRIM_MODEL (tools/gpu/run_tests.sh sets both).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/forward.h"
+#include "engine/cuda/attention_prefill.h"
+#include "engine/cuda/forward.h"
+#include "engine/cuda/step_plan.h"
+#include "engine/generator.h"
+#include "engine/model.h"
+#include "memory/kv_cache.h"
+#include "memory/page_pool.h"
+#include "nlohmann/json.hpp"
+#include "tests/engine/cuda_test_util.h"
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+using testing::DataPath;
+
+// ---- host plan (no GPU needed) ----
+
+class StepPlanTest : public ::testing::Test {
+ protected:
+  // 2 layers, 2 kv-heads of 16, bf16: 64-byte rows, 4 per 256-byte page.
+  void SetUp() override {
+    pool_ = std::make_unique<memory::PagePool>(
+        *memory::PagePool::Create(256, 64, memory::PageStorage::kNone));
+    cache_ =
+        std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  }
+  memory::SequenceKv Sequence(int cached, int capacity) {
+    memory::SequenceKv kv = cache_->NewSequence();
+    EXPECT_TRUE(cache_->Reserve(kv, capacity));
+    for (memory::PageList& list : kv.keys) list.rows = cached;
+    for (memory::PageList& list : kv.values) list.rows = cached;
+    return kv;
+  }
+  std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {
+    return {plan.data.begin() + at, plan.data.begin() + at + n};
+  }
+  std::unique_ptr<memory::PagePool> pool_;
+  std::unique_ptr<memory::KvCache> cache_;
+};
+
+TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
+  memory::SequenceKv a = Sequence(5, 8), b = Sequence(0, 4), c = Sequence(0, 1),
+                     d = Sequence(9, 10);
+  const std::vector<int32_t> a_ids{11, 12, 13}, c_ids{14}, d_ids{15};
+  const SequenceStep steps[] = {
+      {&a, a_ids, true}, {&b, {}, true}, {&c, c_ids, false}, {&d, d_ids, true}};
+  StepPlan plan;
+  ASSERT_TRUE(BuildStepPlan(steps, 2, 100, 0, /*query_tile=*/2, plan).ok());
+  EXPECT_EQ(plan.tokens, 5);
+  EXPECT_EQ(plan.seqs, 3);
+  EXPECT_EQ(plan.step_of_seq, (std::vector<int32_t>{0, 2, 3}));
+  EXPECT_EQ(Slice(plan, plan.at.token_ids, 5), (std::vector<int32_t>{11, 12, 13, 14, 15}));
+  EXPECT_EQ(Slice(plan, plan.at.positions, 5), (std::vector<int32_t>{5, 6, 7, 0, 9}));
+  EXPECT_EQ(Slice(plan, plan.at.token_seq, 5), (std::vector<int32_t>{0, 0, 0, 1, 2}));
+  EXPECT_EQ(Slice(plan, plan.at.token_indptr, 4), (std::vector<int32_t>{0, 3, 4, 5}));
+  EXPECT_EQ(Slice(plan, plan.at.kv_rows, 3), (std::vector<int32_t>{8, 1, 10}));
+  // Pages covering the rows after the step: 2, 1 and 3 of 4 rows each.
+  EXPECT_EQ(plan.pages, 6);
+  EXPECT_EQ(Slice(plan, plan.at.page_indptr, 4), (std::vector<int32_t>{0, 2, 3, 6}));
+  std::vector<int32_t> layer1_values = {a.values[1].pages[0], a.values[1].pages[1],
+                                        c.values[1].pages[0], d.values[1].pages[0],
+                                        d.values[1].pages[1], d.values[1].pages[2]};
+  EXPECT_EQ(Slice(plan, plan.at.value_pages + plan.pages, 6), layer1_values);
+  EXPECT_EQ(Slice(plan, plan.at.key_pages, 2),
+            (std::vector<int32_t>{a.keys[0].pages[0], a.keys[0].pages[1]}));
+  EXPECT_EQ(plan.decode_seqs, 2);
+  EXPECT_EQ(Slice(plan, plan.at.decode, 2), (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(plan.max_decode_rows, 10);
+  EXPECT_EQ(plan.prefill_items, 2);  // 3 tokens in tiles of 2
+  EXPECT_EQ(Slice(plan, plan.at.prefill, 4), (std::vector<int32_t>{0, 0, 0, 2}));
+  EXPECT_EQ(plan.logit_rows, 2);
+  EXPECT_EQ(Slice(plan, plan.at.logits, 2), (std::vector<int32_t>{2, 4}));
+  EXPECT_EQ(plan.data.size(), plan.at.logits + 2);
+}
+
+TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
+  memory::SequenceKv a = Sequence(3, 4);
+  const std::vector<int32_t> one{7}, two{7, 8}, bad{100};
+  StepPlan plan;
+  const SequenceStep fits{&a, one, true}, overflows{&a, two, true}, out_of_vocab{&a, bad, true};
+  EXPECT_TRUE(BuildStepPlan({&fits, 1}, 2, 100, 0, 64, plan).ok());
+  EXPECT_EQ(BuildStepPlan({&overflows, 1}, 2, 100, 0, 64, plan).code(),
+            absl::StatusCode::kInternal);
+  EXPECT_EQ(BuildStepPlan({&out_of_vocab, 1}, 2, 100, 0, 64, plan).code(),
+            absl::StatusCode::kInvalidArgument);
+  // The sliding window bounds what a decode query sees.
+  EXPECT_TRUE(BuildStepPlan({&fits, 1}, 2, 100, /*window=*/2, 64, plan).ok());
+  EXPECT_EQ(plan.max_decode_rows, 2);
+}
+
+absl::StatusOr<Model> LoadTiny(const std::string& name) {
+  return LoadModel(DataPath("tests/data/tiny/" + name + ".gguf"));
+}
+
+TEST(CudaBackendCreateTest, RejectsAnFp32Cache) {
+  absl::StatusOr<Model> model = LoadTiny("llama_gqa");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = model->config;
+  memory::PagePool pool = *memory::PagePool::Create(4096, 16, memory::PageStorage::kNone);
+  memory::KvCache cache =
+      *memory::KvCache::Create(&pool, {c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)});
+  absl::StatusOr<std::unique_ptr<CudaBackend>> backend = CudaBackend::Create(&*model, &cache);
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(backend.status().message().find("bf16"), std::string::npos) << backend.status();
+}
+
+// ---- CUDA against CPU on the same steps ----
+
+// A pool, a cache and a backend (the CPU reference or CUDA) over them.
+struct TestEngine {
+  std::unique_ptr<memory::PagePool> pool;
+  std::unique_ptr<memory::KvCache> cache;
+  std::unique_ptr<Backend> backend;
+};
+
+TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int pages) {
+  const ModelConfig& c = model.config;
+  TestEngine e;
+  e.pool = std::make_unique<memory::PagePool>(
+      *memory::PagePool::Create(page_bytes, pages, cuda ? kKvStorage : memory::PageStorage::kHost));
+  e.cache = std::make_unique<memory::KvCache>(*memory::KvCache::Create(
+      e.pool.get(), {c.n_layers, c.n_kv_heads, c.head_dim,
+                     cuda ? kKvElementBytes : static_cast<int32_t>(sizeof(float))}));
+  absl::StatusOr<std::unique_ptr<Backend>> backend =
+      cuda ? CudaBackend::Factory()(&model, e.cache.get())
+           : absl::StatusOr<std::unique_ptr<Backend>>(CpuBackend::Create(&model, e.cache.get()));
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  if (backend.ok()) e.backend = *std::move(backend);
+  return e;
+}
+
+// Feeds `sequences` by `schedule` (per step, how many of each sequence's next tokens go in; 0 =
+// not in the step), every sequence wanting logits; returns each step's logits.
+std::vector<std::vector<float>> RunSchedule(TestEngine& e,
+                                            const std::vector<std::vector<int32_t>>& sequences,
+                                            const std::vector<std::vector<int>>& schedule) {
+  std::vector<memory::SequenceKv> kvs;
+  for (size_t s = 0; s < sequences.size(); ++s) kvs.push_back(e.cache->NewSequence());
+  std::vector<size_t> fed(sequences.size(), 0);
+  std::vector<std::vector<float>> all;
+  for (const std::vector<int>& counts : schedule) {
+    std::vector<SequenceStep> steps;
+    for (size_t s = 0; s < sequences.size(); ++s) {
+      if (counts[s] == 0) continue;
+      EXPECT_TRUE(e.cache->Reserve(kvs[s], counts[s]));
+      steps.push_back({&kvs[s], std::span(sequences[s]).subspan(fed[s], counts[s]), true});
+      fed[s] += counts[s];
+    }
+    std::vector<float> logits;
+    const absl::Status status = e.backend->Forward(steps, logits);
+    EXPECT_TRUE(status.ok()) << status;
+    all.push_back(std::move(logits));
+  }
+  for (memory::SequenceKv& kv : kvs) e.cache->Release(kv);
+  EXPECT_EQ(e.pool->free_pages(), e.pool->total_pages());
+  return all;
+}
+
+class CudaTinyModelTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+    absl::StatusOr<Model> model = LoadTiny(GetParam());
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::make_unique<Model>(*std::move(model));
+    std::ifstream in(DataPath("tests/data/tiny/" + GetParam() + ".golden.json"));
+    ASSERT_TRUE(in) << GetParam();
+    const nlohmann::json golden = nlohmann::json::parse(in);
+    for (const nlohmann::json& sequence : golden["sequences"]) {
+      sequences_.push_back(sequence["ids"].get<std::vector<int32_t>>());
+    }
+    ASSERT_FALSE(sequences_.empty());
+  }
+
+  // Runs the schedule on both backends and compares every step's logits.
+  void Compare(const std::string& what, const std::vector<std::vector<int32_t>>& sequences,
+               const std::vector<std::vector<int>>& schedule) {
+    TestEngine cpu = MakeEngine(*model_, false, 4096, 256);
+    TestEngine gpu = MakeEngine(*model_, true, 4096, 256);
+    ASSERT_TRUE(cpu.backend && gpu.backend);
+    const std::vector<std::vector<float>> want = RunSchedule(cpu, sequences, schedule);
+    const std::vector<std::vector<float>> got = RunSchedule(gpu, sequences, schedule);
+    std::vector<float> want_all, got_all;
+    for (size_t i = 0; i < want.size(); ++i) {
+      want_all.insert(want_all.end(), want[i].begin(), want[i].end());
+      got_all.insert(got_all.end(), got[i].begin(), got[i].end());
+    }
+    testing::ExpectClose(absl::StrCat("logits ", GetParam()), what, got_all, want_all, kLogitBound);
+  }
+
+  // bf16 weights and activations against fp32. The tiny models' 64-wide random layers average
+  // rounding little: measured on an H100, 0.6-1.1% at the first token and up to 2.7% (Mistral,
+  // one 3-row prefill run) at 40 tokens. A wrong page, position, mask or bias moves logits by
+  // their whole size (100%).
+  static constexpr double kLogitBound = 5e-2;
+  std::unique_ptr<Model> model_;
+  std::vector<std::vector<int32_t>> sequences_;
+};
+
+TEST_P(CudaTinyModelTest, DecodeTokenByTokenMatchesCpu) {
+  for (const std::vector<int32_t>& ids : sequences_) {
+    Compare(absl::StrCat("decode, ", ids.size(), " tokens one by one"), {ids},
+            std::vector<std::vector<int>>(ids.size(), {1}));
+  }
+}
+
+TEST_P(CudaTinyModelTest, ChunkedPrefillMatchesCpu) {
+  for (const std::vector<int32_t>& ids : sequences_) {
+    for (int chunk : {16, 64}) {
+      std::vector<std::vector<int>> schedule;
+      for (size_t fed = 0; fed < ids.size(); fed += chunk) {
+        schedule.push_back({static_cast<int>(std::min<size_t>(chunk, ids.size() - fed))});
+      }
+      Compare(absl::StrCat("prefill, ", ids.size(), " tokens in chunks of ", chunk), {ids},
+              schedule);
+    }
+  }
+}
+
+// Several sequences per step, as the scheduler batches them: prefill chunks next to decodes,
+// a one-token prompt, sequences joining and leaving.
+TEST_P(CudaTinyModelTest, BatchedMixedStepsMatchCpu) {
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences_.begin(), sequences_.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  ASSERT_GE(longest.size(), 40u);
+  const std::vector<int32_t> a(longest.begin(), longest.begin() + 40);
+  const std::vector<int32_t> b(longest.rbegin(), longest.rbegin() + 12);
+  const std::vector<int32_t> c(longest.begin() + 3, longest.begin() + 35);
+  Compare("3 sequences, mixed steps", {a, b, c},
+          {{16, 7, 0}, {16, 1, 1}, {1, 1, 30}, {7, 1, 1}, {0, 1, 0}, {0, 1, 0}});
+}
+
+TEST_P(CudaTinyModelTest, GeneratorPromptLogitsMatchCpu) {
+  for (int chunk : {16, 64}) {
+    GeneratorOptions options{.pool_bytes = 1 << 22, .page_bytes = 4096, .step_tokens = chunk};
+    absl::StatusOr<std::unique_ptr<Generator>> cpu = Generator::Create(model_.get(), options);
+    options.make_backend = CudaBackend::Factory();
+    options.kv_element_bytes = kKvElementBytes;
+    options.kv_storage = kKvStorage;
+    absl::StatusOr<std::unique_ptr<Generator>> gpu = Generator::Create(model_.get(), options);
+    ASSERT_TRUE(cpu.ok() && gpu.ok()) << cpu.status() << gpu.status();
+    for (const std::vector<int32_t>& ids : sequences_) {
+      absl::StatusOr<std::vector<float>> want = (*cpu)->PromptLogits(ids);
+      absl::StatusOr<std::vector<float>> got = (*gpu)->PromptLogits(ids);
+      ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();
+      testing::ExpectClose(
+          absl::StrCat("logits ", GetParam()),
+          absl::StrCat("Generator::PromptLogits, ", ids.size(), " tokens, chunk ", chunk), *got,
+          *want, kLogitBound);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Tiny, CudaTinyModelTest,
+                         ::testing::Values("llama_gqa", "llama3_tied", "mistral", "qwen2"));
+
+// ---- SmolLM2-135M-Instruct ----
+
+GeneratorOptions OnCuda(GeneratorOptions options) {
+  options.make_backend = CudaBackend::Factory();
+  options.kv_element_bytes = kKvElementBytes;
+  options.kv_storage = kKvStorage;
+  return options;
+}
+
+int32_t Argmax(std::span<const float> logits) {
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+class CudaSmolLm2Test : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (!testing::NoDeviceReason().empty()) return;
+    absl::StatusOr<Model> model = LoadModel(kvtrim::testing::SmolLm2Path());
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = new Model(*std::move(model));
+    std::ifstream in(DataPath("tests/data/smollm2/goldens.json"));
+    golden_ = new nlohmann::json(nlohmann::json::parse(in));
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete golden_;
+    model_ = nullptr;
+    golden_ = nullptr;
+  }
+  void SetUp() override {
+    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+    ASSERT_NE(model_, nullptr);
+  }
+  static Model* model_;
+  static nlohmann::json* golden_;
+};
+Model* CudaSmolLm2Test::model_ = nullptr;
+nlohmann::json* CudaSmolLm2Test::golden_ = nullptr;
+
+// 30 layers of bf16 weights and activations against fp32: logits (spanning about ±30) move by a
+// few hundredths; a real error (a wrong page, position or head) moves them by whole units.
+constexpr double kSmolLm2LogitBound = 5e-2;
+
+TEST_F(CudaSmolLm2Test, LastPositionLogitsMatchGoldens) {
+  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model_, OnCuda({}));
+  ASSERT_TRUE(generator.ok()) << generator.status();
+  for (const nlohmann::json& prompt : (*golden_)["prompts"]) {
+    const std::vector<int32_t> ids = prompt["ids"];
+    std::ifstream in(DataPath("tests/data/smollm2/" + prompt["logits_file"].get<std::string>()),
+                     std::ios::binary);
+    std::vector<float> want(model_->config.vocab_size);
+    in.read(reinterpret_cast<char*>(want.data()), want.size() * sizeof(float));
+    ASSERT_TRUE(in) << prompt["logits_file"];
+    absl::StatusOr<std::vector<float>> got = (*generator)->PromptLogits(ids);
+    ASSERT_TRUE(got.ok()) << got.status();
+    float max_diff = 0.0f;
+    for (size_t i = 0; i < want.size(); ++i)
+      max_diff = std::max(max_diff, std::abs((*got)[i] - want[i]));
+    const double error = testing::RelativeError(*got, want);
+    std::printf("[smollm2] logits %-12s %5zu tokens  rel_err %.3e  max |diff| %.3f  top-1 %d %s\n",
+                prompt["name"].get<std::string>().c_str(), ids.size(), error, max_diff,
+                Argmax(*got), Argmax(*got) == Argmax(want) ? "(= golden)" : "(golden differs)");
+    EXPECT_LE(error, kSmolLm2LogitBound) << prompt["name"];
+  }
+}
+
+// The acceptance check: greedy tokens of the five golden prompts, batched through the Scheduler
+// (chunked prefill of the 4k prompt next to the others' decodes), equal to the CPU engine's for at
+// least 60 of 64 positions each. The drift is printed: the first divergence and the fp32 margin
+// (top-1 minus top-2 logit, from the goldens) where it happened.
+TEST_F(CudaSmolLm2Test, GreedyTokensMatchTheCpuEngine) {
+  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model_, OnCuda({}));
+  ASSERT_TRUE(generator.ok()) << generator.status();
+  std::vector<GenerationRequest> requests;
+  for (const nlohmann::json& prompt : (*golden_)["prompts"]) {
+    GenerationRequest request;
+    request.prompt = prompt["ids"].get<std::vector<int32_t>>();
+    request.max_tokens = static_cast<int32_t>(prompt["greedy_ids"].size());
+    request.ignore_eos = true;
+    requests.push_back(std::move(request));
+  }
+  absl::StatusOr<std::vector<GenerationResult>> results = (*generator)->Run(requests);
+  ASSERT_TRUE(results.ok()) << results.status();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const nlohmann::json& prompt = (*golden_)["prompts"][i];
+    const std::vector<int32_t> want = prompt["greedy_ids"];
+    const std::vector<float> margins = prompt["greedy_margins"];
+    const std::vector<int32_t>& got = (*results)[i].tokens;
+    ASSERT_EQ(got.size(), want.size()) << prompt["name"];
+    int equal = 0, first_divergence = -1;
+    for (size_t k = 0; k < want.size(); ++k) {
+      if (got[k] == want[k]) ++equal;
+      if (got[k] != want[k] && first_divergence < 0) first_divergence = static_cast<int>(k);
+    }
+    std::printf("[smollm2] greedy %-12s equal %2d/%zu  first divergence %s\n",
+                prompt["name"].get<std::string>().c_str(), equal, want.size(),
+                first_divergence < 0 ? "none"
+                                     : absl::StrCat(first_divergence, " (fp32 margin there ",
+                                                    margins[first_divergence], ")")
+                                           .c_str());
+    EXPECT_GE(equal, 60) << prompt["name"];
+  }
+  EXPECT_EQ((*generator)->pool().free_pages(), (*generator)->pool().total_pages());
+}
+
+// The same tokens teacher-forced: each prompt, then the CPU engine's greedy tokens one by one
+// through the decode kernel; the GPU's argmax at every position against the CPU's token. A
+// disagreement here is a near-tie, not a drift carried from earlier positions.
+TEST_F(CudaSmolLm2Test, TeacherForcedArgmaxMatchesTheCpuEngine) {
+  for (const nlohmann::json& prompt : (*golden_)["prompts"]) {
+    const std::vector<int32_t> ids = prompt["ids"], want = prompt["greedy_ids"];
+    const std::vector<float> margins = prompt["greedy_margins"];
+    std::vector<int32_t> sequence = ids;
+    sequence.insert(sequence.end(), want.begin(), want.end() - 1);
+    std::vector<std::vector<int>> schedule;
+    for (size_t fed = 0; fed < ids.size(); fed += 512) {
+      schedule.push_back({static_cast<int>(std::min<size_t>(512, ids.size() - fed))});
+    }
+    const size_t prefill_steps = schedule.size();
+    schedule.resize(prefill_steps + want.size() - 1, {1});
+    TestEngine gpu = MakeEngine(*model_, true, 64 << 10, 2048);
+    ASSERT_TRUE(gpu.backend);
+    const std::vector<std::vector<float>> logits = RunSchedule(gpu, {sequence}, schedule);
+    int agree = 0;
+    std::string misses;
+    for (size_t k = 0; k < want.size(); ++k) {
+      const int32_t top = Argmax(logits[prefill_steps - 1 + k]);
+      if (top == want[k]) {
+        ++agree;
+      } else {
+        absl::StrAppend(&misses, " ", k, " (margin ", margins[k], ")");
+      }
+    }
+    std::printf("[smollm2] forced %-12s argmax agrees %2d/%zu%s%s\n",
+                prompt["name"].get<std::string>().c_str(), agree, want.size(),
+                misses.empty() ? "" : ", differs at", misses.c_str());
+    EXPECT_GE(agree, 60) << prompt["name"];
+  }
+}
+
+}  // namespace
+}  // namespace kvtrim::engine::cuda
