@@ -31,91 +31,15 @@
 #include "engine/cuda/swiglu.h"
 #include "engine/model.h"
 #include "engine/rope.h"
+#include "tests/engine/cuda_test_util.h"
 
 namespace kvtrim::engine::cuda {
 namespace {
 
-constexpr double kBf16Bound = 1e-2;
-
-#define ASSERT_CUDA(expr)                                                     \
-  do {                                                                        \
-    const cudaError_t error_ = (expr);                                        \
-    ASSERT_EQ(error_, cudaSuccess) << cudaGetErrorName(error_) << ": " #expr; \
-  } while (0)
-
-// ---- host helpers ----
-
-std::vector<float> Random(std::mt19937& rng, size_t n, float mean = 0.0f, float stddev = 1.0f) {
-  std::normal_distribution<float> normal(mean, stddev);
-  std::vector<float> values(n);
-  for (float& v : values) v = normal(rng);
-  return values;
-}
-
-std::vector<uint16_t> ToBf16(const std::vector<float>& values) {
-  std::vector<uint16_t> bits(values.size());
-  for (size_t i = 0; i < values.size(); ++i) bits[i] = FloatToBf16Bits(values[i]);
-  return bits;
-}
-
-std::vector<float> FromBf16(const std::vector<uint16_t>& bits) {
-  std::vector<float> values(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) values[i] = Bf16BitsToFloat(bits[i]);
-  return values;
-}
+using namespace kvtrim::engine::cuda::testing;  // NOLINT: the shared CUDA test helpers
 
 std::vector<float> RoundedToBf16(const std::vector<float>& values) {
   return FromBf16(ToBf16(values));
-}
-
-// ‖out − ref‖₂ / ‖ref‖₂ in double; infinity when out holds a NaN or an infinity.
-double RelativeError(const std::vector<float>& out, const std::vector<float>& ref) {
-  EXPECT_EQ(out.size(), ref.size());
-  double diff = 0.0, norm = 0.0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return std::numeric_limits<double>::infinity();
-    const double d = static_cast<double>(out[i]) - ref[i];
-    diff += d * d;
-    norm += static_cast<double>(ref[i]) * ref[i];
-  }
-  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
-}
-
-void ExpectClose(const std::string& kernel, const std::string& shape, const std::vector<float>& out,
-                 const std::vector<float>& ref, double bound) {
-  const double error = RelativeError(out, ref);
-  std::printf("[parity] %-22s %-44s rel_err %.3e (bound %.0e)\n", kernel.c_str(), shape.c_str(),
-              error, bound);
-  EXPECT_LE(error, bound) << kernel << " " << shape;
-}
-
-// ---- device helpers ----
-
-template <typename T>
-DeviceBuffer Upload(const std::vector<T>& host) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(host.size() * sizeof(T));
-  EXPECT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_EQ(
-      cudaMemcpy(buffer->as<void>(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
-      cudaSuccess);
-  return *std::move(buffer);
-}
-
-// A buffer of `count` elements of T, every byte 0xFF: NaN as fp32 and as bf16.
-template <typename T>
-DeviceBuffer Poisoned(size_t count) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(count * sizeof(T));
-  EXPECT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_EQ(cudaMemset(buffer->as<void>(), 0xFF, count * sizeof(T)), cudaSuccess);
-  return *std::move(buffer);
-}
-
-template <typename T>
-std::vector<T> Download(const DeviceBuffer& buffer, size_t count) {
-  std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), buffer.as<void>(), count * sizeof(T), cudaMemcpyDeviceToHost),
-            cudaSuccess);
-  return host;
 }
 
 std::vector<float> DownloadBf16(const DeviceBuffer& buffer, size_t count) {
@@ -155,7 +79,7 @@ class CudaKernelsTest : public ::testing::Test {
 
 TEST(Bf16Test, HostRoundingMatchesCuda) {
   std::mt19937 rng(std::random_device{}());
-  std::vector<float> values = Random(rng, 100000, 0.0f, 100.0f);
+  std::vector<float> values = Random(rng, 100000, 100.0f);
   const float specials[] = {0.0f,
                             -0.0f,
                             1.0f,
@@ -262,7 +186,7 @@ TEST_F(CudaKernelsTest, AddRmsNormMatchesCpu) {
     for (const Shape s : {Shape{1, 1}, Shape{3, 7}, Shape{17, 576}, Shape{64, 4096}, Shape{2, 1000},
                           Shape{9, 999}, Shape{4, 8200}}) {
       const size_t n = static_cast<size_t>(s.tokens) * s.hidden;
-      std::vector<float> residual = Random(rng_, n, 0.0f, 3.0f);
+      std::vector<float> residual = Random(rng_, n, 3.0f);
       // The delta reaches the kernel as bf16 (a GEMM output); the twin gets the same values.
       const std::vector<float> delta = RoundedToBf16(Random(rng_, n));
       std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -363,7 +287,7 @@ TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
          {Shape{1, 1}, Shape{3, 7}, Shape{16, 1536}, Shape{5, 14336}, Shape{33, 1001}}) {
       // Separate: gate and up (tokens, width). Packed: one (tokens, 2 · width) gate|up buffer.
       const size_t n = static_cast<size_t>(s.tokens) * s.width;
-      const std::vector<float> gate = RoundedToBf16(Random(rng_, n, 0.0f, 3.0f));
+      const std::vector<float> gate = RoundedToBf16(Random(rng_, n, 3.0f));
       const std::vector<float> up = RoundedToBf16(Random(rng_, n));
       std::vector<float> input;
       int in_stride = s.width;
@@ -449,7 +373,7 @@ TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
     const size_t x_size = static_cast<size_t>(s.tokens) * s.cols;
     const size_t y_size = static_cast<size_t>(s.tokens) * s.rows;
     const std::vector<float> x = Random(rng_, x_size);
-    const std::vector<float> w = Random(rng_, static_cast<size_t>(s.rows) * s.cols, 0.0f,
+    const std::vector<float> w = Random(rng_, static_cast<size_t>(s.rows) * s.cols,
                                         1.0f / std::sqrt(static_cast<float>(s.cols)));
     DeviceBuffer d_x = Upload(ToBf16(x));
     absl::StatusOr<DeviceBuffer> d_w = DeviceBuffer::Allocate(w.size() * sizeof(uint16_t));
