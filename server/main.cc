@@ -22,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "engine/backend_choice.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer/chat_template.h"
@@ -35,10 +36,6 @@
 #include "server/inference_service.h"
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
-
-#ifdef KVTRIM_HAVE_CUDA
-#include "engine/cuda/forward.h"
-#endif
 
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
@@ -96,35 +93,6 @@ absl::StatusOr<std::string> ApiKey() {
   if (!file.empty()) return ReadSecretFile(file);
   const char* env = std::getenv("KVTRIM_API_KEY");
   return std::string(env ? env : "");
-}
-
-// Resolves --device to "cpu" or "cuda" and points the scheduler at that backend (its factory,
-// and how it stores K/V rows).
-absl::StatusOr<std::string> UseDevice(engine::SchedulerOptions& options,
-                                      engine::Scheduler::BackendFactory& factory) {
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device != "cpu" && device != "cuda" && device != "auto") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
-  }
-#ifdef KVTRIM_HAVE_CUDA
-  std::string why;
-  const bool gpu = device != "cpu" && engine::cuda::DeviceVisible(&why);
-  if (!gpu) {
-    if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
-    return std::string("cpu");
-  }
-  options.kv_element_bytes = engine::cuda::kKvElementBytes;
-  options.kv_storage = engine::cuda::kKvStorage;
-  factory = engine::cuda::CudaBackend::Factory();
-  return std::string("cuda");
-#else
-  if (device == "cuda") {
-    return absl::FailedPreconditionError(
-        "--device cuda: this kvtrim-server was built without CUDA (nvcc was not found)");
-  }
-  return std::string("cpu");
-#endif
 }
 
 // Blocks until SIGTERM or SIGINT (blocked in every thread by main), then drains.
@@ -186,14 +154,16 @@ int Run() {
       .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued)};
-  engine::Scheduler::BackendFactory make_backend;
-  absl::StatusOr<std::string> device = UseDevice(scheduler_options, make_backend);
-  if (!device.ok()) {
-    spdlog::error("{}", std::string(device.status().message()));
+  absl::StatusOr<engine::BackendChoice> backend =
+      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server");
+  if (!backend.ok()) {
+    spdlog::error("{}", std::string(backend.status().message()));
     return 2;
   }
+  scheduler_options.kv_element_bytes = backend->kv_element_bytes;
+  scheduler_options.kv_storage = backend->kv_storage;
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
-      engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, make_backend);
+      engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, backend->make_backend);
   if (!scheduler.ok()) {
     spdlog::error("{}", std::string(scheduler.status().message()));
     return 2;
@@ -207,7 +177,7 @@ int Run() {
   limits.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   limits.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   service_options.api_key = *api_key;
-  service_options.backend = *device;
+  service_options.backend = backend->name;
 
   std::unique_ptr<Metrics> metrics;
   if (const int port = absl::GetFlag(FLAGS_metrics_port); port > 0) {
@@ -245,7 +215,7 @@ int Run() {
       "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
       "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads",
-      *device, absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
+      backend->name, absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
       scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
       limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
       absl::GetFlag(FLAGS_max_message_mib), api_key->empty() ? "off" : "on",

@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/backend_choice.h"
 #include "engine/generator.h"
 #include "engine/model.h"
 #include "engine/request.h"
@@ -31,10 +32,6 @@
 #include "engine/tokenizer/tokenizer.h"
 #include "server/flag_spelling.h"
 #include "tools/cli/client.h"
-
-#ifdef KVTRIM_HAVE_CUDA
-#include "engine/cuda/forward.h"
-#endif
 
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt, "", "raw prompt text, tokenized as is");
@@ -76,34 +73,6 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(const engine::Model& model,
   return tokenizer.Encode(chat_template->Render({&message, 1}, /*add_generation_prompt=*/true));
 }
 
-// Resolves --device to "cpu" or "cuda" and points the generator at that backend (its factory,
-// and how it stores K/V rows).
-absl::StatusOr<std::string> UseDevice(engine::GeneratorOptions& options) {
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device != "cpu" && device != "cuda" && device != "auto") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
-  }
-#ifdef KVTRIM_HAVE_CUDA
-  std::string why;
-  const bool gpu = device != "cpu" && engine::cuda::DeviceVisible(&why);
-  if (!gpu) {
-    if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
-    return std::string("cpu");
-  }
-  options.make_backend = engine::cuda::CudaBackend::Factory();
-  options.kv_element_bytes = engine::cuda::kKvElementBytes;
-  options.kv_storage = engine::cuda::kKvStorage;
-  return std::string("cuda");
-#else
-  if (device == "cuda") {
-    return absl::FailedPreconditionError(
-        "--device cuda: this kvtrim was built without CUDA (nvcc was not found)");
-  }
-  return std::string("cpu");
-#endif
-}
-
 absl::Status Generate() {
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
@@ -112,8 +81,12 @@ absl::Status Generate() {
   const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
   if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
   engine::GeneratorOptions options{.pool_bytes = static_cast<size_t>(pool_mib) << 20};
-  absl::StatusOr<std::string> device = UseDevice(options);
-  if (!device.ok()) return device.status();
+  absl::StatusOr<engine::BackendChoice> backend =
+      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim");
+  if (!backend.ok()) return backend.status();
+  options.make_backend = backend->make_backend;
+  options.kv_element_bytes = backend->kv_element_bytes;
+  options.kv_storage = backend->kv_storage;
   absl::StatusOr<std::unique_ptr<engine::Generator>> generator =
       engine::Generator::Create(&*model, options);
   if (!generator.ok()) return generator.status();
@@ -153,7 +126,7 @@ absl::Status Generate() {
                finish.prompt_tokens, prefill, finish.completion_tokens, decode,
                finish.completion_tokens > 1 ? (finish.completion_tokens - 1) / decode : 0.0,
                engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0,
-               device->c_str());
+               backend->name.c_str());
   return absl::OkStatus();
 }
 

@@ -1,0 +1,54 @@
+// --device for the binaries: "cpu", "cuda" or "auto" (cuda when the binary has the CUDA backend
+// and a GPU is visible) resolved to a backend and how it stores K/V rows. Header-only because the
+// answer depends on whether the including binary links the CUDA backend (KVTRIM_HAVE_CUDA).
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "engine/scheduler.h"
+#include "memory/page_pool.h"
+
+#ifdef KVTRIM_HAVE_CUDA
+#include "engine/cuda/forward.h"
+#endif
+
+namespace kvtrim::engine {
+
+struct BackendChoice {
+  std::string name;                        // "cpu" or "cuda"
+  Scheduler::BackendFactory make_backend;  // empty = the CPU reference
+  int32_t kv_element_bytes = 4;            // bytes of one stored K/V element
+  memory::PageStorage kv_storage = memory::PageStorage::kHost;
+};
+
+// `binary` names the program in the error when it lacks CUDA.
+inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
+                                                   absl::string_view binary) {
+  if (device != "cpu" && device != "cuda" && device != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
+  }
+  BackendChoice cpu{.name = "cpu"};
+#ifdef KVTRIM_HAVE_CUDA
+  std::string why;
+  if (device == "cpu" || !cuda::DeviceVisible(&why)) {
+    if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
+    return cpu;
+  }
+  return BackendChoice{.name = "cuda",
+                       .make_backend = cuda::CudaBackend::Factory(),
+                       .kv_element_bytes = cuda::kKvElementBytes,
+                       .kv_storage = cuda::kKvStorage};
+#else
+  if (device == "cuda") {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device cuda: this ", binary, " was built without the CUDA backend"));
+  }
+  return cpu;
+#endif
+}
+
+}  // namespace kvtrim::engine
