@@ -3,6 +3,7 @@ GetModelInfo, logprobs, and authentication with an API key from the environment 
 
 import os
 import subprocess
+import tempfile
 import unittest
 
 import grpc
@@ -159,6 +160,38 @@ class Help(unittest.TestCase):
                  "drain_timeout", "log_level", "threads", "device"]
         for flag in flags:
             self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
+
+
+class Tls(unittest.TestCase):
+
+    def test_tls_serves_and_refuses_plaintext(self):
+        work = tempfile.mkdtemp(dir=harness.PATHS.work_dir)
+        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out",
+             cert, "-days", "2", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=60)
+        server = Server("tls", "--tls-cert", cert, "--tls-key", key)
+        try:
+            with open(cert, "rb") as f:
+                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+                stub = harness.pb_grpc.InferenceStub(channel)
+                info = stub.GetModelInfo(harness.pb.GetModelInfoRequest(), timeout=30)
+                self.assertEqual(info.n_layers, 30)
+                request = harness.pb.GenerateRequest(text="The sky is")
+                request.stopping.max_tokens = 4
+                request.stopping.ignore_eos = True
+                responses = list(stub.Generate(request, timeout=harness.STREAM_TIMEOUT))
+                self.assertEqual(responses[-1].usage.completion_tokens, 4)
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                with self.assertRaises(grpc.RpcError) as refused:
+                    harness.pb_grpc.InferenceStub(channel).GetModelInfo(
+                        harness.pb.GetModelInfoRequest(), timeout=10)
+                self.assertEqual(refused.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        finally:
+            server.stop()
 
 
 class Authentication(unittest.TestCase):
