@@ -31,7 +31,8 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
   }
-  BackendChoice cpu{.name = "cpu"};
+  BackendChoice cpu;
+  cpu.name = "cpu";
 #ifdef KVTRIM_HAVE_CUDA
   std::string why;
   if (device == "cpu" || !cuda::DeviceVisible(&why)) {

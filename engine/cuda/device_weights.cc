@@ -11,60 +11,52 @@
 
 namespace kvtrim::engine::cuda {
 
-absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
-  DeviceBuffer buffer;
+template <MemoryKind Kind>
+absl::StatusOr<CudaBuffer<Kind>> CudaBuffer<Kind>::Allocate(size_t bytes) {
+  CudaBuffer buffer;
   if (bytes == 0) return buffer;
+  const bool device = Kind == MemoryKind::kDevice;
   absl::Status status =
-      CudaStatus(cudaMalloc(&buffer.data_, bytes), absl::StrCat("cudaMalloc(", bytes, " bytes)"));
+      CudaStatus(device ? cudaMalloc(&buffer.data_, bytes) : cudaMallocHost(&buffer.data_, bytes),
+                 absl::StrCat(device ? "cudaMalloc(" : "cudaMallocHost(", bytes, " bytes)"));
   if (!status.ok()) return status;
   buffer.bytes_ = bytes;
   return buffer;
 }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+template <MemoryKind Kind>
+CudaBuffer<Kind>::CudaBuffer(CudaBuffer&& other) noexcept
     : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
 
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+template <MemoryKind Kind>
+CudaBuffer<Kind>& CudaBuffer<Kind>::operator=(CudaBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_) cudaFree(data_);
+    Free();
     data_ = std::exchange(other.data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
 }
 
-// cudaFree's error is dropped: a destructor cannot report it, and it only fails when the
+template <MemoryKind Kind>
+CudaBuffer<Kind>::~CudaBuffer() {
+  Free();
+}
+
+// The free's error is dropped: a destructor cannot report it, and it only fails when the
 // context is already broken, which the next checked call reports.
-DeviceBuffer::~DeviceBuffer() {
-  if (data_) cudaFree(data_);
-}
-
-absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t bytes) {
-  PinnedBuffer buffer;
-  if (bytes == 0) return buffer;
-  absl::Status status = CudaStatus(cudaMallocHost(&buffer.data_, bytes),
-                                   absl::StrCat("cudaMallocHost(", bytes, " bytes)"));
-  if (!status.ok()) return status;
-  buffer.bytes_ = bytes;
-  return buffer;
-}
-
-PinnedBuffer::PinnedBuffer(PinnedBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-
-PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
-  if (this != &other) {
-    if (data_) cudaFreeHost(data_);
-    data_ = std::exchange(other.data_, nullptr);
-    bytes_ = std::exchange(other.bytes_, 0);
+template <MemoryKind Kind>
+void CudaBuffer<Kind>::Free() {
+  if (data_ == nullptr) return;
+  if constexpr (Kind == MemoryKind::kDevice) {
+    cudaFree(data_);
+  } else {
+    cudaFreeHost(data_);
   }
-  return *this;
 }
 
-// As ~DeviceBuffer: the error cannot be reported from a destructor.
-PinnedBuffer::~PinnedBuffer() {
-  if (data_) cudaFreeHost(data_);
-}
+template class CudaBuffer<MemoryKind::kDevice>;
+template class CudaBuffer<MemoryKind::kPinnedHost>;
 
 absl::Status CopyToDeviceBf16(std::span<const float> host, __nv_bfloat16* device) {
   std::vector<uint16_t> staging(host.size());

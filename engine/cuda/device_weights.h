@@ -13,16 +13,22 @@
 
 namespace kvtrim::engine::cuda {
 
-// One cudaMalloc'ed block, freed on destruction. Move-only.
-class DeviceBuffer {
+// Where a CudaBuffer lives: device memory (cudaMalloc) or page-locked host memory
+// (cudaMallocHost, the staging side of a step's asynchronous copies: the plan up, the logits
+// down).
+enum class MemoryKind { kDevice, kPinnedHost };
+
+// One CUDA allocation of `Kind`, freed on destruction. Move-only.
+template <MemoryKind Kind>
+class CudaBuffer {
  public:
-  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
-  DeviceBuffer() = default;
-  DeviceBuffer(DeviceBuffer&& other) noexcept;
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer();
+  static absl::StatusOr<CudaBuffer> Allocate(size_t bytes);
+  CudaBuffer() = default;
+  CudaBuffer(CudaBuffer&& other) noexcept;
+  CudaBuffer& operator=(CudaBuffer&& other) noexcept;
+  CudaBuffer(const CudaBuffer&) = delete;
+  CudaBuffer& operator=(const CudaBuffer&) = delete;
+  ~CudaBuffer();
 
   template <typename T>
   T* as() const {
@@ -31,32 +37,14 @@ class DeviceBuffer {
   size_t bytes() const { return bytes_; }
 
  private:
+  void Free();
+
   void* data_ = nullptr;
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory (cudaMallocHost), freed on destruction: the staging side of the
-// asynchronous copies of a step (the plan up, the logits down). Move-only.
-class PinnedBuffer {
- public:
-  static absl::StatusOr<PinnedBuffer> Allocate(size_t bytes);
-  PinnedBuffer() = default;
-  PinnedBuffer(PinnedBuffer&& other) noexcept;
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer();
-
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
+using DeviceBuffer = CudaBuffer<MemoryKind::kDevice>;
+using PinnedBuffer = CudaBuffer<MemoryKind::kPinnedHost>;
 
 // A row-major bf16 matrix on the device: rows = output features, cols = input features.
 struct DeviceMatrix {
