@@ -16,6 +16,10 @@ struct SequenceStep {
   memory::SequenceKv* kv = nullptr;
   std::span<const int32_t> tokens;  // (n_new)
   bool want_logits = true;          // logits of the last of `tokens`
+  // Set (and enabled) for a compressed sequence. Its first step feeds the whole prompt into an
+  // empty sequence laid out by KvCache::ReserveCompressed; the backend scores, selects and writes
+  // the kept rows. Later steps decode one token each and apply the decode-time policy.
+  const memory::compress::CompressionConfig* compression = nullptr;
 };
 
 class Backend {
@@ -24,6 +28,8 @@ class Backend {
   // Runs every sequence's new tokens through the model, appends their K/V rows to the pages,
   // and fills `logits` with (n_wanting, vocab_size) rows in step order.
   virtual absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) = 0;
+  // Whether Forward takes compressed sequences (SequenceStep::compression enabled).
+  virtual bool supports_compression() const { return false; }
 };
 
 }  // namespace kvtrim::engine

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 
 namespace kvtrim::engine {
@@ -70,6 +71,8 @@ struct GenerationRequest {
   bool want_logprobs = false;
   // When to give up (steady clock); time_point::max() = never.
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  // How this request's KV cache is compressed (validated against the prompt at Submit).
+  memory::compress::CompressionConfig compression;
 };
 
 // One generated token, as streamed.
@@ -102,7 +105,8 @@ struct Finish {
   // Tokens generated and streamed, stop ids included, eos excluded (OpenAI's usage counts).
   int32_t completion_tokens = 0;
   RequestTimings timings;
-  memory::KvBytes kv_bytes;  // at the end of generation (before the pages were freed)
+  memory::KvBytes kv_bytes;    // at the end of generation (before the pages were freed)
+  memory::KvLayout kv_layout;  // tokens and key channels kept, at the same moment
   int32_t preemptions = 0;
 };
 

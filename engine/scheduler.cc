@@ -216,6 +216,20 @@ absl::Status Scheduler::Validate(const GenerationRequest& r) const {
     return absl::InvalidArgumentError(
         absl::StrCat("top_logprobs: must be in [0, ", kMaxTopLogprobs, "], got ", r.top_logprobs));
   }
+  if (r.compression.enabled()) {
+    if (!backend_->supports_compression()) {
+      return absl::InvalidArgumentError(
+          "compression: this server's backend stores the KV cache uncompressed only");
+    }
+    if (model_.config.sliding_window > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compression: not supported for ", model_.config.name, " (sliding-window attention)"));
+    }
+    const absl::Status s = r.compression.Validate(static_cast<int32_t>(r.prompt.size()));
+    if (!s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("compression.", std::string(s.message())));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -225,7 +239,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(GenerationRequest request,
   if (absl::Status s = Validate(request); !s.ok()) return s;
   // PagesFor and total_pages depend only on the shape and the pool size: safe off the engine.
   const int32_t prompt_tokens = static_cast<int32_t>(request.prompt.size());
-  const int32_t pages = cache_->PagesFor(prompt_tokens + 1);
+  const int32_t pages = PromptPages(request.compression, prompt_tokens);
   if (pages > pool_->total_pages()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("prompt: ", prompt_tokens, " tokens (plus one generated) need ", pages,
@@ -302,6 +316,23 @@ bool Scheduler::Step() {
   return true;
 }
 
+int32_t Scheduler::PromptPages(const memory::compress::CompressionConfig& compression,
+                               int32_t tokens) const {
+  if (!compression.enabled()) return cache_->PagesFor(tokens + 1);
+  const ModelConfig& c = model_.config;
+  return cache_->PagesFor(memory::compress::PlanPrompt(compression, tokens, c.n_layers, c.head_dim),
+                          /*extra_rows=*/1);
+}
+
+bool Scheduler::ReservePrompt(Active& r) {
+  const int32_t tokens = static_cast<int32_t>(r.tokens.size());
+  if (!r.request.compression.enabled()) return cache_->Reserve(r.kv, tokens + 1);
+  const ModelConfig& c = model_.config;
+  return cache_->ReserveCompressed(
+      r.kv, memory::compress::PlanPrompt(r.request.compression, tokens, c.n_layers, c.head_dim),
+      /*extra_rows=*/1);
+}
+
 bool Scheduler::PlanDecodes(std::vector<Planned>& plan, int32_t& budget) {
   // Oldest first, so that page shortage preempts from the young end, which is not planned yet.
   bool preempted = false;
@@ -338,11 +369,14 @@ void Scheduler::Preempt(std::unique_ptr<Active> request) {
 }
 
 void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool admit) {
+  bool planned_prompt = false;  // some prefill is in this step already
   auto plan_chunk = [&](Active& r) {
     const int32_t remaining = static_cast<int32_t>(r.tokens.size()) - r.kv.cached_tokens();
-    const int32_t n = std::min(remaining, budget);
+    // A compressed prompt is never chunked: its layers are scored over the whole prompt.
+    const int32_t n = r.request.compression.enabled() ? remaining : std::min(remaining, budget);
     plan.push_back({&r, n, n == remaining});
-    budget -= n;
+    budget = std::max(0, budget - n);
+    planned_prompt = true;
   };
   // Prompts already being prefilled go on first, oldest first. step_tokens >= max_running leaves
   // at least one token of budget for the oldest of them.
@@ -356,7 +390,12 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
   while (budget > 0 && !waiting_.empty() &&
          static_cast<int32_t>(running_.size()) < options_.max_running) {
     Active& head = *waiting_.front();
-    if (!cache_->Reserve(head.kv, static_cast<int32_t>(head.tokens.size()) + 1)) {
+    // A compressed prompt takes the rest of the step's budget, or a step of its own.
+    if (head.request.compression.enabled() && planned_prompt &&
+        static_cast<int32_t>(head.tokens.size()) > budget) {
+      return;
+    }
+    if (!ReservePrompt(head)) {
       // With nothing running every page is free: only a preempted request that outgrew the
       // whole pool can fail here.
       if (running_.empty()) head.finish_reason = FinishReason::kLength;
@@ -376,8 +415,9 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   steps.reserve(plan.size());
   for (const Planned& p : plan) {
     Active& r = *p.request;
-    steps.push_back(
-        {&r.kv, std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens), p.want_logits});
+    steps.push_back({&r.kv, std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
+                     p.want_logits,
+                     r.request.compression.enabled() ? &r.request.compression : nullptr});
   }
   if (absl::Status status = backend_->Forward(steps, logits_); !status.ok()) {
     for (const Planned& p : plan) {
@@ -453,6 +493,7 @@ void Scheduler::Retire(Active& r) {
   }
   finish.timings.total_seconds = Seconds(now - r.submitted);
   finish.kv_bytes = cache_->Bytes(r.kv);
+  finish.kv_layout = cache_->Layout(r.kv);
   finish.preemptions = r.preemptions;
   cache_->Release(r.kv);
   r.state = RequestState::kFinished;

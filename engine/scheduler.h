@@ -9,7 +9,11 @@
 //   3. admission: waiting requests, in FIFO order, join while the step's token budget and the
 //      free pages allow; a prompt longer than the budget is prefilled in chunks over several
 //      steps; a request is admitted only when the pages for its whole prompt are free; no
-//      admission in a step that preempted (as vLLM: re-admitting the victim at once would thrash);
+//      admission in a step that preempted (as vLLM: re-admitting the victim at once would thrash).
+//      A compressed request counts the pages of its compressed prompt (KvCache::PagesFor of its
+//      PlanPrompt) and is prefilled whole, never chunked (its layers are scored over the whole
+//      prompt): it joins when the rest of the step's budget holds it or no other prompt is in
+//      the step, which may then exceed step_tokens;
 //   4. one Backend::Forward over all of it (decode tokens and prefill chunks packed together);
 //   5. sampling, detokenization, stop checks; outputs go to each request's RequestSink.
 // Generation ends with kLength at max_tokens or when prompt + generated tokens reach the model's
@@ -62,7 +66,7 @@ struct SchedulerStats {
   int32_t pages_total = 0;
   int32_t pages_used = 0;
   int64_t page_bytes = 0;
-  int64_t kv_bytes_stored = 0;  // rows written, over resident sequences
+  int64_t kv_bytes_stored = 0;  // pages held plus metadata, over resident sequences
   int64_t kv_bytes_full = 0;    // what an uncompressed cache of them would take
   int64_t preemptions_total = 0;
   int64_t steps_total = 0;
@@ -130,6 +134,10 @@ class Scheduler {
   // `admit` is false).
   void PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool admit);
   void Preempt(std::unique_ptr<Active> request);
+  // Pages a prompt of `tokens` tokens (plus the first generated one) takes, compressed or not.
+  int32_t PromptPages(const memory::compress::CompressionConfig& compression, int32_t tokens) const;
+  // Reserves them for `r`'s tokens (its prompt, or prompt and output after a preemption).
+  bool ReservePrompt(Active& r);
   // One Backend::Forward over the plan, then sampling and stop checks.
   void Execute(std::span<const Planned> plan);
   void Accept(Active& request, std::span<float> logits);

@@ -48,10 +48,11 @@ grpc::Status FinishStatus(const engine::Finish& finish) {
 class StreamSink final : public engine::RequestSink {
  public:
   StreamSink(GenerateReactor* reactor, InferenceService* service, std::string request_id,
-             const v1::OutputOptions& output)
+             const v1::OutputOptions& output, std::string compression_spec)
       : reactor_(reactor),
         service_(service),
         request_id_(std::move(request_id)),
+        compression_spec_(std::move(compression_spec)),
         want_text_(output.has_text() ? output.text() : true),
         want_tokens_((output.has_token_ids() ? output.token_ids() : true) || output.logprobs() ||
                      output.top_logprobs() > 0),
@@ -89,7 +90,7 @@ class StreamSink final : public engine::RequestSink {
 
   void OnFinish(const engine::Finish& finish) override {
     LogFinish(finish);
-    service_->CountFinished();
+    service_->CountFinished(finish.kv_bytes);
     if (service_->metrics()) service_->metrics()->RequestFinished(finish);
     std::lock_guard lock(mu_);
     status_ = FinishStatus(finish);
@@ -103,9 +104,7 @@ class StreamSink final : public engine::RequestSink {
       pending_.mutable_timings()->set_queue_seconds(finish.timings.queue_seconds);
       pending_.mutable_timings()->set_first_token_seconds(finish.timings.first_token_seconds);
       pending_.mutable_timings()->set_total_seconds(finish.timings.total_seconds);
-      pending_.mutable_kv_memory()->set_bytes_stored(finish.kv_bytes.stored);
-      pending_.mutable_kv_memory()->set_bytes_uncompressed(finish.kv_bytes.full);
-      pending_.mutable_kv_memory()->set_bytes_pages(finish.kv_bytes.pages);
+      FillKvMemory(finish, *pending_.mutable_kv_memory());
       pending_.set_preemptions(finish.preemptions);
       has_pending_ = true;
     }
@@ -165,14 +164,28 @@ class StreamSink final : public engine::RequestSink {
     }
   }
 
+  void FillKvMemory(const engine::Finish& f, v1::KvMemoryStats& kv) const {
+    kv.set_bytes_stored(f.kv_bytes.stored);
+    kv.set_bytes_uncompressed(f.kv_bytes.full);
+    kv.set_bytes_pages(f.kv_bytes.pages);
+    kv.set_bytes_rows(f.kv_bytes.rows);
+    kv.set_bytes_metadata(f.kv_bytes.metadata);
+    kv.set_saved_ratio(f.kv_bytes.saved_ratio());
+    kv.mutable_tokens_kept_per_layer()->Assign(f.kv_layout.layer_tokens.begin(),
+                                               f.kv_layout.layer_tokens.end());
+    kv.set_key_channels(f.kv_layout.key_channels);
+    kv.set_compression(compression_spec_);
+  }
+
   void LogFinish(const engine::Finish& f) const {
     spdlog::info(
         "request {} finished: {} | prompt {} tokens, generated {} | queue {:.3f}s, first token "
-        "{:.3f}s, total {:.3f}s | KV {} bytes stored, {} uncompressed, {} in pages | "
-        "preemptions {}{}",
+        "{:.3f}s, total {:.3f}s | KV {} bytes stored ({} pages, {} metadata), {} uncompressed, "
+        "saved {:.3f}, compression {} | preemptions {}{}",
         request_id_, engine::FinishReasonName(f.reason), f.prompt_tokens, f.completion_tokens,
         f.timings.queue_seconds, f.timings.first_token_seconds, f.timings.total_seconds,
-        f.kv_bytes.stored, f.kv_bytes.full, f.kv_bytes.pages, f.preemptions,
+        f.kv_bytes.stored, f.kv_bytes.pages, f.kv_bytes.metadata, f.kv_bytes.full,
+        f.kv_bytes.saved_ratio(), compression_spec_, f.preemptions,
         f.error.empty() ? "" : " | error: " + f.error);
   }
 
@@ -180,6 +193,7 @@ class StreamSink final : public engine::RequestSink {
   GenerateReactor* reactor_;  // null after OnDone
   InferenceService* service_;
   const std::string request_id_;
+  const std::string compression_spec_;  // the request's compression, as CompressionConfig::Spec
   const bool want_text_, want_tokens_, want_logprobs_;
   uint64_t handle_ = 0;
   std::optional<Clock::time_point> last_token_time_;  // engine thread only
@@ -205,7 +219,8 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   v1::GenerateRequest request;
   const absl::Status parsed = ParseRequest(*request_bytes, request);
   absl::StatusOr<engine::GenerationRequest> engine_request =
-      parsed.ok() ? ToEngineRequest(request, service->model(), service->options().limits)
+      parsed.ok() ? ToEngineRequest(request, service->model(), service->options().limits,
+                                    service->options().default_compression)
                   : absl::StatusOr<engine::GenerationRequest>(parsed);
   const std::string id = request.request_id().empty() || !parsed.ok() ? service->NextRequestId()
                                                                       : request.request_id();
@@ -226,7 +241,8 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   if (deadline != std::chrono::system_clock::time_point::max()) {
     engine_request->deadline = Clock::now() + (deadline - std::chrono::system_clock::now());
   }
-  sink_ = std::make_shared<StreamSink>(this, service, id, request.output());
+  sink_ = std::make_shared<StreamSink>(this, service, id, request.output(),
+                                       engine_request->compression.Spec());
   absl::StatusOr<uint64_t> handle = service->scheduler().Submit(*std::move(engine_request), sink_);
   if (!handle.ok()) {
     sink_->Detach();

@@ -149,6 +149,15 @@ grpc::ServerUnaryReactor* InferenceService::GetServerStats(grpc::CallbackServerC
   response->set_requests_finished_total(finished_total_);
   response->set_preemptions_total(s.preemptions_total);
   response->set_draining(draining_);
+  response->set_pool_bytes_total(static_cast<int64_t>(s.pages_total) * s.page_bytes);
+  response->set_pool_bytes_used(static_cast<int64_t>(s.pages_used) * s.page_bytes);
+  memory::KvBytes resident;
+  resident.full = s.kv_bytes_full;
+  resident.stored = s.kv_bytes_stored;
+  response->set_kv_saved_ratio(resident.saved_ratio());
+  response->set_kv_bytes_stored_total(kv_bytes_stored_total_);
+  response->set_kv_bytes_saved_total(kv_bytes_saved_total_);
+  response->set_default_compression(options_.default_compression.Spec());
   return Respond(context, grpc::Status::OK);
 }
 

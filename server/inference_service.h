@@ -3,12 +3,15 @@
 // reactor per stream (generate_reactor.h).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "engine/scheduler.h"
 #include "kvtrim/v1/inference.grpc.pb.h"
+#include "memory/compress/compression.h"
+#include "memory/kv_cache.h"
 #include "server/metrics.h"
 #include "server/validate.h"
 
@@ -18,6 +21,8 @@ struct ServiceOptions {
   RequestLimits limits;
   std::string api_key;  // empty = no authentication
   std::string backend = "cpu";
+  // What a request without a compression message gets (--kv-compression).
+  memory::compress::CompressionConfig default_compression;
 };
 
 // Generate and Tokenize take their requests as bytes and parse them with ParseRequest, so that a
@@ -58,7 +63,12 @@ class InferenceService final : public InferenceCallbackBase {
   Metrics* metrics() { return metrics_; }
   const ServiceOptions& options() const { return options_; }
   std::string NextRequestId() { return "req-" + std::to_string(++request_counter_); }
-  void CountFinished() { ++finished_total_; }
+  // Counts a finished request and the KV bytes it stored and saved, for GetServerStats.
+  void CountFinished(const memory::KvBytes& kv_bytes) {
+    ++finished_total_;
+    kv_bytes_stored_total_ += kv_bytes.stored;
+    kv_bytes_saved_total_ += std::max<int64_t>(0, kv_bytes.full - kv_bytes.stored);
+  }
   // Generate streams taken in and not finished by the engine yet: the drain waits for none to
   // be left. A stream is counted before it checks for draining, so it either sees the drain and
   // is refused or the drain sees it. (The scheduler's stats cannot tell: they are published at
@@ -81,6 +91,8 @@ class InferenceService final : public InferenceCallbackBase {
   std::atomic<bool> draining_ = false;
   std::atomic<uint64_t> request_counter_ = 0;
   std::atomic<int64_t> finished_total_ = 0;
+  std::atomic<int64_t> kv_bytes_stored_total_ = 0;
+  std::atomic<int64_t> kv_bytes_saved_total_ = 0;
   std::atomic<int64_t> streams_in_flight_ = 0;
 };
 

@@ -32,6 +32,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "memory/compress/compression.h"
 #include "server/flag_spelling.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
@@ -60,6 +61,12 @@ ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(std::string, device, "auto",
           "engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a GPU is "
           "visible)");
+ABSL_FLAG(std::string, kv_compression, "none",
+          "KV compression of requests that do not set their own: a spec such as "
+          "\"policy=snapkv,budget_ratio=0.25\" or \"policy=pyramidkv,budget_ratio=0.12,"
+          "think.lambda=0.5,eviction=corm\" (keys: policy, budget_ratio, budget_tokens, window, "
+          "kernel_size, pooling, beta, sinks, think.*, eviction, corm.*, window.*); \"none\" = "
+          "off. A prompt too short for it is stored uncompressed");
 ABSL_FLAG(int, threads, 0,
           "CPU engine threads; 0 = one per core (fewer when other work shares the cores)");
 
@@ -124,6 +131,12 @@ int Run() {
     spdlog::error("--model is required");
     return 2;
   }
+  absl::StatusOr<memory::compress::CompressionConfig> default_compression =
+      memory::compress::ParseCompressionSpec(absl::GetFlag(FLAGS_kv_compression));
+  if (!default_compression.ok()) {
+    spdlog::error("--kv-compression: {}", std::string(default_compression.status().message()));
+    return 2;
+  }
   absl::StatusOr<engine::Model> model = engine::LoadModel(model_path);
   if (!model.ok()) {
     spdlog::error("{}", std::string(model.status().message()));
@@ -178,6 +191,7 @@ int Run() {
   limits.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   service_options.api_key = *api_key;
   service_options.backend = backend->name;
+  service_options.default_compression = *default_compression;
 
   std::unique_ptr<Metrics> metrics;
   if (const int port = absl::GetFlag(FLAGS_metrics_port); port > 0) {
@@ -214,7 +228,7 @@ int Run() {
   spdlog::info(
       "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
-      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads",
+      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}",
       backend->name, absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
       scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
       limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
@@ -222,7 +236,7 @@ int Run() {
       absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
       absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
       metrics ? absl::StrCat(":", absl::GetFlag(FLAGS_metrics_port), "/metrics") : "off",
-      omp_get_max_threads());
+      omp_get_max_threads(), default_compression->Spec());
   const std::string host = listen.substr(0, listen.rfind(':'));
   spdlog::info("kvtrim-server listening on {}:{}", host, port);
 

@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,14 @@ const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
   return buckets;
 }
 
+// The per-request saved ratio, 1 - stored / uncompressed. The lowest bucket (le 0) also takes the
+// slightly negative ratios of short uncompressed requests (partly filled last pages).
+const prometheus::Histogram::BucketBoundaries& SavedRatioBuckets() {
+  static const prometheus::Histogram::BucketBoundaries buckets = {0.0, 0.1, 0.2, 0.3, 0.4,  0.5,
+                                                                  0.6, 0.7, 0.8, 0.9, 0.95, 0.99};
+  return buckets;
+}
+
 }  // namespace
 
 // The registry's families plus the scheduler's state, read at scrape time.
@@ -62,7 +71,8 @@ class Metrics::ScrapeTimeCollectable : public prometheus::Collectable {
     families.push_back(Scalar(
         "kvtrim_kv_cache_usage_ratio", "Fraction of KV pool pages in use.", MetricType::Gauge,
         s.pages_total ? static_cast<double>(s.pages_used) / s.pages_total : 0.0));
-    families.push_back(Scalar("kvtrim_kv_bytes_stored", "KV bytes stored for resident sequences.",
+    families.push_back(Scalar("kvtrim_kv_bytes_stored",
+                              "KV bytes resident sequences take (their pages and metadata).",
                               MetricType::Gauge, static_cast<double>(s.kv_bytes_stored)));
     families.push_back(
         Scalar("kvtrim_kv_bytes_uncompressed",
@@ -122,6 +132,25 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& addr
                            .Register(r)
                            .Add({}, prometheus::Histogram::BucketBoundaries{
                                         16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768});
+  m->kv_saved_ratio_ =
+      &prometheus::BuildHistogram()
+           .Name("kvtrim_kv_saved_ratio")
+           .Help("Per finished request that cached tokens: 1 - KV bytes stored / uncompressed.")
+           .Register(r)
+           .Add({}, SavedRatioBuckets());
+  m->kv_bytes_stored_total_ =
+      &prometheus::BuildCounter()
+           .Name("kvtrim_request_kv_bytes_stored_total")
+           .Help("KV bytes finished requests took at their end (pages and metadata).")
+           .Register(r)
+           .Add({});
+  m->kv_bytes_saved_total_ = &prometheus::BuildCounter()
+                                  .Name("kvtrim_request_kv_bytes_saved_total")
+                                  .Help(
+                                      "KV bytes finished requests did not take, compared with "
+                                      "an uncompressed cache: max(0, uncompressed - stored).")
+                                  .Register(r)
+                                  .Add({});
   m->collectable_ = std::make_shared<ScrapeTimeCollectable>(m->registry_, scheduler);
   try {  // prometheus-cpp's exposer (civetweb) reports a port it cannot bind by throwing
     m->exposer_ = std::make_unique<prometheus::Exposer>(address);
@@ -144,6 +173,10 @@ void Metrics::RequestFinished(const engine::Finish& finish) {
   queue_time_->Observe(finish.timings.queue_seconds);
   if (finish.completion_tokens > 0)
     time_to_first_token_->Observe(finish.timings.first_token_seconds);
+  const memory::KvBytes& kv = finish.kv_bytes;
+  if (kv.full > 0) kv_saved_ratio_->Observe(kv.saved_ratio());
+  kv_bytes_stored_total_->Increment(static_cast<double>(kv.stored));
+  kv_bytes_saved_total_->Increment(static_cast<double>(std::max<int64_t>(0, kv.full - kv.stored)));
 }
 
 void Metrics::InterTokenLatency(double seconds) { inter_token_latency_->Observe(seconds); }

@@ -4,6 +4,10 @@
 //
 // Counters and histograms are updated as requests finish; gauges (requests, pool pages and
 // bytes) are read from the scheduler at scrape time, so they are never stale.
+//
+// Compression: kvtrim_kv_saved_ratio (histogram, per request), kvtrim_request_kv_bytes_stored_total
+// and kvtrim_request_kv_bytes_saved_total (per finished request); resident sequences' pool bytes
+// (kvtrim_kv_pool_bytes_used) against their uncompressed equivalent (kvtrim_kv_bytes_uncompressed).
 #pragma once
 
 #include <memory>
@@ -53,6 +57,9 @@ class Metrics {
   prometheus::Histogram* e2e_latency_ = nullptr;
   prometheus::Histogram* queue_time_ = nullptr;
   prometheus::Histogram* prompt_length_ = nullptr;
+  prometheus::Histogram* kv_saved_ratio_ = nullptr;
+  prometheus::Counter* kv_bytes_stored_total_ = nullptr;
+  prometheus::Counter* kv_bytes_saved_total_ = nullptr;
 };
 
 }  // namespace kvtrim::server

@@ -9,6 +9,7 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/wire_format_lite.h"
+#include "server/compression.h"
 
 namespace kvtrim::server {
 namespace {
@@ -182,9 +183,9 @@ absl::StatusOr<std::vector<int32_t>> EncodeChat(const ModelContext& context, con
   return context.tokenizer->Encode(context.chat_template->Render(messages, add_generation_prompt));
 }
 
-absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequest& request,
-                                                          const ModelContext& context,
-                                                          const RequestLimits& limits) {
+absl::StatusOr<engine::GenerationRequest> ToEngineRequest(
+    const v1::GenerateRequest& request, const ModelContext& context, const RequestLimits& limits,
+    const memory::compress::CompressionConfig& default_compression) {
   engine::GenerationRequest out;
   out.id = request.request_id();
   if (out.id.size() > 256) {
@@ -249,9 +250,10 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
   }
   out.want_logprobs = output.logprobs();
   out.top_logprobs = output.top_logprobs();
-  if (request.has_compression() && request.compression().ByteSizeLong() != 0) {
-    return Invalid("compression", "KV compression is not available in this server version");
-  }
+  absl::StatusOr<memory::compress::CompressionConfig> compression =
+      RequestCompression(request, default_compression, prompt_tokens);
+  if (!compression.ok()) return compression.status();
+  out.compression = *std::move(compression);
   return out;
 }
 

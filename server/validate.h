@@ -13,6 +13,7 @@
 #include "google/protobuf/message.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "kvtrim/v1/inference.pb.h"
+#include "memory/compress/compression.h"
 
 namespace kvtrim::server {
 
@@ -46,9 +47,10 @@ absl::StatusOr<std::vector<int32_t>> EncodeText(const ModelContext& context,
                                                 const std::string& text);
 absl::StatusOr<std::vector<int32_t>> EncodeChat(const ModelContext& context, const v1::Chat& chat);
 
-// INVALID_ARGUMENT naming the field, or the engine request (prompt tokenized, defaults applied).
-absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequest& request,
-                                                          const ModelContext& context,
-                                                          const RequestLimits& limits);
+// INVALID_ARGUMENT naming the field, or the engine request (prompt tokenized, defaults applied;
+// a request without a compression message gets `default_compression`, see RequestCompression).
+absl::StatusOr<engine::GenerationRequest> ToEngineRequest(
+    const v1::GenerateRequest& request, const ModelContext& context, const RequestLimits& limits,
+    const memory::compress::CompressionConfig& default_compression);
 
 }  // namespace kvtrim::server

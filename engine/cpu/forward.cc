@@ -15,10 +15,45 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/compressed.h"
 #include "engine/rope.h"
 
 namespace kvtrim::engine {
 namespace {
+
+using cpu::DecodePolicy;
+using cpu::IsCompressed;
+using cpu::IsCompressedPrompt;
+using cpu::SoftmaxInPlace;
+
+// A step is what the scheduler reserved for: an uncompressed sequence has page capacity for its
+// new tokens; a compressed one either feeds its whole prompt into the empty layout that
+// KvCache::ReserveCompressed made, or decodes one token with room for one more recent row.
+absl::Status CheckStep(const SequenceStep& step) {
+  const memory::SequenceKv& kv = *step.kv;
+  const int n_new = static_cast<int>(step.tokens.size());
+  if (!IsCompressed(step)) {
+    if (kv.is_compressed()) {
+      return absl::InternalError("Forward: a compressed sequence was fed without its compression");
+    }
+    if (kv.keys[0].capacity() < kv.cached_tokens() + n_new) {
+      return absl::InternalError("Forward: page capacity was not reserved for the new tokens");
+    }
+    return absl::OkStatus();
+  }
+  if (!kv.is_compressed()) {
+    return absl::InternalError("Forward: compressed step on a sequence without its layout");
+  }
+  if (kv.tokens > 0 && n_new != 1) {
+    return absl::InternalError("Forward: a compressed sequence decodes one token per step");
+  }
+  for (size_t layer = 0; layer < kv.keys.size() && kv.tokens > 0; ++layer) {
+    if (kv.keys[layer].capacity() < kv.keys[layer].rows + 1) {
+      return absl::InternalError("Forward: page capacity was not reserved for the new token");
+    }
+  }
+  return absl::OkStatus();
+}
 
 // y (T, rows) = x (T, cols) · Wᵀ (+ bias)
 void Linear(const float* x, int tokens, const Matrix& w, const std::vector<float>& bias, float* y) {
@@ -50,18 +85,6 @@ void RmsNorm(const float* x, int tokens, int dim, const std::vector<float>& weig
   }
 }
 
-void SoftmaxInPlace(float* row, int n) {
-  float max_value = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < n; ++j) max_value = std::max(max_value, row[j]);
-  float sum = 0.0f;
-  for (int j = 0; j < n; ++j) {
-    row[j] = std::exp(row[j] - max_value);
-    sum += row[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int j = 0; j < n; ++j) row[j] *= inv;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(const Model* model,
@@ -88,9 +111,7 @@ absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vecto
   const int hidden = config_.hidden;
   int tokens = 0;
   for (const SequenceStep& step : steps) {
-    if (step.kv->keys[0].capacity() < step.kv->cached_tokens() + (int)step.tokens.size()) {
-      return absl::InternalError("Forward: page capacity was not reserved for the new tokens");
-    }
+    if (absl::Status s = CheckStep(step); !s.ok()) return s;
     for (int32_t id : step.tokens) {
       if (id < 0 || id >= config_.vocab_size) {
         return absl::InvalidArgumentError(
@@ -112,10 +133,14 @@ absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vecto
   }
   for (int layer = 0; layer < config_.n_layers; ++layer) Layer(layer, steps);
   for (const SequenceStep& step : steps) {
-    for (int layer = 0; layer < config_.n_layers; ++layer) {
+    // Pages emptied by decode-time eviction go back to the pool.
+    if (IsCompressed(step) && !IsCompressedPrompt(step)) cache_.TrimPages(*step.kv);
+    // A compressed sequence's rows were counted as they were written (per kv-head).
+    for (int layer = 0; layer < config_.n_layers && !IsCompressed(step); ++layer) {
       step.kv->keys[layer].rows += static_cast<int>(step.tokens.size());
       step.kv->values[layer].rows += static_cast<int>(step.tokens.size());
     }
+    step.kv->tokens += static_cast<int>(step.tokens.size());
   }
 
   // Final norm and logits for the last token of each sequence that wants them.
@@ -164,6 +189,15 @@ void CpuBackend::Layer(int layer, std::span<const SequenceStep> steps) {
   }
   StoreKv(layer, steps);
   Attention(layer, steps);
+  int first_row = 0;
+  for (const SequenceStep& step : steps) {
+    if (IsCompressedPrompt(step)) {
+      CompressPrompt(layer, step, first_row);
+    } else if (IsCompressed(step) && step.compression->eviction != DecodePolicy::kNone) {
+      EvictCompressed(layer, step, positions_[first_row]);
+    }
+    first_row += static_cast<int>(step.tokens.size());
+  }
 
   // Output projection added to the residual stream (normed_ reused as scratch).
   Linear(attn_out_.data(), tokens, w.wo, {}, normed_.data());
@@ -188,6 +222,12 @@ void CpuBackend::StoreKv(int layer, std::span<const SequenceStep> steps) {
   const size_t row_floats = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim;
   int t = 0;
   for (const SequenceStep& step : steps) {
+    if (IsCompressed(step)) {
+      // A prompt's kept rows are written once selected; a decode token joins the recent rows.
+      if (!IsCompressedPrompt(step)) StoreCompressed(layer, step, t);
+      t += static_cast<int>(step.tokens.size());
+      continue;
+    }
     memory::PageList& keys = step.kv->keys[layer];
     memory::PageList& values = step.kv->values[layer];
     for (size_t i = 0; i < step.tokens.size(); ++i, ++t) {
@@ -215,6 +255,13 @@ void CpuBackend::Attention(int layer, std::span<const SequenceStep> steps) {
   int first_row = 0;
   for (int s = 0; s < static_cast<int>(steps.size()); ++s) {
     const int n_new = static_cast<int>(steps[s].tokens.size());
+    if (IsCompressed(steps[s]) && !IsCompressedPrompt(steps[s])) {
+      for (int kv_head = 0; kv_head < config_.n_kv_heads; ++kv_head) {
+        items.push_back({s, kv_head, 0, -1, first_row});  // n_queries -1: compressed decode
+      }
+      first_row += n_new;
+      continue;
+    }
     for (int kv_head = 0; kv_head < config_.n_kv_heads; ++kv_head) {
       for (int i = 0; i < n_new; i += kQueryBlock) {
         items.push_back({s, kv_head, i, std::min(kQueryBlock, n_new - i), first_row});
@@ -225,6 +272,10 @@ void CpuBackend::Attention(int layer, std::span<const SequenceStep> steps) {
 #pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < items.size(); ++i) {
     const Item& item = items[i];
+    if (item.n_queries < 0) {
+      AttendCompressed(layer, steps[item.step], item.kv_head, item.first_row);
+      continue;
+    }
     AttendBlock(layer, steps[item.step], item.kv_head, item.first_query, item.n_queries,
                 item.first_row);
   }
@@ -238,8 +289,11 @@ void CpuBackend::AttendBlock(int layer, const SequenceStep& step, int kv_head, i
                              int n, int first_row) {
   const memory::PageList& keys = step.kv->keys[layer];
   const memory::PageList& values = step.kv->values[layer];
-  const int first_position = keys.rows + first_query;  // position of query 0 of the block
+  const int first_position = step.kv->tokens + first_query;  // position of query 0 of the block
+  // A compressed prompt's K/V is still in the step's scratch, a row per position.
+  const bool from_scratch = IsCompressedPrompt(step);
   const int head_dim = config_.head_dim;
+  const int kv_width = config_.n_kv_heads * head_dim;
   const int group = config_.n_heads / config_.n_kv_heads;
   const int q_width = config_.n_heads * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
@@ -255,10 +309,14 @@ void CpuBackend::AttendBlock(int layer, const SequenceStep& step, int kv_head, i
   scores.resize(static_cast<size_t>(n) * rows);    // (n, N)
   out.resize(q.size());                            // (n, D)
   for (int j = 0; j < rows; ++j) {
-    const float* key =
-        reinterpret_cast<const float*>(cache_.Row(keys, lo + j)) + kv_head * head_dim;
+    const size_t scratch_row = static_cast<size_t>(first_row + lo + j) * kv_width;
+    const float* key = (from_scratch ? &k_[scratch_row]
+                                     : reinterpret_cast<const float*>(cache_.Row(keys, lo + j))) +
+                       kv_head * head_dim;
     const float* value =
-        reinterpret_cast<const float*>(cache_.Row(values, lo + j)) + kv_head * head_dim;
+        (from_scratch ? &v_[scratch_row]
+                      : reinterpret_cast<const float*>(cache_.Row(values, lo + j))) +
+        kv_head * head_dim;
     std::copy(key, key + head_dim, &k[static_cast<size_t>(j) * head_dim]);
     std::copy(value, value + head_dim, &v[static_cast<size_t>(j) * head_dim]);
   }

@@ -1,4 +1,6 @@
 // The CPU reference backend: fp32, OpenBLAS GEMMs, OpenMP loops, K/V rows in the paged pool.
+// It runs compressed sequences too (engine/cpu/compressed.cc): a compressed prompt attends over
+// its layer's K/V in the step's scratch, then only the kept rows go to pages.
 #pragma once
 
 #include <vector>
@@ -17,6 +19,7 @@ class CpuBackend : public Backend {
                                                             memory::KvCache* cache);
 
   absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+  bool supports_compression() const override { return true; }
 
  private:
   CpuBackend(const Model* model, memory::KvCache* cache);
@@ -29,6 +32,19 @@ class CpuBackend : public Backend {
   void Attention(int layer, std::span<const SequenceStep> steps);
   void AttendBlock(int layer, const SequenceStep& step, int kv_head, int first_query, int n,
                    int first_row);
+
+  // Compressed sequences (compressed.cc).
+  // A compressed prompt's layer: scores the observation window from the scratch Q/K, selects
+  // the kept tokens and key channels, and writes only the kept rows to the pages.
+  void CompressPrompt(int layer, const SequenceStep& step, int first_row);
+  // One decode token of a compressed sequence, one kv-head: attention over the thin prompt
+  // segment (query gathered on the kept channels) and the full-width recent segment; feeds the
+  // decode-time policy's state.
+  void AttendCompressed(int layer, const SequenceStep& step, int kv_head, int row);
+  // Appends a compressed sequence's decode token (row `row` of k_/v_) to the recent segment.
+  void StoreCompressed(int layer, const SequenceStep& step, int row);
+  // The decode-time policy after the token at position `position` attended.
+  void EvictCompressed(int layer, const SequenceStep& step, int position);
 
   const Model& model_;
   const ModelConfig& config_;

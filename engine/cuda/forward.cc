@@ -223,6 +223,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vect
       step.kv->keys[layer].rows += n_new;
       step.kv->values[layer].rows += n_new;
     }
+    step.kv->tokens += n_new;
   }
   return absl::OkStatus();
 }

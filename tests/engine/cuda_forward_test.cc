@@ -53,6 +53,7 @@ class StepPlanTest : public ::testing::Test {
     EXPECT_TRUE(cache_->Reserve(kv, capacity));
     for (memory::PageList& list : kv.keys) list.rows = cached;
     for (memory::PageList& list : kv.values) list.rows = cached;
+    kv.tokens = cached;
     return kv;
   }
   std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {

@@ -45,6 +45,7 @@ TEST(KvCacheTest, RowsRoundTripAndBytesAreAccounted) {
     }
     seq.keys[layer].rows = seq.values[layer].rows = 11;
   }
+  seq.tokens = 11;
   for (int layer = 0; layer < 3; ++layer) {
     for (int row = 0; row < 11; ++row) {
       EXPECT_EQ(static_cast<int>(cache.Row(seq.keys[layer], row)[63]), layer * 16 + row);
@@ -53,8 +54,10 @@ TEST(KvCacheTest, RowsRoundTripAndBytesAreAccounted) {
   }
   KvBytes bytes = cache.Bytes(seq);
   EXPECT_EQ(bytes.full, 2 * 3 * 11 * 64);
-  EXPECT_EQ(bytes.stored, bytes.full);
+  EXPECT_EQ(bytes.rows, bytes.full);  // uncompressed: every row at full width
+  EXPECT_EQ(bytes.metadata, 0);
   EXPECT_EQ(bytes.pages, 2 * 3 * 3 * 256);  // 11 rows -> 3 pages of 4
+  EXPECT_EQ(bytes.stored, bytes.pages);
   cache.Release(seq);
 }
 
@@ -76,6 +79,7 @@ TEST(KvCacheTest, RandomSequencesNeverSharePages) {
       if (cache.Reserve(seq, extra)) {
         for (auto& list : seq.keys) list.rows += extra;
         for (auto& list : seq.values) list.rows += extra;
+        seq.tokens += extra;
       } else {
         ASSERT_EQ(pool.used_pages(), before);
       }

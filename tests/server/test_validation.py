@@ -44,7 +44,6 @@ def generate_cases():
     assert empty_text.WhichOneof("input") == "text"
     assert empty_tokens.WhichOneof("input") == "tokens"
     assert empty_chat.WhichOneof("input") == "chat"
-    compression = req().SerializeToString() + bytes([0x42, 0x02, 0x08, 0x01])  # field 8: {1: 1}
     return [
         ("no input", no_input, "input"),
         ("empty text", empty_text, "text"),
@@ -109,7 +108,8 @@ def generate_cases():
          with_invalid_utf8(req(stopping=St(max_tokens=4, stop=["fine", "x@@"]))),
          "stopping.stop[1]"),
         ("invalid UTF-8 in request_id", with_invalid_utf8(req(request_id="id-@@")), "request_id"),
-        ("non-empty compression", compression, "compression"),
+        ("unknown compression policy", req(compression=pb.KvCompression(policy="h2o")),
+         "compression.policy"),
     ]
 
 

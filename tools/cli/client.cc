@@ -1,5 +1,6 @@
 #include "tools/cli/client.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -60,6 +61,80 @@ const char* FinishName(v1::FinishReason reason) {
 
 }  // namespace
 
+v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& config) {
+  using memory::compress::SelectionPolicy;
+  v1::KvCompression m;
+  m.set_policy(SelectionPolicyName(config.selection));
+  auto budget = [&](const memory::compress::TokenBudget& b) {
+    if (b.tokens > 0) {
+      m.set_budget_tokens(b.tokens);
+    } else {
+      m.set_budget_ratio(b.ratio);
+    }
+  };
+  auto scoring = [&](const memory::compress::SnapKvConfig& snap) {
+    budget(snap.budget);
+    m.set_window(snap.window);
+    m.set_kernel_size(snap.kernel_size);
+    m.set_pooling(snap.pooling == memory::compress::Pooling::kAvg ? "avgpool" : "maxpool");
+  };
+  switch (config.selection) {
+    case SelectionPolicy::kNone:
+      break;
+    case SelectionPolicy::kSnapKv:
+      scoring(config.snapkv);
+      break;
+    case SelectionPolicy::kPyramidKv:
+      scoring(config.pyramidkv.snap);
+      m.set_beta(config.pyramidkv.beta);
+      break;
+    case SelectionPolicy::kStreamingLlm:
+      budget(config.streamingllm.budget);
+      m.set_sinks(config.streamingllm.sinks);
+      break;
+  }
+  if (config.think.enabled()) {
+    v1::KvCompression::Think* think = m.mutable_think();
+    if (config.think.keep_ratio > 0.0) {
+      think->set_keep_ratio(config.think.keep_ratio);
+    } else {
+      think->set_lambda(config.think.lambda);
+    }
+    think->set_recent(config.think.recent);
+    think->set_observation(config.think.observation);
+  }
+  v1::KvCompression::Eviction* eviction = m.mutable_eviction();
+  eviction->set_policy(EvictionPolicyName(config.eviction));
+  if (config.eviction == memory::compress::EvictionPolicy::kCorm) {
+    eviction->mutable_corm()->set_window(config.corm.window);
+    eviction->mutable_corm()->set_recent(config.corm.recent);
+    eviction->mutable_corm()->set_alpha(config.corm.alpha);
+    eviction->mutable_corm()->set_max_tokens(config.corm.max_tokens);
+  }
+  if (config.eviction == memory::compress::EvictionPolicy::kWindow) {
+    eviction->mutable_window()->set_sinks(config.window.sinks);
+    eviction->mutable_window()->set_recent(config.window.recent);
+  }
+  return m;
+}
+
+std::string FormatKvReport(const KvReport& r) {
+  constexpr double kMiB = 1048576.0;
+  const auto& kept = r.tokens_kept_per_layer;
+  const std::string tokens = kept.empty()
+                                 ? "-"
+                                 : absl::StrCat(*std::min_element(kept.begin(), kept.end()), "..",
+                                                *std::max_element(kept.begin(), kept.end()));
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "KV saved %.1f%%: %.2f of %.2f MiB stored (rows %.2f MiB, metadata %.3f MiB), "
+                "tokens kept per layer %s, key channels %d, compression %s",
+                100.0 * r.saved_ratio, r.bytes_stored / kMiB, r.bytes_uncompressed / kMiB,
+                r.bytes_rows / kMiB, r.bytes_metadata / kMiB, tokens.c_str(), r.key_channels,
+                r.compression.c_str());
+  return line;
+}
+
 absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& options) {
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = Connect(client);
   if (!channel.ok()) return channel.status();
@@ -82,6 +157,7 @@ absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& 
   request.mutable_stopping()->set_max_tokens(options.max_tokens);
   request.mutable_stopping()->set_ignore_eos(options.ignore_eos);
   request.mutable_output()->set_token_ids(false);
+  if (options.compression) *request.mutable_compression() = ToKvCompression(*options.compression);
 
   grpc::ClientContext context;
   Prepare(client, context);
@@ -103,6 +179,17 @@ absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& 
                last.usage().completion_tokens(), last.timings().first_token_seconds(),
                last.timings().total_seconds(), FinishName(last.finish_reason()),
                last.kv_memory().bytes_pages() / 1048576.0);
+  const v1::KvMemoryStats& kv = last.kv_memory();
+  const KvReport report{.bytes_stored = kv.bytes_stored(),
+                        .bytes_uncompressed = kv.bytes_uncompressed(),
+                        .bytes_rows = kv.bytes_rows(),
+                        .bytes_metadata = kv.bytes_metadata(),
+                        .saved_ratio = kv.saved_ratio(),
+                        .tokens_kept_per_layer = {kv.tokens_kept_per_layer().begin(),
+                                                  kv.tokens_kept_per_layer().end()},
+                        .key_channels = kv.key_channels(),
+                        .compression = kv.compression()};
+  std::fprintf(stderr, "[%s]\n", FormatKvReport(report).c_str());
   return absl::OkStatus();
 }
 

@@ -2,9 +2,13 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "kvtrim/v1/inference.pb.h"
+#include "memory/compress/compression.h"
 
 namespace kvtrim::cli {
 
@@ -26,7 +30,27 @@ struct GenerateOptions {
   float repetition_penalty = 1.0f;
   uint64_t seed = 0;
   bool ignore_eos = false;
+  // Sent as the request's compression message; unset: the server's default.
+  std::optional<memory::compress::CompressionConfig> compression;
 };
+
+// The request message asking for exactly `config` (every field of its active stages set).
+v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& config);
+
+// A finished request's KV cache, as the CLI reports it after a generation.
+struct KvReport {
+  int64_t bytes_stored = 0;
+  int64_t bytes_uncompressed = 0;
+  int64_t bytes_rows = 0;
+  int64_t bytes_metadata = 0;
+  double saved_ratio = 0.0;
+  std::vector<int32_t> tokens_kept_per_layer;  // (n_layers)
+  int32_t key_channels = 0;
+  std::string compression;  // the spec applied
+};
+
+// One line: "KV saved 71.9%: 0.82 of 2.92 MiB stored (...), tokens kept per layer 60..180, ...".
+std::string FormatKvReport(const KvReport& report);
 
 // Streams the generated text to stdout and a summary line to stderr.
 absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& options);

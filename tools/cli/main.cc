@@ -3,7 +3,7 @@
 //   kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT)
 //                   (--prompt TEXT | --chat TEXT) [--max-tokens N] [--temperature T]
 //                   [--top-p P] [--top-k K] [--min-p P] [--repetition-penalty R] [--seed S]
-//                   [--ignore-eos]
+//                   [--ignore-eos] [--compression SPEC]
 //   kvtrim tokenize --server HOST:PORT (--prompt TEXT | --chat TEXT)
 //   kvtrim info     --server HOST:PORT
 //   kvtrim health   --server HOST:PORT
@@ -11,9 +11,13 @@
 // With --model, `generate` loads the model (a GGUF file or a Hugging Face directory), runs the
 // engine in-process (on the GPU when --device allows it and one is visible, else on the CPU)
 // and streams the text to stdout; with --server it asks a running kvtrim-server. A summary goes
-// to stderr. Exit code 0 on success, 1 on an error, 2 on misuse.
+// to stderr, with the KV cache's saved ratio, bytes and tokens kept per layer. --compression takes
+// a spec as kvtrim-server --kv-compression does ("policy=snapkv,budget_ratio=0.25"); unset, an
+// in-process generation is uncompressed and a server applies its default. Exit code 0 on
+// success, 1 on an error, 2 on misuse.
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +34,7 @@
 #include "engine/request.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "memory/compress/compression.h"
 #include "server/flag_spelling.h"
 #include "tools/cli/client.h"
 
@@ -44,6 +49,9 @@ ABSL_FLAG(double, min_p, 0.0, "drop tokens below min_p times the top probability
 ABSL_FLAG(double, repetition_penalty, 1.0, "penalty on tokens already seen; 1 = off");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed: the same seed gives the same text");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating past the end-of-sequence token");
+ABSL_FLAG(std::string, compression, "",
+          "KV compression spec, e.g. \"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5\" or "
+          "\"none\"; unset = uncompressed in-process, the server's default with --server");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB (in-process)");
 ABSL_FLAG(std::string, device, "auto",
           "in-process engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a "
@@ -73,7 +81,23 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(const engine::Model& model,
   return tokenizer.Encode(chat_template->Render({&message, 1}, /*add_generation_prompt=*/true));
 }
 
+// --compression, parsed; nullopt when unset.
+absl::StatusOr<std::optional<memory::compress::CompressionConfig>> CompressionFlag() {
+  const std::string spec = absl::GetFlag(FLAGS_compression);
+  if (spec.empty()) return std::nullopt;
+  absl::StatusOr<memory::compress::CompressionConfig> config =
+      memory::compress::ParseCompressionSpec(spec);
+  if (!config.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--compression: ", std::string(config.status().message())));
+  }
+  return std::optional(*std::move(config));
+}
+
 absl::Status Generate() {
+  absl::StatusOr<std::optional<memory::compress::CompressionConfig>> compression =
+      CompressionFlag();
+  if (!compression.ok()) return compression.status();
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
   absl::StatusOr<engine::Model> model = engine::LoadModel(path);
@@ -105,6 +129,7 @@ absl::Status Generate() {
   request.sampling.min_p = static_cast<float>(absl::GetFlag(FLAGS_min_p));
   request.sampling.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   request.sampling.seed = absl::GetFlag(FLAGS_seed);
+  if (*compression) request.compression = **compression;
 
   // The engine detokenizes: each streamed token carries its text, the finish the held-back tail.
   absl::StatusOr<std::vector<engine::GenerationResult>> results =
@@ -127,6 +152,15 @@ absl::Status Generate() {
                finish.completion_tokens > 1 ? (finish.completion_tokens - 1) / decode : 0.0,
                engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0,
                backend->name.c_str());
+  const cli::KvReport report{.bytes_stored = finish.kv_bytes.stored,
+                             .bytes_uncompressed = finish.kv_bytes.full,
+                             .bytes_rows = finish.kv_bytes.rows,
+                             .bytes_metadata = finish.kv_bytes.metadata,
+                             .saved_ratio = finish.kv_bytes.saved_ratio(),
+                             .tokens_kept_per_layer = finish.kv_layout.layer_tokens,
+                             .key_channels = finish.kv_layout.key_channels,
+                             .compression = request.compression.Spec()};
+  std::fprintf(stderr, "[%s]\n", cli::FormatKvReport(report).c_str());
   return absl::OkStatus();
 }
 
@@ -157,6 +191,10 @@ absl::Status RemoteGenerate() {
   options.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
   options.seed = absl::GetFlag(FLAGS_seed);
   options.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+  absl::StatusOr<std::optional<memory::compress::CompressionConfig>> compression =
+      CompressionFlag();
+  if (!compression.ok()) return compression.status();
+  options.compression = *std::move(compression);
   return cli::ClientGenerate(Client(), options);
 }
 
@@ -206,7 +244,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT) "
       "(--prompt TEXT | --chat TEXT) "
-      "[--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+      "[--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--compression SPEC]\n"
       "       kvtrim tokenize|info|health --server HOST:PORT");
   std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
   std::vector<char*> argv_spelled;

@@ -1,0 +1,180 @@
+// The scheduler and the CPU backend over compressed sequences: what is stored matches the
+// policy's plan, byte for byte and page for page; a layout that keeps everything computes what
+// the uncompressed engine computes; admission counts the compressed size; decode-time eviction
+// keeps exactly its rule's tokens and gives pages back.
+#include "memory/compress/compression.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/scheduler.h"
+#include "tests/engine/scheduler_test_util.h"
+
+namespace kvtrim::engine {
+namespace {
+
+namespace mc = memory::compress;
+
+mc::CompressionConfig Spec(const char* spec) {
+  absl::StatusOr<mc::CompressionConfig> config = mc::ParseCompressionSpec(spec);
+  EXPECT_TRUE(config.ok()) << config.status();
+  return config.ok() ? *config : mc::CompressionConfig{};
+}
+
+GenerationRequest Compressed(std::vector<int32_t> prompt, int32_t max_tokens, const char* spec) {
+  GenerationRequest request = Greedy(std::move(prompt), max_tokens);
+  request.compression = Spec(spec);
+  request.want_logprobs = true;
+  return request;
+}
+
+class CompressionTest : public SchedulerTest {
+ protected:
+  static int32_t PagesOf(int64_t rows, int32_t row_bytes) {
+    const int32_t per_page = kTinyOptions.page_bytes / row_bytes;
+    return static_cast<int32_t>((rows + per_page - 1) / per_page);
+  }
+};
+
+// snapkv keeping every token (ratio 1) takes the compressed path end to end: prefill attends
+// over the scratch, the rows go to the prompt segment, decode reads two segments. It must compute
+// what the uncompressed engine computes: the first token's logits bit for bit (same prefill
+// arithmetic), later ones to float rounding (decode sums in another order).
+TEST_F(CompressionTest, KeepingEverythingMatchesTheUncompressedEngine) {
+  GenerationRequest plain = Greedy(RandomPrompt(60, 1), 24);
+  plain.want_logprobs = true;
+  const auto base = RunAlone(plain);
+  const auto kept =
+      RunAlone(Compressed(RandomPrompt(60, 1), 24, "policy=snapkv,budget_ratio=1,window=8"));
+  ASSERT_EQ(kept->outputs.size(), 24u);
+  EXPECT_EQ(kept->ids(), base->ids());
+  EXPECT_EQ(kept->outputs[0].logprob, base->outputs[0].logprob);
+  for (size_t i = 0; i < base->outputs.size(); ++i) {
+    EXPECT_NEAR(kept->outputs[i].logprob, base->outputs[i].logprob, 1e-4) << "token " << i;
+  }
+  EXPECT_EQ(kept->finish.kv_bytes.full, base->finish.kv_bytes.full);
+}
+
+// snapkv 25% with ThinK λ = 0.5 on the tiny model (3 layers, 2 kv-heads, head_dim 16, fp32):
+// every layer keeps 15 of 60 prompt tokens, the last 4 at full width, the others with 8 key
+// channels; each generated token adds a full-width row.
+TEST_F(CompressionTest, StoredBytesAndPagesFollowThePlan) {
+  const int prompt = 60, generated = 5;
+  const auto sink = RunAlone(Compressed(RandomPrompt(prompt, 2), generated,
+                                        "policy=snapkv,budget_ratio=0.25,window=8,"
+                                        "think.lambda=0.5,think.recent=4,think.observation=8"));
+  ASSERT_EQ(sink->finish.reason, FinishReason::kLength);
+  const int fed = prompt + generated - 1;  // the last sampled token is never fed
+  const memory::KvLayout& layout = sink->finish.kv_layout;
+  ASSERT_EQ(layout.layer_tokens.size(), 3u);
+  for (int32_t tokens : layout.layer_tokens) EXPECT_EQ(tokens, 15 + generated - 1);
+  EXPECT_EQ(layout.key_channels, 8);
+
+  const int thin = 11, full = 4 + generated - 1;
+  const int32_t full_row = 2 * 16 * 4, thin_row = 2 * 8 * 4;
+  const memory::KvBytes& bytes = sink->finish.kv_bytes;
+  EXPECT_EQ(bytes.full, int64_t{fed} * 3 * 2 * full_row);
+  EXPECT_EQ(bytes.rows, 3 * (int64_t{thin} * (thin_row + full_row) + int64_t{full} * 2 * full_row));
+  const int32_t pages = 3 * (PagesOf(thin, thin_row) + PagesOf(thin, full_row) +
+                             2 * PagesOf(full, full_row));
+  EXPECT_EQ(bytes.pages, int64_t{pages} * kTinyOptions.page_bytes);
+  EXPECT_EQ(bytes.metadata, 3 * 2 * 8 * 2);  // a 16-bit channel set per layer and kv-head
+  EXPECT_EQ(bytes.stored, bytes.pages + bytes.metadata);
+  EXPECT_LT(bytes.stored, bytes.full / 2);
+}
+
+// The pool's page count agrees with the per-request report while the request runs.
+TEST_F(CompressionTest, PoolUsageAgreesWithTheReport) {
+  std::unique_ptr<Scheduler> scheduler = Make();
+  const auto sink = Submit(*scheduler, Compressed(RandomPrompt(100, 3), 40,
+                                                  "policy=pyramidkv,budget_ratio=0.2,window=8"));
+  for (int i = 0; i < 10; ++i) scheduler->Step();
+  const SchedulerStats stats = scheduler->stats();
+  EXPECT_EQ(stats.running, 1);
+  EXPECT_EQ(stats.kv_bytes_stored, int64_t{stats.pages_used} * stats.page_bytes);
+  EXPECT_LT(stats.kv_bytes_stored, stats.kv_bytes_full / 2);
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(scheduler->pool().used_pages(), 0);
+}
+
+// A pool that holds one uncompressed 200-token request at a time holds three at 25%.
+TEST_F(CompressionTest, AdmissionCountsTheCompressedSize) {
+  SchedulerOptions options = kTinyOptions;
+  const int32_t one = 2 * 3 * PagesOf(200 + 1, 128);
+  options.pool_bytes = static_cast<size_t>(one * 3 / 2) * options.page_bytes;
+  auto count_running = [&](const char* spec) {
+    std::unique_ptr<Scheduler> scheduler = Make(options);
+    std::vector<std::shared_ptr<RecordingSink>> sinks;
+    for (uint32_t i = 0; i < 3; ++i) {
+      GenerationRequest r = Greedy(RandomPrompt(200, 10 + i), 4);
+      if (spec != nullptr) r.compression = Spec(spec);
+      sinks.push_back(Submit(*scheduler, std::move(r)));
+    }
+    int32_t running = 0;  // the most running at once
+    while (scheduler->Step()) running = std::max(running, scheduler->stats().running);
+    for (const auto& sink : sinks) EXPECT_EQ(sink->finish.reason, FinishReason::kLength);
+    return running;
+  };
+  EXPECT_EQ(count_running(nullptr), 1);
+  EXPECT_EQ(count_running("policy=snapkv,budget_ratio=0.25,window=8"), 3);
+}
+
+// window eviction: after every decode step each layer holds the sinks and the recent tokens.
+TEST_F(CompressionTest, WindowEvictionKeepsSinksAndRecent) {
+  const auto sink = RunAlone(
+      Compressed(RandomPrompt(40, 4), 12, "eviction=window,window.sinks=2,window.recent=8"));
+  ASSERT_EQ(sink->finish.reason, FinishReason::kLength);
+  for (int32_t tokens : sink->finish.kv_layout.layer_tokens) EXPECT_EQ(tokens, 10);
+  EXPECT_LT(sink->finish.kv_bytes.pages, int64_t{2 * 3 * 2} * kTinyOptions.page_bytes + 1);
+}
+
+// corm: a high threshold (alpha) leaves mostly the recent tokens; nothing below them is evicted.
+TEST_F(CompressionTest, CormEvictsBelowThresholdAndKeepsRecent) {
+  const auto sink = RunAlone(Compressed(RandomPrompt(80, 5), 20,
+                                        "eviction=corm,corm.window=4,corm.recent=6,corm.alpha=4"));
+  ASSERT_EQ(sink->finish.reason, FinishReason::kLength);
+  for (int32_t tokens : sink->finish.kv_layout.layer_tokens) {
+    EXPECT_GE(tokens, 6);
+    EXPECT_LT(tokens, 80 + 19);
+  }
+  EXPECT_GT(sink->finish.kv_bytes.saved_ratio(), 0.0);
+}
+
+TEST_F(CompressionTest, PromptDependentValidationNamesTheField) {
+  std::unique_ptr<Scheduler> scheduler = Make();
+  auto sink = std::make_shared<RecordingSink>();
+  absl::StatusOr<uint64_t> handle =
+      scheduler->Submit(Compressed(RandomPrompt(20, 6), 4, "policy=snapkv,budget_ratio=0.5"), sink);
+  ASSERT_FALSE(handle.ok());
+  EXPECT_EQ(handle.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(handle.status().message()).find("compression.snapkv.window"),
+            std::string::npos)
+      << handle.status();
+}
+
+// Compressed requests preempted for pages are recomputed (compressed again) and finish; the pool
+// ends empty.
+TEST_F(CompressionTest, PreemptedCompressedRequestsFinish) {
+  SchedulerOptions options = kTinyOptions;
+  options.pool_bytes = 64 * options.page_bytes;  // one request alone needs 60 at its end
+  std::unique_ptr<Scheduler> scheduler = Make(options);
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (uint32_t i = 0; i < 4; ++i) {
+    sinks.push_back(Submit(*scheduler, Compressed(RandomPrompt(50, 20 + i), 60,
+                                                  "policy=streamingllm,budget_ratio=0.3,sinks=4")));
+  }
+  scheduler->RunUntilIdle();
+  for (const auto& sink : sinks) {
+    EXPECT_EQ(sink->finish.reason, FinishReason::kLength);
+    EXPECT_EQ(sink->outputs.size(), 60u);
+  }
+  EXPECT_GT(scheduler->stats().preemptions_total, 0);
+  EXPECT_EQ(scheduler->pool().used_pages(), 0);
+}
+
+}  // namespace
+}  // namespace kvtrim::engine
