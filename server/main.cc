@@ -42,7 +42,9 @@ ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model di
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");
-ABSL_FLAG(int, page_kib, 64, "KV page size, KiB");
+ABSL_FLAG(int, page_kib, 16,
+          "KV page size, KiB (smaller pages waste less in the partly filled last page of each "
+          "compressed segment)");
 ABSL_FLAG(int, step_tokens, 512, "most tokens (decode + prefill chunks) in one engine step");
 ABSL_FLAG(int, max_running, 64, "most requests prefilling or decoding at once");
 ABSL_FLAG(int, max_queued, 256, "most requests waiting; beyond it RESOURCE_EXHAUSTED");

@@ -15,9 +15,11 @@ void ObservationAttention(std::span<const float> queries, std::span<const float>
   assert(keys.size() == static_cast<size_t>(n) * shape.n_kv_heads * d);
   assert(probs.size() == static_cast<size_t>(shape.n_heads) * w * n);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Rows are independent: spread (head, query) over the engine's threads.
+#pragma omp parallel for collapse(2) schedule(static)
   for (int32_t head = 0; head < shape.n_heads; ++head) {
-    const int32_t kv_head = head / group;
     for (int32_t i = 0; i < w; ++i) {
+      const int32_t kv_head = head / group;
       const float* q = &queries[(static_cast<size_t>(i) * shape.n_heads + head) * d];
       // (kv_head, head % group, i, :) is row (head * w + i) of probs.
       float* row = &probs[(static_cast<size_t>(head) * w + i) * n];

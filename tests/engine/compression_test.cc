@@ -58,6 +58,21 @@ TEST_F(CompressionTest, KeepingEverythingMatchesTheUncompressedEngine) {
   EXPECT_EQ(kept->finish.kv_bytes.full, base->finish.kv_bytes.full);
 }
 
+// Policy none is the uncompressed engine: the same tokens and the same log-probabilities, bit for
+// bit, and the same bytes.
+TEST_F(CompressionTest, PolicyNoneIsBitIdenticalToTheUncompressedEngine) {
+  GenerationRequest plain = Greedy(RandomPrompt(60, 7), 24);
+  plain.want_logprobs = true;
+  const auto base = RunAlone(plain);
+  const auto none = RunAlone(Compressed(RandomPrompt(60, 7), 24, "policy=none"));
+  ASSERT_EQ(none->outputs.size(), base->outputs.size());
+  for (size_t i = 0; i < base->outputs.size(); ++i) {
+    EXPECT_EQ(none->outputs[i].id, base->outputs[i].id) << "token " << i;
+    EXPECT_EQ(none->outputs[i].logprob, base->outputs[i].logprob) << "token " << i;
+  }
+  EXPECT_EQ(none->finish.kv_bytes.stored, base->finish.kv_bytes.stored);
+}
+
 // snapkv 25% with ThinK λ = 0.5 on the tiny model (3 layers, 2 kv-heads, head_dim 16, fp32):
 // every layer keeps 15 of 60 prompt tokens, the last 4 at full width, the others with 8 key
 // channels; each generated token adds a full-width row.
@@ -78,8 +93,8 @@ TEST_F(CompressionTest, StoredBytesAndPagesFollowThePlan) {
   const memory::KvBytes& bytes = sink->finish.kv_bytes;
   EXPECT_EQ(bytes.full, int64_t{fed} * 3 * 2 * full_row);
   EXPECT_EQ(bytes.rows, 3 * (int64_t{thin} * (thin_row + full_row) + int64_t{full} * 2 * full_row));
-  const int32_t pages = 3 * (PagesOf(thin, thin_row) + PagesOf(thin, full_row) +
-                             2 * PagesOf(full, full_row));
+  const int32_t pages =
+      3 * (PagesOf(thin, thin_row) + PagesOf(thin, full_row) + 2 * PagesOf(full, full_row));
   EXPECT_EQ(bytes.pages, int64_t{pages} * kTinyOptions.page_bytes);
   EXPECT_EQ(bytes.metadata, 3 * 2 * 8 * 2);  // a 16-bit channel set per layer and kv-head
   EXPECT_EQ(bytes.stored, bytes.pages + bytes.metadata);
