@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <optional>
@@ -18,6 +19,13 @@ namespace {
 
 absl::Status Invalid(const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+// The shortest text that parses back to the same double (StrCat keeps only 6 digits).
+std::string Number(double value) {
+  char text[32];
+  const std::to_chars_result end = std::to_chars(text, text + sizeof(text), value);
+  return std::string(text, end.ptr);
 }
 
 absl::Status ParseInt(const std::string& key, absl::string_view value, int32_t& out) {
@@ -126,7 +134,7 @@ std::string CompressionConfig::Spec() const {
   std::vector<std::string> parts;
   auto budget = [&](const TokenBudget& b) {
     parts.push_back(b.tokens > 0 ? absl::StrCat("budget_tokens=", b.tokens)
-                                 : absl::StrCat("budget_ratio=", b.ratio));
+                                 : absl::StrCat("budget_ratio=", Number(b.ratio)));
   };
   auto scoring = [&](const SnapKvConfig& c) {
     budget(c.budget);
@@ -147,8 +155,9 @@ std::string CompressionConfig::Spec() const {
     parts.push_back(absl::StrCat("sinks=", streamingllm.sinks));
   }
   if (think.enabled()) {
-    parts.push_back(think.keep_ratio > 0.0 ? absl::StrCat("think.keep_ratio=", think.keep_ratio)
-                                           : absl::StrCat("think.lambda=", think.lambda));
+    parts.push_back(think.keep_ratio > 0.0
+                        ? absl::StrCat("think.keep_ratio=", Number(think.keep_ratio))
+                        : absl::StrCat("think.lambda=", Number(think.lambda)));
     parts.push_back(absl::StrCat("think.recent=", think.recent));
     parts.push_back(absl::StrCat("think.observation=", think.observation));
   }
@@ -158,7 +167,7 @@ std::string CompressionConfig::Spec() const {
   if (eviction == EvictionPolicy::kCorm) {
     parts.push_back(absl::StrCat("corm.window=", corm.window));
     parts.push_back(absl::StrCat("corm.recent=", corm.recent));
-    parts.push_back(absl::StrCat("corm.alpha=", corm.alpha));
+    parts.push_back(absl::StrCat("corm.alpha=", Number(corm.alpha)));
     if (corm.max_tokens > 0) parts.push_back(absl::StrCat("corm.max_tokens=", corm.max_tokens));
   }
   if (eviction == EvictionPolicy::kWindow) {
@@ -177,7 +186,7 @@ absl::StatusOr<CompressionConfig> ParseCompressionSpec(std::string_view spec_vie
   if (spec.empty() || spec == "none") return config;
   SelectionFields fields;
   std::set<std::string> seen;
-  for (absl::string_view part : absl::StrSplit(spec, ',')) {
+  for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipWhitespace())) {
     part = absl::StripAsciiWhitespace(part);
     const size_t eq = part.find('=');
     if (eq == absl::string_view::npos) {

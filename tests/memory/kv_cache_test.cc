@@ -2,9 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
+#include <cstddef>
 #include <cstring>
+#include <map>
 #include <random>
 #include <set>
+#include <span>
+#include <vector>
 
 namespace kvtrim::memory {
 namespace {
