@@ -155,6 +155,34 @@ void KvCache::EvictRow(SequenceKv& seq, int32_t layer, bool prompt, int32_t kv_h
   --rows;
 }
 
+bool KvCache::MoveToPrompt(SequenceKv& seq, int32_t layer, int32_t kv_head, int32_t slot) {
+  CompressedLayer& c = seq.compressed[layer];
+  assert(slot >= 0 && slot < c.recent_rows[kv_head]);
+  assert(c.key_width == shape_.head_dim ||
+         c.channels.size() == static_cast<size_t>(shape_.n_kv_heads) * c.key_width);
+  const int32_t row = c.prompt_rows[kv_head];
+  const int32_t missing = Missing(c.keys, row + 1) + Missing(c.values, row + 1);
+  if (missing > pool_->free_pages()) return false;
+  Grow(c.keys, row + 1);
+  Grow(c.values, row + 1);
+  const size_t element = shape_.element_bytes;
+  const size_t value_bytes = static_cast<size_t>(shape_.head_dim) * element;
+  const std::byte* key = Row(seq.keys[layer], slot) + kv_head * value_bytes;
+  std::byte* thin = Row(c.keys, row) + kv_head * c.key_width * element;
+  for (int32_t i = 0; i < c.key_width; ++i) {
+    const size_t channel =
+        c.channels.empty() ? i : c.channels[static_cast<size_t>(kv_head) * c.key_width + i];
+    std::memcpy(thin + i * element, key + channel * element, element);
+  }
+  std::memcpy(Row(c.values, row) + kv_head * value_bytes,
+              Row(seq.values[layer], slot) + kv_head * value_bytes, value_bytes);
+  if (!c.prompt_states.empty()) c.prompt_states[kv_head].push_back(c.recent_states[kv_head][slot]);
+  ++c.prompt_rows[kv_head];
+  c.keys.rows = c.values.rows = MostRows(c.prompt_rows);
+  EvictRow(seq, layer, /*prompt=*/false, kv_head, slot);
+  return true;
+}
+
 void KvCache::TrimPages(SequenceKv& seq) {
   for (int32_t layer = 0; layer < static_cast<int32_t>(seq.compressed.size()); ++layer) {
     CompressedLayer& c = seq.compressed[layer];

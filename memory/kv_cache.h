@@ -109,6 +109,11 @@ class KvCache {
   // Drops kv-head `kv_head`'s row `slot` of a compressed layer's prompt segment (`prompt`) or
   // recent segment: that head's last row (key, value and decode state) moves into the slot.
   void EvictRow(SequenceKv& seq, int32_t layer, bool prompt, int32_t kv_head, int32_t slot);
+  // Moves kv-head `kv_head`'s row `slot` of a compressed layer's recent segment to the end of its
+  // prompt segment, its key thinned to the layer's channel set (ThinK re-thinning); the recent
+  // slot is then filled as EvictRow fills it. False (nothing changed) when the prompt segment
+  // needs a page and the pool has none.
+  bool MoveToPrompt(SequenceKv& seq, int32_t layer, int32_t kv_head, int32_t slot);
   // Sets each list's rows to the most any head uses and frees the pages past them.
   void TrimPages(SequenceKv& seq);
 

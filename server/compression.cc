@@ -127,12 +127,15 @@ absl::Status ConvertThink(const v1::KvCompression::Think& t, CompressionConfig& 
   }
   config.think.lambda = t.lambda();
   config.think.keep_ratio = t.keep_ratio();
-  if (!config.think.enabled() && (t.has_recent() || t.has_observation())) {
-    return Invalid(t.has_recent() ? "think.recent" : "think.observation",
+  if (!config.think.enabled() && (t.has_recent() || t.has_observation() || t.has_rethin())) {
+    return Invalid(t.has_recent()        ? "think.recent"
+                   : t.has_observation() ? "think.observation"
+                                         : "think.rethin",
                    "set without compression.think.lambda or compression.think.keep_ratio");
   }
   if (t.has_recent()) config.think.recent = t.recent();
   if (t.has_observation()) config.think.observation = t.observation();
+  if (t.has_rethin()) config.think.rethin = t.rethin();
   return absl::OkStatus();
 }
 

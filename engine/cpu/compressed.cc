@@ -17,6 +17,7 @@
 #include <cassert>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include "engine/cpu/forward.h"
 #include "memory/compress/channel_pruning.h"
@@ -100,7 +101,9 @@ void CpuBackend::CompressPrompt(int layer, const SequenceStep& step, int first_r
     c.channels = mc::SelectChannels(scores, n_kv_heads, head_dim, width).channels;
   }
 
-  const bool tracked = config.eviction != mc::EvictionPolicy::kNone;
+  // Decode-time policies need each row's state; re-thinning needs the rows' positions.
+  const bool tracked = config.eviction != mc::EvictionPolicy::kNone ||
+                       (config.think.enabled() && config.think.rethin);
   std::vector<mc::CormKeyState> states;  // (n_kv_heads, n) when a decode-time policy runs
   if (config.eviction == mc::EvictionPolicy::kCorm) {
     const int w = std::min(config.corm.window, n);
@@ -237,6 +240,32 @@ void CpuBackend::EvictCompressed(int layer, const SequenceStep& step, int positi
       if (keep[slot]) continue;
       const bool prompt = slot < n_thin;
       cache_.EvictRow(kv, layer, prompt, h, prompt ? slot : slot - n_thin);
+    }
+  }
+}
+
+void CpuBackend::RethinCompressed(int layer, const SequenceStep& step) {
+  const mc::ThinkConfig& think = step.compression->think;
+  memory::SequenceKv& kv = *step.kv;
+  memory::CompressedLayer& c = kv.compressed[layer];
+  // Without a channel set (ThinK keeping every channel, or a prompt with no thin rows) there is
+  // nothing to thin to.
+  if (c.channels.empty()) return;
+  const int keep = think.recent, threshold = 2 * std::max(think.recent, 1);
+  for (int h = 0; h < config_.n_kv_heads; ++h) {
+    const int rows = c.recent_rows[h];
+    if (rows < threshold) continue;
+    // The rows - keep oldest positions move, highest slot first (the row that fills a vacated
+    // slot is then never one still to move).
+    std::vector<int> slots(rows);
+    for (int i = 0; i < rows; ++i) slots[i] = i;
+    const std::vector<mc::CormKeyState>& states = c.recent_states[h];
+    std::nth_element(slots.begin(), slots.begin() + (rows - keep), slots.end(),
+                     [&](int a, int b) { return states[a].position < states[b].position; });
+    slots.resize(rows - keep);
+    std::sort(slots.begin(), slots.end(), std::greater<>());
+    for (int slot : slots) {
+      if (!cache_.MoveToPrompt(kv, layer, h, slot)) return;  // out of pages: stays full width
     }
   }
 }

@@ -193,8 +193,13 @@ void CpuBackend::Layer(int layer, std::span<const SequenceStep> steps) {
   for (const SequenceStep& step : steps) {
     if (IsCompressedPrompt(step)) {
       CompressPrompt(layer, step, first_row);
-    } else if (IsCompressed(step) && step.compression->eviction != DecodePolicy::kNone) {
-      EvictCompressed(layer, step, positions_[first_row]);
+    } else if (IsCompressed(step)) {
+      if (step.compression->eviction != DecodePolicy::kNone) {
+        EvictCompressed(layer, step, positions_[first_row]);
+      }
+      if (step.compression->think.enabled() && step.compression->think.rethin) {
+        RethinCompressed(layer, step);
+      }
     }
     first_row += static_cast<int>(step.tokens.size());
   }

@@ -45,6 +45,9 @@ class CpuBackend : public Backend {
   void StoreCompressed(int layer, const SequenceStep& step, int row);
   // The decode-time policy after the token at position `position` attended.
   void EvictCompressed(int layer, const SequenceStep& step, int position);
+  // ThinK re-thinning: a recent segment grown to twice ThinK's recent rows moves all but the
+  // newest of them to the thin prompt segment.
+  void RethinCompressed(int layer, const SequenceStep& step);
 
   const Model& model_;
   const ModelConfig& config_;

@@ -160,6 +160,7 @@ std::string CompressionConfig::Spec() const {
                         : absl::StrCat("think.lambda=", Number(think.lambda)));
     parts.push_back(absl::StrCat("think.recent=", think.recent));
     parts.push_back(absl::StrCat("think.observation=", think.observation));
+    if (think.rethin) parts.push_back("think.rethin=1");
   }
   if (eviction != EvictionPolicy::kNone) {
     parts.push_back(absl::StrCat("eviction=", EvictionPolicyName(eviction)));
@@ -224,6 +225,12 @@ absl::StatusOr<CompressionConfig> ParseCompressionSpec(std::string_view spec_vie
       s = ParseInt(key, value, config.think.recent);
     } else if (key == "think.observation") {
       s = ParseInt(key, value, config.think.observation);
+    } else if (key == "think.rethin") {
+      if (value == "1" || value == "true") {
+        config.think.rethin = true;
+      } else if (value != "0" && value != "false") {
+        return Invalid(key, absl::StrCat("'", std::string(value), "' is not 0, 1, true or false"));
+      }
     } else if (key == "eviction") {
       absl::StatusOr<EvictionPolicy> p =
           ParseEvictionPolicy(std::string_view(value.data(), value.size()), key);

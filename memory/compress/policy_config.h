@@ -69,6 +69,10 @@ struct ThinkConfig {
   double keep_ratio = 0.0;   // in (0, 1]
   int32_t observation = 32;  // last prompt queries scoring the channels (hard-coded -32 there)
   int32_t recent = 32;       // last kept rows stored at full width (init_snapkv: recent_size = 32)
+  // Beyond the paper: once the full-width recent segment of a kv-head holds 2 * max(recent, 1)
+  // rows, all but its `recent` newest move to the thin segment, on the channels frozen at
+  // prefill, so a long generation keeps saving.
+  bool rethin = false;
 
   bool enabled() const { return lambda > 0.0 || keep_ratio > 0.0; }
   // Channels kept per kv-head: head_dim - int(head_dim * lambda), the reference's rounding; from

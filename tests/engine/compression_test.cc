@@ -159,6 +159,30 @@ TEST_F(CompressionTest, CormEvictsBelowThresholdAndKeepsRecent) {
   EXPECT_GT(sink->finish.kv_bytes.saved_ratio(), 0.0);
 }
 
+// ThinK re-thinning: the full-width segment never holds more than 2 * recent rows per kv-head,
+// no token is lost, and a long generation stores less than without it.
+TEST_F(CompressionTest, RethinKeepsTheRecentSegmentShort) {
+  const char* base_spec =
+      "policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=4,"
+      "think.observation=8";
+  const std::string rethin_spec = std::string(base_spec) + ",think.rethin=1";
+  const auto plain = RunAlone(Compressed(RandomPrompt(40, 8), 60, base_spec));
+  const auto rethin = RunAlone(Compressed(RandomPrompt(40, 8), 60, rethin_spec.c_str()));
+  ASSERT_EQ(rethin->finish.reason, FinishReason::kLength);
+  // 20 kept prompt tokens + 59 fed generated tokens, every one still cached.
+  for (int32_t tokens : rethin->finish.kv_layout.layer_tokens) EXPECT_EQ(tokens, 20 + 59);
+  EXPECT_EQ(rethin->finish.kv_layout.layer_tokens, plain->finish.kv_layout.layer_tokens);
+  // Rows: without re-thinning 16 thin + 63 full per layer; with it at most 7 stay full.
+  const int64_t full_row = 2 * 16 * 4, thin_row = 2 * 8 * 4;
+  EXPECT_EQ(plain->finish.kv_bytes.rows, 3 * (16 * (thin_row + full_row) + 63 * 2 * full_row));
+  EXPECT_LE(rethin->finish.kv_bytes.rows, 3 * (72 * (thin_row + full_row) + 7 * 2 * full_row));
+  EXPECT_LT(rethin->finish.kv_bytes.stored, plain->finish.kv_bytes.stored);
+  // The first tokens, generated before any row was re-thinned, are the same.
+  const std::vector<int32_t> plain_ids = plain->ids(), rethin_ids = rethin->ids();
+  EXPECT_EQ(std::vector<int32_t>(rethin_ids.begin(), rethin_ids.begin() + 4),
+            std::vector<int32_t>(plain_ids.begin(), plain_ids.begin() + 4));
+}
+
 TEST_F(CompressionTest, PromptDependentValidationNamesTheField) {
   std::unique_ptr<Scheduler> scheduler = Make();
   auto sink = std::make_shared<RecordingSink>();

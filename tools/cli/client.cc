@@ -102,6 +102,7 @@ v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& con
     }
     think->set_recent(config.think.recent);
     think->set_observation(config.think.observation);
+    if (config.think.rethin) think->set_rethin(true);
   }
   v1::KvCompression::Eviction* eviction = m.mutable_eviction();
   eviction->set_policy(EvictionPolicyName(config.eviction));
