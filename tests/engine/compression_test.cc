@@ -159,6 +159,21 @@ TEST_F(CompressionTest, CormEvictsBelowThresholdAndKeepsRecent) {
   EXPECT_GT(sink->finish.kv_bytes.saved_ratio(), 0.0);
 }
 
+// corm with a threshold no attention falls below (alpha tiny) evicts nothing: it computes what
+// the uncompressed engine computes, through the decode-state bookkeeping.
+TEST_F(CompressionTest, CormBelowEveryThresholdMatchesTheUncompressedEngine) {
+  GenerationRequest plain = Greedy(RandomPrompt(60, 9), 24);
+  plain.want_logprobs = true;
+  const auto base = RunAlone(plain);
+  const auto corm = RunAlone(Compressed(
+      RandomPrompt(60, 9), 24, "eviction=corm,corm.window=4,corm.recent=4,corm.alpha=1e-12"));
+  EXPECT_EQ(corm->ids(), base->ids());
+  for (int32_t tokens : corm->finish.kv_layout.layer_tokens) EXPECT_EQ(tokens, 60 + 23);
+  for (size_t i = 0; i < base->outputs.size(); ++i) {
+    EXPECT_NEAR(corm->outputs[i].logprob, base->outputs[i].logprob, 1e-4) << "token " << i;
+  }
+}
+
 // ThinK re-thinning: the full-width segment never holds more than 2 * recent rows per kv-head,
 // no token is lost, and a long generation stores less than without it.
 TEST_F(CompressionTest, RethinKeepsTheRecentSegmentShort) {
