@@ -184,6 +184,14 @@ int Run() {
     return 2;
   }
 
+  if (default_compression->enabled()) {
+    if (absl::Status s = (*scheduler)->CompressionSupport(); !s.ok()) {
+      spdlog::error("--kv-compression {}: {}", default_compression->Spec(),
+                    std::string(s.message()));
+      return 2;
+    }
+  }
+
   ServiceOptions service_options;
   RequestLimits& limits = service_options.limits;
   limits.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens) > 0

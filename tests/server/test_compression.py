@@ -309,6 +309,18 @@ class BadDefault(unittest.TestCase):
         self.assertIn("--kv-compression: snapkv.budget_ratio: 1.5 is outside (0, 1]",
                       done.stderr + done.stdout)
 
+    def test_server_refuses_a_default_its_model_cannot_take(self):
+        # A sliding-window model (the tiny Mistral) cannot be compressed: refused at startup
+        # rather than failing every request that takes the default.
+        mistral = os.path.join(harness.PATHS.source_dir, "tests", "data", "tiny", "mistral.gguf")
+        done = subprocess.run(
+            [harness.PATHS.server, "--model", mistral, "--listen", "127.0.0.1:0",
+             "--metrics-port", "0", "--kv-compression", "policy=snapkv,budget_ratio=0.5"],
+            capture_output=True, text=True, timeout=harness.STARTUP_TIMEOUT,
+            stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 2, done.stderr + done.stdout)
+        self.assertIn("sliding-window attention", done.stderr + done.stdout)
+
 
 if __name__ == "__main__":
     harness.main()
