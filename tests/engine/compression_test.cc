@@ -8,8 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <set>
 #include <vector>
 
+#include "engine/cpu/forward.h"
 #include "engine/scheduler.h"
 #include "tests/engine/scheduler_test_util.h"
 
@@ -196,6 +199,79 @@ TEST_F(CompressionTest, RethinKeepsTheRecentSegmentShort) {
   const std::vector<int32_t> plain_ids = plain->ids(), rethin_ids = rethin->ids();
   EXPECT_EQ(std::vector<int32_t>(rethin_ids.begin(), rethin_ids.begin() + 4),
             std::vector<int32_t>(plain_ids.begin(), plain_ids.begin() + 4));
+}
+
+// What a compressed prefill writes is the uncompressed prefill's own K/V: every kept row of every
+// kv-head, at the position its decode state records, holds the key (on the ThinK channels, or
+// whole) and value the uncompressed engine stored for that position, byte for byte; each head
+// keeps its own tokens, the observation window included. (A window policy that evicts nothing
+// makes the positions tracked.)
+TEST_F(CompressionTest, KeptRowsAreTheUncompressedRowsOfTheirPositions) {
+  const int n = 120;  // one prefill chunk for the uncompressed sequence too
+  const std::vector<int32_t> prompt = RandomPrompt(n, 10);
+  for (const char* spec : {"policy=snapkv,budget_ratio=0.5,window=8,eviction=window,"
+                           "window.sinks=0,window.recent=1000",
+                           "policy=pyramidkv,budget_ratio=0.3,window=8,think.lambda=0.5,"
+                           "think.recent=4,think.observation=8,eviction=window,window.sinks=0,"
+                           "window.recent=1000"}) {
+    SCOPED_TRACE(spec);
+    const mc::CompressionConfig config = Spec(spec);
+    const ModelConfig& c = model_->config;
+    memory::PagePool pool = *memory::PagePool::Create(kTinyOptions.page_bytes, 512);
+    memory::KvCache cache =
+        *memory::KvCache::Create(&pool, {c.n_layers, c.n_kv_heads, c.head_dim, sizeof(float)});
+    std::unique_ptr<CpuBackend> backend = *CpuBackend::Create(model_, &cache);
+    memory::SequenceKv full = cache.NewSequence(), compressed = cache.NewSequence();
+    ASSERT_TRUE(cache.Reserve(full, n + 1));
+    ASSERT_TRUE(
+        cache.ReserveCompressed(compressed, mc::PlanPrompt(config, n, c.n_layers, c.head_dim), 1));
+    std::vector<float> full_logits, compressed_logits;
+    const SequenceStep full_step{&full, prompt, true, nullptr};
+    const SequenceStep compressed_step{&compressed, prompt, true, &config};
+    ASSERT_TRUE(backend->Forward(std::span(&full_step, 1), full_logits).ok());
+    ASSERT_TRUE(backend->Forward(std::span(&compressed_step, 1), compressed_logits).ok());
+    EXPECT_EQ(compressed_logits, full_logits);  // the prefill attends over the whole prompt
+
+    const size_t element = sizeof(float), head_bytes = c.head_dim * element;
+    for (int layer = 0; layer < c.n_layers; ++layer) {
+      const memory::CompressedLayer& kept = compressed.compressed[layer];
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        std::set<int32_t> positions;
+        auto check = [&](bool prompt_segment, int slot, int32_t position) {
+          positions.insert(position);
+          const std::byte* key = cache.Row(full.keys[layer], position) + h * head_bytes;
+          const std::byte* value = cache.Row(full.values[layer], position) + h * head_bytes;
+          const memory::PageList& keys = prompt_segment ? kept.keys : compressed.keys[layer];
+          const memory::PageList& values = prompt_segment ? kept.values : compressed.values[layer];
+          const int width = prompt_segment ? kept.key_width : c.head_dim;
+          const std::byte* stored_key = cache.Row(keys, slot) + h * width * element;
+          for (int i = 0; i < width; ++i) {
+            const int channel =
+                width == c.head_dim ? i : kept.channels[static_cast<size_t>(h) * width + i];
+            ASSERT_EQ(std::memcmp(stored_key + i * element, key + channel * element, element), 0)
+                << "layer " << layer << " head " << h << " slot " << slot << " channel " << i;
+          }
+          ASSERT_EQ(std::memcmp(cache.Row(values, slot) + h * head_bytes, value, head_bytes), 0)
+              << "layer " << layer << " head " << h << " slot " << slot;
+        };
+        for (int j = 0; j < kept.prompt_rows[h]; ++j)
+          check(true, j, kept.prompt_states[h][j].position);
+        for (int j = 0; j < kept.recent_rows[h]; ++j)
+          check(false, j, kept.recent_states[h][j].position);
+        EXPECT_EQ(static_cast<int>(positions.size()), kept.prompt_rows[h] + kept.recent_rows[h]);
+        for (int32_t p = n - 8; p < n; ++p) EXPECT_TRUE(positions.count(p)) << "window " << p;
+      }
+    }
+    // Heads keep different tokens (selection is per kv-head).
+    const memory::CompressedLayer& first = compressed.compressed[0];
+    std::vector<int32_t> head0, head1;
+    for (const auto& state : first.prompt_states[0]) head0.push_back(state.position);
+    for (const auto& state : first.prompt_states[1]) head1.push_back(state.position);
+    EXPECT_NE(head0, head1);
+    cache.Release(full);
+    cache.Release(compressed);
+    EXPECT_EQ(pool.used_pages(), 0);
+  }
 }
 
 TEST_F(CompressionTest, PromptDependentValidationNamesTheField) {
