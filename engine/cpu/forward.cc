@@ -133,8 +133,11 @@ absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vecto
   }
   for (int layer = 0; layer < config_.n_layers; ++layer) Layer(layer, steps);
   for (const SequenceStep& step : steps) {
-    // Pages emptied by decode-time eviction go back to the pool.
-    if (IsCompressed(step) && !IsCompressedPrompt(step)) cache_.TrimPages(*step.kv);
+    // Pages emptied by decode-time eviction or re-thinning go back to the pool.
+    if (IsCompressed(step) && !IsCompressedPrompt(step) &&
+        (step.compression->eviction != DecodePolicy::kNone || step.compression->think.rethin)) {
+      cache_.TrimPages(*step.kv);
+    }
     // A compressed sequence's rows were counted as they were written (per kv-head).
     for (int layer = 0; layer < config_.n_layers && !IsCompressed(step); ++layer) {
       step.kv->keys[layer].rows += static_cast<int>(step.tokens.size());

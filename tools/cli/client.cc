@@ -119,9 +119,10 @@ v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& con
   return m;
 }
 
-std::string FormatKvReport(const KvReport& r) {
+std::string FormatKvReport(const memory::KvBytes& bytes, const memory::KvLayout& layout,
+                           const std::string& compression) {
   constexpr double kMiB = 1048576.0;
-  const auto& kept = r.tokens_kept_per_layer;
+  const std::vector<int32_t>& kept = layout.layer_tokens;
   const std::string tokens = kept.empty()
                                  ? "-"
                                  : absl::StrCat(*std::min_element(kept.begin(), kept.end()), "..",
@@ -130,9 +131,9 @@ std::string FormatKvReport(const KvReport& r) {
   std::snprintf(line, sizeof(line),
                 "KV saved %.1f%%: %.2f of %.2f MiB stored (rows %.2f MiB, metadata %.3f MiB), "
                 "tokens kept per layer %s, key channels %d, compression %s",
-                100.0 * r.saved_ratio, r.bytes_stored / kMiB, r.bytes_uncompressed / kMiB,
-                r.bytes_rows / kMiB, r.bytes_metadata / kMiB, tokens.c_str(), r.key_channels,
-                r.compression.c_str());
+                100.0 * bytes.saved_ratio(), bytes.stored / kMiB, bytes.full / kMiB,
+                bytes.rows / kMiB, bytes.metadata / kMiB, tokens.c_str(), layout.key_channels,
+                compression.c_str());
   return line;
 }
 
@@ -181,16 +182,15 @@ absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& 
                last.timings().total_seconds(), FinishName(last.finish_reason()),
                last.kv_memory().bytes_pages() / 1048576.0);
   const v1::KvMemoryStats& kv = last.kv_memory();
-  const KvReport report{.bytes_stored = kv.bytes_stored(),
-                        .bytes_uncompressed = kv.bytes_uncompressed(),
-                        .bytes_rows = kv.bytes_rows(),
-                        .bytes_metadata = kv.bytes_metadata(),
-                        .saved_ratio = kv.saved_ratio(),
-                        .tokens_kept_per_layer = {kv.tokens_kept_per_layer().begin(),
-                                                  kv.tokens_kept_per_layer().end()},
-                        .key_channels = kv.key_channels(),
-                        .compression = kv.compression()};
-  std::fprintf(stderr, "[%s]\n", FormatKvReport(report).c_str());
+  const memory::KvBytes bytes{.full = kv.bytes_uncompressed(),
+                              .rows = kv.bytes_rows(),
+                              .pages = kv.bytes_pages(),
+                              .metadata = kv.bytes_metadata(),
+                              .stored = kv.bytes_stored()};
+  const memory::KvLayout layout{
+      .layer_tokens = {kv.tokens_kept_per_layer().begin(), kv.tokens_kept_per_layer().end()},
+      .key_channels = kv.key_channels()};
+  std::fprintf(stderr, "[%s]\n", FormatKvReport(bytes, layout, kv.compression()).c_str());
   return absl::OkStatus();
 }
 

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "kvtrim/v1/inference.pb.h"
 #include "memory/compress/compression.h"
+#include "memory/kv_cache.h"
 
 namespace kvtrim::cli {
 
@@ -37,20 +38,11 @@ struct GenerateOptions {
 // The request message asking for exactly `config` (every field of its active stages set).
 v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& config);
 
-// A finished request's KV cache, as the CLI reports it after a generation.
-struct KvReport {
-  int64_t bytes_stored = 0;
-  int64_t bytes_uncompressed = 0;
-  int64_t bytes_rows = 0;
-  int64_t bytes_metadata = 0;
-  double saved_ratio = 0.0;
-  std::vector<int32_t> tokens_kept_per_layer;  // (n_layers)
-  int32_t key_channels = 0;
-  std::string compression;  // the spec applied
-};
-
-// One line: "KV saved 71.9%: 0.82 of 2.92 MiB stored (...), tokens kept per layer 60..180, ...".
-std::string FormatKvReport(const KvReport& report);
+// A finished request's KV cache (in-process: the engine's Finish; remote: the response's
+// kv_memory in the same types) with the spec applied, as one line: "KV saved 71.9%: 0.82 of
+// 2.92 MiB stored (...), tokens kept per layer 60..180, ...".
+std::string FormatKvReport(const memory::KvBytes& bytes, const memory::KvLayout& layout,
+                           const std::string& compression);
 
 // Streams the generated text to stdout and a summary line to stderr.
 absl::Status ClientGenerate(const ClientOptions& client, const GenerateOptions& options);

@@ -152,15 +152,9 @@ absl::Status Generate() {
                finish.completion_tokens > 1 ? (finish.completion_tokens - 1) / decode : 0.0,
                engine::FinishReasonName(finish.reason), finish.kv_bytes.pages / 1048576.0,
                backend->name.c_str());
-  const cli::KvReport report{.bytes_stored = finish.kv_bytes.stored,
-                             .bytes_uncompressed = finish.kv_bytes.full,
-                             .bytes_rows = finish.kv_bytes.rows,
-                             .bytes_metadata = finish.kv_bytes.metadata,
-                             .saved_ratio = finish.kv_bytes.saved_ratio(),
-                             .tokens_kept_per_layer = finish.kv_layout.layer_tokens,
-                             .key_channels = finish.kv_layout.key_channels,
-                             .compression = request.compression.Spec()};
-  std::fprintf(stderr, "[%s]\n", cli::FormatKvReport(report).c_str());
+  std::fprintf(
+      stderr, "[%s]\n",
+      cli::FormatKvReport(finish.kv_bytes, finish.kv_layout, request.compression.Spec()).c_str());
   return absl::OkStatus();
 }
 
