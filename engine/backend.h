@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 
 namespace kvtrim::engine {
@@ -28,8 +29,14 @@ class Backend {
   // Runs every sequence's new tokens through the model, appends their K/V rows to the pages,
   // and fills `logits` with (n_wanting, vocab_size) rows in step order.
   virtual absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) = 0;
-  // Whether Forward takes compressed sequences (SequenceStep::compression enabled).
-  virtual bool supports_compression() const { return false; }
+  // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
+  // else INVALID_ARGUMENT naming what this backend does not run.
+  virtual absl::Status SupportsCompression(
+      const memory::compress::CompressionConfig& compression) const {
+    (void)compression;
+    return absl::InvalidArgumentError(
+        "compression: this server's backend stores the KV cache uncompressed only");
+  }
 };
 
 }  // namespace kvtrim::engine

@@ -217,7 +217,7 @@ absl::Status Scheduler::Validate(const GenerationRequest& r) const {
         absl::StrCat("top_logprobs: must be in [0, ", kMaxTopLogprobs, "], got ", r.top_logprobs));
   }
   if (r.compression.enabled()) {
-    if (absl::Status s = CompressionSupport(); !s.ok()) return s;
+    if (absl::Status s = CompressionSupport(r.compression); !s.ok()) return s;
     const absl::Status s = r.compression.Validate(static_cast<int32_t>(r.prompt.size()));
     if (!s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("compression.", std::string(s.message())));
@@ -226,11 +226,9 @@ absl::Status Scheduler::Validate(const GenerationRequest& r) const {
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::CompressionSupport() const {
-  if (!backend_->supports_compression()) {
-    return absl::InvalidArgumentError(
-        "compression: this server's backend stores the KV cache uncompressed only");
-  }
+absl::Status Scheduler::CompressionSupport(
+    const memory::compress::CompressionConfig& compression) const {
+  if (absl::Status s = backend_->SupportsCompression(compression); !s.ok()) return s;
   if (model_.config.sliding_window > 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "compression: not supported for ", model_.config.name, " (sliding-window attention)"));

@@ -112,9 +112,9 @@ class Scheduler {
   void Stop();
 
   SchedulerStats stats() const;
-  // OK when requests may ask for compression; else INVALID_ARGUMENT saying why (the backend
-  // stores rows uncompressed only, or the model uses sliding-window attention).
-  absl::Status CompressionSupport() const;
+  // OK when requests may ask for `compression`; else INVALID_ARGUMENT saying why (the backend
+  // does not run it, or the model uses sliding-window attention).
+  absl::Status CompressionSupport(const memory::compress::CompressionConfig& compression) const;
   // The pool itself, for tests and in-process callers: read it only while no step runs.
   const memory::PagePool& pool() const;
 

@@ -185,7 +185,7 @@ int Run() {
   }
 
   if (default_compression->enabled()) {
-    if (absl::Status s = (*scheduler)->CompressionSupport(); !s.ok()) {
+    if (absl::Status s = (*scheduler)->CompressionSupport(*default_compression); !s.ok()) {
       spdlog::error("--kv-compression {}: {}", default_compression->Spec(),
                     std::string(s.message()));
       return 2;

@@ -19,7 +19,11 @@ class CpuBackend : public Backend {
                                                             memory::KvCache* cache);
 
   absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
-  bool supports_compression() const override { return true; }
+  absl::Status SupportsCompression(
+      const memory::compress::CompressionConfig& compression) const override {
+    (void)compression;
+    return absl::OkStatus();
+  }
 
  private:
   CpuBackend(const Model* model, memory::KvCache* cache);

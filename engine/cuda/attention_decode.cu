@@ -14,6 +14,8 @@
 //    rows are cut into `splits` contiguous parts; every part writes (acc, m, l) to a workspace and
 //    a small kernel merges them (the flash-decoding scheme).
 // Pages are located per row through the sequence's CSR page list (PagedRowOffset).
+// The pieces the compressed kernel (attention_decode_compressed.cu) shares with this one live in
+// attention_decode_common.cuh; the split-K merge kernel is defined here for both.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -21,41 +23,21 @@
 #include <cstdint>
 
 #include "engine/cuda/attention_decode.h"
+#include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/check.h"
 
 namespace kvtrim::engine::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxHeadsPerBlock = 8;
-constexpr float kLog2e = 1.4426950408889634f;
-
-// One online-softmax state merged into another (log2 domain). Empty states have m = -inf, l = 0.
-struct Merge {
-  float a, b;  // weights of the first and the second state
-  __device__ __forceinline__ Merge(float& m, float& l, float m_other, float l_other) {
-    const float m_new = fmaxf(m, m_other);
-    if (m_new == -INFINITY) {
-      a = b = 0.0f;
-      return;
-    }
-    a = exp2f(m - m_new);
-    b = exp2f(m_other - m_new);
-    l = l * a + l_other * b;
-    m = m_new;
-  }
-};
-
-__device__ __forceinline__ void Unpack8(const uint4& packed, float out[8]) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
+using decode_attention::AddPagedRows;
+using decode_attention::FinishBlock;
+using decode_attention::HeadChunks;
+using decode_attention::kLog2e;
+using decode_attention::kMaxHeadsPerBlock;
+using decode_attention::kThreads;
+using decode_attention::Merge;
+using decode_attention::SoftmaxState;
+using decode_attention::StartState;
 
 struct BlockWork {
   int seq;         // index in the step's CSR
@@ -90,134 +72,20 @@ __global__ void __launch_bounds__(kThreads)
                           int n_heads, int group, int heads_per_block, int chunks, int window,
                           float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
                           float* __restrict__ workspace) {
-  constexpr int kLanesPerRow = kHeadDim / 8;  // threads sharing a row, 8 channels each
-  constexpr int kRowsPerWarp = 32 / kLanesPerRow;
-  constexpr int kRowsPerPass = kRowsPerWarp * kWarps;
-  __shared__ float shared_acc[kWarps][kMaxHeadsPerBlock][kHeadDim];
-  __shared__ float shared_m[kWarps][kMaxHeadsPerBlock];
-  __shared__ float shared_l[kWarps][kMaxHeadsPerBlock];
-
   const BlockWork w =
       LocateWork(kv, token_indptr, seqs, group, heads_per_block, chunks, window, splits);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row_in_warp = lane / kLanesPerRow;
-  const int channel = (lane % kLanesPerRow) * 8;
+  const int channel = (threadIdx.x % (kHeadDim / 8)) * 8;
   const int kv_head = w.first_head / group;
-  const int q_stride = n_heads * kHeadDim;
 
   float query[kMaxHeadsPerBlock][8];
-  float m[kMaxHeadsPerBlock], l[kMaxHeadsPerBlock], acc[kMaxHeadsPerBlock][8];
-#pragma unroll
-  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[g][i] = query[g][i] = 0.0f;
-    if (g < w.n_heads) {
-      const uint4 packed = *reinterpret_cast<const uint4*>(
-          q + static_cast<int64_t>(w.token) * q_stride + (w.first_head + g) * kHeadDim + channel);
-      Unpack8(packed, query[g]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) query[g][i] *= scale_log2;
-    }
-  }
-
-  const int32_t* key_pages = kv.key_pages + kv.page_indptr[w.seq];
-  const int32_t* value_pages = kv.value_pages + kv.page_indptr[w.seq];
-  const int64_t head_offset = static_cast<int64_t>(kv_head) * kHeadDim + channel;
-  // Two rows per thread per iteration: both rows' loads are issued before either is used.
-  constexpr int kUnroll = 2;
-  for (int base = w.begin + warp * kRowsPerWarp; base < w.end; base += kRowsPerPass * kUnroll) {
-    uint4 key[kUnroll], value[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int row = base + u * kRowsPerPass + row_in_warp;
-      valid[u] = row < w.end;
-      if (valid[u]) {
-        key[u] = *reinterpret_cast<const uint4*>(kv.pool + PagedRowOffset(kv, key_pages, row) +
-                                                 head_offset);
-        value[u] = *reinterpret_cast<const uint4*>(kv.pool + PagedRowOffset(kv, value_pages, row) +
-                                                   head_offset);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float k[8], v[8];
-      Unpack8(valid[u] ? key[u] : make_uint4(0, 0, 0, 0), k);
-      Unpack8(valid[u] ? value[u] : make_uint4(0, 0, 0, 0), v);
-#pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-        if (g >= w.n_heads) break;  // uniform across the block
-        float score = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) score += query[g][i] * k[i];
-#pragma unroll
-        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
-          score += __shfl_xor_sync(0xffffffffu, score, offset);
-        }
-        if (!valid[u]) continue;
-        const float m_new = fmaxf(m[g], score);
-        const float correction = exp2f(m[g] - m_new);
-        const float p = exp2f(score - m_new);
-        l[g] = l[g] * correction + p;
-        m[g] = m_new;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * correction + p * v[i];
-      }
-    }
-  }
-
-  // Merge the warp's row groups (lanes channel-aligned kLanesPerRow apart), then the warps.
-#pragma unroll
-  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-    if (g >= w.n_heads) break;
-#pragma unroll
-    for (int offset = kLanesPerRow; offset < 32; offset *= 2) {
-      const float m_other = __shfl_xor_sync(0xffffffffu, m[g], offset);
-      const float l_other = __shfl_xor_sync(0xffffffffu, l[g], offset);
-      float acc_other[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc_other[i] = __shfl_xor_sync(0xffffffffu, acc[g][i], offset);
-      const Merge merge(m[g], l[g], m_other, l_other);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * merge.a + acc_other[i] * merge.b;
-    }
-    if (row_in_warp == 0) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) shared_acc[warp][g][channel + i] = acc[g][i];
-      if (lane == 0) {
-        shared_m[warp][g] = m[g];
-        shared_l[warp][g] = l[g];
-      }
-    }
-  }
-  __syncthreads();
-
-  for (int index = threadIdx.x; index < w.n_heads * kHeadDim; index += kThreads) {
-    const int g = index / kHeadDim, d = index % kHeadDim;
-    float m_all = -INFINITY, l_all = 0.0f, acc_all = 0.0f;
-#pragma unroll
-    for (int x = 0; x < kWarps; ++x) {
-      const Merge merge(m_all, l_all, shared_m[x][g], shared_l[x][g]);
-      acc_all = acc_all * merge.a + shared_acc[x][g][d] * merge.b;
-    }
-    const int head = w.first_head + g;
-    if (splits == 1) {
-      out[static_cast<int64_t>(w.token) * n_heads * kHeadDim + head * kHeadDim + d] =
-          __float2bfloat16(l_all > 0.0f ? acc_all / l_all : 0.0f);
-    } else {
-      // Record (head_dim + 2) floats per (sequence item, head, split): acc..., m, l.
-      float* record =
-          workspace + ((static_cast<int64_t>(blockIdx.x) * n_heads + head) * splits + blockIdx.z) *
-                          (kHeadDim + 2);
-      record[d] = acc_all;
-      if (d == 0) {
-        record[kHeadDim] = m_all;
-        record[kHeadDim + 1] = l_all;
-      }
-    }
-  }
+  SoftmaxState<> state;
+  StartState<kHeadDim>(q, w.token, n_heads, w.first_head, w.n_heads, channel, scale_log2, query,
+                       state);
+  AddPagedRows<kHeadDim, kMaxHeadsPerBlock>(
+      kv, kv.key_pages + kv.page_indptr[w.seq], kv.value_pages + kv.page_indptr[w.seq],
+      static_cast<int64_t>(kv_head) * kHeadDim + channel, w.begin, w.end, query, w.n_heads, state);
+  FinishBlock<kHeadDim, kMaxHeadsPerBlock>(state, w.first_head, w.n_heads, w.token, n_heads, splits,
+                                           out, workspace);
 }
 
 // Merges the splits of one (sequence item, head): grid (n_seqs, n_heads), head_dim threads.
@@ -249,12 +117,6 @@ void Launch(dim3 grid, const PagedKv& kv, const int32_t* token_indptr, const int
   DecodeAttentionKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(
       kv, token_indptr, seqs, q, shape.n_heads, group, heads_per_block, chunks, shape.window,
       scale_log2, splits, out, workspace);
-}
-
-// Query heads per block and blocks per kv-head: the group, cut into near-equal chunks of <= 8.
-void HeadChunks(int group, int& heads_per_block, int& chunks) {
-  chunks = (group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  heads_per_block = (group + chunks - 1) / chunks;
 }
 
 }  // namespace
@@ -319,11 +181,18 @@ cudaError_t LaunchDecodeAttention(const PagedKv& kv, const int32_t* token_indptr
       break;
   }
   KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
-  if (splits > 1) {
-    const int threads = std::min(256, (shape.head_dim + 31) / 32 * 32);
-    MergeSplitsKernel<<<dim3(n_seqs, shape.n_heads), threads, 0, stream>>>(
-        token_indptr, seqs, workspace, shape.n_heads, shape.head_dim, splits, out);
-  }
+  if (splits == 1) return cudaSuccess;
+  return decode_attention::LaunchMergeSplits(token_indptr, seqs, n_seqs, workspace, shape.n_heads,
+                                             shape.head_dim, splits, out, stream);
+}
+
+cudaError_t decode_attention::LaunchMergeSplits(const int32_t* token_indptr, const int32_t* seqs,
+                                                int n_seqs, const float* workspace, int n_heads,
+                                                int head_dim, int splits, __nv_bfloat16* out,
+                                                cudaStream_t stream) {
+  const int threads = std::min(256, (head_dim + 31) / 32 * 32);
+  MergeSplitsKernel<<<dim3(n_seqs, n_heads), threads, 0, stream>>>(token_indptr, seqs, workspace,
+                                                                   n_heads, head_dim, splits, out);
   return LaunchError();
 }
 

@@ -12,6 +12,12 @@
 //             n = rmsnorm(x); x += swiglu(n · Wgateᵀ, n · Wupᵀ) · Wdownᵀ; n = rmsnorm(x)
 //           logits = gather(n, wanting rows) · lm_headᵀ (fp32), copied back to the host
 //
+// A compressed prompt (SequenceStep::compression, fed whole) attends over its K/V in the step's
+// k / v buffers instead of pages, and after each layer's attention the prompt compression
+// kernels (compress_prompt.h) select its kept tokens and ThinK channels and write only those rows
+// to its pages; compressed sequences then decode over their thin and recent segments
+// (attention_decode_compressed.h).
+//
 // The projections that end a block (Wo, Wdown) add their fp32 product straight into x, so the
 // residual stream never goes through bf16. Everything runs on one stream; the step ends with one
 // synchronisation, after the logits copy.
@@ -23,7 +29,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/attention_prefill.h"
+#include "engine/cuda/compress_prompt.h"
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/kv_write.h"
 #include "engine/cuda/rmsnorm.h"
@@ -167,28 +175,30 @@ absl::Status CudaBackend::Init() {
                     "cudaMemcpy(inv_freq)");
 }
 
+absl::Status CudaBackend::ReserveTokens(int tokens) {
+  if (tokens <= capacity_tokens_) return absl::OkStatus();
+  const size_t T = RoundUp(tokens);
+  const size_t bf16 = sizeof(__nv_bfloat16);
+  const size_t hidden = config_.hidden, ffn = config_.ffn_hidden;
+  const size_t q_width = static_cast<size_t>(config_.n_heads) * config_.head_dim;
+  const size_t kv_width = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim;
+  capacity_tokens_ = 0;  // until every buffer has grown
+  KVTRIM_RETURN_IF_ERROR(Grow(x_, T * hidden * sizeof(float)));
+  KVTRIM_RETURN_IF_ERROR(Grow(normed_, T * hidden * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(q_, T * q_width * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(kv_, 2 * T * kv_width * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(attention_, T * q_width * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(gate_, T * ffn * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(up_, T * ffn * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(activation_, T * ffn * bf16));
+  capacity_tokens_ = static_cast<int>(T);
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
   KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, plan_.bytes()));
   KVTRIM_RETURN_IF_ERROR(Grow(plan_device_, plan_.bytes()));
   KVTRIM_RETURN_IF_ERROR(Grow(workspace_, workspace_bytes));
-  if (plan_.tokens > capacity_tokens_) {
-    const size_t T = RoundUp(plan_.tokens);
-    const size_t bf16 = sizeof(__nv_bfloat16);
-    const size_t hidden = config_.hidden, ffn = config_.ffn_hidden;
-    const size_t q_width = static_cast<size_t>(config_.n_heads) * config_.head_dim;
-    const size_t kv_width = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim;
-    capacity_tokens_ = 0;  // until every buffer has grown
-    KVTRIM_RETURN_IF_ERROR(Grow(x_, T * hidden * sizeof(float)));
-    KVTRIM_RETURN_IF_ERROR(Grow(normed_, T * hidden * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(q_, T * q_width * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(k_, T * kv_width * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(v_, T * kv_width * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(attention_, T * q_width * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(gate_, T * ffn * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(up_, T * ffn * bf16));
-    KVTRIM_RETURN_IF_ERROR(Grow(activation_, T * ffn * bf16));
-    capacity_tokens_ = static_cast<int>(T);
-  }
   if (plan_.logit_rows > capacity_logits_) {
     const size_t N = RoundUp(plan_.logit_rows);
     capacity_logits_ = 0;
@@ -197,16 +207,66 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
     KVTRIM_RETURN_IF_ERROR(Grow(logits_host_, N * config_.vocab_size * sizeof(float)));
     capacity_logits_ = static_cast<int>(N);
   }
+  size_t scratch = 0, scores = 0, kept = 0;
+  for (const PromptJob& job : plan_.prompts) {
+    const memory::compress::CompressionConfig& c = *job.config;
+    const bool snap = c.selection == memory::compress::SelectionPolicy::kSnapKv ||
+                      c.selection == memory::compress::SelectionPolicy::kPyramidKv;
+    const int w = c.selection == memory::compress::SelectionPolicy::kPyramidKv
+                      ? c.pyramidkv.snap.window
+                      : c.snapkv.window;
+    if (snap && w < job.n) {
+      scratch = std::max(scratch, SnapKvWorkspaceBytes(job.n, w, shape_));
+      scores = std::max(scores, static_cast<size_t>(config_.n_kv_heads) * (job.n - w));
+    }
+    kept = std::max(kept, static_cast<size_t>(config_.n_kv_heads) * job.n);
+  }
+  if (!plan_.prompts.empty()) scratch = std::max(scratch, ThinkWorkspaceBytes(shape_));
+  KVTRIM_RETURN_IF_ERROR(Grow(compress_scratch_, scratch));
+  KVTRIM_RETURN_IF_ERROR(Grow(scores_, scores * sizeof(float)));
+  KVTRIM_RETURN_IF_ERROR(Grow(kept_, kept * sizeof(int32_t)));
+  KVTRIM_RETURN_IF_ERROR(Grow(channels_, plan_.channel_out * sizeof(uint16_t)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SupportsCompression(
+    const memory::compress::CompressionConfig& compression) const {
+  if (compression.eviction != memory::compress::EvictionPolicy::kNone) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compression: eviction=", memory::compress::EvictionPolicyName(compression.eviction),
+        " runs on the CPU backend only; the CUDA backend runs prompt selection "
+        "(snapkv, pyramidkv, streamingllm) and ThinK"));
+  }
+  if (compression.think.enabled() && compression.think.rethin) {
+    return absl::InvalidArgumentError(
+        "compression: think.rethin runs on the CPU backend only; the CUDA backend runs prompt "
+        "selection (snapkv, pyramidkv, streamingllm) and ThinK");
+  }
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) {
-  KVTRIM_RETURN_IF_ERROR(BuildStepPlan(steps, config_.n_layers, config_.vocab_size,
-                                       config_.sliding_window, kPrefillQueryTile, plan_));
-  if (plan_.tokens == 0) {
+  for (const SequenceStep& step : steps) {
+    if (step.compression != nullptr && step.compression->enabled()) {
+      KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
+    }
+  }
+  int tokens = 0;
+  for (const SequenceStep& step : steps) tokens += static_cast<int>(step.tokens.size());
+  if (tokens == 0) {
     logits.clear();
     return absl::OkStatus();
   }
+  // The token buffers first: the plan places the scratch values after their capacity.
+  KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
+  const StepShape shape{.n_layers = config_.n_layers,
+                        .n_kv_heads = config_.n_kv_heads,
+                        .head_dim = config_.head_dim,
+                        .vocab_size = config_.vocab_size,
+                        .window = config_.sliding_window,
+                        .query_tile = kPrefillQueryTile,
+                        .scratch_value_base = capacity_tokens_};
+  KVTRIM_RETURN_IF_ERROR(BuildStepPlan(steps, shape, plan_));
   const int splits =
       DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
@@ -216,14 +276,55 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vect
     cudaStreamSynchronize(stream_);
     return status;
   }
+  return UpdateSequences(steps);
+}
+
+absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
+  if (plan_.channel_out > 0) {
+    channels_host_.resize(plan_.channel_out);
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy(channels_host_.data(), channels_.as<void>(),
+                              plan_.channel_out * sizeof(uint16_t), cudaMemcpyDeviceToHost),
+                   "cudaMemcpy(channel sets)"));
+  }
+  size_t job = 0;
   for (int s = 0; s < plan_.seqs; ++s) {
     const SequenceStep& step = steps[plan_.step_of_seq[s]];
+    memory::SequenceKv& kv = *step.kv;
     const int n_new = static_cast<int>(step.tokens.size());
-    for (int layer = 0; layer < config_.n_layers; ++layer) {
-      step.kv->keys[layer].rows += n_new;
-      step.kv->values[layer].rows += n_new;
+    if (!kv.is_compressed()) {
+      for (int layer = 0; layer < config_.n_layers; ++layer) {
+        kv.keys[layer].rows += n_new;
+        kv.values[layer].rows += n_new;
+      }
+    } else if (job < plan_.prompts.size() && plan_.prompts[job].seq == s) {
+      // The prompt's kept rows, as CompressPrompts wrote them.
+      const PromptJob& prompt = plan_.prompts[job++];
+      size_t channel = prompt.channels_at;
+      for (int layer = 0; layer < config_.n_layers; ++layer) {
+        const memory::compress::LayerPlan& p = prompt.layers[layer];
+        memory::CompressedLayer& c = kv.compressed[layer];
+        c.prompt_rows.assign(config_.n_kv_heads, p.thin_rows);
+        c.recent_rows.assign(config_.n_kv_heads, p.full_rows);
+        c.keys.rows = c.values.rows = p.thin_rows;
+        kv.keys[layer].rows = kv.values[layer].rows = p.full_rows;
+        c.channels.clear();
+        if (p.key_width < config_.head_dim && p.thin_rows > 0) {
+          const size_t count = static_cast<size_t>(config_.n_kv_heads) * p.key_width;
+          c.channels.assign(channels_host_.begin() + channel,
+                            channels_host_.begin() + channel + count);
+          channel += count;
+        }
+      }
+    } else {
+      for (int layer = 0; layer < config_.n_layers; ++layer) {
+        memory::CompressedLayer& c = kv.compressed[layer];
+        for (int32_t& rows : c.recent_rows) rows += n_new;
+        kv.keys[layer].rows = kv.values[layer].rows =
+            *std::max_element(c.recent_rows.begin(), c.recent_rows.end());
+      }
     }
-    step.kv->tokens += n_new;
+    kv.tokens += n_new;
   }
   return absl::OkStatus();
 }
@@ -281,8 +382,116 @@ PagedKv CudaBackend::PagesOf(int layer) const {
       .page_indptr = Plan(at.page_indptr),
       .key_pages = Plan(at.key_pages + layer_offset),
       .value_pages = Plan(at.value_pages + layer_offset),
-      .kv_rows = Plan(at.kv_rows),
+      .kv_rows = Plan(at.kv_rows + static_cast<size_t>(layer) * plan_.seqs),
   };
+}
+
+CompressedKv CudaBackend::CompressedOf(int layer) const {
+  const StepPlan::Offsets& at = plan_.at;
+  const size_t thin_offset = static_cast<size_t>(layer) * plan_.thin_pages;
+  const size_t seq_offset = static_cast<size_t>(layer) * plan_.seqs;
+  const size_t head_offset = seq_offset * config_.n_kv_heads;
+  return CompressedKv{
+      .thin_indptr = Plan(at.thin_indptr),
+      .thin_key_pages = Plan(at.thin_key_pages + thin_offset),
+      .thin_value_pages = Plan(at.thin_value_pages + thin_offset),
+      .thin_rows = Plan(at.thin_rows + head_offset),
+      .recent_rows = Plan(at.recent_rows + head_offset),
+      .key_width = Plan(at.key_width + seq_offset),
+      .channel_offset = Plan(at.channel_offset + seq_offset),
+      .channels = reinterpret_cast<const uint16_t*>(Plan(at.channels)),
+  };
+}
+
+PagedKv CudaBackend::ScratchPages() const {
+  const StepPlan::Offsets& at = plan_.at;
+  const int32_t kv_width = config_.n_kv_heads * config_.head_dim;
+  return PagedKv{
+      .pool = kv_.as<__nv_bfloat16>(),
+      .page_elements = kv_width,
+      .row_elements = kv_width,
+      .rows_per_page = 1,
+      .page_indptr = Plan(at.scratch_indptr),
+      .key_pages = Plan(at.scratch_keys),
+      .value_pages = Plan(at.scratch_values),
+      .kv_rows = Plan(at.scratch_rows),
+  };
+}
+
+absl::Status CudaBackend::CompressPrompts(int layer) {
+  namespace mc = memory::compress;
+  const StepPlan::Offsets& at = plan_.at;
+  const int head_dim = config_.head_dim, H = config_.n_kv_heads;
+  const int q_width = config_.n_heads * head_dim, kv_width = H * head_dim;
+  const __nv_bfloat16* q = q_.as<__nv_bfloat16>();
+  const __nv_bfloat16* k = kv_.as<__nv_bfloat16>();
+  const __nv_bfloat16* v = k + static_cast<size_t>(capacity_tokens_) * kv_width;
+  int32_t* kept = kept_.as<int32_t>();
+  const PagedKv pages = PagesOf(layer);
+  for (const PromptJob& job : plan_.prompts) {
+    const mc::CompressionConfig& config = *job.config;
+    const mc::LayerPlan& p = job.layers[layer];
+    const int n = job.n;
+    const size_t first = job.first_token;
+    const __nv_bfloat16* q_seq = q + first * q_width;
+    const __nv_bfloat16* k_seq = k + first * kv_width;
+    const __nv_bfloat16* v_seq = v + first * kv_width;
+
+    // Which tokens each kv-head keeps (engine/cpu/compressed.cc, CompressPrompt).
+    if (p.kept_tokens < n && (config.selection == mc::SelectionPolicy::kSnapKv ||
+                              config.selection == mc::SelectionPolicy::kPyramidKv)) {
+      const mc::SnapKvConfig& snap =
+          config.selection == mc::SelectionPolicy::kSnapKv ? config.snapkv : config.pyramidkv.snap;
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchSnapKvScores(q_seq, q_width, k_seq, kv_width, n, snap.window, shape_,
+                             snap.kernel_size, snap.pooling == mc::Pooling::kAvg,
+                             compress_scratch_.as<float>(), scores_.as<float>(), stream_),
+          "SnapKvScores"));
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchTopWithWindow(scores_.as<float>(), n, snap.window, H, p.kept_tokens, kept, stream_),
+          "TopWithWindow"));
+    } else if (p.kept_tokens < n && config.selection == mc::SelectionPolicy::kStreamingLlm) {
+      KVTRIM_RETURN_IF_ERROR(
+          CudaStatus(LaunchRangeKept(n, H, p.kept_tokens, config.streamingllm.sinks, kept, stream_),
+                     "RangeKept"));
+    } else if (p.kept_tokens == n) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchRangeKept(n, H, n, 0, kept, stream_), "RangeKept"));
+    } else {
+      return absl::InternalError("Forward: a prompt plan keeps fewer tokens without a selection");
+    }
+
+    // ThinK's channels, scored on the kept keys by the last `observation` queries.
+    uint16_t* channels = nullptr;
+    if (p.key_width < head_dim && p.thin_rows > 0) {
+      size_t at_channel = job.channels_at;
+      for (int l = 0; l < layer; ++l) {
+        const mc::LayerPlan& before = job.layers[l];
+        if (before.key_width < head_dim && before.thin_rows > 0) at_channel += H * before.key_width;
+      }
+      channels = channels_.as<uint16_t>() + at_channel;
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchThinkChannels(q_seq, q_width, k_seq, kv_width, n,
+                              std::min(config.think.observation, n), kept, p.kept_tokens, shape_,
+                              p.key_width, compress_scratch_.as<float>(), channels, stream_),
+          "ThinkChannels"));
+    }
+
+    const int32_t page = plan_.data[at.page_indptr + job.seq];
+    const int32_t thin_page = plan_.data[at.thin_indptr + job.seq];
+    const size_t layer_pages = static_cast<size_t>(layer) * plan_.pages;
+    const size_t layer_thin = static_cast<size_t>(layer) * plan_.thin_pages;
+    const KeptRowPages rows{
+        .thin_keys = Plan(at.thin_key_pages + layer_thin + thin_page),
+        .thin_values = Plan(at.thin_value_pages + layer_thin + thin_page),
+        .recent_keys = Plan(at.key_pages + layer_pages + page),
+        .recent_values = Plan(at.value_pages + layer_pages + page),
+    };
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, kv_width, kept, p.kept_tokens, p.thin_rows,
+                                       p.key_width, channels, shape_, pages, rows, stream_),
+                   "WriteKeptRows"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Layer(int layer, int splits) {
@@ -293,8 +502,8 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
   auto* normed = normed_.as<__nv_bfloat16>();
   auto* q = q_.as<__nv_bfloat16>();
-  auto* k = k_.as<__nv_bfloat16>();
-  auto* v = v_.as<__nv_bfloat16>();
+  auto* k = kv_.as<__nv_bfloat16>();
+  auto* v = k + static_cast<size_t>(capacity_tokens_) * kv_width;
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
@@ -316,14 +525,31 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchKvWrite(pages, Plan(at.token_seq), Plan(at.token_indptr),
                                                   k, v, kv_width, tokens, stream_),
                                     "KvWrite"));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,
-                            shape_, splits, workspace_.as<float>(), attention, stream_),
-      "DecodeAttention"));
+  if (config_.sliding_window == 0) {
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
+        LaunchCompressedDecodeAttention(pages, CompressedOf(layer), Plan(at.token_indptr),
+                                        Plan(at.decode), plan_.decode_seqs, q, shape_, splits,
+                                        workspace_.as<float>(), attention, stream_),
+        "CompressedDecodeAttention"));
+  } else {
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
+        LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,
+                              shape_, splits, workspace_.as<float>(), attention, stream_),
+        "DecodeAttention"));
+  }
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(LaunchPrefillAttention(pages, Plan(at.token_indptr), Plan(at.prefill),
                                         plan_.prefill_items, q, shape_, attention, stream_),
                  "PrefillAttention"));
+  if (!plan_.prompts.empty()) {
+    // The compressed prompts attend over their whole K/V in the scratch, then keep what they
+    // keep: the next layer overwrites the scratch.
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
+        LaunchPrefillAttention(ScratchPages(), Plan(at.token_indptr), Plan(at.scratch_items),
+                               plan_.scratch_items, q, shape_, attention, stream_),
+        "PrefillAttention(compressed prompts)"));
+    KVTRIM_RETURN_IF_ERROR(CompressPrompts(layer));
+  }
   KVTRIM_RETURN_IF_ERROR(
       gemm_->Linear(attention, tokens, w.wo, x, GemmOutput::kFloat, /*accumulate=*/true));
 

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
 #include "engine/cuda/attention_decode.h"
+#include "engine/cuda/compressed_kv.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/paged_kv.h"
@@ -49,18 +50,32 @@ class CudaBackend : public Backend {
 
   // As Backend::Forward. Synchronous: returns once the logits are on the host.
   absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+  // Prompt selection (snapkv, pyramidkv, streamingllm) and ThinK run on the device; decode-time
+  // eviction and re-thinning are refused.
+  absl::Status SupportsCompression(
+      const memory::compress::CompressionConfig& compression) const override;
 
  private:
   CudaBackend(const Model* model, memory::KvCache* cache);
 
   absl::Status Init();
-  // Grows the per-step buffers to the plan's sizes (never shrinks).
+  // Grows the per-token buffers to hold `tokens` (never shrinks).
+  absl::Status ReserveTokens(int tokens);
+  // Grows the other per-step buffers to the plan's sizes (never shrinks).
   absl::Status Reserve(size_t workspace_bytes);
   // Queues the whole step on stream_ and copies the logits back.
   absl::Status Run(int splits, std::vector<float>& logits);
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
   PagedKv PagesOf(int layer) const;
+  // The thin segments and row counts of `layer` (a step with decodes, no sliding window).
+  CompressedKv CompressedOf(int layer) const;
+  // The compressed prompts' K/V in the step's scratch, as pages of one row.
+  PagedKv ScratchPages() const;
+  // Selection, ThinK channels and the kept rows' writes of every compressed prompt of the step.
+  absl::Status CompressPrompts(int layer);
+  // The host side of the step's rows once the device has written them.
+  absl::Status UpdateSequences(std::span<const SequenceStep> steps);
   const int32_t* Plan(size_t offset) const { return plan_device_.as<int32_t>() + offset; }
 
   const Model& model_;
@@ -82,17 +97,22 @@ class CudaBackend : public Backend {
   DeviceBuffer x_;             // (T, hidden) fp32 residual stream
   DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
   DeviceBuffer q_;             // (T, n_heads * head_dim) bf16
-  DeviceBuffer k_;             // (T, n_kv_heads * head_dim) bf16
-  DeviceBuffer v_;             // (T, n_kv_heads * head_dim) bf16
+  DeviceBuffer kv_;            // (2, T, n_kv_heads * head_dim) bf16: the keys, then the values
   DeviceBuffer attention_;     // (T, n_heads * head_dim) bf16
   DeviceBuffer gate_;          // (T, ffn_hidden) bf16
   DeviceBuffer up_;            // (T, ffn_hidden) bf16
   DeviceBuffer activation_;    // (T, ffn_hidden) bf16 silu(gate) * up
   DeviceBuffer workspace_;     // split-K partial states of the decode kernel
-  int capacity_logits_ = 0;    // N the buffers below hold
-  DeviceBuffer last_;          // (N, hidden) bf16 final-normed rows that want logits
-  DeviceBuffer logits_;        // (N, vocab_size) fp32
-  PinnedBuffer logits_host_;   // (N, vocab_size) fp32
+  // Prompt compression (plan_.prompts), one prompt and layer at a time:
+  DeviceBuffer compress_scratch_;  // fp32 scratch of the SnapKV and ThinK kernels
+  DeviceBuffer scores_;            // (n_kv_heads, n - w) fp32 SnapKV scores
+  DeviceBuffer kept_;              // (n_kv_heads, kept) int32 kept token indices
+  DeviceBuffer channels_;          // (plan_.channel_out) uint16 channel sets chosen this step
+  std::vector<uint16_t> channels_host_;
+  int capacity_logits_ = 0;   // N the buffers below hold
+  DeviceBuffer last_;         // (N, hidden) bf16 final-normed rows that want logits
+  DeviceBuffer logits_;       // (N, vocab_size) fp32
+  PinnedBuffer logits_host_;  // (N, vocab_size) fp32
 };
 
 }  // namespace kvtrim::engine::cuda

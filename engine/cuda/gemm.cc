@@ -1,7 +1,8 @@
-// y = x · Wᵀ through cublasGemmEx. Both operands are row-major; cuBLAS is column-major, so the
-// call computes yᵀ (w.rows, tokens) = W · xᵀ with W read transposed from its column-major view
-// (cols, rows) — the "TN" layout, cuBLAS's fastest for bf16 — and x read as a column-major
-// (cols, tokens) matrix as is. yᵀ column-major with ldc = w.rows is y row-major.
+// y = x · Wᵀ through cublasGemmEx, reached through the dlopen'ed table (cublas_api.h). Both
+// operands are row-major; cuBLAS is column-major, so the call computes yᵀ (w.rows, tokens) = W · xᵀ
+// with W read transposed from its column-major view (cols, rows) — the "TN" layout, cuBLAS's
+// fastest for bf16 — and x read as a column-major (cols, tokens) matrix as is. yᵀ column-major with
+// ldc = w.rows is y row-major.
 #include "engine/cuda/gemm.h"
 
 #include "absl/strings/str_cat.h"
@@ -16,20 +17,25 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream) {
+  absl::StatusOr<const CublasApi*> cublas = LoadCublas();
+  if (!cublas.ok()) return cublas.status();
+  const CublasApi& api = **cublas;
   std::unique_ptr<Gemm> gemm(new Gemm());
-  absl::Status status = CublasStatus(cublasCreate(&gemm->handle_), "cublasCreate");
+  gemm->cublas_ = &api;
+  absl::Status status = CublasStatus(api, api.create(&gemm->handle_), "cublasCreate");
   if (!status.ok()) return status;
   status =
       CudaStatus(cudaMalloc(&gemm->workspace_, kWorkspaceBytes), "cudaMalloc(cuBLAS workspace)");
   if (!status.ok()) return status;
-  status = CublasStatus(cublasSetStream(gemm->handle_, stream), "cublasSetStream");
+  status = CublasStatus(api, api.set_stream(gemm->handle_, stream), "cublasSetStream");
   if (!status.ok()) return status;
-  status = CublasStatus(cublasSetWorkspace(gemm->handle_, gemm->workspace_, kWorkspaceBytes),
+  status = CublasStatus(api, api.set_workspace(gemm->handle_, gemm->workspace_, kWorkspaceBytes),
                         "cublasSetWorkspace");
   if (!status.ok()) return status;
   // fp32 accumulation all the way: no bf16 partial sums when cuBLAS splits K.
   status = CublasStatus(
-      cublasSetMathMode(gemm->handle_, static_cast<cublasMath_t>(
+      api,
+      api.set_math_mode(gemm->handle_, static_cast<cublasMath_t>(
                                            CUBLAS_DEFAULT_MATH |
                                            CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
       "cublasSetMathMode");
@@ -39,7 +45,7 @@ absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream) {
 
 // Errors are dropped: a destructor cannot report them.
 Gemm::~Gemm() {
-  if (handle_) cublasDestroy(handle_);
+  if (handle_) cublas_->destroy(handle_);
   if (workspace_) cudaFree(workspace_);
 }
 
@@ -54,9 +60,10 @@ absl::Status Gemm::Linear(const __nv_bfloat16* x, int tokens, const DeviceMatrix
   const float beta = accumulate ? 1.0f : 0.0f;
   const cudaDataType_t y_type = output == GemmOutput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
   return CublasStatus(
-      cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/w.rows, /*n=*/tokens, /*k=*/w.cols,
-                   &alpha, w.data, CUDA_R_16BF, /*lda=*/w.cols, x, CUDA_R_16BF, /*ldb=*/w.cols,
-                   &beta, y, y_type, /*ldc=*/w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      *cublas_,
+      cublas_->gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/w.rows, /*n=*/tokens, /*k=*/w.cols,
+                       &alpha, w.data, CUDA_R_16BF, /*lda=*/w.cols, x, CUDA_R_16BF, /*ldb=*/w.cols,
+                       &beta, y, y_type, /*ldc=*/w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       absl::StrCat("cublasGemmEx(", tokens, " x ", w.cols, " -> ", w.rows, ")"));
 }
 

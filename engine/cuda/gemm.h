@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "engine/cuda/cublas_api.h"
 #include "engine/cuda/device_weights.h"
 
 namespace kvtrim::engine::cuda {
@@ -18,6 +19,7 @@ enum class GemmOutput { kBf16, kFloat };
 // in a CUDA graph). Not thread-safe: the engine thread owns it.
 class Gemm {
  public:
+  // Fails when cuBLAS cannot be loaded (cublas_api.h) or the handle cannot be set up.
   static absl::StatusOr<std::unique_ptr<Gemm>> Create(cudaStream_t stream);
   ~Gemm();
   Gemm(const Gemm&) = delete;
@@ -32,6 +34,7 @@ class Gemm {
  private:
   Gemm() = default;
 
+  const CublasApi* cublas_ = nullptr;  // loaded once per process, never unloaded
   cublasHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;  // (32 MiB) cuBLAS scratch
 };

@@ -21,6 +21,7 @@ __global__ void KvWriteKernel(PagedKv kv, const int32_t* __restrict__ token_seq,
                               const __nv_bfloat16* __restrict__ values, int row_stride) {
   const int token = blockIdx.x;
   const int seq = token_seq[token];
+  if (seq < 0) return;  // a row that stays in the step's scratch
   const int first_token = token_indptr[seq];
   const int n_new = token_indptr[seq + 1] - first_token;
   const int row = kv.kv_rows[seq] - n_new + (token - first_token);

@@ -7,6 +7,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "engine/cuda/cublas_api.h"
 
 namespace kvtrim::engine::cuda {
 
@@ -17,10 +18,13 @@ inline absl::Status CudaStatus(cudaError_t error, absl::string_view what) {
       absl::StrCat(what, ": ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
 }
 
-inline absl::Status CublasStatus(cublasStatus_t status, absl::string_view what) {
+// `status` came from a call through `cublas` (cublas_api.h); the same table names it, as cuBLAS
+// is not linked.
+inline absl::Status CublasStatus(const CublasApi& cublas, cublasStatus_t status,
+                                 absl::string_view what) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": ", cublasGetStatusName(status), " (",
-                                          cublasGetStatusString(status), ")"));
+  return absl::InternalError(absl::StrCat(what, ": ", cublas.get_status_name(status), " (",
+                                          cublas.get_status_string(status), ")"));
 }
 
 }  // namespace kvtrim::engine::cuda

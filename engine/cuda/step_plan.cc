@@ -7,12 +7,26 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-absl::Status CheckSequence(const SequenceStep& step, int n_layers) {
-  const memory::SequenceKv& kv = *step.kv;
+namespace mc = memory::compress;
+
+bool IsCompressed(const SequenceStep& step) {
+  return step.compression != nullptr && step.compression->enabled();
+}
+
+absl::Status CheckLayers(const memory::SequenceKv& kv, int n_layers) {
   if (static_cast<int>(kv.keys.size()) != n_layers ||
       static_cast<int>(kv.values.size()) != n_layers) {
     return absl::InternalError(absl::StrCat("Forward: a sequence has ", kv.keys.size(), " / ",
                                             kv.values.size(), " layers, the model ", n_layers));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSequence(const SequenceStep& step, int n_layers) {
+  const memory::SequenceKv& kv = *step.kv;
+  if (absl::Status status = CheckLayers(kv, n_layers); !status.ok()) return status;
+  if (kv.is_compressed()) {
+    return absl::InternalError("Forward: a compressed sequence was fed without its compression");
   }
   const int rows = kv.cached_tokens() + static_cast<int>(step.tokens.size());
   const size_t pages = kv.keys[0].pages.size();
@@ -30,91 +44,251 @@ absl::Status CheckSequence(const SequenceStep& step, int n_layers) {
   return absl::OkStatus();
 }
 
+// A compressed prompt goes into the empty layout of its plan; a compressed sequence then decodes
+// one token at a time into its recent segment.
+absl::Status CheckCompressed(const SequenceStep& step, std::span<const mc::LayerPlan> plan,
+                             int n_layers, int n_kv_heads) {
+  const memory::SequenceKv& kv = *step.kv;
+  if (absl::Status status = CheckLayers(kv, n_layers); !status.ok()) return status;
+  if (static_cast<int>(kv.compressed.size()) != n_layers) {
+    return absl::InternalError("Forward: compressed step on a sequence without its layout");
+  }
+  for (int layer = 0; layer < n_layers; ++layer) {
+    const memory::CompressedLayer& c = kv.compressed[layer];
+    if (static_cast<int>(c.prompt_rows.size()) != n_kv_heads ||
+        static_cast<int>(c.recent_rows.size()) != n_kv_heads) {
+      return absl::InternalError("Forward: a compressed layer lacks its per-head row counts");
+    }
+    if (kv.tokens == 0) {
+      const mc::LayerPlan& p = plan[layer];
+      if (c.key_width != p.key_width || c.keys.capacity() < p.thin_rows ||
+          c.values.capacity() < p.thin_rows || kv.keys[layer].capacity() < p.full_rows ||
+          kv.values[layer].capacity() < p.full_rows) {
+        return absl::InternalError("Forward: a compressed prompt's layout does not match its plan");
+      }
+    } else if (kv.keys[layer].capacity() < kv.keys[layer].rows + 1 ||
+               kv.values[layer].capacity() < kv.values[layer].rows + 1) {
+      return absl::InternalError("Forward: page capacity was not reserved for the new token");
+    }
+  }
+  if (kv.tokens > 0 && step.tokens.size() != 1) {
+    return absl::InternalError("Forward: a compressed sequence decodes one token per step");
+  }
+  return absl::OkStatus();
+}
+
+// Entries a list of pages takes in a layer-major table: the most pages any layer holds.
+int32_t MostPages(const memory::SequenceKv& kv, bool thin) {
+  size_t most = 0;
+  for (size_t layer = 0; layer < kv.keys.size(); ++layer) {
+    const memory::PageList& keys = thin ? kv.compressed[layer].keys : kv.keys[layer];
+    const memory::PageList& values = thin ? kv.compressed[layer].values : kv.values[layer];
+    most = std::max({most, keys.pages.size(), values.pages.size()});
+  }
+  return static_cast<int32_t>(most);
+}
+
+// Copies `list`'s pages to `out`, padding to `entries` with -1.
+void CopyPages(const memory::PageList& list, int32_t entries, int32_t* out) {
+  const int32_t n = std::min<int32_t>(entries, static_cast<int32_t>(list.pages.size()));
+  std::copy_n(list.pages.begin(), n, out);
+  std::fill(out + n, out + entries, -1);
+}
+
 }  // namespace
 
-absl::Status BuildStepPlan(std::span<const SequenceStep> steps, int n_layers, int vocab_size,
-                           int window, int query_tile, StepPlan& plan) {
+absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
+                           StepPlan& plan) {
+  const int n_layers = shape.n_layers, H = shape.n_kv_heads;
   // A fresh plan that keeps the vectors' capacity.
   std::vector<int32_t> data = std::move(plan.data), step_of_seq = std::move(plan.step_of_seq);
+  std::vector<PromptJob> jobs = std::move(plan.prompts);
   data.clear();
   step_of_seq.clear();
+  jobs.clear();
   plan = StepPlan{};
   plan.data = std::move(data);
   plan.step_of_seq = std::move(step_of_seq);
+  plan.prompts = std::move(jobs);
+
   // Sizes first, so that the arrays can be laid out back to back.
+  std::vector<int32_t> seq_pages, seq_thin_pages;
+  size_t channel_elements = 0;  // uint16 channel sets of the compressed decodes
   for (size_t i = 0; i < steps.size(); ++i) {
     const SequenceStep& step = steps[i];
     if (step.tokens.empty()) continue;
-    if (absl::Status status = CheckSequence(step, n_layers); !status.ok()) return status;
     for (int32_t id : step.tokens) {
-      if (id < 0 || id >= vocab_size) {
+      if (id < 0 || id >= shape.vocab_size) {
         return absl::InvalidArgumentError(
-            absl::StrCat("token id ", id, " is outside [0, ", vocab_size, ")"));
+            absl::StrCat("token id ", id, " is outside [0, ", shape.vocab_size, ")"));
       }
     }
+    const memory::SequenceKv& kv = *step.kv;
     const int n_new = static_cast<int>(step.tokens.size());
-    const int rows = step.kv->cached_tokens() + n_new;
+    const int32_t s = static_cast<int32_t>(plan.step_of_seq.size());
     plan.step_of_seq.push_back(static_cast<int32_t>(i));
-    plan.tokens += n_new;
-    plan.pages += step.kv->keys[0].pages_for(rows);
-    if (n_new == 1) {
-      ++plan.decode_seqs;
-      plan.max_decode_rows =
-          std::max(plan.max_decode_rows, window > 0 ? std::min(rows, window) : rows);
+    if (IsCompressed(step)) {
+      const bool prompt = kv.tokens == 0;
+      std::vector<mc::LayerPlan> layers;
+      if (prompt) layers = mc::PlanPrompt(*step.compression, n_new, n_layers, shape.head_dim);
+      if (absl::Status status = CheckCompressed(step, layers, n_layers, H); !status.ok()) {
+        return status;
+      }
+      seq_pages.push_back(MostPages(kv, false));
+      seq_thin_pages.push_back(MostPages(kv, true));
+      if (prompt) {
+        PromptJob job{s, plan.tokens, n_new, step.compression, std::move(layers), 0, 0};
+        for (const mc::LayerPlan& p : job.layers) {
+          if (p.key_width < shape.head_dim && p.thin_rows > 0) job.channel_count += H * p.key_width;
+        }
+        job.channels_at = plan.channel_out;
+        plan.channel_out += job.channel_count;
+        plan.scratch_rows += n_new;
+        plan.scratch_items += (n_new + shape.query_tile - 1) / shape.query_tile;
+        plan.prompts.push_back(std::move(job));
+      } else {
+        ++plan.decode_seqs;
+        ++plan.compressed_decode;
+        for (const memory::CompressedLayer& c : kv.compressed) {
+          channel_elements += c.channels.size();
+          for (int h = 0; h < H; ++h) {
+            plan.max_decode_rows =
+                std::max(plan.max_decode_rows, c.prompt_rows[h] + c.recent_rows[h] + 1);
+          }
+        }
+      }
     } else {
-      plan.prefill_items += (n_new + query_tile - 1) / query_tile;
+      if (absl::Status status = CheckSequence(step, n_layers); !status.ok()) return status;
+      const int rows = kv.cached_tokens() + n_new;
+      seq_pages.push_back(kv.keys[0].pages_for(rows));
+      seq_thin_pages.push_back(0);
+      if (n_new == 1) {
+        ++plan.decode_seqs;
+        plan.max_decode_rows =
+            std::max(plan.max_decode_rows, shape.window > 0 ? std::min(rows, shape.window) : rows);
+      } else {
+        plan.prefill_items += (n_new + shape.query_tile - 1) / shape.query_tile;
+      }
     }
+    plan.tokens += n_new;
+    plan.pages += seq_pages.back();
+    plan.thin_pages += seq_thin_pages.back();
     if (step.want_logits) ++plan.logit_rows;
   }
   plan.seqs = static_cast<int32_t>(plan.step_of_seq.size());
-  const size_t T = plan.tokens, S = plan.seqs, P = plan.pages;
+  const size_t T = plan.tokens, S = plan.seqs, P = plan.pages, L = n_layers;
+  // Decodes run the compressed decode kernel (uncompressed sequences are its special case) unless
+  // the model has a sliding window, which that kernel does not take.
+  const bool compressed = plan.decode_seqs > 0 && shape.window == 0;
+  const bool prompts = !plan.prompts.empty();
+  // Thin page lists: read by compressed decodes, written by compressed prompts.
+  const bool thin = compressed || prompts;
+  const size_t PT = thin ? plan.thin_pages : 0;
   StepPlan::Offsets& at = plan.at;
   at.token_ids = 0;
   at.positions = at.token_ids + T;
   at.token_seq = at.positions + T;
   at.token_indptr = at.token_seq + T;
   at.kv_rows = at.token_indptr + S + 1;
-  at.page_indptr = at.kv_rows + S;
+  at.page_indptr = at.kv_rows + L * S;
   at.key_pages = at.page_indptr + S + 1;
-  at.value_pages = at.key_pages + n_layers * P;
-  at.decode = at.value_pages + n_layers * P;
+  at.value_pages = at.key_pages + L * P;
+  at.decode = at.value_pages + L * P;
   at.prefill = at.decode + plan.decode_seqs;
   at.logits = at.prefill + 2 * static_cast<size_t>(plan.prefill_items);
-  plan.data.assign(at.logits + plan.logit_rows, 0);
+  at.thin_indptr = at.logits + plan.logit_rows;
+  at.thin_key_pages = at.thin_indptr + (thin ? S + 1 : 0);
+  at.thin_value_pages = at.thin_key_pages + L * PT;
+  at.thin_rows = at.thin_value_pages + L * PT;
+  at.recent_rows = at.thin_rows + (compressed ? L * S * H : 0);
+  at.key_width = at.recent_rows + (compressed ? L * S * H : 0);
+  at.channel_offset = at.key_width + (compressed ? L * S : 0);
+  at.channels = at.channel_offset + (compressed ? L * S : 0);
+  at.scratch_indptr = at.channels + (channel_elements + 1) / 2;
+  at.scratch_keys = at.scratch_indptr + (prompts ? S + 1 : 0);
+  at.scratch_values = at.scratch_keys + plan.scratch_rows;
+  at.scratch_rows = at.scratch_values + plan.scratch_rows;
+  at.scratch_items = at.scratch_rows + (prompts ? S : 0);
+  plan.data.assign(at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items), 0);
 
   int32_t* d = plan.data.data();
-  int token = 0, page = 0, decode = 0, prefill = 0, logit = 0;
+  auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);
+  int token = 0, page = 0, thin_page = 0, decode = 0, prefill = 0, logit = 0;
+  int scratch = 0, scratch_item = 0;
+  size_t channel = 0;
   for (int s = 0; s < plan.seqs; ++s) {
     const SequenceStep& step = steps[plan.step_of_seq[s]];
     const memory::SequenceKv& kv = *step.kv;
     const int n_new = static_cast<int>(step.tokens.size());
     const int cached = kv.cached_tokens();
-    const int n_pages = kv.keys[0].pages_for(cached + n_new);
+    const bool is_compressed = IsCompressed(step);
+    const bool prompt = is_compressed && kv.tokens == 0;
+    const int32_t n_pages = seq_pages[s], n_thin = seq_thin_pages[s];
     d[at.token_indptr + s] = token;
-    d[at.kv_rows + s] = cached + n_new;
     d[at.page_indptr + s] = page;
-    for (int layer = 0; layer < n_layers; ++layer) {
-      std::copy_n(kv.keys[layer].pages.begin(), n_pages, d + at.key_pages + layer * P + page);
-      std::copy_n(kv.values[layer].pages.begin(), n_pages, d + at.value_pages + layer * P + page);
+    if (thin) d[at.thin_indptr + s] = thin_page;
+    if (prompts) d[at.scratch_indptr + s] = scratch;
+    for (size_t layer = 0; layer < L; ++layer) {
+      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * P + page);
+      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * P + page);
+      const int32_t rows = prompt ? 0 : kv.keys[layer].rows + n_new;
+      d[at.kv_rows + layer * S + s] = rows;
+      if (is_compressed) {
+        const memory::CompressedLayer& c = kv.compressed[layer];
+        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PT + thin_page);
+        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PT + thin_page);
+      }
+      if (!compressed) continue;
+      int32_t* thin_rows = d + at.thin_rows + (layer * S + s) * H;
+      int32_t* recent_rows = d + at.recent_rows + (layer * S + s) * H;
+      d[at.key_width + layer * S + s] = shape.head_dim;
+      if (!is_compressed) {
+        std::fill(recent_rows, recent_rows + H, rows);
+        continue;
+      }
+      if (prompt) continue;  // not read: the prompt is not decoded in this step
+      const memory::CompressedLayer& c = kv.compressed[layer];
+      for (int h = 0; h < H; ++h) {
+        thin_rows[h] = c.prompt_rows[h];
+        recent_rows[h] = c.recent_rows[h] + n_new;
+      }
+      d[at.key_width + layer * S + s] = c.key_width;
+      d[at.channel_offset + layer * S + s] = static_cast<int32_t>(channel);
+      std::copy(c.channels.begin(), c.channels.end(), channels + channel);
+      channel += c.channels.size();
     }
     for (int i = 0; i < n_new; ++i, ++token) {
       d[at.token_ids + token] = step.tokens[i];
       d[at.positions + token] = cached + i;
-      d[at.token_seq + token] = s;
+      d[at.token_seq + token] = prompt ? -1 : s;
     }
-    if (n_new == 1) {
+    if (prompt) {
+      const int first = d[at.token_indptr + s];
+      for (int i = 0; i < n_new; ++i, ++scratch) {
+        d[at.scratch_keys + scratch] = first + i;
+        d[at.scratch_values + scratch] = shape.scratch_value_base + first + i;
+      }
+      d[at.scratch_rows + s] = n_new;
+      for (int tile = 0; tile < n_new; tile += shape.query_tile, ++scratch_item) {
+        d[at.scratch_items + 2 * scratch_item] = s;
+        d[at.scratch_items + 2 * scratch_item + 1] = tile;
+      }
+    } else if (n_new == 1) {
       d[at.decode + decode++] = s;
     } else {
-      for (int first = 0; first < n_new; first += query_tile, ++prefill) {
+      for (int first = 0; first < n_new; first += shape.query_tile, ++prefill) {
         d[at.prefill + 2 * prefill] = s;
         d[at.prefill + 2 * prefill + 1] = first;
       }
     }
     if (step.want_logits) d[at.logits + logit++] = token - 1;
     page += n_pages;
+    thin_page += n_thin;
   }
   d[at.token_indptr + plan.seqs] = token;
   d[at.page_indptr + plan.seqs] = page;
+  if (thin) d[at.thin_indptr + plan.seqs] = thin_page;
+  if (prompts) d[at.scratch_indptr + plan.seqs] = scratch;
   return absl::OkStatus();
 }
 

@@ -2,6 +2,16 @@
 // int32 arrays packed back to back in one vector so that a single copy uploads them all. Built
 // before any device work is queued; the device run (CudaBackend::Forward) only reads it. Plain
 // host code, no CUDA.
+//
+// Compressed sequences (SequenceStep::compression) add two kinds of work:
+//  - a compressed prompt is fed whole; its K/V rows are not written to pages but attended in the
+//    step's scratch (the packed k and v buffers, seen as pages of one row: key row t is page t,
+//    value row t page scratch_value_base + t), then each layer's prompt compression writes only
+//    the kept rows (PromptJob);
+//  - a compressed decode reads a thin segment and a recent segment per layer (CompressedKv): the
+//    plan carries, for every sequence of the step, the thin page lists, the per-kv-head row
+//    counts, the key width and the channel sets. Every decode of a model without a sliding window
+//    goes through that kernel (an uncompressed sequence has no thin rows).
 #pragma once
 
 #include <cstddef>
@@ -11,31 +21,80 @@
 
 #include "absl/status/status.h"
 #include "engine/backend.h"
+#include "memory/compress/compression.h"
 
 namespace kvtrim::engine::cuda {
 
-struct StepPlan {
-  int32_t tokens = 0;           // T: new tokens of the step, packed in step order
-  int32_t seqs = 0;             // S: sequences with at least one new token
-  int32_t pages = 0;            // P: pages per layer over all sequences (page_indptr[S])
-  int32_t decode_seqs = 0;      // sequences with exactly one new token: the decode kernel's
-  int32_t prefill_items = 0;    // query tiles of the other sequences: the prefill kernel's
-  int32_t logit_rows = 0;       // tokens whose logits the step returns
-  int32_t max_decode_rows = 0;  // most rows a decode query sees (split-K heuristic)
+// What the plan needs of the model and the kernels.
+struct StepShape {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int vocab_size = 0;
+  int window = 0;                  // the model's sliding window (0 = none)
+  int query_tile = 0;              // the prefill kernel's tile (kPrefillQueryTile)
+  int32_t scratch_value_base = 0;  // page id of value row 0 in the step's scratch (its capacity)
+};
 
-  // Where each array starts in `data`, in int32 elements.
+// One compressed prompt of the step: the layers' compression runs on the device.
+struct PromptJob {
+  int32_t seq = 0;          // index in the step's CSR
+  int32_t first_token = 0;  // its first row in the step's packed buffers
+  int32_t n = 0;            // prompt tokens
+  const memory::compress::CompressionConfig* config = nullptr;
+  std::vector<memory::compress::LayerPlan> layers;  // (n_layers) PlanPrompt
+  size_t channels_at = 0;     // its channel sets in the step's channel output, uint16 elements:
+                              // (n_layers, n_kv_heads, key_width) when ThinK thins it, else none
+  int32_t channel_count = 0;  // uint16 elements it writes there
+};
+
+struct StepPlan {
+  int32_t tokens = 0;             // T: new tokens of the step, packed in step order
+  int32_t seqs = 0;               // S: sequences with at least one new token
+  int32_t pages = 0;              // P: entries per layer of the page lists (page_indptr[S])
+  int32_t decode_seqs = 0;        // sequences with exactly one new token: the decode kernel's
+  int32_t compressed_decode = 0;  // of them, compressed
+  int32_t prefill_items = 0;      // query tiles of the other sequences: the prefill kernel's
+  int32_t logit_rows = 0;         // tokens whose logits the step returns
+  int32_t max_decode_rows = 0;    // most rows a decode query sees (split-K heuristic)
+  int32_t thin_pages = 0;         // PT: entries per layer of the thin page lists
+  int32_t scratch_rows = 0;       // NS: scratch entries (the compressed prompts' tokens)
+  int32_t scratch_items = 0;      // query tiles of the compressed prompts
+  std::vector<PromptJob> prompts;
+  size_t channel_out = 0;  // uint16 elements of channel sets the prompts write
+
+  // Where each array starts in `data`, in int32 elements. Layer-major arrays hold layer l's part
+  // at offset l * (the per-layer size).
   struct Offsets {
     size_t token_ids = 0;     // (T) the model's input ids
     size_t positions = 0;     // (T) position of each token (= its row in its sequence's cache)
-    size_t token_seq = 0;     // (T) sequence index of each token
+    size_t token_seq = 0;     // (T) sequence whose pages take each token's K/V row; -1: none
+                              // (a compressed prompt's rows stay in the scratch)
     size_t token_indptr = 0;  // (S + 1) sequence s's tokens: [token_indptr[s], token_indptr[s+1])
-    size_t kv_rows = 0;       // (S) rows of each sequence once this step's are written
+    size_t kv_rows = 0;       // (n_layers, S) rows of the full-width lists once this step's are
+                              // written (0 for a compressed prompt)
     size_t page_indptr = 0;   // (S + 1) sequence s's pages: [page_indptr[s], page_indptr[s+1])
-    size_t key_pages = 0;     // (n_layers, P) page ids of the keys, layer-major
+    size_t key_pages = 0;     // (n_layers, P) page ids of the keys, layer-major; -1 pads
     size_t value_pages = 0;   // (n_layers, P) page ids of the values
     size_t decode = 0;        // (decode_seqs) sequence indices for the decode kernel
     size_t prefill = 0;       // (prefill_items, 2) (sequence, first new token) query tiles
     size_t logits = 0;        // (logit_rows) token rows whose logits are returned, in step order
+    // With compressed decodes or prompts (sized 0 otherwise): the thin page lists.
+    size_t thin_indptr = 0;       // (S + 1)
+    size_t thin_key_pages = 0;    // (n_layers, PT); -1 pads
+    size_t thin_value_pages = 0;  // (n_layers, PT)
+    // With decodes and no sliding window (CompressedKv, sized 0 otherwise):
+    size_t thin_rows = 0;       // (n_layers, S, n_kv_heads)
+    size_t recent_rows = 0;     // (n_layers, S, n_kv_heads)
+    size_t key_width = 0;       // (S)
+    size_t channel_offset = 0;  // (n_layers, S) in uint16 elements from `channels`
+    size_t channels = 0;        // uint16 channel sets, two per int32
+    // With prompts (sized 0 otherwise): the scratch as pages of one row.
+    size_t scratch_indptr = 0;  // (S + 1)
+    size_t scratch_keys = 0;    // (NS) page ids of the key rows
+    size_t scratch_values = 0;  // (NS) page ids of the value rows
+    size_t scratch_rows = 0;    // (S) rows each sequence holds there
+    size_t scratch_items = 0;   // (scratch_items, 2) query tiles over the scratch
   } at;
   std::vector<int32_t> data;
   std::vector<int32_t> step_of_seq;  // (S) index in `steps` of each planned sequence
@@ -44,10 +103,10 @@ struct StepPlan {
 };
 
 // Plans `steps` (steps without new tokens are skipped). INVALID_ARGUMENT for a token id outside
-// [0, vocab_size); INTERNAL when a sequence's pages were not reserved for its new rows or its
-// layers disagree (both are bugs of the caller). `window` is the model's sliding window (0 = none)
-// and `query_tile` the prefill kernel's tile (kPrefillQueryTile). Reuses `plan`'s storage.
-absl::Status BuildStepPlan(std::span<const SequenceStep> steps, int n_layers, int vocab_size,
-                           int window, int query_tile, StepPlan& plan);
+// [0, vocab_size); INTERNAL when a sequence's pages were not reserved for its new rows, its
+// layers disagree, or a compressed sequence is fed what its layout cannot take (bugs of the
+// caller). Reuses `plan`'s storage.
+absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
+                           StepPlan& plan);
 
 }  // namespace kvtrim::engine::cuda

@@ -2,7 +2,7 @@
 # Packs the built CUDA test and benchmark binaries, the kvtrim CLI and kvtrim-server (when built),
 # and the shared libraries they need that a bare GPU machine may lack, into
 # .gpu/bundle/bundle.tar.xz (git-ignored) so they can travel to the device machine; optionally
-# splits the SmolLM2 GGUF into two parts that travel in two back-to-back calls:
+# splits the SmolLM2 GGUF into parts (model_a, model_b, ...) that travel in back-to-back calls:
 #
 #   cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release
 #   cmake --build build-cuda --target cuda_kernels_test cuda_attention_test cuda_forward_test \
@@ -47,7 +47,7 @@ for extra in "$build"/tools/kvtrim "$build"/server/kvtrim-server; do
   [[ -x $extra ]] && binaries+=("$extra")
 done
 
-rm -rf "$out"
+rm -rf "$out"/bundle "$out"/model_? "$out"/MANIFEST  # .gpu/py (python_deps.sh) stays
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib" "$out/bundle"
@@ -94,16 +94,27 @@ if ((bundle_kib + tree_kib + margin_kib > call_limit_kib)); then
 fi
 
 if [[ -n $model ]]; then
-  model_kib=$(( ($(stat -c %s "$model") + 1023) / 1024))
-  part_a_kib=$((call_limit_kib - bundle_kib - tree_kib - margin_kib))
-  part_b_kib=$((model_kib - part_a_kib))
-  if ((part_b_kib + tree_kib + margin_kib > call_limit_kib)); then
-    echo "$model does not fit in two calls next to the bundle" >&2
+  # Part a fills what the bundle (and .gpu/py, if there) leaves of call 1; parts b, c, ... fill
+  # one call each.
+  model_bytes=$(stat -c %s "$model")
+  py_kib=0
+  [[ -d $out/py ]] && py_kib=$(du -sk "$out/py" | cut -f1)
+  first_kib=$((call_limit_kib - bundle_kib - py_kib - tree_kib - margin_kib))
+  next_kib=$((call_limit_kib - tree_kib - margin_kib))
+  offset=0
+  letters=(a b c d)
+  for i in "${!letters[@]}"; do
+    ((offset < model_bytes)) || break
+    size=$(( (i == 0 ? first_kib : next_kib) * 1024))
+    part=$out/model_${letters[$i]}
+    mkdir -p "$part"
+    dd if="$model" of="$part/$(basename "$model").part_${letters[$i]}" bs=1024 \
+      skip=$((offset / 1024)) count=$((size / 1024)) status=none
+    echo "model part ${letters[$i]}: $(( $(stat -c %s "$part/$(basename "$model").part_${letters[$i]}") >> 20)) MiB (call $((i + 1)))"
+    offset=$((offset + size))
+  done
+  if ((offset < model_bytes)); then
+    echo "$model does not fit in ${#letters[@]} calls next to the bundle" >&2
     exit 1
   fi
-  mkdir -p "$out/model_a" "$out/model_b"
-  head -c $((part_a_kib * 1024)) "$model" >"$out/model_a/$(basename "$model").part_a"
-  tail -c +$((part_a_kib * 1024 + 1)) "$model" >"$out/model_b/$(basename "$model").part_b"
-  echo "model: $(basename "$model") in two parts, $((part_a_kib / 1024)) MiB (call 1, with the" \
-    "bundle) and $((part_b_kib / 1024)) MiB (call 2)"
 fi

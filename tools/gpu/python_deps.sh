@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares what tools/gpu/run_cpu_eval.sh needs on the GPU machine, whose Python has no grpcio:
+# Prepares what tools/gpu/run_eval.sh needs on the GPU machine, whose Python has no grpcio:
 # for each CPython version X.Y given, .gpu/py-cpXY/ with the grpcio and protobuf wheels that
 # tests/server/requirements.txt pins, Python stubs generated from proto/, and the evaluation's
 # document (a text shipped with Debian). Carry the one matching the machine's Python as .gpu/py:

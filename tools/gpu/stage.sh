@@ -1,4 +1,4 @@
-# Sourced by the scripts that run on the GPU machine (run_tests.sh, run_cpu_eval.sh), from the
+# Sourced by the scripts that run on the GPU machine (run_tests.sh, run_eval.sh), from the
 # repository root, with $stage (kept across calls while the machine stays warm), $out and a
 # note() function set: unpacks a carried .gpu/bundle into $stage/bundle and collects the carried
 # SmolLM2 GGUF parts, joining them once both are there and checking the sha256 that
@@ -15,22 +15,23 @@ if [[ ! -d $stage/bundle/bin ]]; then
   exit 1
 fi
 bundle=$stage/bundle
-for part in .gpu/model_a/* .gpu/model_b/*; do
+for part in .gpu/model_?/*; do
   [[ -f $part ]] && cp "$part" "$stage/model/"
 done
 model=$stage/model/SmolLM2-135M-Instruct.Q4_1.gguf
 if [[ ! -f $model ]]; then
-  parts=("$stage"/model/*.part_a "$stage"/model/*.part_b)
-  if [[ -f ${parts[0]} && -f ${parts[1]} ]]; then
-    cat "${parts[0]}" "${parts[1]}" >"$model.joining"
+  parts=("$stage"/model/*.part_?)
+  if ((${#parts[@]} >= 2)) && [[ -f ${parts[0]} ]]; then
+    # The parts so far, in order; the sha256 says whether they are all of them.
+    cat "${parts[@]}" >"$model.joining"
     want=$(python3 -c 'import json; print(json.load(open("tests/data/smollm2/goldens.json"))["model_sha256"])')
     got=$(sha256sum "$model.joining" | cut -d' ' -f1)
     if [[ $got == "$want" ]]; then
       mv "$model.joining" "$model"
-      note "model: joined, sha256 $got (matches goldens.json)"
+      note "model: joined ${#parts[@]} parts, sha256 $got (matches goldens.json)"
     else
       rm -f "$model.joining"
-      note "model: joined parts have sha256 $got, goldens.json wants $want: not used"
+      note "model: ${#parts[@]} parts here, not complete yet (or corrupt: sha256 $got)"
     fi
   fi
 fi

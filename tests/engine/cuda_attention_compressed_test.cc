@@ -1,0 +1,517 @@
+// The compressed paged decode attention kernel (engine/cuda/attention_decode_compressed.cu)
+// against a CPU reference in double, on fresh random data each run (the seed is printed on
+// failure).
+//
+// Every case lays out its sequences as the compressed cache holds them: per kv-head a thin segment
+// (keys on a random ascending channel set of key_width channels, in rows of n_kv_heads *
+// key_width; values at full width) and a full-width recent segment, each kv-head with its own row
+// counts. Pages are picked in shuffled order from a pool whose unused bytes are NaN, and the row
+// slots a kv-head does not use are NaN too: a read outside the rows a kv-head holds poisons the
+// result. Batches mix uncompressed sequences (no thin rows, key_width = head_dim), thin keys read
+// 16 bytes at a time (key_width % 8 == 0), thin keys read element by element (other widths) and
+// full-width thin keys (selection without ThinK, no channel set: its offset is -1). Outputs are
+// NaN-poisoned before each launch; the kernel runs with 1 split, 3 splits and the heuristic's
+// choice, over the sequences listed in shuffled order (split records are indexed by list place).
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/cuda/attention_decode.h"
+#include "engine/cuda/attention_decode_compressed.h"
+#include "engine/cuda/compressed_kv.h"
+#include "engine/cuda/paged_kv.h"
+#include "tests/engine/cuda_test_util.h"
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+using testing::Download;
+using testing::ExpectClose;
+using testing::kBf16Bound;
+using testing::Poisoned;
+
+// One decoding sequence of a step. A list of one count applies to every kv-head.
+struct SequenceSpec {
+  int key_width;            // channels per kv-head of the thin keys
+  std::vector<int> thin;    // (n_kv_heads) thin rows per kv-head
+  std::vector<int> recent;  // (n_kv_heads) recent rows per kv-head, the new token included
+};
+
+SequenceSpec Uncompressed(int head_dim, int rows) { return {head_dim, {0}, {rows}}; }
+
+struct CompressedCase {
+  std::string name;
+  AttentionShape shape;
+  int page_bytes;
+  std::vector<SequenceSpec> seqs;
+};
+
+// One kv-head's rows of one sequence, in float (bf16-exact).
+struct HeadRows {
+  std::vector<int> channels;                                              // (key_width) ascending
+  std::vector<float> thin_keys, thin_values, recent_keys, recent_values;  // (rows, width)
+};
+
+// One step's compressed K/V over shuffled pages, its queries, and what the kernel reads.
+class CompressedStep {
+ public:
+  CompressedStep(const CompressedCase& c, std::mt19937& rng) : c_(c) {
+    const AttentionShape& s = c.shape;
+    const int D = s.head_dim, H = s.n_kv_heads;
+    row_elements_ = H * D;
+    rows_per_page_ = c.page_bytes / (row_elements_ * 2);
+    page_elements_ = c.page_bytes / 2;
+    n_seqs_ = static_cast<int>(c.seqs.size());
+    for (const SequenceSpec& seq : c.seqs) {
+      thin_.push_back(PerHead(seq.thin));
+      recent_.push_back(PerHead(seq.recent));
+    }
+
+    // Page counts first, then pages handed out from a shuffled order.
+    int total_pages = 5;  // a few never used
+    for (int i = 0; i < n_seqs_; ++i) {
+      total_pages += 2 * ThinPages(i) + 2 * Pages(MostRows(recent_[i]), rows_per_page_);
+    }
+    page_order_.resize(total_pages);
+    std::iota(page_order_.begin(), page_order_.end(), 0);
+    std::shuffle(page_order_.begin(), page_order_.end(), rng);
+    pool_.assign(static_cast<size_t>(total_pages) * page_elements_, 0xFFFF);
+    thin_indptr_.push_back(0);
+    page_indptr_.push_back(0);
+    for (int i = 0; i < n_seqs_; ++i) AddSequence(i, rng);
+
+    // Queries a little sharper than unit scores, so the softmax is not flat.
+    q_ = RandomBf16(rng, static_cast<size_t>(n_seqs_) * s.n_heads * D, 2.0f);
+    token_indptr_.resize(n_seqs_ + 1);
+    std::iota(token_indptr_.begin(), token_indptr_.end(), 0);
+    listed_.resize(n_seqs_);
+    std::iota(listed_.begin(), listed_.end(), 0);
+    std::shuffle(listed_.begin(), listed_.end(), rng);
+    UploadAll();
+  }
+
+  // softmax(scores) · V per query head in double, (n_seqs, n_heads * D): thin scores on the
+  // kv-head's channels, recent scores on all of them, both scaled by 1 / sqrt(D).
+  std::vector<float> Reference() const {
+    const AttentionShape& s = c_.shape;
+    const int D = s.head_dim, group = s.n_heads / s.n_kv_heads;
+    std::vector<float> out(static_cast<size_t>(n_seqs_) * s.n_heads * D);
+    for (int i = 0; i < n_seqs_; ++i) {
+      const int kw = c_.seqs[i].key_width;
+      for (int h = 0; h < s.n_heads; ++h) {
+        const HeadRows& head = rows_[i][h / group];
+        const float* query = &q_[(static_cast<size_t>(i) * s.n_heads + h) * D];
+        const int thin = thin_[i][h / group], recent = recent_[i][h / group];
+        std::vector<double> p(thin + recent);  // scores, then unnormalised probabilities
+        for (int r = 0; r < thin; ++r) {
+          double dot = 0.0;
+          for (int i = 0; i < kw; ++i) {
+            dot += static_cast<double>(query[head.channels[i]]) * head.thin_keys[r * kw + i];
+          }
+          p[r] = dot / std::sqrt(static_cast<double>(D));
+        }
+        for (int r = 0; r < recent; ++r) {
+          double dot = 0.0;
+          for (int d = 0; d < D; ++d) {
+            dot += static_cast<double>(query[d]) * head.recent_keys[r * D + d];
+          }
+          p[thin + r] = dot / std::sqrt(static_cast<double>(D));
+        }
+        const double most = *std::max_element(p.begin(), p.end());
+        double sum = 0.0;
+        for (double& x : p) sum += (x = std::exp(x - most));
+        for (int d = 0; d < D; ++d) {
+          double acc = 0.0;
+          for (int r = 0; r < thin + recent; ++r) {
+            acc += p[r] * (r < thin ? head.thin_values[r * D + d]
+                                    : head.recent_values[(r - thin) * D + d]);
+          }
+          out[(static_cast<size_t>(i) * s.n_heads + h) * D + d] = acc / sum;
+        }
+      }
+    }
+    return out;
+  }
+
+  // The compressed kernel with `splits` (0: DecodeAttentionSplits' choice for 132 SMs).
+  std::vector<float> Run(int splits, cudaStream_t stream) {
+    if (splits == 0) splits = HeuristicSplits();
+    DeviceBuffer d_out = Poisoned<uint16_t>(q_.size());
+    EXPECT_EQ(Launch(c_.shape, splits, d_out, stream), cudaSuccess);
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    last_splits_ = splits;
+    return testing::FromBf16(Download<uint16_t>(d_out, q_.size()));
+  }
+
+  cudaError_t Launch(const AttentionShape& shape, int splits, DeviceBuffer& d_out,
+                     cudaStream_t stream) {
+    workspace_ = Poisoned<float>(WorkspaceFloats(splits));
+    PagedKv kv = kv_;
+    kv.kv_rows = nullptr;  // not read: null makes a read fault
+    return LaunchCompressedDecodeAttention(
+        kv, ckv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(), n_seqs_,
+        d_q_.as<__nv_bfloat16>(), shape, splits, workspace_.as<float>(), d_out.as<__nv_bfloat16>(),
+        stream);
+  }
+
+  // The uncompressed kernel on the same step: every sequence must be uncompressed, every kv-head
+  // holding the same rows.
+  std::vector<float> RunUncompressed(int splits, cudaStream_t stream) {
+    if (splits == 0) splits = HeuristicSplits();
+    DeviceBuffer d_out = Poisoned<uint16_t>(q_.size());
+    workspace_ = Poisoned<float>(WorkspaceFloats(splits));
+    EXPECT_EQ(LaunchDecodeAttention(kv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(),
+                                    n_seqs_, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
+                                    workspace_.as<float>(), d_out.as<__nv_bfloat16>(), stream),
+              cudaSuccess);
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    last_splits_ = splits;
+    return testing::FromBf16(Download<uint16_t>(d_out, q_.size()));
+  }
+
+  std::string Describe() const {
+    const AttentionShape& s = c_.shape;
+    std::string seqs;
+    for (int i = 0; i < n_seqs_; ++i) {
+      absl::StrAppend(&seqs, i ? " " : "", "w", c_.seqs[i].key_width, ":",
+                      absl::StrJoin(thin_[i], ","), "+", absl::StrJoin(recent_[i], ","));
+    }
+    return absl::StrCat(s.n_heads, "/", s.n_kv_heads, "x", s.head_dim, " rpp ", rows_per_page_,
+                        " split ", last_splits_, " ", seqs);
+  }
+
+ private:
+  // Lays out sequence i: its pages, channel sets and rows (random), on both sides.
+  void AddSequence(int i, std::mt19937& rng) {
+    const int D = c_.shape.head_dim, H = c_.shape.n_kv_heads;
+    const SequenceSpec& seq = c_.seqs[i];
+    const int kw = seq.key_width;
+    const int most_thin = MostRows(thin_[i]), most_recent = MostRows(recent_[i]);
+    const int key_pages = Pages(most_thin, KeyRowsPerPage(kw));
+    const int value_pages = Pages(most_thin, rows_per_page_);
+    const int first_thin = thin_indptr_.back(), first_recent = page_indptr_.back();
+    Take(key_pages, ThinPages(i), thin_key_pages_);
+    Take(value_pages, ThinPages(i), thin_value_pages_);
+    Take(Pages(most_recent, rows_per_page_), Pages(most_recent, rows_per_page_), key_pages_);
+    Take(Pages(most_recent, rows_per_page_), Pages(most_recent, rows_per_page_), value_pages_);
+    thin_indptr_.push_back(first_thin + ThinPages(i));
+    page_indptr_.push_back(first_recent + Pages(most_recent, rows_per_page_));
+    key_width_.push_back(kw);
+    channel_offset_.push_back(kw == D ? -1 : static_cast<int32_t>(channels_.size()));
+
+    std::vector<HeadRows> heads(H);
+    for (int h = 0; h < H; ++h) {
+      HeadRows& head = heads[h];
+      head.channels.resize(D);
+      std::iota(head.channels.begin(), head.channels.end(), 0);
+      if (kw < D) {
+        std::shuffle(head.channels.begin(), head.channels.end(), rng);
+        head.channels.resize(kw);
+        std::sort(head.channels.begin(), head.channels.end());
+        for (int channel : head.channels) channels_.push_back(static_cast<uint16_t>(channel));
+      }
+      head.thin_keys = RandomBf16(rng, thin_[i][h] * kw);
+      head.thin_values = RandomBf16(rng, thin_[i][h] * D);
+      head.recent_keys = RandomBf16(rng, recent_[i][h] * D);
+      head.recent_values = RandomBf16(rng, recent_[i][h] * D);
+      const int32_t* thin_keys = thin_key_pages_.data() + first_thin;
+      const int32_t* thin_values = thin_value_pages_.data() + first_thin;
+      const int32_t* recent_keys = key_pages_.data() + first_recent;
+      const int32_t* recent_values = value_pages_.data() + first_recent;
+      for (int r = 0; r < thin_[i][h]; ++r) {
+        Write(thin_keys, KeyRowsPerPage(kw), H * kw, r, h * kw, &head.thin_keys[r * kw], kw);
+        Write(thin_values, rows_per_page_, row_elements_, r, h * D, &head.thin_values[r * D], D);
+      }
+      for (int r = 0; r < recent_[i][h]; ++r) {
+        Write(recent_keys, rows_per_page_, row_elements_, r, h * D, &head.recent_keys[r * D], D);
+        Write(recent_values, rows_per_page_, row_elements_, r, h * D, &head.recent_values[r * D],
+              D);
+      }
+    }
+    rows_.push_back(std::move(heads));
+    kv_rows_.push_back(most_recent);
+  }
+  // Appends `padded` entries to `list`: the next `n` pages of the shuffled order, then -1s.
+  void Take(int n, int padded, std::vector<int32_t>& list) {
+    for (int p = 0; p < padded; ++p) list.push_back(p < n ? page_order_[next_page_++] : -1);
+  }
+  std::vector<int> PerHead(const std::vector<int>& counts) const {
+    if (counts.size() == 1) return std::vector<int>(c_.shape.n_kv_heads, counts[0]);
+    EXPECT_EQ(counts.size(), static_cast<size_t>(c_.shape.n_kv_heads)) << c_.name;
+    std::vector<int> per_head = counts;
+    per_head.resize(c_.shape.n_kv_heads, counts.back());
+    return per_head;
+  }
+  static int MostRows(const std::vector<int>& counts) {
+    return *std::max_element(counts.begin(), counts.end());
+  }
+  static int Pages(int rows, int rows_per_page) {
+    return (rows + rows_per_page - 1) / rows_per_page;
+  }
+  int KeyRowsPerPage(int key_width) const {
+    return static_cast<int>(page_elements_ / (c_.shape.n_kv_heads * key_width));
+  }
+  // Entries of sequence i in both thin lists (the longer list's pages).
+  int ThinPages(int i) const {
+    const int most = MostRows(thin_[i]);
+    return std::max(Pages(most, KeyRowsPerPage(c_.seqs[i].key_width)), Pages(most, rows_per_page_));
+  }
+  static std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float stddev = 1.0f) {
+    return testing::FromBf16(testing::ToBf16(testing::Random(rng, n, stddev)));
+  }
+  // Writes `count` elements at element `offset` of row `row` of a list of `pages`.
+  void Write(const int32_t* pages, int rows_per_page, int row_elements, int row, int offset,
+             const float* data, int count) {
+    const size_t at = static_cast<size_t>(pages[row / rows_per_page]) * page_elements_ +
+                      static_cast<size_t>(row % rows_per_page) * row_elements + offset;
+    for (int i = 0; i < count; ++i) pool_[at + i] = FloatToBf16Bits(data[i]);
+  }
+  int HeuristicSplits() const {
+    int most_rows = 0;
+    for (int i = 0; i < n_seqs_; ++i) {
+      for (int h = 0; h < c_.shape.n_kv_heads; ++h) {
+        most_rows = std::max(most_rows, thin_[i][h] + recent_[i][h]);
+      }
+    }
+    return DecodeAttentionSplits(n_seqs_, most_rows, c_.shape, 132);
+  }
+  size_t WorkspaceFloats(int splits) const {
+    return std::max<size_t>(DecodeAttentionWorkspaceBytes(n_seqs_, splits, c_.shape) / 4, 1);
+  }
+  static std::vector<int32_t> NonEmpty(const std::vector<int32_t>& v) {
+    return v.empty() ? std::vector<int32_t>{-1} : v;
+  }
+
+  void UploadAll() {
+    d_pool_ = testing::Upload(pool_);
+    d_q_ = testing::Upload(testing::ToBf16(q_));
+    d_token_indptr_ = testing::Upload(token_indptr_);
+    d_listed_ = testing::Upload(listed_);
+    d_kv_rows_ = testing::Upload(kv_rows_);
+    d_page_indptr_ = testing::Upload(page_indptr_);
+    d_key_pages_ = testing::Upload(NonEmpty(key_pages_));
+    d_value_pages_ = testing::Upload(NonEmpty(value_pages_));
+    d_thin_indptr_ = testing::Upload(thin_indptr_);
+    d_thin_key_pages_ = testing::Upload(NonEmpty(thin_key_pages_));
+    d_thin_value_pages_ = testing::Upload(NonEmpty(thin_value_pages_));
+    std::vector<int32_t> thin_rows, recent_rows;  // (n_seqs, n_kv_heads)
+    for (int i = 0; i < n_seqs_; ++i) {
+      thin_rows.insert(thin_rows.end(), thin_[i].begin(), thin_[i].end());
+      recent_rows.insert(recent_rows.end(), recent_[i].begin(), recent_[i].end());
+    }
+    d_thin_rows_ = testing::Upload(thin_rows);
+    d_recent_rows_ = testing::Upload(recent_rows);
+    d_key_width_ = testing::Upload(key_width_);
+    d_channel_offset_ = testing::Upload(channel_offset_);
+    // At least one element, so that the pointer is a real allocation even when no sequence has
+    // a channel set (full-width reads of it, which must not happen, then fault under memcheck).
+    d_channels_ = testing::Upload(channels_.empty() ? std::vector<uint16_t>{0xFFFF} : channels_);
+    kv_ = PagedKv{.pool = d_pool_.as<__nv_bfloat16>(),
+                  .page_elements = page_elements_,
+                  .row_elements = row_elements_,
+                  .rows_per_page = rows_per_page_,
+                  .page_indptr = d_page_indptr_.as<int32_t>(),
+                  .key_pages = d_key_pages_.as<int32_t>(),
+                  .value_pages = d_value_pages_.as<int32_t>(),
+                  .kv_rows = d_kv_rows_.as<int32_t>()};
+    ckv_ = CompressedKv{.thin_indptr = d_thin_indptr_.as<int32_t>(),
+                        .thin_key_pages = d_thin_key_pages_.as<int32_t>(),
+                        .thin_value_pages = d_thin_value_pages_.as<int32_t>(),
+                        .thin_rows = d_thin_rows_.as<int32_t>(),
+                        .recent_rows = d_recent_rows_.as<int32_t>(),
+                        .key_width = d_key_width_.as<int32_t>(),
+                        .channel_offset = d_channel_offset_.as<int32_t>(),
+                        .channels = d_channels_.as<uint16_t>()};
+  }
+
+  const CompressedCase& c_;
+  int row_elements_ = 0, rows_per_page_ = 0, n_seqs_ = 0, last_splits_ = 1;
+  int64_t page_elements_ = 0;
+  std::vector<std::vector<int>> thin_, recent_;  // (n_seqs)(n_kv_heads)
+  std::vector<std::vector<HeadRows>> rows_;      // (n_seqs)(n_kv_heads)
+  std::vector<uint16_t> pool_;                   // (pages, page_elements) bf16 bits
+  std::vector<int32_t> page_order_;              // page ids in the order they are handed out
+  int next_page_ = 0;
+  std::vector<float> q_;  // (n_seqs, n_heads * head_dim)
+  std::vector<int32_t> token_indptr_, listed_, kv_rows_, page_indptr_, key_pages_, value_pages_,
+      thin_indptr_, thin_key_pages_, thin_value_pages_, key_width_, channel_offset_;
+  std::vector<uint16_t> channels_;
+  DeviceBuffer d_pool_, d_q_, d_token_indptr_, d_listed_, d_kv_rows_, d_page_indptr_, d_key_pages_,
+      d_value_pages_, d_thin_indptr_, d_thin_key_pages_, d_thin_value_pages_, d_thin_rows_,
+      d_recent_rows_, d_key_width_, d_channel_offset_, d_channels_, workspace_;
+  PagedKv kv_;
+  CompressedKv ckv_;
+};
+
+class CudaAttentionCompressedTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+    const unsigned seed = std::random_device{}();
+    rng_.seed(seed);
+    RecordProperty("seed", std::to_string(seed));
+    trace_ =
+        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
+    ASSERT_CUDA(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) {
+      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
+    }
+  }
+
+  void Check(const CompressedCase& c) {
+    CompressedStep step(c, rng_);
+    const std::vector<float> ref = step.Reference();
+    for (int splits : {1, 3, 0}) {
+      const std::vector<float> out = step.Run(splits, stream_);
+      ExpectClose("compressed decode", absl::StrCat(c.name, " ", step.Describe()), out, ref,
+                  kBf16Bound);
+    }
+  }
+
+  std::mt19937 rng_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<::testing::ScopedTrace> trace_;
+};
+
+// Thin keys at half width (16-byte loads), uncompressed neighbours, per-head counts around page
+// boundaries.
+TEST_F(CudaAttentionCompressedTest, HalfWidthKeysMatchCpu) {
+  const CompressedCase cases[] = {
+      // SmolLM2: 9 query / 3 kv heads of 64; 16 KiB pages hold 42 full rows, 85 thin key rows.
+      {"smollm2",
+       {9, 3, 64, 0},
+       16 << 10,
+       {Uncompressed(64, 301),
+        {32, {951, 900, 1000}, {33, 1, 40}},
+        {32, {0, 1, 85}, {300, 42, 43}},
+        {32, {84, 86, 170}, {41, 1, 84}},
+        Uncompressed(64, 1)}},
+      // Llama-3-8B heads (32 / 8 x 128): 16 KiB pages hold 8 full rows, 16 thin key rows.
+      {"llama3",
+       {32, 8, 128, 0},
+       16 << 10,
+       {{64, {4100, 15, 16, 17, 31, 32, 33, 0}, {1, 8, 9, 100, 300, 7, 2, 64}},
+        Uncompressed(128, 2049),
+        {64, {1}, {1}},
+        {64, {7, 8, 9, 127, 128, 129, 255, 256}, {17}}}},
+      {"tiny",
+       {4, 2, 16, 0},
+       256,
+       {{8, {0, 7}, {5, 1}}, {8, {8, 9}, {4, 3}}, Uncompressed(16, 17)}},
+      {"group12", {12, 1, 32, 0}, 1024, {{16, {33}, {1}}, {16, {700}, {31}}, Uncompressed(32, 33)}},
+      {"dim256", {8, 2, 256, 0}, 4096, {{128, {5, 300}, {3, 1}}, Uncompressed(256, 300)}},
+  };
+  for (const CompressedCase& c : cases) Check(c);
+}
+
+// Widths that are not a multiple of 8 (the element-by-element key path), in batches with the
+// vector path and uncompressed sequences.
+TEST_F(CudaAttentionCompressedTest, OddWidthKeysMatchCpu) {
+  const CompressedCase cases[] = {
+      {"smollm2",
+       {9, 3, 64, 0},
+       16 << 10,
+       {{20, {0, 1, 136}, {300, 5, 1}},
+        {33, {1000, 137, 138}, {2, 3, 4}},
+        {32, {50}, {50}},
+        Uncompressed(64, 100)}},
+      // 44-wide thin key rows are 704 bytes: 23 to a 16 KiB page, 192 bytes left over.
+      {"llama3",
+       {32, 8, 128, 0},
+       16 << 10,
+       {{44, {22, 23, 24, 46, 47, 1, 0, 4100}, {1, 2, 3, 4, 5, 6, 7, 8}},
+        {127, {300}, {9}},
+        Uncompressed(128, 64)}},
+      {"tiny",
+       {4, 2, 16, 0},
+       256,
+       {{5, {11, 12}, {1, 2}}, {3, {21, 22}, {4, 5}}, {1, {13, 40}, {6, 1}}}},
+      {"group12", {12, 1, 32, 0}, 1024, {{12, {41}, {1}}, {31, {85}, {2}}, {12, {43}, {3}}}},
+      {"dim256", {8, 2, 256, 0}, 4096, {{100, {10, 11}, {1, 5}}, {255, {9}, {4}}}},
+  };
+  for (const CompressedCase& c : cases) Check(c);
+}
+
+// Thin keys at full width (token selection without ThinK): no channel set is read.
+TEST_F(CudaAttentionCompressedTest, FullWidthThinKeysMatchCpu) {
+  const CompressedCase cases[] = {
+      {"smollm2", {9, 3, 64, 0}, 16 << 10, {{64, {41, 42, 43}, {1, 2, 300}}, {32, {20}, {1}}}},
+      {"llama3",
+       {32, 8, 128, 0},
+       16 << 10,
+       {{128, {951}, {33}}, {128, {0, 8, 9, 1, 2, 3, 4, 5}, {1}}}},
+      {"tiny", {4, 2, 16, 0}, 256, {{16, {4, 5}, {3, 4}}}},
+      {"group12", {12, 1, 32, 0}, 1024, {{32, {16}, {1}}, {32, {17}, {2}}}},
+      {"dim256", {8, 2, 256, 0}, 4096, {{256, {3, 4}, {4, 5}}}},
+  };
+  for (const CompressedCase& c : cases) Check(c);
+}
+
+// Blocks serve 1 to 8 query heads (a kernel per count); groups over 8 are cut into chunks, the
+// last of which may be short (9 = 5 + 4).
+TEST_F(CudaAttentionCompressedTest, EveryGroupSizeMatchesCpu) {
+  const CompressedCase cases[] = {
+      {"group1", {4, 4, 32, 0}, 2048, {{16, {0, 1, 20, 40}, {3, 1, 2, 1}}, Uncompressed(32, 9)}},
+      {"group5", {10, 2, 64, 0}, 2048, {{32, {30}, {2}}, {20, {9, 17}, {1, 8}}}},
+      {"group6", {12, 2, 32, 0}, 1024, {{16, {40, 7}, {3, 33}}}},
+      {"group7", {14, 2, 128, 0}, 4096, {{64, {21}, {4}}, {60, {12}, {9}}}},
+      {"group8", {16, 2, 64, 0}, 2048, {{32, {50, 3}, {1, 6}}, Uncompressed(64, 20)}},
+      {"group9", {9, 1, 64, 0}, 1024, {{32, {30}, {5}}, {24, {17}, {2}}, Uncompressed(64, 11)}},
+  };
+  for (const CompressedCase& c : cases) Check(c);
+}
+
+// On uncompressed sequences the kernel reads exactly what LaunchDecodeAttention reads, in the same
+// order: the two outputs agree to bf16 rounding at every split count.
+TEST_F(CudaAttentionCompressedTest, UncompressedMatchesDecodeAttention) {
+  constexpr double kBf16Rounding = 1.0 / 256;
+  const CompressedCase cases[] = {
+      {"smollm2",
+       {9, 3, 64, 0},
+       64 << 10,
+       {Uncompressed(64, 1), Uncompressed(64, 170), Uncompressed(64, 171), Uncompressed(64, 1001),
+        Uncompressed(64, 4109)}},
+      {"llama3", {32, 8, 128, 0}, 16 << 10, {Uncompressed(128, 9), Uncompressed(128, 2049)}},
+      {"tiny",
+       {4, 2, 16, 0},
+       256,
+       {Uncompressed(16, 1), Uncompressed(16, 5), Uncompressed(16, 17)}},
+  };
+  for (const CompressedCase& c : cases) {
+    CompressedStep step(c, rng_);
+    for (int splits : {1, 3, 0}) {
+      const std::vector<float> expected = step.RunUncompressed(splits, stream_);
+      const std::vector<float> out = step.Run(splits, stream_);
+      ExpectClose("compressed vs decode", absl::StrCat(c.name, " ", step.Describe()), out, expected,
+                  kBf16Rounding);
+    }
+  }
+}
+
+// Compression refuses sliding windows, and so does the kernel.
+TEST_F(CudaAttentionCompressedTest, RefusesSlidingWindow) {
+  const CompressedCase c{"window", {9, 3, 64, 0}, 16 << 10, {{32, {10}, {2}}}};
+  CompressedStep step(c, rng_);
+  DeviceBuffer d_out = Poisoned<uint16_t>(9 * 64);
+  AttentionShape windowed = c.shape;
+  windowed.window = 100;
+  EXPECT_EQ(step.Launch(windowed, 1, d_out, stream_), cudaErrorInvalidValue);
+  EXPECT_EQ(step.Launch(c.shape, 1, d_out, stream_), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+}
+
+}  // namespace
+}  // namespace kvtrim::engine::cuda
