@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/paged_kv.h"
 
 namespace kvtrim::engine::cuda::decode_attention {
@@ -53,16 +54,6 @@ struct Merge {
     m = m_new;
   }
 };
-
-__device__ __forceinline__ void Unpack8(const uint4& packed, float out[8]) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
 
 // The per-thread state of a block's (at most kHeads) query heads.
 template <int kHeads = kMaxHeadsPerBlock>

@@ -44,7 +44,6 @@ using decode_attention::kLog2e;
 using decode_attention::kThreads;
 using decode_attention::kWarps;
 using decode_attention::SoftmaxState;
-using decode_attention::Unpack8;
 
 // This thread's 8 channels channel .. channel + 7 of the block's query heads (first_head + g of
 // `token`), pre-scaled by scale_log2; zero for g >= n_heads.

@@ -1,6 +1,6 @@
-// Prompt compression on the GPU (compress_prompt.cu): the kernels that turn one layer of a
-// compressed prompt, whole in the step's K/V buffers, into the rows its pages keep. The device
-// twins of memory/compress (observation.h, token_selection.h, channel_pruning.h); the CPU
+// Prompt compression on the GPU (snapkv_scores.cu, compress_select.cu): the kernels that turn one
+// layer of a compressed prompt, whole in the step's K/V buffers, into the rows its pages keep. The
+// device twins of memory/compress (observation.h, token_selection.h, channel_pruning.h); the CPU
 // reference's CompressPrompt (engine/cpu/compressed.cc) is the order they run in:
 //
 //   scores   = SnapKvScores(observation attention of the last w queries)   snapkv / pyramidkv

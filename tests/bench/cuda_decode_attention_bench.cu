@@ -30,7 +30,6 @@
 #include <functional>
 #include <numeric>
 #include <random>
-#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -40,6 +39,7 @@
 #include "engine/cuda/compressed_kv.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/paged_kv.h"
+#include "tests/bench/cuda_bench_util.h"
 
 ABSL_FLAG(int, repeats, 20, "timed runs per row (the median is printed)");
 ABSL_FLAG(int, warmup, 3, "untimed runs before each row");
@@ -52,97 +52,14 @@ ABSL_FLAG(int, splits, 0, "split-K parts of every launch (0: DecodeAttentionSpli
 namespace kvtrim::engine::cuda {
 namespace {
 
-#define CHECK_CUDA(expr)                                                 \
-  do {                                                                   \
-    const cudaError_t error_ = (expr);                                   \
-    if (error_ != cudaSuccess) {                                         \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(error_));                          \
-      std::exit(1);                                                      \
-    }                                                                    \
-  } while (0)
+using bench::Empty;
+using bench::RandomBf16;
+using bench::Timing;
+using bench::Upload;
 
-#define CHECK_OK(expr)                                                                     \
-  do {                                                                                     \
-    const absl::Status status_ = (expr);                                                   \
-    if (!status_.ok()) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, status_.ToString().c_str()); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-// ---- random fill ----
-
-__device__ uint32_t Hash(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-// Uniform in [-scale, scale).
-__global__ void FillBf16(__nv_bfloat16* out, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    out[i] = __float2bfloat16((Hash(i * 0x9e3779b97f4a7c15ull + seed) * 0x1p-31f - 1.0f) * scale);
-  }
-}
-
-uint32_t next_seed = 1;
-
-DeviceBuffer Empty(size_t bytes) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(std::max<size_t>(bytes, 16));
-  CHECK_OK(buffer.status());
-  return *std::move(buffer);
-}
-
-DeviceBuffer RandomBf16(size_t n, float scale = 1.0f) {
-  DeviceBuffer buffer = Empty(n * sizeof(__nv_bfloat16));
-  FillBf16<<<4096, 256>>>(buffer.as<__nv_bfloat16>(), n, next_seed++, scale);
-  CHECK_CUDA(cudaGetLastError());
-  return buffer;
-}
-
-template <typename T>
-DeviceBuffer Upload(const std::vector<T>& host) {
-  DeviceBuffer buffer = Empty(host.size() * sizeof(T));
-  CHECK_CUDA(
-      cudaMemcpy(buffer.as<void>(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return buffer;
-}
-
-// ---- timing ----
-
-struct Timing {
-  double median_ms, min_ms, max_ms;
-};
-
-// `run(i)` enqueues repetition i on `stream`; it checks its own launches.
+// `run(i)` enqueues repetition i on `stream`; --warmup, then --repeats timed runs.
 Timing Time(cudaStream_t stream, const std::function<void(int)>& run) {
-  CHECK_CUDA(cudaDeviceSynchronize());  // the random fills ran on the default stream
-  const int warmup = absl::GetFlag(FLAGS_warmup);
-  for (int i = 0; i < warmup; ++i) run(i);
-  CHECK_CUDA(cudaStreamSynchronize(stream));
-  const int repeats = std::max(1, absl::GetFlag(FLAGS_repeats));
-  std::vector<cudaEvent_t> events(repeats + 1);
-  for (cudaEvent_t& e : events) CHECK_CUDA(cudaEventCreate(&e));
-  CHECK_CUDA(cudaEventRecord(events[0], stream));
-  for (int i = 0; i < repeats; ++i) {
-    run(warmup + i);
-    CHECK_CUDA(cudaEventRecord(events[i + 1], stream));
-  }
-  CHECK_CUDA(cudaEventSynchronize(events[repeats]));
-  std::vector<double> ms(repeats);
-  for (int i = 0; i < repeats; ++i) {
-    float elapsed = 0.0f;
-    CHECK_CUDA(cudaEventElapsedTime(&elapsed, events[i], events[i + 1]));
-    ms[i] = elapsed;
-  }
-  for (cudaEvent_t& e : events) CHECK_CUDA(cudaEventDestroy(e));
-  std::sort(ms.begin(), ms.end());
-  return {ms[repeats / 2], ms.front(), ms.back()};
+  return bench::TimeRuns(stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats), run);
 }
 
 // ---- 1. copy ----
@@ -155,14 +72,7 @@ double CopyBandwidth(cudaStream_t stream) {
     CHECK_CUDA(
         cudaMemcpyAsync(dst.as<void>(), src.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
   });
-  const double gbs = 2.0 * bytes / (t.median_ms * 1e-3) / 1e9;
-  std::printf("\n## Device-to-device copy, %zu MiB buffer (GB/s = (read + written) / time)\n\n",
-              bytes >> 20);
-  std::printf("| method                         |  median ms |    min ms |    max ms |   GB/s |\n");
-  std::printf("|--------------------------------|-----------:|----------:|----------:|-------:|\n");
-  std::printf("| %-30s | %10.3f | %9.3f | %9.3f | %6.0f |\n", "cudaMemcpyAsync D2D", t.median_ms,
-              t.min_ms, t.max_ms, gbs);
-  return gbs;
+  return bench::PrintCopyTable(bytes, {{"cudaMemcpyAsync D2D", t}});
 }
 
 // ---- 2. decode attention ----
@@ -370,20 +280,6 @@ void DecodeAttention(cudaStream_t stream, double copy_gbs, const cudaDeviceProp&
   }
 }
 
-cudaDeviceProp PrintDevice() {
-  int device = 0;
-  CHECK_CUDA(cudaGetDevice(&device));
-  cudaDeviceProp p;
-  CHECK_CUDA(cudaGetDeviceProperties(&p, device));
-  int runtime = 0, driver = 0;
-  CHECK_CUDA(cudaRuntimeGetVersion(&runtime));
-  CHECK_CUDA(cudaDriverGetVersion(&driver));
-  std::printf("device: %s, sm_%d%d, %d SMs, %.1f GiB, L2 %d MB, runtime %d, driver %d\n", p.name,
-              p.major, p.minor, p.multiProcessorCount, p.totalGlobalMem / double(1 << 30),
-              p.l2CacheSize >> 20, runtime, driver);
-  return p;
-}
-
 }  // namespace
 }  // namespace kvtrim::engine::cuda
 
@@ -397,7 +293,7 @@ int main(int argc, char** argv) {
                  "--batch, --tokens, --page_kib and --copy_mib must be positive, --splits >= 0\n");
     return 1;
   }
-  const cudaDeviceProp device = PrintDevice();
+  const cudaDeviceProp device = bench::PrintDevice();
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   const double copy_gbs = CopyBandwidth(stream);

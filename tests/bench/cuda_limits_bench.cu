@@ -13,13 +13,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 #include <memory>
-#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -32,6 +29,7 @@
 #include "engine/cuda/swiglu.h"
 #include "engine/model.h"
 #include "engine/rope.h"
+#include "tests/bench/cuda_bench_util.h"
 
 ABSL_FLAG(int, repeats, 20, "timed runs per row (the median is printed)");
 ABSL_FLAG(int, warmup, 3, "untimed runs before each row");
@@ -41,59 +39,23 @@ ABSL_FLAG(int, gemm_size, 8192, "M = N = K of the square GEMM");
 namespace kvtrim::engine::cuda {
 namespace {
 
-#define CHECK_CUDA(expr)                                                 \
-  do {                                                                   \
-    const cudaError_t error_ = (expr);                                   \
-    if (error_ != cudaSuccess) {                                         \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(error_));                          \
-      std::exit(1);                                                      \
-    }                                                                    \
-  } while (0)
-
-#define CHECK_OK(expr)                                                                     \
-  do {                                                                                     \
-    const absl::Status status_ = (expr);                                                   \
-    if (!status_.ok()) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, status_.ToString().c_str()); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
+using bench::Empty;
+using bench::RandomBf16;
+using bench::Timing;
 
 // ---- random fill and copy kernels ----
-
-__device__ uint32_t Hash(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-// Uniform in [-scale, scale).
-__device__ float RandomValue(uint64_t index, uint32_t seed, float scale) {
-  return (Hash(index * 0x9e3779b97f4a7c15ull + seed) * 0x1p-31f - 1.0f) * scale;
-}
-
-__global__ void FillBf16(__nv_bfloat16* out, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    out[i] = __float2bfloat16(RandomValue(i, seed, scale));
-  }
-}
 
 __global__ void FillFloat(float* out, size_t n, uint32_t seed, float scale, float offset) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    out[i] = offset + RandomValue(i, seed, scale);
+    out[i] = offset + bench::RandomValue(i, seed, scale);
   }
 }
 
 __global__ void FillIndices(int32_t* out, size_t n, uint32_t seed, int32_t bound) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<int32_t>(Hash(i + seed) % static_cast<uint32_t>(bound));
+    out[i] = static_cast<int32_t>(bench::Hash(i + seed) % static_cast<uint32_t>(bound));
   }
 }
 
@@ -104,68 +66,28 @@ __global__ void CopyKernel(const uint4* __restrict__ in, uint4* __restrict__ out
   }
 }
 
-constexpr int kFillBlocks = 4096, kFillThreads = 256;
-uint32_t next_seed = 1;
-
-DeviceBuffer RandomBf16(size_t n, float scale = 1.0f) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(n * sizeof(__nv_bfloat16));
-  CHECK_OK(buffer.status());
-  FillBf16<<<kFillBlocks, kFillThreads>>>(buffer->as<__nv_bfloat16>(), n, next_seed++, scale);
-  CHECK_CUDA(cudaGetLastError());
-  return *std::move(buffer);
-}
-
 DeviceBuffer RandomFloats(size_t n, float scale = 1.0f, float offset = 0.0f) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(n * sizeof(float));
-  CHECK_OK(buffer.status());
-  FillFloat<<<kFillBlocks, kFillThreads>>>(buffer->as<float>(), n, next_seed++, scale, offset);
+  DeviceBuffer buffer = Empty(n * sizeof(float));
+  FillFloat<<<bench::kFillBlocks, bench::kFillThreads>>>(buffer.as<float>(), n, bench::next_seed++,
+                                                         scale, offset);
   CHECK_CUDA(cudaGetLastError());
-  return *std::move(buffer);
+  return buffer;
 }
 
 DeviceBuffer RandomIndices(size_t n, int32_t bound) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(n * sizeof(int32_t));
-  CHECK_OK(buffer.status());
-  FillIndices<<<kFillBlocks, kFillThreads>>>(buffer->as<int32_t>(), n, next_seed++, bound);
+  DeviceBuffer buffer = Empty(n * sizeof(int32_t));
+  FillIndices<<<bench::kFillBlocks, bench::kFillThreads>>>(buffer.as<int32_t>(), n,
+                                                           bench::next_seed++, bound);
   CHECK_CUDA(cudaGetLastError());
-  return *std::move(buffer);
-}
-
-DeviceBuffer Empty(size_t bytes) {
-  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(bytes);
-  CHECK_OK(buffer.status());
-  return *std::move(buffer);
+  return buffer;
 }
 
 // ---- timing ----
 
-struct Timing {
-  double median_ms, min_ms, max_ms;
-};
-
-// `run` enqueues one repetition on `stream`; it checks its own launches.
+// `run` enqueues one repetition on `stream`; --warmup, then --repeats timed runs.
 Timing Time(cudaStream_t stream, const std::function<void()>& run) {
-  CHECK_CUDA(cudaDeviceSynchronize());  // the random fills ran on the default stream
-  for (int i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) run();
-  CHECK_CUDA(cudaStreamSynchronize(stream));
-  const int repeats = std::max(1, absl::GetFlag(FLAGS_repeats));
-  std::vector<cudaEvent_t> events(repeats + 1);
-  for (cudaEvent_t& e : events) CHECK_CUDA(cudaEventCreate(&e));
-  CHECK_CUDA(cudaEventRecord(events[0], stream));
-  for (int i = 0; i < repeats; ++i) {
-    run();
-    CHECK_CUDA(cudaEventRecord(events[i + 1], stream));
-  }
-  CHECK_CUDA(cudaEventSynchronize(events[repeats]));
-  std::vector<double> ms(repeats);
-  for (int i = 0; i < repeats; ++i) {
-    float elapsed = 0.0f;
-    CHECK_CUDA(cudaEventElapsedTime(&elapsed, events[i], events[i + 1]));
-    ms[i] = elapsed;
-  }
-  for (cudaEvent_t& e : events) CHECK_CUDA(cudaEventDestroy(e));
-  std::sort(ms.begin(), ms.end());
-  return {ms[repeats / 2], ms.front(), ms.back()};
+  return bench::TimeRuns(stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats),
+                         [&](int) { run(); });
 }
 
 // ---- 1. copy ----
@@ -174,10 +96,6 @@ double CopyBandwidth(cudaStream_t stream) {
   const size_t bytes = static_cast<size_t>(absl::GetFlag(FLAGS_copy_mib)) << 20;
   DeviceBuffer src = RandomFloats(bytes / sizeof(float));
   DeviceBuffer dst = Empty(bytes);
-  std::printf("\n## Device-to-device copy, %zu MiB buffer (GB/s = (read + written) / time)\n\n",
-              bytes >> 20);
-  std::printf("| method                         |  median ms |    min ms |    max ms |   GB/s |\n");
-  std::printf("|--------------------------------|-----------:|----------:|----------:|-------:|\n");
   const Timing engine = Time(stream, [&] {
     CHECK_CUDA(
         cudaMemcpyAsync(dst.as<void>(), src.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
@@ -186,15 +104,8 @@ double CopyBandwidth(cudaStream_t stream) {
     CopyKernel<<<132 * 8, 512, 0, stream>>>(src.as<uint4>(), dst.as<uint4>(), bytes / 16);
     CHECK_CUDA(cudaGetLastError());
   });
-  double best_gbs = 0.0;
-  for (const auto& [name, t] : {std::pair{"cudaMemcpyAsync D2D", engine},
-                                std::pair{"copy kernel (16 B / thread)", kernel}}) {
-    const double gbs = 2.0 * bytes / (t.median_ms * 1e-3) / 1e9;
-    std::printf("| %-30s | %10.3f | %9.3f | %9.3f | %6.0f |\n", name, t.median_ms, t.min_ms,
-                t.max_ms, gbs);
-    best_gbs = std::max(best_gbs, gbs);
-  }
-  return best_gbs;
+  return bench::PrintCopyTable(
+      bytes, {{"cudaMemcpyAsync D2D", engine}, {"copy kernel (16 B / thread)", kernel}});
 }
 
 // ---- 2. GEMM ----
@@ -309,26 +220,13 @@ void KernelRates(cudaStream_t stream, double copy_gbs) {
   }
 }
 
-void PrintDevice() {
-  int device = 0;
-  CHECK_CUDA(cudaGetDevice(&device));
-  cudaDeviceProp p;
-  CHECK_CUDA(cudaGetDeviceProperties(&p, device));
-  int runtime = 0, driver = 0;
-  CHECK_CUDA(cudaRuntimeGetVersion(&runtime));
-  CHECK_CUDA(cudaDriverGetVersion(&driver));
-  std::printf("device: %s, sm_%d%d, %d SMs, %.1f GiB, L2 %d MB, runtime %d, driver %d\n", p.name,
-              p.major, p.minor, p.multiProcessorCount, p.totalGlobalMem / double(1 << 30),
-              p.l2CacheSize >> 20, runtime, driver);
-}
-
 }  // namespace
 }  // namespace kvtrim::engine::cuda
 
 int main(int argc, char** argv) {
   using namespace kvtrim::engine::cuda;
   absl::ParseCommandLine(argc, argv);
-  PrintDevice();
+  bench::PrintDevice();
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   const double copy_gbs = CopyBandwidth(stream);

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -83,16 +82,14 @@ class CompressedStep {
     for (int i = 0; i < n_seqs_; ++i) {
       total_pages += 2 * ThinPages(i) + 2 * Pages(MostRows(recent_[i]), rows_per_page_);
     }
-    page_order_.resize(total_pages);
-    std::iota(page_order_.begin(), page_order_.end(), 0);
-    std::shuffle(page_order_.begin(), page_order_.end(), rng);
+    page_order_ = testing::ShuffledPages(total_pages, rng);
     pool_.assign(static_cast<size_t>(total_pages) * page_elements_, 0xFFFF);
     thin_indptr_.push_back(0);
     page_indptr_.push_back(0);
     for (int i = 0; i < n_seqs_; ++i) AddSequence(i, rng);
 
     // Queries a little sharper than unit scores, so the softmax is not flat.
-    q_ = RandomBf16(rng, static_cast<size_t>(n_seqs_) * s.n_heads * D, 2.0f);
+    q_ = testing::RandomBf16(rng, static_cast<size_t>(n_seqs_) * s.n_heads * D, 2.0f);
     token_indptr_.resize(n_seqs_ + 1);
     std::iota(token_indptr_.begin(), token_indptr_.end(), 0);
     listed_.resize(n_seqs_);
@@ -157,7 +154,7 @@ class CompressedStep {
   cudaError_t Launch(const AttentionShape& shape, int splits, DeviceBuffer& d_out,
                      cudaStream_t stream) {
     workspace_ = Poisoned<float>(WorkspaceFloats(splits));
-    PagedKv kv = kv_;
+    PagedKv kv = paged_.kv;
     kv.kv_rows = nullptr;  // not read: null makes a read fault
     return LaunchCompressedDecodeAttention(
         kv, ckv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(), n_seqs_,
@@ -171,10 +168,11 @@ class CompressedStep {
     if (splits == 0) splits = HeuristicSplits();
     DeviceBuffer d_out = Poisoned<uint16_t>(q_.size());
     workspace_ = Poisoned<float>(WorkspaceFloats(splits));
-    EXPECT_EQ(LaunchDecodeAttention(kv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(),
-                                    n_seqs_, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
-                                    workspace_.as<float>(), d_out.as<__nv_bfloat16>(), stream),
-              cudaSuccess);
+    EXPECT_EQ(
+        LaunchDecodeAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(),
+                              n_seqs_, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
+                              workspace_.as<float>(), d_out.as<__nv_bfloat16>(), stream),
+        cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
     return testing::FromBf16(Download<uint16_t>(d_out, q_.size()));
@@ -221,10 +219,10 @@ class CompressedStep {
         std::sort(head.channels.begin(), head.channels.end());
         for (int channel : head.channels) channels_.push_back(static_cast<uint16_t>(channel));
       }
-      head.thin_keys = RandomBf16(rng, thin_[i][h] * kw);
-      head.thin_values = RandomBf16(rng, thin_[i][h] * D);
-      head.recent_keys = RandomBf16(rng, recent_[i][h] * D);
-      head.recent_values = RandomBf16(rng, recent_[i][h] * D);
+      head.thin_keys = testing::RandomBf16(rng, thin_[i][h] * kw);
+      head.thin_values = testing::RandomBf16(rng, thin_[i][h] * D);
+      head.recent_keys = testing::RandomBf16(rng, recent_[i][h] * D);
+      head.recent_values = testing::RandomBf16(rng, recent_[i][h] * D);
       const int32_t* thin_keys = thin_key_pages_.data() + first_thin;
       const int32_t* thin_values = thin_value_pages_.data() + first_thin;
       const int32_t* recent_keys = key_pages_.data() + first_recent;
@@ -267,9 +265,6 @@ class CompressedStep {
     const int most = MostRows(thin_[i]);
     return std::max(Pages(most, KeyRowsPerPage(c_.seqs[i].key_width)), Pages(most, rows_per_page_));
   }
-  static std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float stddev = 1.0f) {
-    return testing::FromBf16(testing::ToBf16(testing::Random(rng, n, stddev)));
-  }
   // Writes `count` elements at element `offset` of row `row` of a list of `pages`.
   void Write(const int32_t* pages, int rows_per_page, int row_elements, int row, int offset,
              const float* data, int count) {
@@ -294,14 +289,12 @@ class CompressedStep {
   }
 
   void UploadAll() {
-    d_pool_ = testing::Upload(pool_);
     d_q_ = testing::Upload(testing::ToBf16(q_));
     d_token_indptr_ = testing::Upload(token_indptr_);
     d_listed_ = testing::Upload(listed_);
-    d_kv_rows_ = testing::Upload(kv_rows_);
-    d_page_indptr_ = testing::Upload(page_indptr_);
-    d_key_pages_ = testing::Upload(NonEmpty(key_pages_));
-    d_value_pages_ = testing::Upload(NonEmpty(value_pages_));
+    paged_ =
+        testing::UploadPagedKv(pool_, page_elements_, row_elements_, rows_per_page_, page_indptr_,
+                               NonEmpty(key_pages_), NonEmpty(value_pages_), kv_rows_);
     d_thin_indptr_ = testing::Upload(thin_indptr_);
     d_thin_key_pages_ = testing::Upload(NonEmpty(thin_key_pages_));
     d_thin_value_pages_ = testing::Upload(NonEmpty(thin_value_pages_));
@@ -317,14 +310,6 @@ class CompressedStep {
     // At least one element, so that the pointer is a real allocation even when no sequence has
     // a channel set (full-width reads of it, which must not happen, then fault under memcheck).
     d_channels_ = testing::Upload(channels_.empty() ? std::vector<uint16_t>{0xFFFF} : channels_);
-    kv_ = PagedKv{.pool = d_pool_.as<__nv_bfloat16>(),
-                  .page_elements = page_elements_,
-                  .row_elements = row_elements_,
-                  .rows_per_page = rows_per_page_,
-                  .page_indptr = d_page_indptr_.as<int32_t>(),
-                  .key_pages = d_key_pages_.as<int32_t>(),
-                  .value_pages = d_value_pages_.as<int32_t>(),
-                  .kv_rows = d_kv_rows_.as<int32_t>()};
     ckv_ = CompressedKv{.thin_indptr = d_thin_indptr_.as<int32_t>(),
                         .thin_key_pages = d_thin_key_pages_.as<int32_t>(),
                         .thin_value_pages = d_thin_value_pages_.as<int32_t>(),
@@ -347,30 +332,15 @@ class CompressedStep {
   std::vector<int32_t> token_indptr_, listed_, kv_rows_, page_indptr_, key_pages_, value_pages_,
       thin_indptr_, thin_key_pages_, thin_value_pages_, key_width_, channel_offset_;
   std::vector<uint16_t> channels_;
-  DeviceBuffer d_pool_, d_q_, d_token_indptr_, d_listed_, d_kv_rows_, d_page_indptr_, d_key_pages_,
-      d_value_pages_, d_thin_indptr_, d_thin_key_pages_, d_thin_value_pages_, d_thin_rows_,
-      d_recent_rows_, d_key_width_, d_channel_offset_, d_channels_, workspace_;
-  PagedKv kv_;
+  DeviceBuffer d_q_, d_token_indptr_, d_listed_, d_thin_indptr_, d_thin_key_pages_,
+      d_thin_value_pages_, d_thin_rows_, d_recent_rows_, d_key_width_, d_channel_offset_,
+      d_channels_, workspace_;
+  testing::DevicePagedKv paged_;
   CompressedKv ckv_;
 };
 
-class CudaAttentionCompressedTest : public ::testing::Test {
+class CudaAttentionCompressedTest : public testing::CudaTest {
  protected:
-  void SetUp() override {
-    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
-    const unsigned seed = std::random_device{}();
-    rng_.seed(seed);
-    RecordProperty("seed", std::to_string(seed));
-    trace_ =
-        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
-    ASSERT_CUDA(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) {
-      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
-    }
-  }
-
   void Check(const CompressedCase& c) {
     CompressedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
@@ -380,10 +350,6 @@ class CudaAttentionCompressedTest : public ::testing::Test {
                   kBf16Bound);
     }
   }
-
-  std::mt19937 rng_;
-  cudaStream_t stream_ = nullptr;
-  std::unique_ptr<::testing::ScopedTrace> trace_;
 };
 
 // Thin keys at half width (16-byte loads), uncompressed neighbours, per-head counts around page

@@ -13,8 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -59,9 +57,7 @@ class PagedStep {
       pages_needed += 2 * ((seq.cached + seq.n_new + rows_per_page_ - 1) / rows_per_page_);
     }
     const int total_pages = pages_needed + 5;  // a few never used
-    std::vector<int32_t> order(total_pages);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
+    const std::vector<int32_t> order = testing::ShuffledPages(total_pages, rng);
     std::vector<uint16_t> pool(static_cast<size_t>(total_pages) * page_elements, 0xFFFF);
 
     int next_page = 0;
@@ -72,10 +68,8 @@ class PagedStep {
       const int n_pages = (rows + rows_per_page_ - 1) / rows_per_page_;
       for (int p = 0; p < n_pages; ++p) key_pages_.push_back(order[next_page++]);
       for (int p = 0; p < n_pages; ++p) value_pages_.push_back(order[next_page++]);
-      const std::vector<float> keys =
-          testing::FromBf16(testing::ToBf16(testing::Random(rng, rows * row_elements_)));
-      const std::vector<float> values =
-          testing::FromBf16(testing::ToBf16(testing::Random(rng, rows * row_elements_)));
+      const std::vector<float> keys = testing::RandomBf16(rng, rows * row_elements_);
+      const std::vector<float> values = testing::RandomBf16(rng, rows * row_elements_);
       for (int r = 0; r < rows; ++r) {
         const int page = r / rows_per_page_, slot = r % rows_per_page_;
         const size_t key_at = key_pages_[page_indptr_.back() + page] * page_elements +
@@ -95,24 +89,12 @@ class PagedStep {
     }
     tokens_ = token_indptr_.back();
     // Queries a little sharper than unit scores, so the softmax is not flat.
-    q_ = testing::FromBf16(
-        testing::ToBf16(testing::Random(rng, tokens_ * s.n_heads * s.head_dim, 2.0f)));
+    q_ = testing::RandomBf16(rng, tokens_ * s.n_heads * s.head_dim, 2.0f);
 
-    d_pool_ = Upload(pool);
     d_q_ = Upload(testing::ToBf16(q_));
     d_token_indptr_ = Upload(token_indptr_);
-    d_kv_rows_ = Upload(kv_rows_);
-    d_page_indptr_ = Upload(page_indptr_);
-    d_key_pages_ = Upload(key_pages_);
-    d_value_pages_ = Upload(value_pages_);
-    kv_ = PagedKv{.pool = d_pool_.as<__nv_bfloat16>(),
-                  .page_elements = page_elements,
-                  .row_elements = row_elements_,
-                  .rows_per_page = rows_per_page_,
-                  .page_indptr = d_page_indptr_.as<int32_t>(),
-                  .key_pages = d_key_pages_.as<int32_t>(),
-                  .value_pages = d_value_pages_.as<int32_t>(),
-                  .kv_rows = d_kv_rows_.as<int32_t>()};
+    paged_ = testing::UploadPagedKv(pool, page_elements, row_elements_, rows_per_page_,
+                                    page_indptr_, key_pages_, value_pages_, kv_rows_);
   }
 
   // softmax(q kᵀ / sqrt(D)) v for every new token and head, in double: (tokens, n_heads * D).
@@ -177,14 +159,16 @@ class PagedStep {
     }
     const size_t workspace_bytes = DecodeAttentionWorkspaceBytes(n_decode, splits, c_.shape);
     DeviceBuffer d_workspace = Poisoned<float>(std::max<size_t>(workspace_bytes / 4, 1));
-    EXPECT_EQ(LaunchDecodeAttention(kv_, d_token_indptr_.as<int32_t>(), d_decode.as<int32_t>(),
-                                    n_decode, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
-                                    d_workspace.as<float>(), d_out.as<__nv_bfloat16>(), stream),
-              cudaSuccess);
-    EXPECT_EQ(LaunchPrefillAttention(kv_, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
-                                     static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
-                                     c_.shape, d_out.as<__nv_bfloat16>(), stream),
-              cudaSuccess);
+    EXPECT_EQ(
+        LaunchDecodeAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_decode.as<int32_t>(),
+                              n_decode, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
+                              d_workspace.as<float>(), d_out.as<__nv_bfloat16>(), stream),
+        cudaSuccess);
+    EXPECT_EQ(
+        LaunchPrefillAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
+                               static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
+                               c_.shape, d_out.as<__nv_bfloat16>(), stream),
+        cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
     return testing::FromBf16(Download<uint16_t>(d_out, out_elements));
@@ -207,28 +191,12 @@ class PagedStep {
   std::vector<std::vector<float>> keys_, values_;  // per sequence (rows, row_elements)
   std::vector<float> q_;                           // (tokens, n_heads * head_dim)
   std::vector<int32_t> token_indptr_, kv_rows_, page_indptr_, key_pages_, value_pages_;
-  DeviceBuffer d_pool_, d_q_, d_token_indptr_, d_kv_rows_, d_page_indptr_, d_key_pages_,
-      d_value_pages_;
-  PagedKv kv_;
+  DeviceBuffer d_q_, d_token_indptr_;
+  testing::DevicePagedKv paged_;
 };
 
-class CudaAttentionTest : public ::testing::Test {
+class CudaAttentionTest : public testing::CudaTest {
  protected:
-  void SetUp() override {
-    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
-    const unsigned seed = std::random_device{}();
-    rng_.seed(seed);
-    RecordProperty("seed", std::to_string(seed));
-    trace_ =
-        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
-    ASSERT_CUDA(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) {
-      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
-    }
-  }
-
   void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits) {
     PagedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
@@ -237,10 +205,6 @@ class CudaAttentionTest : public ::testing::Test {
       ExpectClose(kernel, absl::StrCat(c.name, " ", step.Describe()), out, ref, kBf16Bound);
     }
   }
-
-  std::mt19937 rng_;
-  cudaStream_t stream_ = nullptr;
-  std::unique_ptr<::testing::ScopedTrace> trace_;
 };
 
 std::vector<SequenceSpec> Decodes(std::initializer_list<int> rows) {

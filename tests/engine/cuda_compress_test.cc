@@ -18,7 +18,6 @@
 #include <cstdio>
 #include <functional>
 #include <iterator>
-#include <memory>
 #include <numeric>
 #include <random>
 #include <span>
@@ -79,9 +78,9 @@ class Prompt {
         kv_width_(shape.n_kv_heads * shape.head_dim),
         pad_(pad) {
     // Queries sharper than unit scores, so that the softmax is not flat.
-    q = testing::FromBf16(testing::ToBf16(testing::Random(rng, size_t{1} * n * q_width_, 2.0f)));
-    k = testing::FromBf16(testing::ToBf16(testing::Random(rng, size_t{1} * n * kv_width_)));
-    v = testing::FromBf16(testing::ToBf16(testing::Random(rng, size_t{1} * n * kv_width_)));
+    q = testing::RandomBf16(rng, size_t{1} * n * q_width_, 2.0f);
+    k = testing::RandomBf16(rng, size_t{1} * n * kv_width_);
+    v = testing::RandomBf16(rng, size_t{1} * n * kv_width_);
     if (tied_channels) {
       std::bernoulli_distribution sign(0.5);
       for (float& x : q) x = sign(rng) ? 1.0f : -1.0f;
@@ -113,24 +112,9 @@ class Prompt {
   DeviceBuffer d_q_, d_k_, d_v_;
 };
 
-class CudaCompressTest : public ::testing::Test {
+class CudaCompressTest : public testing::CudaTest {
  protected:
-  void SetUp() override {
-    if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
-    const unsigned seed = std::random_device{}();
-    rng_.seed(seed);
-    std::printf("[seed] %u\n", seed);
-    RecordProperty("seed", std::to_string(seed));
-    trace_ =
-        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
-    ASSERT_CUDA(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) {
-      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
-    }
-  }
-  void Sync() { ASSERT_CUDA(cudaStreamSynchronize(stream_)); }
+  CudaCompressTest() : CudaTest("CUDA tests", /*print_seed=*/true) {}
 
   // The kernels' kept lists for a host-side launch, downloaded: (n_kv_heads, kept_tokens).
   std::vector<int32_t> RunTop(const std::vector<float>& scores, int n, int w, int n_kv_heads,
@@ -144,10 +128,6 @@ class CudaCompressTest : public ::testing::Test {
     EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
     return Download<int32_t>(d_kept, count);
   }
-
-  std::mt19937 rng_;
-  cudaStream_t stream_ = nullptr;
-  std::unique_ptr<::testing::ScopedTrace> trace_;
 };
 
 // ---- SnapKV scores ----
@@ -408,9 +388,7 @@ TEST_F(CudaCompressTest, WriteKeptRowsMatchesHostModel) {
                           pages_for(c.thin_rows, rows_per_page), pages_for(recent, rows_per_page),
                           pages_for(recent, rows_per_page)};
     const int total_pages = lists[0] + lists[1] + lists[2] + lists[3] + 3;  // 3 never used
-    std::vector<int32_t> order(total_pages);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng_);
+    const std::vector<int32_t> order = testing::ShuffledPages(total_pages, rng_);
     std::vector<int32_t> page_ids[4];
     for (int list = 0, next = 0; list < 4; ++list) {
       page_ids[list].assign(order.begin() + next, order.begin() + next + lists[list]);

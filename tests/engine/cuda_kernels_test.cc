@@ -46,33 +46,9 @@ std::vector<float> DownloadBf16(const DeviceBuffer& buffer, size_t count) {
   return FromBf16(Download<uint16_t>(buffer, count));
 }
 
-class CudaKernelsTest : public ::testing::Test {
+class CudaKernelsTest : public CudaTest {
  protected:
-  void SetUp() override {
-    int devices = 0;
-    const cudaError_t error = cudaGetDeviceCount(&devices);
-    if (error != cudaSuccess || devices == 0) {
-      GTEST_SKIP() << "no CUDA device here (" << cudaGetErrorName(error)
-                   << "): the CUDA kernel parity tests run on a GPU machine "
-                      "(tools/gpu/run_tests.sh)";
-    }
-    const unsigned seed = std::random_device{}();
-    rng_.seed(seed);
-    RecordProperty("seed", std::to_string(seed));
-    seed_trace_ =
-        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, absl::StrCat("seed ", seed));
-    ASSERT_CUDA(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) {
-      EXPECT_EQ(cudaStreamDestroy(stream_), cudaSuccess);
-    }
-  }
-  void Sync() { ASSERT_CUDA(cudaStreamSynchronize(stream_)); }
-
-  std::mt19937 rng_;
-  cudaStream_t stream_ = nullptr;
-  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+  CudaKernelsTest() : CudaTest("CUDA kernel parity tests") {}
 };
 
 // ---- bf16 conversion (host; runs without a GPU) ----
@@ -188,7 +164,7 @@ TEST_F(CudaKernelsTest, AddRmsNormMatchesCpu) {
       const size_t n = static_cast<size_t>(s.tokens) * s.hidden;
       std::vector<float> residual = Random(rng_, n, 3.0f);
       // The delta reaches the kernel as bf16 (a GEMM output); the twin gets the same values.
-      const std::vector<float> delta = RoundedToBf16(Random(rng_, n));
+      const std::vector<float> delta = RandomBf16(rng_, n);
       std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
       std::vector<float> weight(s.hidden);
       for (float& w : weight) w = uniform(rng_);
@@ -287,8 +263,8 @@ TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
          {Shape{1, 1}, Shape{3, 7}, Shape{16, 1536}, Shape{5, 14336}, Shape{33, 1001}}) {
       // Separate: gate and up (tokens, width). Packed: one (tokens, 2 · width) gate|up buffer.
       const size_t n = static_cast<size_t>(s.tokens) * s.width;
-      const std::vector<float> gate = RoundedToBf16(Random(rng_, n, 3.0f));
-      const std::vector<float> up = RoundedToBf16(Random(rng_, n));
+      const std::vector<float> gate = RandomBf16(rng_, n, 3.0f);
+      const std::vector<float> up = RandomBf16(rng_, n);
       std::vector<float> input;
       int in_stride = s.width;
       if (packed) {
@@ -324,8 +300,8 @@ TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
 TEST_F(CudaKernelsTest, UnwrittenOutputFailsTheCheck) {
   const int tokens = 4, width = 64;
   const size_t n = static_cast<size_t>(tokens) * width;
-  const std::vector<float> gate = RoundedToBf16(Random(rng_, n));
-  const std::vector<float> up = RoundedToBf16(Random(rng_, n));
+  const std::vector<float> gate = RandomBf16(rng_, n);
+  const std::vector<float> up = RandomBf16(rng_, n);
   DeviceBuffer d_gate = Upload(ToBf16(gate));
   DeviceBuffer d_up = Upload(ToBf16(up));
   DeviceBuffer d_out = Poisoned<uint16_t>(n);

@@ -6,6 +6,7 @@ taken from the results' _meta lines.
 
 import argparse
 import collections
+import fnmatch
 import json
 import os
 import shlex
@@ -28,22 +29,28 @@ FAMILY_COLORS = {"snapkv": "tab:blue", "pyramidkv": "tab:orange", "streamingllm"
                  "corm": "tab:red", "corm+pyramidkv": "tab:purple"}
 
 
-def load(path):
+def load(specs):
+    """Rows and _meta lines of the results files. A spec is PATH or PATH::PATTERNS: from that
+    file only the configurations matching one of the comma-separated shell patterns (e.g. the
+    decode-time eviction rows of a CPU run next to a GPU run's selection rows)."""
     rows, metas = [], []
     seen = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("task") == "_meta":
-                metas.append(row)
-            else:
-                seen[(row["task"], row["case"], row["config"])] = row  # the last one wins
+    for spec in specs:
+        path, _, patterns = spec.partition("::")
+        wanted = [p for p in patterns.split(",") if p]
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("task") == "_meta":
+                    metas.append(row)
+                elif not wanted or any(fnmatch.fnmatchcase(row["config"], p) for p in wanted):
+                    seen[(row["task"], row["case"], row["config"])] = row  # the last one wins
     rows = list(seen.values())
     return rows, metas
 
@@ -297,7 +304,9 @@ def task_section(task, title, definition, data, rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", help="the JSONL written by tools/quality/evaluate.py")
+    p.add_argument("results", nargs="+",
+                   help="the JSONL written by tools/quality/evaluate.py; PATH::PATTERNS takes "
+                   "only the configurations matching the comma-separated shell patterns")
     p.add_argument("--markdown", default=os.path.join(REPO, "docs", "QUALITY.md"))
     p.add_argument("--plot", default=os.path.join(REPO, "docs", "quality.png"))
     p.add_argument("--drop-points", type=float, default=5.0,
