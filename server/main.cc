@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "engine/backend_choice.h"
 #include "engine/model.h"
+#include "engine/model_source.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -39,6 +40,10 @@
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
+ABSL_FLAG(std::string, load_format, "auto",
+          "how --model is read: auto (a file is GGUF, a directory Hugging Face), gguf, hf; or "
+          "dummy: no --model, random weights in the shape --arch names (for benchmarks)");
+ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b or smollm2-135m");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");
@@ -128,25 +133,28 @@ void DrainOnSignal(grpc::Server* server, InferenceService* service, engine::Sche
 int Run() {
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   if (const int threads = absl::GetFlag(FLAGS_threads); threads > 0) omp_set_num_threads(threads);
-  const std::string model_path = absl::GetFlag(FLAGS_model);
-  if (model_path.empty()) {
-    spdlog::error("--model is required");
+  const engine::ModelSource source{.load_format = absl::GetFlag(FLAGS_load_format),
+                                   .path = absl::GetFlag(FLAGS_model),
+                                   .arch = absl::GetFlag(FLAGS_arch)};
+  if (absl::Status s = engine::ValidateModelSource(source); !s.ok()) {
+    spdlog::error("{}", std::string(s.message()));
     return 2;
   }
+  const std::string model_name = engine::DescribeModelSource(source);
   absl::StatusOr<memory::compress::CompressionConfig> default_compression =
       memory::compress::ParseCompressionSpec(absl::GetFlag(FLAGS_kv_compression));
   if (!default_compression.ok()) {
     spdlog::error("--kv-compression: {}", std::string(default_compression.status().message()));
     return 2;
   }
-  absl::StatusOr<engine::Model> model = engine::LoadModel(model_path);
+  absl::StatusOr<engine::Model> model = engine::LoadModel(source);
   if (!model.ok()) {
     spdlog::error("{}", std::string(model.status().message()));
     return 1;
   }
   absl::StatusOr<engine::Tokenizer> tokenizer = engine::Tokenizer::Create(model->tokenizer);
   if (!tokenizer.ok()) {
-    spdlog::error("{}: {}", model_path, std::string(tokenizer.status().message()));
+    spdlog::error("{}: {}", model_name, std::string(tokenizer.status().message()));
     return 1;
   }
   absl::StatusOr<engine::ChatTemplate> chat_template =
@@ -234,7 +242,7 @@ int Run() {
   spdlog::info(
       "model {} ({}, {} layers, {} heads / {} kv heads x {}, vocab {}, context {}) from {}", c.name,
       c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_context,
-      model_path);
+      model_name);
   spdlog::info(
       "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
@@ -279,7 +287,9 @@ int main(int argc, char** argv) {
   };
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage("kvtrim-server --model PATH [--listen HOST:PORT] [flags]");
+  absl::SetProgramUsageMessage(
+      "kvtrim-server (--model PATH | --load-format dummy --arch NAME) [--listen HOST:PORT] "
+      "[flags]");
   std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
   std::vector<char*> args;
   for (std::string& arg : spelled) args.push_back(arg.data());

@@ -36,13 +36,6 @@ const ByteAlphabet& Alphabet() {
   return alphabet;
 }
 
-std::string ByteLevelEncode(std::string_view bytes) {
-  std::string out;
-  out.reserve(bytes.size() * 2);
-  for (char c : bytes) AppendUtf8(Alphabet().code_point_of_byte[static_cast<uint8_t>(c)], &out);
-  return out;
-}
-
 // The bytes a token's text stands for. As tokenizers' ByteLevel decoder: a token with any
 // character outside the alphabet (or ill-formed UTF-8) stands for its own UTF-8 bytes.
 std::string ByteLevelDecode(std::string_view text) {
@@ -72,6 +65,13 @@ constexpr size_t kMaxCachedPieceBytes = 256;
 constexpr size_t kMaxCacheEntries = 1 << 16;
 
 }  // namespace
+
+std::string ByteLevelEncode(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (char c : bytes) AppendUtf8(Alphabet().code_point_of_byte[static_cast<uint8_t>(c)], &out);
+  return out;
+}
 
 struct Tokenizer::Cache {
   std::mutex mutex;

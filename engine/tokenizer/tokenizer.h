@@ -39,6 +39,9 @@ inline constexpr int32_t kTokenTypeNormal = 1;
 inline constexpr int32_t kTokenTypeControl = 3;
 inline constexpr int32_t kTokenTypeUserDefined = 4;
 
+// `bytes` in GPT-2's byte alphabet: the text a vocab gives the token of those bytes.
+std::string ByteLevelEncode(std::string_view bytes);
+
 class Tokenizer {
  public:
   // Checks the spec (model "gpt2", known pre-tokenizer, merges over vocab tokens, ids in range).

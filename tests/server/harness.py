@@ -94,10 +94,12 @@ class Server:
 
     _LISTENING = re.compile(rb"kvtrim-server listening on 127\.0\.0\.1:(\d+)")
 
-    def __init__(self, name, *flags, env=None, metrics=True):
+    def __init__(self, name, *flags, env=None, metrics=True, model_flags=None):
+        """model_flags: how the server gets its model; --model with the test model when None."""
         assert threading.current_thread() is threading.main_thread(), (
             "start servers from the main thread: the death signal follows the forking thread")
         self.name = name
+        self.model_flags = ["--model", PATHS.model] if model_flags is None else list(model_flags)
         for attempt in range(3):  # a metrics port taken between free_port() and the bind
             self.metrics_port = free_port() if metrics else 0
             self._start(flags, env, attempt)
@@ -113,7 +115,7 @@ class Server:
     def _start(self, flags, env, attempt):
         self.log_path = os.path.join(PATHS.work_dir, f"{self.name}-{len(_SERVERS)}.{attempt}.log")
         command = [
-            PATHS.server, "--model", PATHS.model, "--listen", "127.0.0.1:0",
+            PATHS.server, *self.model_flags, "--listen", "127.0.0.1:0",
             "--metrics-port", str(self.metrics_port), *flags
         ]
         if shutil.which("setpriv"):

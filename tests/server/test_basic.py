@@ -1,5 +1,6 @@
 """kvtrim-server basics: the same text as the kvtrim CLI, reflection, health, Tokenize,
-GetModelInfo, logprobs, and authentication with an API key from the environment or a file."""
+GetModelInfo, logprobs, authentication with an API key from the environment or a file, and a
+dummy model (--load-format dummy --arch) with the flag errors around it."""
 
 import os
 import subprocess
@@ -157,9 +158,63 @@ class Help(unittest.TestCase):
         flags = ["model", "listen", "metrics_port", "kv_pool_mib", "page_kib", "step_tokens",
                  "max_running", "max_queued", "max_prompt_tokens", "max_new_tokens",
                  "default_max_tokens", "max_message_mib", "api_key_file", "tls_cert", "tls_key",
-                 "drain_timeout", "log_level", "threads", "device"]
+                 "drain_timeout", "log_level", "threads", "device", "load_format", "arch"]
         for flag in flags:
             self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
+
+
+class DummyModel(unittest.TestCase):
+    """--load-format dummy --arch smollm2-135m: no file, random weights, byte tokens."""
+
+    FLAGS = ("--load-format", "dummy", "--arch", "smollm2-135m")
+
+    def test_serves_the_shape_and_equals_the_cli(self):
+        pb = harness.pb
+        server = Server("dummy", model_flags=self.FLAGS)
+        try:
+            self.assertIn("model dummy smollm2-135m (llama, 30 layers", server.log_text())
+            self.assertIn("from random weights (seed 0)", server.log_text())
+            info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            self.assertEqual(info.name, "dummy smollm2-135m")
+            self.assertEqual((info.n_layers, info.hidden, info.vocab_size), (30, 576, 49152))
+            self.assertEqual(info.eos_id, -1)
+            self.assertEqual(list(server.stub.Tokenize(pb.TokenizeRequest(text="hello"),
+                                                       timeout=30).ids), list(b"hello"))
+            result = generate(server.stub, pb.GenerateRequest(
+                text="hello", stopping=pb.StoppingCriteria(max_tokens=8)))
+            self.assertTrue(result.ok, result.details)
+            self.assertEqual(result.final.finish_reason, pb.FINISH_REASON_LENGTH)
+            self.assertEqual(len(result.ids), 8)
+            self.assertEqual(result.final.usage.prompt_tokens, 5)
+        finally:
+            server.stop()
+        # The same seed gives the same weights in the CLI, so the same greedy text.
+        done = subprocess.run([harness.PATHS.cli, "generate", *self.FLAGS, "--prompt", "hello",
+                               "--max-tokens", "8"],
+                              capture_output=True, timeout=harness.STREAM_TIMEOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        self.assertEqual(done.stdout.decode(), result.text + "\n")
+
+    def test_flag_errors(self):
+        cases = [
+            (["--load-format", "dummy"], "--load-format dummy needs --arch"),
+            (["--load-format", "dummy", "--arch", "gpt-5"], "--arch \"gpt-5\" is not one of"),
+            (["--model", harness.PATHS.model, "--arch", "llama3-8b"],
+             "--arch llama3-8b needs --load-format dummy"),
+            (["--model", harness.PATHS.model, *self.FLAGS], "exclude each other"),
+            (["--load-format", "pt", "--model", harness.PATHS.model],
+             "--load-format must be auto, gguf, hf or dummy"),
+        ]
+        for flags, message in cases:
+            for binary in (harness.PATHS.server, harness.PATHS.cli):
+                command = [binary, *flags]
+                if binary == harness.PATHS.cli:
+                    command[1:1] = ["generate", "--prompt", "hi"]
+                done = subprocess.run(command, capture_output=True, timeout=60)
+                output = (done.stdout + done.stderr).decode()
+                self.assertEqual(done.returncode, 2, f"{command}: {output}")
+                self.assertIn(message, output, command)
 
 
 class Tls(unittest.TestCase):

@@ -1,20 +1,25 @@
 // kvtrim: the command-line tool.
 //
-//   kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT)
+//   kvtrim generate (--model PATH [--load-format auto|gguf|hf] | --load-format dummy --arch NAME)
+//                   [--device cuda|cpu|auto]
 //                   (--prompt TEXT | --chat TEXT) [--max-tokens N] [--temperature T]
 //                   [--top-p P] [--top-k K] [--min-p P] [--repetition-penalty R] [--seed S]
 //                   [--ignore-eos] [--compression SPEC]
+//   kvtrim generate --server HOST:PORT (--prompt TEXT | --chat TEXT) [sampling flags as above]
 //   kvtrim tokenize --server HOST:PORT (--prompt TEXT | --chat TEXT)
 //   kvtrim info     --server HOST:PORT
 //   kvtrim health   --server HOST:PORT
 //
 // With --model, `generate` loads the model (a GGUF file or a Hugging Face directory), runs the
 // engine in-process (on the GPU when --device allows it and one is visible, else on the CPU)
-// and streams the text to stdout; with --server it asks a running kvtrim-server. A summary goes
-// to stderr, with the KV cache's saved ratio, bytes and tokens kept per layer. --compression takes
-// a spec as kvtrim-server --kv-compression does ("policy=snapkv,budget_ratio=0.25"); unset, an
-// in-process generation is uncompressed and a server applies its default. Exit code 0 on
-// success, 1 on an error, 2 on misuse.
+// and streams the text to stdout; with --server it asks a running kvtrim-server. With
+// --load-format dummy --arch NAME (llama3-8b, mistral-7b, smollm2-135m) the in-process model is
+// that shape with random weights and a byte tokenizer (engine/dummy_model.h): meaningless text
+// at the real model's cost, for benchmarks. A summary goes to stderr, with the KV cache's saved
+// ratio, bytes and tokens kept per layer. --compression takes a spec as kvtrim-server
+// --kv-compression does ("policy=snapkv,budget_ratio=0.25"); unset, an in-process generation is
+// uncompressed and a server applies its default. Exit code 0 on success, 1 on an error, 2 on
+// misuse.
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -31,6 +36,7 @@
 #include "engine/backend_choice.h"
 #include "engine/generator.h"
 #include "engine/model.h"
+#include "engine/model_source.h"
 #include "engine/request.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -39,6 +45,10 @@
 #include "tools/cli/client.h"
 
 ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model directory");
+ABSL_FLAG(std::string, load_format, "auto",
+          "how --model is read: auto (a file is GGUF, a directory Hugging Face), gguf, hf; or "
+          "dummy: no --model, random weights in the shape --arch names (for benchmarks)");
+ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b or smollm2-135m");
 ABSL_FLAG(std::string, prompt, "", "raw prompt text, tokenized as is");
 ABSL_FLAG(std::string, chat, "", "a user message, rendered with the model's chat template");
 ABSL_FLAG(int, max_tokens, 256, "most tokens to generate");
@@ -94,13 +104,17 @@ absl::StatusOr<std::optional<memory::compress::CompressionConfig>> CompressionFl
   return std::optional(*std::move(config));
 }
 
+engine::ModelSource Source() {
+  return {.load_format = absl::GetFlag(FLAGS_load_format),
+          .path = absl::GetFlag(FLAGS_model),
+          .arch = absl::GetFlag(FLAGS_arch)};
+}
+
 absl::Status Generate() {
   absl::StatusOr<std::optional<memory::compress::CompressionConfig>> compression =
       CompressionFlag();
   if (!compression.ok()) return compression.status();
-  const std::string path = absl::GetFlag(FLAGS_model);
-  if (path.empty()) return absl::InvalidArgumentError("--model is required");
-  absl::StatusOr<engine::Model> model = engine::LoadModel(path);
+  absl::StatusOr<engine::Model> model = engine::LoadModel(Source());
   if (!model.ok()) return model.status();
   const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
   if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
@@ -195,9 +209,17 @@ absl::Status RemoteGenerate() {
 // Runs one command; 2 for misuse.
 int Dispatch(const std::string& command) {
   const bool remote = !absl::GetFlag(FLAGS_server).empty();
-  if (remote == !absl::GetFlag(FLAGS_model).empty() && command == "generate") {
-    std::fprintf(stderr, "kvtrim generate: give exactly one of --model and --server\n");
+  if (remote == Source().given() && command == "generate") {
+    std::fprintf(stderr,
+                 "kvtrim generate: give exactly one of --model (or --load-format dummy) and "
+                 "--server\n");
     return 2;
+  }
+  if (command == "generate" && !remote) {
+    if (const absl::Status s = engine::ValidateModelSource(Source()); !s.ok()) {
+      std::fprintf(stderr, "kvtrim generate: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
   }
   if (!remote && command != "generate") {
     std::fprintf(stderr, "kvtrim %s: --server is required\n", command.c_str());
@@ -236,7 +258,8 @@ int main(int argc, char** argv) {
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "kvtrim generate (--model PATH [--device cuda|cpu|auto] | --server HOST:PORT) "
+      "kvtrim generate (--model PATH | --load-format dummy --arch NAME | --server HOST:PORT) "
+      "[--device cuda|cpu|auto] "
       "(--prompt TEXT | --chat TEXT) "
       "[--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--compression SPEC]\n"
       "       kvtrim tokenize|info|health --server HOST:PORT");
