@@ -43,7 +43,7 @@ if ((${#binaries[@]} == 0)); then
   echo "no CUDA test or bench binaries under $build/tests: build them first (see the top of $0)" >&2
   exit 1
 fi
-for extra in "$build"/tools/kvtrim "$build"/server/kvtrim-server; do
+for extra in "$build"/tools/kvtrim "$build"/server/kvtrim-server "$build"/tests/serve_bench; do
   [[ -x $extra ]] && binaries+=("$extra")
 done
 

@@ -1,0 +1,188 @@
+// End to end through the Scheduler (no gRPC): `--requests` concurrent requests of
+// `--prompt_tokens` random prompt tokens and `--new_tokens` greedy tokens each, once per
+// compression spec, on a model file or a dummy shape (`--load-format dummy --arch llama3-8b`).
+// Prints one row per spec:
+//
+//   prefill tok/s   all prompt tokens / the time until every request has its first token
+//   decode ms/step  the time after that / (new_tokens - 1): every running request decodes one
+//                   token per step
+//   roofline ms     (weight bytes + KV bytes read per step) / --copy_gbs, at the middle of the
+//                   decode (KV bytes from each request's final kv_bytes.rows, less half the
+//                   generated rows); omitted without --copy_gbs
+//   prefill ×none   the spec's prefill time over the uncompressed one's (the cost of the prompt
+//                   compression steps when the first spec is "none")
+//
+// A benchmark prints; it never asserts on time.
+//
+//   serve_bench --load_format dummy --arch llama3-8b --device cuda --requests 32
+//     --prompt_tokens 8192 --new_tokens 256 --pool_gib 60 --copy_gbs 3024
+//     --specs 'none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5'
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_split.h"
+#include "engine/backend_choice.h"
+#include "engine/generator.h"
+#include "engine/model_source.h"
+#include "memory/compress/compression.h"
+
+ABSL_FLAG(std::string, model, "", "a GGUF file or Hugging Face directory");
+ABSL_FLAG(std::string, load_format, "auto", "auto, gguf, hf or dummy");
+ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b, smollm2-135m");
+ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto");
+ABSL_FLAG(int, requests, 32, "concurrent requests");
+ABSL_FLAG(int, prompt_tokens, 8192, "prompt tokens per request");
+ABSL_FLAG(int, new_tokens, 256, "generated tokens per request");
+ABSL_FLAG(double, pool_gib, 40.0, "KV pool, GiB");
+ABSL_FLAG(int, page_kib, 16, "KV page size, KiB");
+ABSL_FLAG(int, step_tokens, 8192, "most tokens in one scheduler step");
+ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
+          "compression specs separated by ';' (\"none\" = uncompressed)");
+ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline (0 = omit)");
+
+namespace kvtrim::engine {
+namespace {
+
+struct Row {
+  std::string spec;
+  double prefill_seconds = 0.0;
+  double decode_seconds = 0.0;
+  int64_t kv_rows_bytes = 0;  // at the middle of the decode, all requests
+  int64_t kv_stored_bytes = 0;
+  int64_t kv_full_bytes = 0;
+};
+
+// Bytes a decode step reads of the weights: every matrix but the token embedding (a step reads
+// only its rows), which the lm_head reads whole when tied.
+int64_t WeightBytes(const ModelConfig& c, int element_bytes) {
+  const int64_t q = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  const int64_t kv = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  const int64_t per_layer = c.hidden * (q + 2 * kv) + q * c.hidden + 3LL * c.hidden * c.ffn_hidden;
+  return (c.n_layers * per_layer + static_cast<int64_t>(c.vocab_size) * c.hidden) * element_bytes;
+}
+
+int Run() {
+  ModelSource source{.load_format = absl::GetFlag(FLAGS_load_format),
+                     .path = absl::GetFlag(FLAGS_model),
+                     .arch = absl::GetFlag(FLAGS_arch)};
+  absl::StatusOr<Model> model = LoadModel(source);
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+    return 2;
+  }
+  absl::StatusOr<BackendChoice> backend = ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench");
+  if (!backend.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
+    return 2;
+  }
+  const int requests = absl::GetFlag(FLAGS_requests);
+  const int prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
+  const int new_tokens = absl::GetFlag(FLAGS_new_tokens);
+  const ModelConfig& c = model->config;
+  GeneratorOptions options{
+      .pool_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_pool_gib) * (1 << 30)),
+      .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
+      .step_tokens = absl::GetFlag(FLAGS_step_tokens),
+      .max_running = requests,
+      .make_backend = backend->make_backend,
+      .kv_element_bytes = backend->kv_element_bytes,
+      .kv_storage = backend->kv_storage};
+  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(&*model, options);
+  if (!generator.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(generator.status().message()).c_str());
+    return 2;
+  }
+  std::printf("serve_bench: %s on %s, %d requests x (%d prompt + %d new) tokens, pool %.1f GiB\n",
+              c.name.c_str(), backend->name.c_str(), requests, prompt_tokens, new_tokens,
+              absl::GetFlag(FLAGS_pool_gib));
+
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);
+  std::vector<Row> rows;
+  const std::vector<std::string> specs =
+      absl::StrSplit(absl::GetFlag(FLAGS_specs), ';', absl::SkipWhitespace());
+  for (const std::string& spec : specs) {
+    absl::StatusOr<memory::compress::CompressionConfig> config =
+        memory::compress::ParseCompressionSpec(spec == "none" ? "" : spec);
+    if (!config.ok()) {
+      std::fprintf(stderr, "%s: %s\n", spec.c_str(),
+                   std::string(config.status().message()).c_str());
+      return 2;
+    }
+    std::vector<GenerationRequest> batch(requests);
+    for (GenerationRequest& request : batch) {
+      request.prompt.resize(prompt_tokens);
+      for (int32_t& id : request.prompt) id = token(rng);
+      request.max_tokens = new_tokens;
+      request.ignore_eos = true;
+      request.compression = *config;
+    }
+    // Wall time of each request's first token and of the last token of all.
+    using Clock = std::chrono::steady_clock;
+    std::vector<double> first(requests, -1.0);
+    double last = 0.0;
+    const Clock::time_point start = Clock::now();
+    absl::StatusOr<std::vector<GenerationResult>> results =
+        (*generator)->Run(batch, [&](int index, const TokenOutput&) {
+          const double now = std::chrono::duration<double>(Clock::now() - start).count();
+          if (first[index] < 0.0) first[index] = now;
+          last = now;
+        });
+    if (!results.ok()) {
+      std::fprintf(stderr, "%s: %s\n", spec.c_str(),
+                   std::string(results.status().message()).c_str());
+      return 1;
+    }
+    Row row{.spec = spec};
+    row.prefill_seconds = *std::max_element(first.begin(), first.end());
+    row.decode_seconds = last - row.prefill_seconds;
+    const int64_t generated_row_bytes =
+        2LL * c.n_layers * c.n_kv_heads * c.head_dim * backend->kv_element_bytes * (new_tokens / 2);
+    for (const GenerationResult& result : *results) {
+      row.kv_rows_bytes += result.finish.kv_bytes.rows - generated_row_bytes;
+      row.kv_stored_bytes += result.finish.kv_bytes.stored;
+      row.kv_full_bytes += result.finish.kv_bytes.full;
+    }
+    rows.push_back(row);
+  }
+
+  const double copy_gbs = absl::GetFlag(FLAGS_copy_gbs);
+  const int64_t weight_bytes = WeightBytes(c, backend->kv_element_bytes);
+  std::printf(
+      "\n| spec | prefill tok/s | decode ms/step | decode tok/s | KV stored / uncompressed |"
+      " prefill x none |%s\n",
+      copy_gbs > 0 ? " roofline ms/step | step / roofline |" : "");
+  std::printf("|---|--:|--:|--:|--:|--:|%s\n", copy_gbs > 0 ? "--:|--:|" : "");
+  const int steps = std::max(1, new_tokens - 1);
+  for (const Row& row : rows) {
+    const double step_ms = 1e3 * row.decode_seconds / steps;
+    std::printf("| %s | %.0f | %.2f | %.0f | %.2f%% | %.2f |", row.spec.c_str(),
+                static_cast<double>(requests) * prompt_tokens / row.prefill_seconds, step_ms,
+                static_cast<double>(requests) * steps / row.decode_seconds,
+                100.0 * row.kv_stored_bytes / std::max<int64_t>(1, row.kv_full_bytes),
+                row.prefill_seconds / rows.front().prefill_seconds);
+    if (copy_gbs > 0) {
+      const double roofline_ms = 1e3 * (weight_bytes + row.kv_rows_bytes) / (copy_gbs * 1e9);
+      std::printf(" %.2f | %.2f |", roofline_ms, step_ms / roofline_ms);
+    }
+    std::printf("\n");
+  }
+  std::printf("\nweights read per step: %.2f GB (%d-byte elements)\n", weight_bytes / 1e9,
+              backend->kv_element_bytes);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvtrim::engine
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kvtrim::engine::Run();
+}
