@@ -5,12 +5,17 @@
              the same tokens takes, the rows, pages and metadata stored, and the pool's own page
              count read from GetServerStats while the request is resident (they must agree:
              pool_bytes_used == kv_bytes_stored - metadata for a lone request).
-  capacity   at the server's fixed pool size, how many concurrent 4096-token requests it admits
-             (requests with long generations are submitted together; the most running at once is
-             read from GetServerStats; then they are cancelled).
+  capacity   at the server's fixed pool size, how many concurrent --prompt-tokens requests it
+             admits (requests are submitted together; the most running at once is read from
+             GetServerStats). By default they generate up to the context and are cancelled once
+             the count settles; with --complete they generate --complete tokens each and are
+             served to completion, and the table says how many finished.
 
     python tools/quality/memory_report.py --server HOST:PORT --document FILE \
         [--capacity-server HOST:PORT --requests 40] [--stubs DIR | --source-dir .]
+    # a dummy model (kvtrim-server --load-format dummy --arch llama3-8b): random prompt ids
+    python tools/quality/memory_report.py --capacity-only --capacity-server HOST:PORT \
+        --random-prompts --prompt-tokens 8192 --requests 400 --complete 16
 
 Both servers must be otherwise idle. The capacity server's pool is whatever it was started with
 (--kv-pool-mib); it is read from GetServerStats and printed.
@@ -82,6 +87,15 @@ def request(ids, fields, max_tokens):
         stopping=pb.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True))
 
 
+def random_prompts(stub, count):
+    """`count` prompts of PROMPT_TOKENS random ids of the served model's vocabulary (a dummy
+    model's text means nothing)."""
+    import random
+    vocab = stub.GetModelInfo(pb.GetModelInfoRequest()).vocab_size
+    rng = random.Random(1234)
+    return [[rng.randrange(vocab) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
+
+
 def prompts(stub, document, count):
     """`count` different PROMPT_TOKENS-token windows of the document's token ids."""
     ids = list(stub.Tokenize(pb.TokenizeRequest(text=document)).ids)
@@ -124,23 +138,28 @@ def footprint(stub, ids):
     print()
 
 
-def capacity(stub, prompt_ids, settle_seconds):
+def capacity(stub, prompt_ids, settle_seconds, complete):
     stats = stub.GetServerStats(pb.GetServerStatsRequest())
+    context = stub.GetModelInfo(pb.GetModelInfoRequest()).max_context
     print(f"### Concurrent {PROMPT_TOKENS}-token requests admitted in a"
           f" {stats.pool_bytes_total / MIB:.0f} MiB pool\n")
     print("| configuration | requests submitted | most running at once | vs uncompressed |"
-          " pool used at that moment (MiB) |")
-    print("|---|---|---|---|---|")
+          " pool used at that moment (MiB) | served to completion |")
+    print("|---|---|---|---|---|---|")
     baseline = None
+    max_tokens = complete or context - PROMPT_TOKENS - 8
     for name, fields in CAPACITY_CONFIGS:
-        calls = [stub.Generate(request(ids, fields, 8192 - PROMPT_TOKENS - 8), timeout=3600)
+        calls = [stub.Generate(request(ids, fields, max_tokens), timeout=3600)
                  for ids in prompt_ids]
-        drained = []
+        drained, finished = [], []
 
         def drain(call):
             try:
-                for _ in call:
-                    pass
+                final = None
+                for message in call:
+                    final = message
+                if final is not None and final.finish_reason == pb.FINISH_REASON_LENGTH:
+                    finished.append(final)
             except grpc.RpcError:
                 pass
 
@@ -153,44 +172,69 @@ def capacity(stub, prompt_ids, settle_seconds):
             s = stub.GetServerStats(pb.GetServerStatsRequest())
             if s.requests_running > most:
                 most, used_at_most, last_change = s.requests_running, s.pool_bytes_used, time.time()
-            if most == len(calls) or (s.requests_waiting > 0 and
-                                      time.time() - last_change > settle_seconds):
+            if complete:
+                if all(not t.is_alive() for t in drained):
+                    break
+            elif most == len(calls) or (s.requests_waiting > 0 and
+                                        time.time() - last_change > settle_seconds):
                 break
             time.sleep(0.2)
-        for call in calls:
-            call.cancel()
+        if not complete:
+            for call in calls:
+                call.cancel()
         for t in drained:
             t.join()
         while stub.GetServerStats(pb.GetServerStatsRequest()).requests_running > 0:
             time.sleep(0.2)
         baseline = baseline or most
         note = " (all submitted: raise --requests)" if most == len(calls) else ""
+        served = (f"{len(finished)} of {len(calls)} (finish: length)" if complete
+                  else "cancelled once counted")
         print(f"| {name} | {len(calls)} | {most}{note} | {most / baseline:.1f}x |"
-              f" {used_at_most / MIB:.0f} |", flush=True)
+              f" {used_at_most / MIB:.0f} | {served} |", flush=True)
     print()
 
 
 def main():
+    global PROMPT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", required=True)
+    parser.add_argument("--server", help="the footprint server")
     parser.add_argument("--capacity-server")
+    parser.add_argument("--capacity-only", action="store_true", help="no footprint table")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds without a new admission, with requests waiting, that end"
                              " the capacity count")
-    parser.add_argument("--document", required=True)
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    parser.add_argument("--complete", type=int, default=0,
+                        help="capacity requests generate this many tokens and run to completion")
+    parser.add_argument("--random-prompts", action="store_true",
+                        help="random ids of the model's vocabulary instead of the document")
+    parser.add_argument("--document")
     parser.add_argument("--stubs")
     parser.add_argument("--source-dir", default=os.path.join(os.path.dirname(__file__), "..", ".."))
     args = parser.parse_args()
+    if not args.capacity_only and not args.server:
+        parser.error("--server is required unless --capacity-only")
+    if not args.random_prompts and not args.document:
+        parser.error("--document is required unless --random-prompts")
+    PROMPT_TOKENS = args.prompt_tokens
     load_stubs(args.stubs, args.source_dir)
-    with open(args.document, encoding="utf-8") as f:
-        document = f.read()
-    stub = pb_grpc.InferenceStub(grpc.insecure_channel(args.server))
-    footprint(stub, prompts(stub, document, 1)[0])
+    document = None
+    if args.document:
+        with open(args.document, encoding="utf-8") as f:
+            document = f.read()
+
+    def make_prompts(stub, count):
+        return random_prompts(stub, count) if args.random_prompts else prompts(stub, document, count)
+
+    if not args.capacity_only:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(args.server))
+        footprint(stub, make_prompts(stub, 1)[0])
     if args.capacity_server:
         cap = pb_grpc.InferenceStub(grpc.insecure_channel(args.capacity_server))
-        capacity(cap, prompts(cap, document, args.requests), args.settle)
+        capacity(cap, make_prompts(cap, args.requests), args.settle, args.complete)
 
 
 if __name__ == "__main__":
