@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with a carried .gpu/bundle
+# (tools/gpu/bundle.sh) and no model file: the performance measurements of the CUDA engine at the
+# Llama-3-8B shape with dummy weights, in one call. Logs go to $OUT (default /tmp/kvtrim-perf):
+#
+#   limits      cuda_limits_bench: copy bandwidth, GEMM rate, engine kernels
+#   torch       tools/gpu/torch_baselines.py: PyTorch copy, GEMM and SDPA decode on the same GPU
+#   decode      cuda_decode_attention_bench: paged decode, uncompressed vs compressed layouts
+#   serve       serve_bench --arch llama3-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
+#               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
+#   capacity    kvtrim-server --arch llama3-8b with a POOL_GIB pool and memory_report.py: the
+#               most concurrent PROMPT-token requests admitted, served to completion
+#
+#   ONLY="limits torch decode serve" tools/gpu/run_perf.sh   # a few minutes
+#   ONLY=capacity tools/gpu/run_perf.sh          # prefills every admitted 8k request: its own call
+# Each program building the dummy llama3-8b makes 32 GB of fp32 host weights first (seconds on
+# 16 cores) and uploads them as bf16.
+# Also REQUESTS (32), PROMPT (8192), NEW (256), POOL_GIB (40), CAPACITY_REQUESTS (400).
+# The capacity step needs .gpu/py (tools/gpu/python_deps.sh) for grpcio.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root" || exit 1
+out=${OUT:-/tmp/kvtrim-perf}
+stage=/tmp/kvtrim-stage
+mkdir -p "$out" "$stage/py"
+note() { echo "$*" | tee -a "$out/summary.txt"; }
+source "$root/tools/gpu/stage.sh"
+with_bundle=(env "LD_LIBRARY_PATH=$bundle/lib:${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64")
+only=${ONLY:-limits torch decode serve capacity}
+wants() { [[ " $only " == *" $1 "* ]]; }
+requests=${REQUESTS:-32} prompt=${PROMPT:-8192} new=${NEW:-256}
+
+# run NAME COMMAND...: runs, logs to $out/NAME.log, notes the exit status and time.
+run() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@" >"$out/$name.log" 2>&1
+  note "$(printf '%-10s rc=%-3d %4ds' "$name" "$?" "$((SECONDS - start))")"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory \
+  --format=csv >"$out/device.txt" 2>&1
+wants limits && run limits "${with_bundle[@]}" "$bundle/bin/cuda_limits_bench"
+wants torch && run torch python3 tools/gpu/torch_baselines.py
+wants decode && run decode "${with_bundle[@]}" "$bundle/bin/cuda_decode_attention_bench"
+
+# The copy rate the roofline divides by: cuda_limits_bench's cudaMemcpyAsync row when it ran.
+copy_gbs=$(awk -F'|' '/^\| cudaMemcpyAsync D2D/ {gsub(/ /, "", $6); print $6; exit}' \
+  "$out/limits.log" 2>/dev/null)
+if wants serve; then
+  run serve "${with_bundle[@]}" "$bundle/bin/serve_bench" --load_format dummy --arch llama3-8b \
+    --device cuda --requests "$requests" --prompt_tokens "$prompt" --new_tokens "$new" \
+    --pool_gib 60 --copy_gbs "${copy_gbs:-0}" \
+    --specs 'none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5'
+fi
+
+if wants capacity; then
+  tag=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  [[ -d .gpu/py ]] && cp -r .gpu/py/. "$stage/py/"
+  for wheel in "$stage"/py/grpcio-*-"$tag"-*.whl "$stage"/py/protobuf-*.whl; do
+    [[ -f $wheel && ! -d $stage/pylib/grpc ]] || continue
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+      "$wheel" "$stage/pylib"
+  done
+  "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --load_format dummy --arch llama3-8b \
+    --device cuda --listen 127.0.0.1:50300 --metrics_port 0 \
+    --kv_pool_mib $((${POOL_GIB:-40} * 1024)) --max_running 1024 --max_queued 4096 \
+    --step_tokens 16384 >"$out/capacity-server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 600); do
+    grep -q "listening on" "$out/capacity-server.log" && break
+    sleep 0.5
+  done
+  PYTHONPATH=$stage/pylib run capacity python3 tools/quality/memory_report.py --capacity-only \
+    --capacity-server 127.0.0.1:50300 --random-prompts --prompt-tokens "$prompt" \
+    --requests "${CAPACITY_REQUESTS:-400}" --complete 16 --stubs "$stage/py/stubs"
+  kill -TERM "$server" && wait "$server"
+fi
+for log in "$out"/*.log; do
+  echo "==== $(basename "$log")"
+  tail -25 "$log"
+done
