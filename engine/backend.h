@@ -21,6 +21,8 @@ struct SequenceStep {
   // empty sequence laid out by KvCache::ReserveCompressed; the backend scores, selects and writes
   // the kept rows. Later steps decode one token each and apply the decode-time policy.
   const memory::compress::CompressionConfig* compression = nullptr;
+
+  bool compressed() const { return compression != nullptr && compression->enabled(); }
 };
 
 class Backend {

@@ -31,9 +31,6 @@ namespace {
 
 namespace mc = memory::compress;
 
-const float* FloatRow(const memory::KvCache& cache, const memory::PageList& list, int row) {
-  return reinterpret_cast<const float*>(cache.Row(list, row));
-}
 float* FloatRow(memory::KvCache& cache, memory::PageList& list, int row) {
   return reinterpret_cast<float*>(cache.Row(list, row));
 }
@@ -76,12 +73,9 @@ void CpuBackend::CompressPrompt(int layer, const SequenceStep& step, int first_r
       case mc::SelectionPolicy::kNone:
         break;
       case mc::SelectionPolicy::kSnapKv:
-        selection = mc::SelectSnapKv(config.snapkv, observe(config.snapkv.window), n, shape,
-                                     plan.kept_tokens);
-        break;
       case mc::SelectionPolicy::kPyramidKv:
-        selection = mc::SelectSnapKv(config.pyramidkv.snap, observe(config.pyramidkv.snap.window),
-                                     n, shape, plan.kept_tokens);
+        selection = mc::SelectSnapKv(*config.scoring(), observe(config.scoring()->window), n, shape,
+                                     plan.kept_tokens);
         break;
       case mc::SelectionPolicy::kStreamingLlm:
         selection =

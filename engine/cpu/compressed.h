@@ -12,9 +12,7 @@ namespace kvtrim::engine::cpu {
 
 using DecodePolicy = memory::compress::EvictionPolicy;
 
-inline bool IsCompressed(const SequenceStep& step) {
-  return step.compression != nullptr && step.compression->enabled();
-}
+inline bool IsCompressed(const SequenceStep& step) { return step.compressed(); }
 // The step that feeds a compressed sequence its whole prompt (its cache is still empty).
 inline bool IsCompressedPrompt(const SequenceStep& step) {
   return IsCompressed(step) && step.kv->tokens == 0;

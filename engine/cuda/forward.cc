@@ -209,13 +209,9 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
   }
   size_t scratch = 0, scores = 0, kept = 0;
   for (const PromptJob& job : plan_.prompts) {
-    const memory::compress::CompressionConfig& c = *job.config;
-    const bool snap = c.selection == memory::compress::SelectionPolicy::kSnapKv ||
-                      c.selection == memory::compress::SelectionPolicy::kPyramidKv;
-    const int w = c.selection == memory::compress::SelectionPolicy::kPyramidKv
-                      ? c.pyramidkv.snap.window
-                      : c.snapkv.window;
-    if (snap && w < job.n) {
+    const memory::compress::SnapKvConfig* snap = job.config->scoring();
+    if (snap != nullptr && snap->window < job.n) {
+      const int w = snap->window;
       scratch = std::max(scratch, SnapKvWorkspaceBytes(job.n, w, shape_));
       scores = std::max(scores, static_cast<size_t>(config_.n_kv_heads) * (job.n - w));
     }
@@ -247,7 +243,7 @@ absl::Status CudaBackend::SupportsCompression(
 
 absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) {
   for (const SequenceStep& step : steps) {
-    if (step.compression != nullptr && step.compression->enabled()) {
+    if (step.compressed()) {
       KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
     }
   }
@@ -300,7 +296,6 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
     } else if (job < plan_.prompts.size() && plan_.prompts[job].seq == s) {
       // The prompt's kept rows, as CompressPrompts wrote them.
       const PromptJob& prompt = plan_.prompts[job++];
-      size_t channel = prompt.channels_at;
       for (int layer = 0; layer < config_.n_layers; ++layer) {
         const memory::compress::LayerPlan& p = prompt.layers[layer];
         memory::CompressedLayer& c = kv.compressed[layer];
@@ -309,11 +304,9 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
         c.keys.rows = c.values.rows = p.thin_rows;
         kv.keys[layer].rows = kv.values[layer].rows = p.full_rows;
         c.channels.clear();
-        if (p.key_width < config_.head_dim && p.thin_rows > 0) {
+        if (const int64_t at = prompt.channels_at[layer]; at >= 0) {
           const size_t count = static_cast<size_t>(config_.n_kv_heads) * p.key_width;
-          c.channels.assign(channels_host_.begin() + channel,
-                            channels_host_.begin() + channel + count);
-          channel += count;
+          c.channels.assign(channels_host_.begin() + at, channels_host_.begin() + at + count);
         }
       }
     } else {
@@ -438,10 +431,8 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
     const __nv_bfloat16* v_seq = v + first * kv_width;
 
     // Which tokens each kv-head keeps (engine/cpu/compressed.cc, CompressPrompt).
-    if (p.kept_tokens < n && (config.selection == mc::SelectionPolicy::kSnapKv ||
-                              config.selection == mc::SelectionPolicy::kPyramidKv)) {
-      const mc::SnapKvConfig& snap =
-          config.selection == mc::SelectionPolicy::kSnapKv ? config.snapkv : config.pyramidkv.snap;
+    if (p.kept_tokens < n && config.scoring() != nullptr) {
+      const mc::SnapKvConfig& snap = *config.scoring();
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           LaunchSnapKvScores(q_seq, q_width, k_seq, kv_width, n, snap.window, shape_,
                              snap.kernel_size, snap.pooling == mc::Pooling::kAvg,
@@ -462,13 +453,8 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
 
     // ThinK's channels, scored on the kept keys by the last `observation` queries.
     uint16_t* channels = nullptr;
-    if (p.key_width < head_dim && p.thin_rows > 0) {
-      size_t at_channel = job.channels_at;
-      for (int l = 0; l < layer; ++l) {
-        const mc::LayerPlan& before = job.layers[l];
-        if (before.key_width < head_dim && before.thin_rows > 0) at_channel += H * before.key_width;
-      }
-      channels = channels_.as<uint16_t>() + at_channel;
+    if (job.channels_at[layer] >= 0) {
+      channels = channels_.as<uint16_t>() + job.channels_at[layer];
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           LaunchThinkChannels(q_seq, q_width, k_seq, kv_width, n,
                               std::min(config.think.observation, n), kept, p.kept_tokens, shape_,

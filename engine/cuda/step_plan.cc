@@ -9,10 +9,6 @@ namespace {
 
 namespace mc = memory::compress;
 
-bool IsCompressed(const SequenceStep& step) {
-  return step.compression != nullptr && step.compression->enabled();
-}
-
 absl::Status CheckLayers(const memory::SequenceKv& kv, int n_layers) {
   if (static_cast<int>(kv.keys.size()) != n_layers ||
       static_cast<int>(kv.values.size()) != n_layers) {
@@ -127,7 +123,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const int n_new = static_cast<int>(step.tokens.size());
     const int32_t s = static_cast<int32_t>(plan.step_of_seq.size());
     plan.step_of_seq.push_back(static_cast<int32_t>(i));
-    if (IsCompressed(step)) {
+    if (step.compressed()) {
       const bool prompt = kv.tokens == 0;
       std::vector<mc::LayerPlan> layers;
       if (prompt) layers = mc::PlanPrompt(*step.compression, n_new, n_layers, shape.head_dim);
@@ -137,12 +133,15 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       seq_pages.push_back(MostPages(kv, false));
       seq_thin_pages.push_back(MostPages(kv, true));
       if (prompt) {
-        PromptJob job{s, plan.tokens, n_new, step.compression, std::move(layers), 0, 0};
+        PromptJob job{s, plan.tokens, n_new, step.compression, std::move(layers), {}, 0};
         for (const mc::LayerPlan& p : job.layers) {
-          if (p.key_width < shape.head_dim && p.thin_rows > 0) job.channel_count += H * p.key_width;
+          const bool thinned = p.key_width < shape.head_dim && p.thin_rows > 0;
+          job.channels_at.push_back(thinned ? static_cast<int64_t>(plan.channel_out) : -1);
+          if (thinned) {
+            job.channel_count += H * p.key_width;
+            plan.channel_out += H * p.key_width;
+          }
         }
-        job.channels_at = plan.channel_out;
-        plan.channel_out += job.channel_count;
         plan.scratch_rows += n_new;
         plan.scratch_items += (n_new + shape.query_tile - 1) / shape.query_tile;
         plan.prompts.push_back(std::move(job));
@@ -221,7 +220,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const memory::SequenceKv& kv = *step.kv;
     const int n_new = static_cast<int>(step.tokens.size());
     const int cached = kv.cached_tokens();
-    const bool is_compressed = IsCompressed(step);
+    const bool is_compressed = step.compressed();
     const bool prompt = is_compressed && kv.tokens == 0;
     const int32_t n_pages = seq_pages[s], n_thin = seq_thin_pages[s];
     d[at.token_indptr + s] = token;

@@ -43,9 +43,10 @@ struct PromptJob {
   int32_t n = 0;            // prompt tokens
   const memory::compress::CompressionConfig* config = nullptr;
   std::vector<memory::compress::LayerPlan> layers;  // (n_layers) PlanPrompt
-  size_t channels_at = 0;     // its channel sets in the step's channel output, uint16 elements:
-                              // (n_layers, n_kv_heads, key_width) when ThinK thins it, else none
-  int32_t channel_count = 0;  // uint16 elements it writes there
+  // Where each layer's channel set, (n_kv_heads, key_width) uint16, goes in the step's channel
+  // output; -1 for a layer whose thin keys keep every channel (or that has no thin rows).
+  std::vector<int64_t> channels_at;  // (n_layers)
+  int32_t channel_count = 0;         // uint16 elements it writes there
 };
 
 struct StepPlan {

@@ -43,6 +43,13 @@ struct CompressionConfig {
   CormConfig corm;      // eviction == kCorm
   WindowConfig window;  // eviction == kWindow
 
+  // The SnapKV parameters that score prompt tokens: snapkv's, or pyramidkv's snap; null for the
+  // policies that select without scores.
+  const SnapKvConfig* scoring() const {
+    if (selection == SelectionPolicy::kSnapKv) return &snapkv;
+    if (selection == SelectionPolicy::kPyramidKv) return &pyramidkv.snap;
+    return nullptr;
+  }
   bool enabled() const {
     return selection != SelectionPolicy::kNone || think.enabled() ||
            eviction != EvictionPolicy::kNone;

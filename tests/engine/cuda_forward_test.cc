@@ -156,6 +156,7 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   EXPECT_EQ(plan.prompts[0].n, 10);
   EXPECT_EQ(plan.prompts[0].channel_count, 2 * 2 * 8);  // two layers of 2 heads x 8 channels
   EXPECT_EQ(plan.channel_out, 32u);
+  EXPECT_EQ(plan.prompts[0].channels_at, (std::vector<int64_t>{0, 16}));
   EXPECT_EQ(plan.decode_seqs, 1);
   EXPECT_EQ(plan.compressed_decode, 0);
   EXPECT_EQ(plan.prefill_items, 0);
