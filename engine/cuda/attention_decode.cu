@@ -29,8 +29,10 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-using decode_attention::AddPagedRows;
+using decode_attention::AddRows;
+using decode_attention::BlockShared;
 using decode_attention::FinishBlock;
+using decode_attention::FullWidthRows;
 using decode_attention::HeadChunks;
 using decode_attention::kLog2e;
 using decode_attention::kMaxHeadsPerBlock;
@@ -81,11 +83,13 @@ __global__ void __launch_bounds__(kThreads)
   SoftmaxState<> state;
   StartState<kHeadDim>(q, w.token, n_heads, w.first_head, w.n_heads, channel, scale_log2, query,
                        state);
-  AddPagedRows<kHeadDim, kMaxHeadsPerBlock>(
-      kv, kv.key_pages + kv.page_indptr[w.seq], kv.value_pages + kv.page_indptr[w.seq],
-      static_cast<int64_t>(kv_head) * kHeadDim + channel, w.begin, w.end, query, w.n_heads, state);
+  __shared__ BlockShared<kHeadDim, kMaxHeadsPerBlock> shared;
+  const FullWidthRows rows(kv, kv.key_pages + kv.page_indptr[w.seq],
+                           kv.value_pages + kv.page_indptr[w.seq],
+                           static_cast<int64_t>(kv_head) * kHeadDim + channel);
+  AddRows<kHeadDim, kMaxHeadsPerBlock>(rows, w.begin, w.end, query, w.n_heads, state, shared);
   FinishBlock<kHeadDim, kMaxHeadsPerBlock>(state, w.first_head, w.n_heads, w.token, n_heads, splits,
-                                           out, workspace);
+                                           out, workspace, shared);
 }
 
 // Merges the splits of one (sequence item, head): grid (n_seqs, n_heads), head_dim threads.

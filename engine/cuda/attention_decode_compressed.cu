@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/attention_decode_compressed.h"
@@ -36,9 +37,11 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-using decode_attention::AddPagedRows;
-using decode_attention::AddRow;
+using decode_attention::AddRows;
+using decode_attention::BlockShared;
+using decode_attention::CopyAsync;
 using decode_attention::FinishBlock;
+using decode_attention::FullWidthRows;
 using decode_attention::HeadChunks;
 using decode_attention::kLog2e;
 using decode_attention::kThreads;
@@ -93,72 +96,52 @@ __device__ __forceinline__ void LoadGatheredQuery(const __nv_bfloat16* __restric
   }
 }
 
-// This thread's `count` (<= 8) key elements at `key`, zero-padded to 8: one 16-byte load when
-// kVector (count is then 0 or 8 and `key` 16-byte aligned), else element by element.
-template <bool kVector>
-__device__ __forceinline__ uint4 LoadKey(const __nv_bfloat16* key, int count) {
+// This thread's `count` (<= 8) key elements at `key`, zero-padded to 8, read element by element.
+__device__ __forceinline__ uint4 LoadKeyElements(const __nv_bfloat16* key, int count) {
   if (count <= 0) return make_uint4(0, 0, 0, 0);
-  if constexpr (kVector) {
-    return *reinterpret_cast<const uint4*>(key);
-  } else {
-    const uint16_t* elements = reinterpret_cast<const uint16_t*>(key);
-    uint32_t words[4];
+  const uint16_t* elements = reinterpret_cast<const uint16_t*>(key);
+  uint32_t words[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t low = 2 * i < count ? elements[2 * i] : 0u;
-      const uint32_t high = 2 * i + 1 < count ? elements[2 * i + 1] : 0u;
-      words[i] = low | high << 16;
-    }
-    return make_uint4(words[0], words[1], words[2], words[3]);
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t low = 2 * i < count ? elements[2 * i] : 0u;
+    const uint32_t high = 2 * i + 1 < count ? elements[2 * i + 1] : 0u;
+    words[i] = low | high << 16;
   }
+  return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// Where one sequence's thin segment lies, as one kv-head's thread reads it.
-struct ThinSegment {
-  const int32_t* key_pages;    // the sequence's first thin key page
-  const int32_t* value_pages;  // the sequence's first thin value page
-  int key_row_elements;        // n_kv_heads * key_width
-  int key_rows_per_page;       // page_elements / key_row_elements
-  int key_offset;              // kv_head * key_width + this thread's channel, in a key row
-  int key_count;               // key elements this thread reads per row (0 .. 8)
-  int64_t value_offset;        // kv_head * head_dim + this thread's channel, in a value row
+// One sequence's thin segment, as one kv-head's thread reads it: a row source for AddRows.
+// kVectorKeys: key_width % 8 == 0, so this thread's key piece is 0 or 8 elements, 16-byte
+// aligned, and is copied like the value; otherwise it is read element by element (synchronously)
+// into its slot.
+template <bool kVectorKeys>
+struct ThinRows {
+  const __nv_bfloat16* pool;
+  int64_t page_elements;
+  int32_t row_elements, rows_per_page;  // the values' (full-width) row geometry
+  const int32_t* key_pages;             // the sequence's first thin key page
+  const int32_t* value_pages;           // the sequence's first thin value page
+  int key_row_elements;                 // n_kv_heads * key_width
+  int key_rows_per_page;                // page_elements / key_row_elements
+  int key_offset;                       // kv_head * key_width + this thread's channel, in a key row
+  int key_count;                        // key elements this thread reads per row (0 .. 8)
+  int64_t value_offset;                 // kv_head * head_dim + this thread's channel
+
+  __device__ __forceinline__ void Fetch(int row, uint4* key, uint4* value) const {
+    const __nv_bfloat16* key_at = pool + key_pages[row / key_rows_per_page] * page_elements +
+                                  static_cast<int64_t>(row % key_rows_per_page) * key_row_elements +
+                                  key_offset;
+    if constexpr (kVectorKeys) {
+      CopyAsync(key, key_count > 0 ? key_at : pool, key_count > 0);
+    } else {
+      *key = LoadKeyElements(key_at, key_count);
+    }
+    CopyAsync(value,
+              pool + value_pages[row / rows_per_page] * page_elements +
+                  static_cast<int64_t>(row % rows_per_page) * row_elements + value_offset,
+              true);
+  }
 };
-
-// Thin rows [begin, end) of one kv-head, walked as AddPagedRows walks full-width rows.
-template <int kHeadDim, int kHeads, bool kVectorKeys>
-__device__ __forceinline__ void AddThinRows(const PagedKv& kv, const ThinSegment& thin, int begin,
-                                            int end, const float (&query)[kHeads][8],
-                                            SoftmaxState<kHeads>& state) {
-  constexpr int kLanesPerRow = kHeadDim / 8;
-  constexpr int kRowsPerWarp = 32 / kLanesPerRow;
-  constexpr int kRowsPerPass = kRowsPerWarp * kWarps;
-  const int warp = threadIdx.x / 32, row_in_warp = threadIdx.x % 32 / kLanesPerRow;
-  constexpr int kUnroll = 2;
-  for (int base = begin + warp * kRowsPerWarp; base < end; base += kRowsPerPass * kUnroll) {
-    uint4 key[kUnroll], value[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int row = base + u * kRowsPerPass + row_in_warp;
-      valid[u] = row < end;
-      if (valid[u]) {
-        const int64_t key_row =
-            thin.key_pages[row / thin.key_rows_per_page] * kv.page_elements +
-            static_cast<int64_t>(row % thin.key_rows_per_page) * thin.key_row_elements;
-        key[u] = LoadKey<kVectorKeys>(kv.pool + key_row + thin.key_offset, thin.key_count);
-        value[u] = *reinterpret_cast<const uint4*>(
-            kv.pool + PagedRowOffset(kv, thin.value_pages, row) + thin.value_offset);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float k[8], v[8];
-      Unpack8(valid[u] ? key[u] : make_uint4(0, 0, 0, 0), k);
-      Unpack8(valid[u] ? value[u] : make_uint4(0, 0, 0, 0), v);
-      AddRow<kLanesPerRow, kHeads>(query, k, v, valid[u], kHeads, state);
-    }
-  }
-}
 
 // kHeads: the block's query heads (HeadChunks' heads_per_block), a compile-time count so that the
 // heads' score reductions interleave; a last chunk with fewer heads (block_heads) computes its
@@ -204,6 +187,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t value_offset = static_cast<int64_t>(kv_head) * kHeadDim + channel;
 
+  __shared__ BlockShared<kHeadDim, kHeads> shared;
   if (begin < min(end, thin_rows)) {
     if (key_width == kHeadDim) {
       LoadQuery<kHeadDim, kHeads>(q, token, n_heads, first_head, block_heads, channel, scale_log2,
@@ -213,29 +197,38 @@ __global__ void __launch_bounds__(kThreads)
                                           ckv.channels + channel_offset + kv_head * key_width,
                                           key_width, scale_log2, query);
     }
-    const ThinSegment thin{
-        .key_pages = ckv.thin_key_pages + first_thin_page,
-        .value_pages = ckv.thin_value_pages + first_thin_page,
-        .key_row_elements = n_kv_heads * key_width,
-        .key_rows_per_page = static_cast<int>(kv.page_elements / (n_kv_heads * key_width)),
-        .key_offset = kv_head * key_width + channel,
-        .key_count = min(8, key_width - channel),
-        .value_offset = value_offset};
+    const int key_row_elements = n_kv_heads * key_width;
+    const auto add_thin = [&](auto vector_keys) {
+      const ThinRows<decltype(vector_keys)::value> thin{
+          .pool = kv.pool,
+          .page_elements = kv.page_elements,
+          .row_elements = kv.row_elements,
+          .rows_per_page = kv.rows_per_page,
+          .key_pages = ckv.thin_key_pages + first_thin_page,
+          .value_pages = ckv.thin_value_pages + first_thin_page,
+          .key_row_elements = key_row_elements,
+          .key_rows_per_page = static_cast<int>(kv.page_elements / key_row_elements),
+          .key_offset = kv_head * key_width + channel,
+          .key_count = min(8, key_width - channel),
+          .value_offset = value_offset};
+      AddRows<kHeadDim, kHeads>(thin, begin, min(end, thin_rows), query, kHeads, state, shared);
+    };
     if (key_width % 8 == 0) {
-      AddThinRows<kHeadDim, kHeads, true>(kv, thin, begin, min(end, thin_rows), query, state);
+      add_thin(std::true_type{});
     } else {
-      AddThinRows<kHeadDim, kHeads, false>(kv, thin, begin, min(end, thin_rows), query, state);
+      add_thin(std::false_type{});
     }
   }
   if (max(begin, thin_rows) < end) {
     LoadQuery<kHeadDim, kHeads>(q, token, n_heads, first_head, block_heads, channel, scale_log2,
                                 query);
-    AddPagedRows<kHeadDim, kHeads>(
-        kv, kv.key_pages + first_recent_page, kv.value_pages + first_recent_page, value_offset,
-        max(begin, thin_rows) - thin_rows, end - thin_rows, query, kHeads, state);
+    const FullWidthRows recent(kv, kv.key_pages + first_recent_page,
+                               kv.value_pages + first_recent_page, value_offset);
+    AddRows<kHeadDim, kHeads>(recent, max(begin, thin_rows) - thin_rows, end - thin_rows, query,
+                              kHeads, state, shared);
   }
   FinishBlock<kHeadDim, kHeads>(state, first_head, block_heads, token, n_heads, splits, out,
-                                workspace);
+                                workspace, shared);
 }
 
 struct LaunchArgs {

@@ -4,14 +4,16 @@
 # Llama-3-8B shape with dummy weights, in one call. Logs go to $OUT (default /tmp/kvtrim-perf):
 #
 #   limits      cuda_limits_bench: copy bandwidth, GEMM rate, engine kernels
-#   torch       tools/gpu/torch_baselines.py: PyTorch copy, GEMM and SDPA decode on the same GPU
+#   torch       tools/gpu/torch_baselines.py: PyTorch copy, GEMM and SDPA decode on the same GPU,
+#               and transformers (bf16, SDPA, static cache) prefill and decode vs the roofline
 #   decode      cuda_decode_attention_bench: paged decode, uncompressed vs compressed layouts
+#   compress    cuda_compress_bench: the prompt compression kernels, one layer of an 8k prompt
 #   serve       serve_bench --arch llama3-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
 #   capacity    kvtrim-server --arch llama3-8b with a POOL_GIB pool and memory_report.py: the
 #               most concurrent PROMPT-token requests admitted, served to completion
 #
-#   ONLY="limits torch decode serve" tools/gpu/run_perf.sh   # a few minutes
+#   ONLY="limits torch decode compress serve" tools/gpu/run_perf.sh   # a few minutes
 #   ONLY=capacity tools/gpu/run_perf.sh          # prefills every admitted 8k request: its own call
 # Each program building the dummy llama3-8b makes 32 GB of fp32 host weights first (seconds on
 # 16 cores) and uploads them as bf16.
@@ -27,7 +29,7 @@ mkdir -p "$out" "$stage/py"
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 source "$root/tools/gpu/stage.sh"
 with_bundle=(env "LD_LIBRARY_PATH=$bundle/lib:${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64")
-only=${ONLY:-limits torch decode serve capacity}
+only=${ONLY:-limits torch decode compress serve capacity}
 wants() { [[ " $only " == *" $1 "* ]]; }
 requests=${REQUESTS:-32} prompt=${PROMPT:-8192} new=${NEW:-256}
 
@@ -44,6 +46,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 wants limits && run limits "${with_bundle[@]}" "$bundle/bin/cuda_limits_bench"
 wants torch && run torch python3 tools/gpu/torch_baselines.py
 wants decode && run decode "${with_bundle[@]}" "$bundle/bin/cuda_decode_attention_bench"
+wants compress && run compress "${with_bundle[@]}" "$bundle/bin/cuda_compress_bench"
 
 # The copy rate the roofline divides by: cuda_limits_bench's cudaMemcpyAsync row when it ran.
 copy_gbs=$(awk -F'|' '/^\| cudaMemcpyAsync D2D/ {gsub(/ /, "", $6); print $6; exit}' \

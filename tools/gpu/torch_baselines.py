@@ -10,16 +10,24 @@ Prints markdown tables:
      heads (9 / 3, dim 64). GQA runs natively (enable_gqa=True) where the backend takes it, else
      with K/V expanded to the query heads beforehand (outside the timing; the kernel then reads
      group-times more bytes). GB/s counts the cache as stored: K and V once.
+  4. Hugging Face transformers end to end (eager, bf16, attn_implementation="sdpa", StaticCache) on
+     a Llama-3-8B shape with random weights, batch 8 x 8192-token prompts: prefill tokens/s (one
+     forward over the whole batch into the cache, only the last position's logits computed) and
+     decode ms per step (one token per sequence, continuing from the prompt), against the decode
+     roofline: (weights read per step + KV bytes of the context) / the copy rate of table 1. The
+     weights read are all but the input embedding (a gather), as tests/bench/serve_bench.cc counts
+     them. Skipped, with a row saying why, where transformers is not installed.
 
 Every input is random (torch.randn), every time is the median of --repeats runs timed with CUDA
-events after warm-up. Prints tables, never fails on time; a backend that cannot run a shape says
-why in its row.
+events after warm-up (a transformers prefill: the median of 3 after one warm-up). Prints tables,
+never fails on time; a backend that cannot run a shape says why in its row.
 
   python3 tools/gpu/torch_baselines.py            # on the GPU machine
   python3 tools/gpu/torch_baselines.py --small    # a quick check of the script itself (CPU ok)
 """
 
 import argparse
+import inspect
 import re
 import statistics
 import time
@@ -30,6 +38,15 @@ import torch.nn.functional as F
 
 # PyTorch appends where in its sources a warning was raised; the reason is the rest.
 TRIGGERED_AT = re.compile(r"\(Triggered internally at [^)]*\)")
+
+# Timed prefills per transformers row: one is seconds at the full shape.
+PREFILL_REPEATS = 3
+
+# Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json) and, for --small, the same structure shrunk.
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
 
 
 def timer(device, fn, warmup, repeats):
@@ -158,6 +175,157 @@ def sdpa_table(device, args, copy_gbs):
         sdpa_rows(device, args, label, batch, tokens, q_heads, kv_heads, head_dim, copy_gbs)
 
 
+def llama_model(config, device):
+    """LlamaForCausalLM with random weights, built on `device` in bf16: the default dtype is bf16
+    while the modules are made (as from_config does), so no fp32 copy of 8B weights ever exists.
+    The weights are transformers' default init (normal, std 0.02; norms 1)."""
+    from transformers import LlamaForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def static_cache(config, batch, max_cache_len, device):
+    """A StaticCache in any transformers since 4.42. Up to 4.55 its constructor takes the batch
+    (`max_batch_size`, or `batch_size` in 4.44-4.47), the device and the dtype (fp32 unless given)
+    and allocates at once; from 4.56 it takes `max_cache_len` only (the rest lands in **kwargs,
+    unused) and allocates on the first update, from the keys' shape, dtype and device."""
+    from transformers import StaticCache
+
+    accepted = inspect.signature(StaticCache.__init__).parameters
+    kwargs = {"config": config, "max_cache_len": max_cache_len}
+    batch_keyword = next((k for k in ("batch_size", "max_batch_size") if k in accepted), None)
+    if batch_keyword:
+        kwargs[batch_keyword] = batch
+    if "device" in accepted:
+        kwargs["device"] = device
+    if "dtype" in accepted:
+        kwargs["dtype"] = torch.bfloat16
+    return StaticCache(**kwargs)
+
+
+def forward_keywords(model):
+    """The version-dependent keywords of the model's forward: the one that limits the logits to the
+    last positions (`num_logits_to_keep` in 4.45-4.49, `logits_to_keep` since; None before) and
+    whether it takes `cache_position` (dropped in 5.x, where the cache counts its own tokens)."""
+    accepted = inspect.signature(model.forward).parameters
+    logits = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in accepted), None)
+    return logits, "cache_position" in accepted
+
+
+def transformers_timings(model, config, device, args, max_cache_len):
+    """Median prefill ms and decode ms per step, and a note on how they were run."""
+    batch, prompt = args.transformers_batch, args.transformers_prompt
+    cache = static_cache(config, batch, max_cache_len, device)
+    logits_keyword, takes_cache_position = forward_keywords(model)
+    # Without it, the prefill's logits alone would be batch x prompt x vocab (16.8 GB bf16).
+    keep_last = {logits_keyword: 1} if logits_keyword else {}
+    positions = torch.arange(max_cache_len, device=device)
+    prompt_ids = torch.randint(config.vocab_size, (batch, prompt), device=device)
+    next_ids = torch.randint(config.vocab_size, (batch, 1), device=device)
+
+    def forward(ids, start):
+        where = {}
+        if takes_cache_position:
+            where["cache_position"] = positions[start:start + ids.shape[1]]
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, **keep_last, **where)
+
+    def prefill():
+        cache.reset()  # zeroes the cache (8.6 GB at the full shape): ~0.1% of the prefill
+        return forward(prompt_ids, 0)
+
+    # The warm-up, which also checks that the random weights give finite logits.
+    finite = bool(torch.isfinite(prefill().logits).all())
+    prefill_ms = timer(device, prefill, 0, PREFILL_REPEATS)[0]
+    # The cache now holds the prompt; each step, warm-ups included, appends one token per sequence.
+    decode_positions = iter(range(prompt, max_cache_len))
+
+    def decode_step():
+        return forward(next_ids, next(decode_positions))
+
+    decode_ms = timer(device, decode_step, args.warmup, args.transformers_steps)[0]
+    notes = [f"attention {getattr(model.config, '_attn_implementation', '?')}",
+             f"{logits_keyword}=1" if logits_keyword else "all logits (no logits_to_keep)",
+             "logits finite" if finite else "NaN/inf in the logits"]
+    return prefill_ms, decode_ms, "; ".join(notes)
+
+
+def transformers_measure(device, args):
+    """(prefill ms, decode ms per step, weight and KV bytes read per decode step, note)."""
+    from transformers import LlamaConfig
+
+    batch, prompt = args.transformers_batch, args.transformers_prompt
+    steps = args.transformers_steps
+    # Room for the prompt and every decode step, warm-ups included.
+    max_cache_len = prompt + args.warmup + steps
+    config = LlamaConfig(**(LLAMA_TINY if args.small else LLAMA3_8B),
+                         max_position_embeddings=max(8192, max_cache_len), rms_norm_eps=1e-5,
+                         rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = llama_model(config, device)
+    with torch.inference_mode():
+        prefill_ms, decode_ms, note = transformers_timings(model, config, device, args,
+                                                           max_cache_len)
+
+    embedding = model.get_input_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                       if p is not embedding or config.tie_word_embeddings)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # K and V of every layer, in bf16 like the weights.
+    token_kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+                      * embedding.element_size())
+    # The context at the middle of the timed steps. The static cache's attention reads all
+    # max_cache_len slots under a mask: (warmup + steps) / prompt more, 0.2% at the full shape.
+    kv_bytes = batch * (prompt + args.warmup + steps / 2) * token_kv_bytes
+    return prefill_ms, decode_ms, weight_bytes, kv_bytes, note
+
+
+def transformers_table(device, args, copy_gbs):
+    batch, prompt = args.transformers_batch, args.transformers_prompt
+    shape = "tiny Llama (--small)" if args.small else "Llama-3-8B shape"
+    print(f"\n## Hugging Face transformers: {shape}, random weights, bf16, SDPA, static cache\n")
+    row, reason = None, None
+    try:
+        import transformers
+    except ImportError as error:
+        transformers, reason = None, f"transformers not installed ({error})"
+    version = transformers.__version__ if transformers is not None else "not installed"
+    print(f"transformers {version}, torch {torch.__version__}. Prefill: median of "
+          f"{PREFILL_REPEATS} after a warm-up; decode: median of {args.transformers_steps} steps "
+          f"after {args.warmup} warm-ups. Roofline: (weights read + KV bytes) per step / torch "
+          "copy_ of table 1.\n")
+    print("| batch | prompt tokens | prefill ms | prefill tokens/s | decode ms/step | roofline ms "
+          "| decode / roofline | note |")
+    print("|------:|--------------:|-----------:|-----------------:|---------------:|------------:"
+          "|------------------:|------|")
+    if transformers is not None:
+        try:
+            row = transformers_measure(device, args)
+        except (ImportError, AttributeError, RuntimeError, TypeError, ValueError) as error:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    if row is None:
+        dash = "—"
+        print(f"| {batch:5d} | {prompt:13d} | {dash:>10s} | {dash:>16s} | {dash:>14s} | "
+              f"{dash:>11s} | {dash:>17s} | {reason} |")
+        return
+    prefill_ms, decode_ms, weight_bytes, kv_bytes, note = row
+    tokens_per_s = batch * prompt / prefill_ms * 1e3
+    if copy_gbs:
+        roofline_ms = (weight_bytes + kv_bytes) / copy_gbs / 1e6
+        roofline, ratio = f"{roofline_ms:11.2f}", f"{decode_ms / roofline_ms:17.1f}"
+    else:
+        roofline, ratio = f"{'—':>11s}", f"{'—':>17s}"
+    print(f"| {batch:5d} | {prompt:13d} | {prefill_ms:10.1f} | {tokens_per_s:16.0f} | "
+          f"{decode_ms:14.2f} | {roofline} | {ratio} | {note} |")
+    print(f"\nRead per decode step: weights {weight_bytes / 1e9:.2f} GB, KV {kv_bytes / 1e9:.2f} GB"
+          + (f", at {copy_gbs:.0f} GB/s." if copy_gbs else "."))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -166,10 +334,18 @@ def main():
     parser.add_argument("--gemm-size", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--transformers-batch", type=int, default=8)
+    parser.add_argument("--transformers-prompt", type=int, default=8192, help="tokens per sequence")
+    parser.add_argument("--transformers-steps", type=int, default=16, help="timed decode steps")
+    parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--small", action="store_true", help="tiny sizes: check the script runs")
     args = parser.parse_args()
+    for flag in ("transformers_batch", "transformers_prompt", "transformers_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.small:
         args.copy_mib, args.gemm_size, args.batch, args.tokens, args.repeats = 8, 256, 2, 64, 3
+        args.transformers_batch, args.transformers_prompt, args.transformers_steps = 2, 32, 4
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -183,6 +359,8 @@ def main():
     copy_gbs = copy_table(device, args)
     matmul_table(device, args)
     sdpa_table(device, args, copy_gbs)
+    if not args.skip_transformers:
+        transformers_table(device, args, copy_gbs)
 
 
 if __name__ == "__main__":
