@@ -1,34 +1,37 @@
-// Paged decode attention over compressed sequences: one query per sequence, each kv-head reading
-// its thin rows (keys on its kept channels, values at full width) and then its full-width recent
-// rows, straight from the pages.
+// Paged decode attention over compressed sequences on the tensor cores: one query per sequence,
+// each kv-head reading its thin rows (keys on its kept channels, values at full width) and then
+// its full-width recent rows, straight from the pages.
 //
-// The uncompressed kernel's design (attention_decode.cu), shared through
-// attention_decode_common.cuh, with one more segment in front:
-//  - one block per (sequence, kv-head [, group chunk], split), serving the GQA group's query
-//    heads, so each row is loaded once for the group; 128 threads, head_dim / 8 adjacent threads
-//    per row, 8 value channels each (16-byte loads);
-//  - the block's query-head count is a template parameter (1 to 8), not a run-time bound: the
-//    heads' score butterflies are then independent shuffle chains that interleave, and the state
-//    takes registers for the heads there are (about 128 for 4 heads instead of 200+ for 8, so
-//    4 blocks fit a multiprocessor instead of 2). Decode attention here is bound by the latency of
-//    those chains more than by bytes: on an H200 this kernel reads full-width rows about twice as
-//    fast as the uncompressed kernel (tests/bench/cuda_decode_attention_bench.cu);
-//  - the thin segment: a thin key row of the kv-head is key_width contiguous bf16 at
-//    kv_head * key_width in a row of n_kv_heads * key_width. The row's first key_width / 8 lanes
-//    read it, 16 bytes each (key_width % 8 == 0; the row stays 16-byte aligned), or element by
-//    element when key_width is not a multiple of 8; the other lanes hold zero keys. The query is
-//    gathered to match: lane i holds q[channels[8i .. 8i + 7]], zero past key_width, so the same
-//    butterfly over the row's lanes sums the score q[channels] · k_thin;
-//  - the recent segment: the full query is loaded in place of the gathered one (one query array
-//    lives at a time) and the rows are read by the uncompressed kernel's own loop (AddPagedRows);
+// One block per (sequence, kv-head [, group chunk], split) serves up to 16 query heads of the
+// GQA group, so each row is read once for the group; 4 warps. The group's queries are the 16 rows
+// of an mma.sync m16n8k16 tile (heads past the group are zero rows), so a tile of T key rows
+// costs (key width / 16) x (T / 8) products for the scores and (T / 16) x (head_dim / 8) for the
+// values, with no per-row shuffles: the kernel's arithmetic is far below its bytes.
+//  - The block's rows are one stream of tiles of T = 16 rows (32 when head_dim <= 32): the thin
+//    segment's, then the recent one's; tile i goes to warp i % 4, which copies it into its own
+//    cp.async pipeline in shared memory (2 or 3 tiles, Geometry) while it adds earlier ones. The
+//    first tiles are asked for before the query tiles are filled. 2 to 4 blocks fit a
+//    multiprocessor; CompressedDecodeAttentionSplits sizes the grid to whole waves of them. On
+//    an H200 this reads an uncompressed Llama-3-8B batch at about 90% of the device-to-device
+//    copy rate (tests/bench/cuda_decode_attention_bench.cu).
+//  - Scores S = Q Kᵀ (fp32, bf16 inputs) come out of the products in the register layout the
+//    value product takes as its left operand, so the probabilities P (rounded to bf16) never
+//    leave the registers; online softmax in the log2 domain, one rescale per tile.
+//  - The thin segment: a thin key row of the kv-head is key_width contiguous bf16 at
+//    kv_head * key_width in a row of n_kv_heads * key_width; its tile is key_width rounded up to
+//    16 columns wide (zero past key_width), and its query tile is gathered to match: column i
+//    holds q[channels[i]]. Keys whose width is not a multiple of 8 are read element by element.
+//  - The recent segment: full-width rows against the whole query.
 //  - split-K: a kv-head's rows are thin_rows[s, h] + recent_rows[s, h] (heads of one sequence may
-//    hold different counts); split z covers a contiguous part of that concatenation and writes the
-//    uncompressed kernel's (acc, m, l) records, merged by its MergeSplitsKernel.
+//    hold different counts); split z covers a contiguous part of that concatenation and writes
+//    the uncompressed kernel's (acc, m, l) records, merged by its MergeSplitsKernel.
+// The four warps' states are merged through shared memory at the end (WriteMerged).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
+#include <limits>
 
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/attention_decode_compressed.h"
@@ -37,63 +40,81 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-using decode_attention::AddRows;
-using decode_attention::BlockShared;
+using decode_attention::CommitCopies;
 using decode_attention::CopyAsync;
-using decode_attention::FinishBlock;
-using decode_attention::FullWidthRows;
-using decode_attention::HeadChunks;
 using decode_attention::kLog2e;
 using decode_attention::kThreads;
 using decode_attention::kWarps;
-using decode_attention::SoftmaxState;
+using decode_attention::WaitCopies;
+using decode_attention::WriteMerged;
 
-// This thread's 8 channels channel .. channel + 7 of the block's query heads (first_head + g of
-// `token`), pre-scaled by scale_log2; zero for g >= n_heads.
-template <int kHeadDim, int kHeads>
-__device__ __forceinline__ void LoadQuery(const __nv_bfloat16* __restrict__ q, int token,
-                                          int n_heads_all, int first_head, int n_heads, int channel,
-                                          float scale_log2, float (&query)[kHeads][8]) {
-  const __nv_bfloat16* heads =
-      q + static_cast<int64_t>(token) * n_heads_all * kHeadDim + first_head * kHeadDim;
-#pragma unroll
-  for (int g = 0; g < kHeads; ++g) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) query[g][i] = 0.0f;
-    if (g < n_heads) {
-      const uint4 packed = *reinterpret_cast<const uint4*>(heads + g * kHeadDim + channel);
-      Unpack8(packed, query[g]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) query[g][i] *= scale_log2;
-    }
+constexpr int kHeadRows = 16;  // query heads per block: the mma tile's rows
+
+// A block's shared memory for head dimension D: two query tiles (gathered for the thin
+// segment, whole for the recent one), then each warp's pipeline of K and V tiles; at the end the
+// warps' states for the merge, over the tiles.
+//
+// A tile row is D bf16 in 16-byte pieces. From D = 64 up piece c of row r is stored at c ^ (r % 8)
+// (rows then start on the same bank, and the swizzle spreads the 8 rows an ldmatrix reads over
+// all banks); below, rows are padded by 16 bytes instead, which does the same.
+template <int kHeadDim>
+struct Geometry {
+  static constexpr int kTileRows = kHeadDim >= 64 ? 16 : 32;
+  // Tiles in each warp's pipeline: 3 (two in flight while one is added), or 2 at D >= 128,
+  // where a third would leave room for two blocks per multiprocessor instead of three.
+  static constexpr int kStages = kHeadDim >= 128 ? 2 : 3;
+  static constexpr bool kSwizzled = kHeadDim >= 64;
+  static constexpr int kStride = kSwizzled ? kHeadDim : kHeadDim + 8;  // bf16 per row
+  static constexpr int kTileElements = kTileRows * kStride;
+  static constexpr int kQueryElements = kHeadRows * kStride;
+  static constexpr int kWarpElements = kStages * 2 * kTileElements;  // K and V per stage
+  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kWarps * kWarpElements;
+  static constexpr size_t kBytes = sizeof(__nv_bfloat16) * 2 * kQueryElements + kTileBytes;
+  struct Merge {
+    float acc[kWarps][kHeadRows][kHeadDim];
+    float m[kWarps][kHeadRows];
+    float l[kWarps][kHeadRows];
+  };
+  static_assert(sizeof(Merge) <= kTileBytes);
+  static_assert(kHeadDim % 16 == 0 && kTileRows % 16 == 0);
+
+  // Where piece `piece` (8 bf16) of `row` starts in a tile.
+  static __device__ __forceinline__ int At(int row, int piece) {
+    return row * kStride + (kSwizzled ? piece ^ (row % 8) : piece) * 8;
   }
+};
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
 
-// As LoadQuery, gathered on the kv-head's kept channels: this thread's 8 values are the query at
-// head_channels[channel .. channel + 7], zero past key_width (matching the thin key's layout).
-template <int kHeadDim, int kHeads>
-__device__ __forceinline__ void LoadGatheredQuery(const __nv_bfloat16* __restrict__ q, int token,
-                                                  int n_heads_all, int first_head, int n_heads,
-                                                  int channel,
-                                                  const uint16_t* __restrict__ head_channels,
-                                                  int key_width, float scale_log2,
-                                                  float (&query)[kHeads][8]) {
-  const __nv_bfloat16* heads =
-      q + static_cast<int64_t>(token) * n_heads_all * kHeadDim + first_head * kHeadDim;
-  int source[8];  // the query channel behind each of this thread's key channels, -1 past the end
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    source[i] = channel + i < key_width ? head_channels[channel + i] : -1;
-  }
-#pragma unroll
-  for (int g = 0; g < kHeads; ++g) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      query[g][i] = g < n_heads && source[i] >= 0
-                        ? __bfloat162float(heads[g * kHeadDim + source[i]]) * scale_log2
-                        : 0.0f;
-    }
-  }
+// Four 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
+// l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of each;
+// with .trans the transpose: rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4.
+__device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const __nv_bfloat16* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row)));
+}
+__device__ __forceinline__ void LoadMatricesTransposed(uint32_t (&r)[4], const __nv_bfloat16* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row)));
+}
+
+// c (16 x 8, fp32) += a (16 x 16, bf16, row-major) * b (16 x 8, bf16, column-major).
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&pair);
 }
 
 // This thread's `count` (<= 8) key elements at `key`, zero-padded to 8, read element by element.
@@ -110,63 +131,268 @@ __device__ __forceinline__ uint4 LoadKeyElements(const __nv_bfloat16* key, int c
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// One sequence's thin segment, as one kv-head's thread reads it: a row source for AddRows.
-// kVectorKeys: key_width % 8 == 0, so this thread's key piece is 0 or 8 elements, 16-byte
-// aligned, and is copied like the value; otherwise it is read element by element (synchronously)
-// into its slot.
-template <bool kVectorKeys>
-struct ThinRows {
-  const __nv_bfloat16* pool;
-  int64_t page_elements;
-  int32_t row_elements, rows_per_page;  // the values' (full-width) row geometry
-  const int32_t* key_pages;             // the sequence's first thin key page
-  const int32_t* value_pages;           // the sequence's first thin value page
-  int key_row_elements;                 // n_kv_heads * key_width
-  int key_rows_per_page;                // page_elements / key_row_elements
-  int key_offset;                       // kv_head * key_width + this thread's channel, in a key row
-  int key_count;                        // key elements this thread reads per row (0 .. 8)
-  int64_t value_offset;                 // kv_head * head_dim + this thread's channel
+// One list of rows in the pages (a sequence's keys or values of one segment) as one kv-head
+// reads it: `width` elements at `offset` in rows of `row_elements`, `rows_per_page` to a page.
+struct RowList {
+  const int32_t* pages;  // the sequence's first page of the list
+  int row_elements;
+  int rows_per_page;
+  int offset;           // kv_head * width
+  int width;            // elements of the kv-head's piece of a row
+  uint32_t page_magic;  // ceil(2^32 / rows_per_page), 0 for one row per page (PageMagic)
 
-  __device__ __forceinline__ void Fetch(int row, uint4* key, uint4* value) const {
-    const __nv_bfloat16* key_at = pool + key_pages[row / key_rows_per_page] * page_elements +
-                                  static_cast<int64_t>(row % key_rows_per_page) * key_row_elements +
-                                  key_offset;
-    if constexpr (kVectorKeys) {
-      CopyAsync(key, key_count > 0 ? key_at : pool, key_count > 0);
-    } else {
-      *key = LoadKeyElements(key_at, key_count);
+  // The page a row is on, by a multiply: exact for row * rows_per_page < 2^32.
+  __device__ __forceinline__ int PageOf(int row) const {
+    return page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
+  }
+
+  // Starts copying rows [first, first + kTileRows) (those below `end`; the rest, and columns
+  // from width up to `columns`, zero) into `tile` (laid out as Tile::At says). Each row is split
+  // into 16-byte pieces over kLanesPerRow adjacent lanes (those past `columns` idle). The lane's
+  // page ids are all read before its first copy starts, so that their loads overlap.
+  template <int kLanesPerRow, class Tile>
+  __device__ __forceinline__ void Fetch(const __nv_bfloat16* pool, int64_t page_elements, int first,
+                                        int end, int columns, bool vector,
+                                        __nv_bfloat16* tile) const {
+    constexpr int kRowsPerPass = 32 / kLanesPerRow;
+    constexpr int kPasses = Tile::kTileRows / kRowsPerPass;
+    const int lane = threadIdx.x % 32, piece = lane % kLanesPerRow, first_row = lane / kLanesPerRow;
+    if (piece * 8 >= columns) return;
+    const int in_row = offset + piece * 8;
+    const __nv_bfloat16* from[kPasses];  // the lane's pieces in the pool; null past `end`
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int row = first + first_row + i * kRowsPerPass;
+      const int page = PageOf(row);
+      from[i] = row < end ? pool + pages[page] * page_elements +
+                                ((row - page * rows_per_page) * row_elements + in_row)
+                          : nullptr;
     }
-    CopyAsync(value,
-              pool + value_pages[row / rows_per_page] * page_elements +
-                  static_cast<int64_t>(row % rows_per_page) * row_elements + value_offset,
-              true);
+    const int count = width - piece * 8;  // elements of this piece in the row (<= 0: none)
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      uint4* to = reinterpret_cast<uint4*>(tile + Tile::At(first_row + i * kRowsPerPass, piece));
+      if (vector || from[i] == nullptr) {
+        // Zeros past `end` (masked rows still enter the products) and past the key width.
+        const bool copy = from[i] != nullptr && count > 0;
+        CopyAsync(to, copy ? from[i] : pool, copy);
+      } else {
+        *to = LoadKeyElements(from[i], count);
+      }
+    }
   }
 };
 
-// kHeads: the block's query heads (HeadChunks' heads_per_block), a compile-time count so that the
-// heads' score reductions interleave; a last chunk with fewer heads (block_heads) computes its
-// missing heads on a zero query and does not write them.
-template <int kHeadDim, int kHeads>
+// RowList::page_magic for `rows_per_page` (>= 1).
+__device__ __forceinline__ uint32_t PageMagic(int rows_per_page) {
+  return rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(rows_per_page) + 1u;
+}
+
+// A warp's online-softmax state: per thread, query heads g = lane / 4 and g + 8, the output
+// columns 8 n + 2 (lane % 4) and + 1 of each n-tile (the mma accumulator layout); m and l in
+// the log2 domain, l this thread's part of the row sum.
+template <int kHeadDim>
+struct WarpState {
+  float o[kHeadDim / 8][4];
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+  __device__ __forceinline__ WarpState() {
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  }
+};
+
+// Adds one tile (rows first .. first + kTileRows, those below `end`) from `keys` / `values`
+// (shared, Geometry::At) against `query` (a query tile, `key_steps` x 16 columns).
+template <int kHeadDim>
+__device__ __forceinline__ void AddTile(const __nv_bfloat16* query, const __nv_bfloat16* keys,
+                                        const __nv_bfloat16* values, int key_steps, int first,
+                                        int end, float scale_log2, WarpState<kHeadDim>& state) {
+  using G = Geometry<kHeadDim>;
+  constexpr int kRows = G::kTileRows;
+  const int lane = threadIdx.x % 32, quad = lane % 4;
+  // S (16 heads x kRows rows) = Q Kᵀ, kRows / 8 n-tiles.
+  float s[kRows / 8][4] = {};
+#pragma unroll
+  for (int k = 0; k < kHeadDim / 16; ++k) {
+    if (k >= key_steps) break;
+    uint32_t a[4];
+    LoadMatrices(a, query + G::At((lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
+#pragma unroll
+    for (int n = 0; n < kRows / 8; n += 2) {
+      uint32_t b[4];  // n-tiles n and n + 1, both halves of the 16 columns
+      LoadMatrices(b, keys + G::At((n + lane / 16) * 8 + lane % 8, k * 2 + (lane / 8) % 2));
+      Mma(s[n], a, b[0], b[1]);
+      Mma(s[n + 1], a, b[2], b[3]);
+    }
+  }
+  // Online softmax over the tile, rows past `end` masked (only the segment's last tile has any).
+  const bool partial = first + kRows > end;
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kRows / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[n][e] *= scale_log2;
+      if (partial && first + n * 8 + 2 * quad + e % 2 >= end) s[n][e] = -INFINITY;
+      tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+    }
+  }
+  float correction[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+    tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+    // The tile has a valid row, so the new maximum is finite.
+    const float m_new = fmaxf(state.m[h], tile_max[h]);
+    correction[h] = exp2f(state.m[h] - m_new);
+    state.m[h] = m_new;
+    state.l[h] *= correction[h];
+  }
+#pragma unroll
+  for (int n = 0; n < kRows / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[n][e] = exp2f(s[n][e] - state.m[e / 2]);
+      state.l[e / 2] += s[n][e];
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kHeadDim / 8; ++n) {
+    state.o[n][0] *= correction[0];
+    state.o[n][1] *= correction[0];
+    state.o[n][2] *= correction[1];
+    state.o[n][3] *= correction[1];
+  }
+  // O += P V: P's 16-row steps are pairs of score n-tiles, already in the left operand's layout.
+#pragma unroll
+  for (int k = 0; k < kRows / 16; ++k) {
+    const uint32_t a[4] = {PackBf16(s[2 * k][0], s[2 * k][1]), PackBf16(s[2 * k][2], s[2 * k][3]),
+                           PackBf16(s[2 * k + 1][0], s[2 * k + 1][1]),
+                           PackBf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; n += 2) {
+      uint32_t b[4];  // rows 0-7 and 8-15 of the step, columns of n-tiles n and n + 1
+      LoadMatricesTransposed(b,
+                             values + G::At(k * 16 + (lane / 8) % 2 * 8 + lane % 8, n + lane / 16));
+      Mma(state.o[n], a, b[0], b[1]);
+      Mma(state.o[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// One segment of a kv-head's rows in this split: rows [begin, end) of its lists, keys
+// `key_columns` wide in the tile (16-byte copies when vector_keys), scored against `query`.
+struct Segment {
+  RowList keys, values;
+  int key_columns;
+  bool vector_keys;
+  int begin, end;
+  const __nv_bfloat16* query;
+
+  __device__ __forceinline__ int Tiles(int tile_rows) const {
+    return begin < end ? (end - begin + tile_rows - 1) / tile_rows : 0;
+  }
+};
+
+// Adds the tiles of `thin` then of `recent` to this warp's state: tile i of the two goes to warp
+// i % kWarps, through the warp's pipeline. Copies start before the query tiles are filled: the
+// block fills them and waits for one another (`fill_queries`) once the first tiles are asked for.
+template <int kHeadDim, class FillQueries>
+__device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
+                                         const Segment& recent, __nv_bfloat16* pipeline,
+                                         float scale_log2, const FillQueries& fill_queries,
+                                         WarpState<kHeadDim>& state) {
+  using G = Geometry<kHeadDim>;
+  const int warp = threadIdx.x / 32;
+  const int thin_tiles = thin.Tiles(G::kTileRows);
+  const int tiles = thin_tiles + recent.Tiles(G::kTileRows);
+  const int mine = tiles > warp ? (tiles - warp + kWarps - 1) / kWarps : 0;
+  const auto fetch_tile = [&](const Segment& segment, int first, __nv_bfloat16* stage) {
+    constexpr int kLanes = kHeadDim / 8;
+    segment.keys.template Fetch<kLanes, G>(kv.pool, kv.page_elements, first, segment.end,
+                                           segment.key_columns, segment.vector_keys, stage);
+    segment.values.template Fetch<kLanes, G>(kv.pool, kv.page_elements, first, segment.end,
+                                             kHeadDim, true, stage + G::kTileElements);
+  };
+  // This warp's tile i: tile warp + i * kWarps of the thin segment's, then the recent one's.
+  const auto fetch = [&](int i) {
+    if (i < mine) {
+      const int tile = warp + i * kWarps;
+      __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
+      if (tile < thin_tiles) {
+        fetch_tile(thin, thin.begin + tile * G::kTileRows, stage);
+      } else {
+        fetch_tile(recent, recent.begin + (tile - thin_tiles) * G::kTileRows, stage);
+      }
+    }
+    CommitCopies();  // an empty group past the end keeps the count the wait relies on
+  };
+#pragma unroll
+  for (int i = 0; i < G::kStages - 1; ++i) fetch(i);
+  fill_queries();  // block-wide: every warp gets here
+  for (int i = 0; i < mine; ++i) {
+    __syncwarp();  // every lane is done with tile i - 1, whose stage tile i + kStages - 1 takes
+    fetch(i + G::kStages - 1);     // so that kStages - 1 tiles are in flight while i is added
+    WaitCopies<G::kStages - 1>();  // tile i has landed (this lane's pieces)
+    __syncwarp();                  // ... and every lane's
+    const int tile = warp + i * kWarps;
+    const bool in_thin = tile < thin_tiles;
+    const __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
+    AddTile<kHeadDim>(in_thin ? thin.query : recent.query, stage, stage + G::kTileElements,
+                      (in_thin ? thin.key_columns : kHeadDim) / 16,
+                      in_thin ? thin.begin + tile * G::kTileRows
+                              : recent.begin + (tile - thin_tiles) * G::kTileRows,
+                      in_thin ? thin.end : recent.end, scale_log2, state);
+  }
+  WaitCopies<0>();
+}
+
+// Fills a query tile (16 rows, `columns` wide): row g < n_heads is query head
+// first_head + g of `token`, at channels[i] in column i when `channels` is given (i < width) or
+// at channel i; zero elsewhere.
+template <int kHeadDim>
+__device__ __forceinline__ void FillQuery(const __nv_bfloat16* __restrict__ q, int token,
+                                          int n_heads_all, int first_head, int n_heads,
+                                          const uint16_t* channels, int width, int columns,
+                                          __nv_bfloat16* query) {
+  const __nv_bfloat16* heads =
+      q + static_cast<int64_t>(token) * n_heads_all * kHeadDim + first_head * kHeadDim;
+  for (int index = threadIdx.x; index < kHeadRows * columns; index += kThreads) {
+    const int g = index / columns, i = index % columns;
+    __nv_bfloat16 value = __float2bfloat16(0.0f);
+    if (g < n_heads && i < width) {
+      value = heads[g * kHeadDim + (channels != nullptr ? channels[i] : i)];
+    }
+    query[Geometry<kHeadDim>::At(g, i / 8) + i % 8] = value;
+  }
+}
+
+template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     CompressedDecodeAttentionKernel(PagedKv kv, CompressedKv ckv,
                                     const int32_t* __restrict__ token_indptr,
                                     const int32_t* __restrict__ seqs,
                                     const __nv_bfloat16* __restrict__ q, int n_heads,
-                                    int n_kv_heads, int group, int chunks, float scale_log2,
-                                    int splits, __nv_bfloat16* __restrict__ out,
+                                    int n_kv_heads, int group, int heads_per_block, int chunks,
+                                    float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
                                     float* __restrict__ workspace) {
+  using G = Geometry<kHeadDim>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  __nv_bfloat16* thin_query = reinterpret_cast<__nv_bfloat16*>(shared);
+  __nv_bfloat16* full_query = thin_query + G::kQueryElements;
+  __nv_bfloat16* tiles = full_query + G::kQueryElements;
+  __nv_bfloat16* pipeline = tiles + (threadIdx.x / 32) * G::kWarpElements;
+
   const int kv_head = blockIdx.y / chunks, chunk = blockIdx.y % chunks;
-  const int first_head = kv_head * group + chunk * kHeads;
-  const int block_heads = min(kHeads, group - chunk * kHeads);
-  const int channel = (threadIdx.x % (kHeadDim / 8)) * 8;
-  // The sequence's metadata, read up front (every array has an entry for every sequence,
-  // compressed or not) so that the loads overlap.
+  const int first_head = kv_head * group + chunk * heads_per_block;
+  const int block_heads = min(heads_per_block, group - chunk * heads_per_block);
+  // The sequence's metadata (every array has an entry for every sequence, compressed or not).
   const int seq = seqs[blockIdx.x];
   const int token = token_indptr[seq];
   const int thin_rows = ckv.thin_rows[seq * n_kv_heads + kv_head];
   const int recent_rows = ckv.recent_rows[seq * n_kv_heads + kv_head];
   const int key_width = ckv.key_width[seq];
-  const int channel_offset = ckv.channel_offset[seq];
   const int first_thin_page = ckv.thin_indptr[seq];
   const int first_recent_page = kv.page_indptr[seq];
 
@@ -176,59 +402,75 @@ __global__ void __launch_bounds__(kThreads)
   const int begin = min(rows, static_cast<int>(blockIdx.z) * per_split);
   const int end = min(rows, begin + per_split);
 
-  float query[kHeads][8];
-  SoftmaxState<kHeads> state;
-#pragma unroll
-  for (int g = 0; g < kHeads; ++g) {
-    state.m[g] = -INFINITY;
-    state.l[g] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) state.acc[g][i] = 0.0f;
-  }
-  const int64_t value_offset = static_cast<int64_t>(kv_head) * kHeadDim + channel;
+  const RowList full{.row_elements = kv.row_elements,
+                     .rows_per_page = kv.rows_per_page,
+                     .offset = kv_head * kHeadDim,
+                     .width = kHeadDim,
+                     .page_magic = PageMagic(kv.rows_per_page)};
+  const int key_row_elements = n_kv_heads * key_width;
+  const int key_rows_per_page = static_cast<int>(kv.page_elements / key_row_elements);
+  Segment thin{.keys = {.pages = ckv.thin_key_pages + first_thin_page,
+                        .row_elements = key_row_elements,
+                        .rows_per_page = key_rows_per_page,
+                        .offset = kv_head * key_width,
+                        .width = key_width,
+                        .page_magic = PageMagic(key_rows_per_page)},
+               .values = full,
+               .key_columns = (key_width + 15) / 16 * 16,
+               .vector_keys = key_width % 8 == 0,
+               .begin = begin,
+               .end = min(end, thin_rows),
+               .query = thin_query};
+  thin.values.pages = ckv.thin_value_pages + first_thin_page;
+  Segment recent{.keys = full,
+                 .values = full,
+                 .key_columns = kHeadDim,
+                 .vector_keys = true,
+                 .begin = max(begin, thin_rows) - thin_rows,
+                 .end = end - thin_rows,
+                 .query = full_query};
+  recent.keys.pages = kv.key_pages + first_recent_page;
+  recent.values.pages = kv.value_pages + first_recent_page;
 
-  __shared__ BlockShared<kHeadDim, kHeads> shared;
-  if (begin < min(end, thin_rows)) {
-    if (key_width == kHeadDim) {
-      LoadQuery<kHeadDim, kHeads>(q, token, n_heads, first_head, block_heads, channel, scale_log2,
-                                  query);
-    } else {
-      LoadGatheredQuery<kHeadDim, kHeads>(q, token, n_heads, first_head, block_heads, channel,
-                                          ckv.channels + channel_offset + kv_head * key_width,
-                                          key_width, scale_log2, query);
+  const auto fill_queries = [&] {
+    if (thin.begin < thin.end) {
+      const bool gathered = key_width != kHeadDim;
+      FillQuery<kHeadDim>(
+          q, token, n_heads, first_head, block_heads,
+          gathered ? ckv.channels + ckv.channel_offset[seq] + kv_head * key_width : nullptr,
+          key_width, thin.key_columns, thin_query);
     }
-    const int key_row_elements = n_kv_heads * key_width;
-    const auto add_thin = [&](auto vector_keys) {
-      const ThinRows<decltype(vector_keys)::value> thin{
-          .pool = kv.pool,
-          .page_elements = kv.page_elements,
-          .row_elements = kv.row_elements,
-          .rows_per_page = kv.rows_per_page,
-          .key_pages = ckv.thin_key_pages + first_thin_page,
-          .value_pages = ckv.thin_value_pages + first_thin_page,
-          .key_row_elements = key_row_elements,
-          .key_rows_per_page = static_cast<int>(kv.page_elements / key_row_elements),
-          .key_offset = kv_head * key_width + channel,
-          .key_count = min(8, key_width - channel),
-          .value_offset = value_offset};
-      AddRows<kHeadDim, kHeads>(thin, begin, min(end, thin_rows), query, kHeads, state, shared);
-    };
-    if (key_width % 8 == 0) {
-      add_thin(std::true_type{});
-    } else {
-      add_thin(std::false_type{});
+    if (recent.begin < recent.end) {
+      FillQuery<kHeadDim>(q, token, n_heads, first_head, block_heads, nullptr, kHeadDim, kHeadDim,
+                          full_query);
+    }
+    __syncthreads();
+  };
+  WarpState<kHeadDim> state;
+  AddTiles<kHeadDim>(kv, thin, recent, pipeline, scale_log2, fill_queries, state);
+
+  // The warps' states to shared memory (over the tiles, which every warp is done with), merged.
+  __syncthreads();
+  auto& merge = *reinterpret_cast<typename G::Merge*>(tiles);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = state.l[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (quad == 0) {
+      merge.m[warp][g + 8 * h] = state.m[h];
+      merge.l[warp][g + 8 * h] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; ++n) {
+      merge.acc[warp][g + 8 * h][n * 8 + 2 * quad] = state.o[n][2 * h];
+      merge.acc[warp][g + 8 * h][n * 8 + 2 * quad + 1] = state.o[n][2 * h + 1];
     }
   }
-  if (max(begin, thin_rows) < end) {
-    LoadQuery<kHeadDim, kHeads>(q, token, n_heads, first_head, block_heads, channel, scale_log2,
-                                query);
-    const FullWidthRows recent(kv, kv.key_pages + first_recent_page,
-                               kv.value_pages + first_recent_page, value_offset);
-    AddRows<kHeadDim, kHeads>(recent, max(begin, thin_rows) - thin_rows, end - thin_rows, query,
-                              kHeads, state, shared);
-  }
-  FinishBlock<kHeadDim, kHeads>(state, first_head, block_heads, token, n_heads, splits, out,
-                                workspace, shared);
+  __syncthreads();
+  WriteMerged<kHeadDim, kHeadRows>(merge.acc, merge.m, merge.l, first_head, block_heads, token,
+                                   n_heads, splits, out, workspace);
 }
 
 struct LaunchArgs {
@@ -239,6 +481,7 @@ struct LaunchArgs {
   const int32_t* seqs;
   const __nv_bfloat16* q;
   AttentionShape shape;
+  int heads_per_block;
   int chunks;
   float scale_log2;
   int splits;
@@ -247,36 +490,82 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-template <int kHeadDim, int kHeads>
-void Launch(const LaunchArgs& a) {
-  CompressedDecodeAttentionKernel<kHeadDim, kHeads><<<a.grid, kThreads, 0, a.stream>>>(
-      a.kv, a.ckv, a.token_indptr, a.seqs, a.q, a.shape.n_heads, a.shape.n_kv_heads,
-      a.shape.n_heads / a.shape.n_kv_heads, a.chunks, a.scale_log2, a.splits, a.out, a.workspace);
+// Lets the kernel for kHeadDim use its shared memory (above 48 KiB a kernel must opt in, once)
+// and returns how many of its blocks fit a multiprocessor (0 on an error).
+template <int kHeadDim>
+int BlocksPerMultiprocessor() {
+  static const int blocks = [] {
+    constexpr size_t kBytes = Geometry<kHeadDim>::kBytes;
+    int fit = 0;
+    if (cudaFuncSetAttribute(CompressedDecodeAttentionKernel<kHeadDim>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kBytes)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &fit, CompressedDecodeAttentionKernel<kHeadDim>, kThreads, kBytes) != cudaSuccess) {
+      return 0;
+    }
+    return fit;
+  }();
+  return blocks;
 }
 
-template <int kHeadDim>
-void LaunchHeads(int heads_per_block, const LaunchArgs& a) {
-  switch (heads_per_block) {
-    case 1:
-      return Launch<kHeadDim, 1>(a);
-    case 2:
-      return Launch<kHeadDim, 2>(a);
-    case 3:
-      return Launch<kHeadDim, 3>(a);
-    case 4:
-      return Launch<kHeadDim, 4>(a);
-    case 5:
-      return Launch<kHeadDim, 5>(a);
-    case 6:
-      return Launch<kHeadDim, 6>(a);
-    case 7:
-      return Launch<kHeadDim, 7>(a);
+int BlocksPerMultiprocessor(int head_dim) {
+  switch (head_dim) {
+    case 16:
+      return BlocksPerMultiprocessor<16>();
+    case 32:
+      return BlocksPerMultiprocessor<32>();
+    case 64:
+      return BlocksPerMultiprocessor<64>();
+    case 128:
+      return BlocksPerMultiprocessor<128>();
     default:
-      return Launch<kHeadDim, 8>(a);
+      return BlocksPerMultiprocessor<256>();
   }
 }
 
+template <int kHeadDim>
+cudaError_t Launch(const LaunchArgs& a) {
+  // No block fits (or the opt-in failed): the launch would fail the same way.
+  if (BlocksPerMultiprocessor<kHeadDim>() == 0) return cudaErrorLaunchOutOfResources;
+  CompressedDecodeAttentionKernel<kHeadDim>
+      <<<a.grid, kThreads, Geometry<kHeadDim>::kBytes, a.stream>>>(
+          a.kv, a.ckv, a.token_indptr, a.seqs, a.q, a.shape.n_heads, a.shape.n_kv_heads,
+          a.shape.n_heads / a.shape.n_kv_heads, a.heads_per_block, a.chunks, a.scale_log2, a.splits,
+          a.out, a.workspace);
+  return LaunchError();
+}
+
+// The group in near-equal chunks of at most 16 query heads.
+int GroupChunks(const AttentionShape& shape) {
+  return (shape.n_heads / shape.n_kv_heads + kHeadRows - 1) / kHeadRows;
+}
+
 }  // namespace
+
+int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionShape& shape,
+                                    int sm_count) {
+  if (n_seqs <= 0 || shape.n_kv_heads <= 0 || max_rows <= 0 ||
+      !AttentionSupportsHeadDim(shape.head_dim)) {
+    return 1;
+  }
+  const int64_t blocks = int64_t{n_seqs} * shape.n_kv_heads * GroupChunks(shape);
+  const int64_t slots = int64_t{std::max(1, BlocksPerMultiprocessor(shape.head_dim))} * sm_count;
+  // A block's time: its rows plus a fixed cost (about 64 rows: the start, the merge); the
+  // launch's: that times the waves of blocks. The cheapest of 1 to 32 splits.
+  constexpr int64_t kBlockCost = 64;
+  int best = 1;
+  int64_t best_cost = std::numeric_limits<int64_t>::max();
+  for (int splits = 1; splits <= 32; ++splits) {
+    const int64_t waves = (blocks * splits + slots - 1) / slots;
+    const int64_t cost = waves * ((max_rows + splits - 1) / splits + kBlockCost);
+    if (cost < best_cost) {
+      best = splits;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
 
 cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedKv& ckv,
                                             const int32_t* token_indptr, const int32_t* seqs,
@@ -292,8 +581,8 @@ cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedK
     return cudaErrorInvalidValue;
   }
   if (n_seqs == 0) return cudaSuccess;
-  int heads_per_block = 0, chunks = 0;
-  HeadChunks(shape.n_heads / shape.n_kv_heads, heads_per_block, chunks);
+  const int group = shape.n_heads / shape.n_kv_heads;
+  const int chunks = GroupChunks(shape);
   const LaunchArgs args{.grid = dim3(n_seqs, shape.n_kv_heads * chunks, splits),
                         .kv = kv,
                         .ckv = ckv,
@@ -301,30 +590,32 @@ cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedK
                         .seqs = seqs,
                         .q = q,
                         .shape = shape,
+                        .heads_per_block = (group + chunks - 1) / chunks,
                         .chunks = chunks,
                         .scale_log2 = kLog2e / std::sqrt(static_cast<float>(shape.head_dim)),
                         .splits = splits,
                         .out = out,
                         .workspace = workspace,
                         .stream = stream};
+  cudaError_t launched = cudaSuccess;
   switch (shape.head_dim) {
     case 16:
-      LaunchHeads<16>(heads_per_block, args);
+      launched = Launch<16>(args);
       break;
     case 32:
-      LaunchHeads<32>(heads_per_block, args);
+      launched = Launch<32>(args);
       break;
     case 64:
-      LaunchHeads<64>(heads_per_block, args);
+      launched = Launch<64>(args);
       break;
     case 128:
-      LaunchHeads<128>(heads_per_block, args);
+      launched = Launch<128>(args);
       break;
     default:
-      LaunchHeads<256>(heads_per_block, args);
+      launched = Launch<256>(args);
       break;
   }
-  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
+  KVTRIM_CUDA_RETURN_IF_ERROR(launched);
   if (splits == 1) return cudaSuccess;
   return decode_attention::LaunchMergeSplits(token_indptr, seqs, n_seqs, workspace, shape.n_heads,
                                              shape.head_dim, splits, out, stream);

@@ -14,6 +14,12 @@
 
 namespace kvtrim::engine::cuda {
 
+// How many parts LaunchCompressedDecodeAttention should split each kv-head's rows into for a
+// launch of `n_seqs` sequences whose longest kv-head holds `max_rows` rows on a GPU of
+// `sm_count` multiprocessors: whole waves of blocks, as many rows per block as that allows.
+int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionShape& shape,
+                                    int sm_count);
+
 // As LaunchDecodeAttention, over the rows of kv-head h of sequence s: its thin_rows[s, h] thin
 // rows (ckv) followed by its recent_rows[s, h] rows of `kv` (kv.kv_rows is not read):
 //   out[t, h'] = softmax(scores) · V, scores over the thin rows = q[t, h'][channels] · K_thin /

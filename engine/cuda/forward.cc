@@ -264,7 +264,10 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vect
                         .scratch_value_base = capacity_tokens_};
   KVTRIM_RETURN_IF_ERROR(BuildStepPlan(steps, shape, plan_));
   const int splits =
-      DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_);
+      config_.sliding_window > 0
+          ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
+          : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
+                                            sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
   if (absl::Status status = Run(splits, logits); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,

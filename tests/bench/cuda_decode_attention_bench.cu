@@ -4,15 +4,22 @@
 //   2. One decode step of --batch sequences of --tokens cached tokens each (the new token
 //      included), at Llama-3-8B's (32 / 8 x 128) and SmolLM2's (9 / 3 x 64) heads, pages of
 //      --page_kib in shuffled order:
-//        uncompressed kernel   LaunchDecodeAttention, every row at full width;
-//        compressed, full      LaunchCompressedDecodeAttention on the same layout (no thin rows);
-//        compressed 12%        per kv-head round(0.12 * tokens) prompt rows kept (983 of 8192):
-//                              all but the last 32 thin (ThinK keys at head_dim / 2), the last
-//                              32 and the new token full width;
-//        12%, no ThinK         the same rows, thin keys at full width (selection alone).
+//        LaunchDecodeAttention            the sliding-window models' kernel, every row at full
+//                                         width;
+//        LaunchCompressedDecodeAttention  every other model's kernel (the tensor-core one), on the
+//                                         same uncompressed layout: the baseline of the last
+//                                         column;
+//        12% kept                         per kv-head round(0.12 * tokens) prompt rows kept (983
+//                                         of 8192): all but the last 32 thin (ThinK keys at
+//                                         head_dim / 2), the last 32 and the new token full width;
+//        12%, no ThinK                    the same rows, thin keys at full width (selection);
+//        12%, 8x batch                    8 x --batch sequences of the first 12% layout, about as
+//                                         many bytes as the uncompressed batch: a launch with as
+//                                         much work as the baseline's.
 //      KV bytes are the rows each layout holds (keys at their width, values at full width), which
-//      the kernel reads once; time per byte is set against the uncompressed kernel's. Splits are
-//      DecodeAttentionSplits' choice for the device, or --splits.
+//      the kernel reads once; time per byte is set against LaunchCompressedDecodeAttention's on
+//      the uncompressed layout. Splits are each kernel's heuristic for the device
+//      (DecodeAttentionSplits, CompressedDecodeAttentionSplits), or --splits.
 //
 // Every input is random (a hash of the index; zeros run faster and hide unwritten outputs). A
 // layout smaller than 4 x L2 is laid out several times over, and successive runs read successive
@@ -47,7 +54,7 @@ ABSL_FLAG(int64_t, copy_mib, 2048, "size of the copied buffer, MiB");
 ABSL_FLAG(int, batch, 32, "sequences decoding in the step");
 ABSL_FLAG(int, tokens, 8192, "cached tokens per sequence, the new one included");
 ABSL_FLAG(int, page_kib, 16, "page size, KiB");
-ABSL_FLAG(int, splits, 0, "split-K parts of every launch (0: DecodeAttentionSplits' choice)");
+ABSL_FLAG(int, splits, 0, "split-K parts of every launch (0: each kernel's heuristic)");
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -186,10 +193,12 @@ class Step {
   int copies() const { return copies_; }
   int64_t bytes_read() const { return bytes_read_; }
 
-  // Splits for `sm_count` multiprocessors, unless --splits names them; sizes the workspace.
-  int Plan(int sm_count) {
-    splits_ = absl::GetFlag(FLAGS_splits) > 0
-                  ? absl::GetFlag(FLAGS_splits)
+  // Splits for `sm_count` multiprocessors (the chosen kernel's heuristic), unless --splits names
+  // them; sizes the workspace.
+  int Plan(int sm_count, bool compressed_kernel) {
+    splits_ = absl::GetFlag(FLAGS_splits) > 0 ? absl::GetFlag(FLAGS_splits)
+              : compressed_kernel
+                  ? CompressedDecodeAttentionSplits(batch_, most_rows_, shape_, sm_count)
                   : DecodeAttentionSplits(batch_, most_rows_, shape_, sm_count);
     workspace_ = Empty(DecodeAttentionWorkspaceBytes(batch_, splits_, shape_));
     return splits_;
@@ -245,35 +254,40 @@ void DecodeAttention(cudaStream_t stream, double copy_gbs, const cudaDeviceProp&
         model.name, model.shape.n_heads, model.shape.n_kv_heads, D, batch, tokens,
         page_bytes >> 10);
     std::printf(
-        "| kernel, layout (rows per kv-head)        | splits | copies |  median ms |    min ms "
-        "|    max ms | KV MB read |   GB/s | of copy | time/byte vs uncompressed |\n");
+        "| kernel, layout                                | batch | splits | copies |  median ms "
+        "|    min ms |    max ms | KV MB read |   GB/s | of copy | time/byte vs uncompressed |\n");
     std::printf(
-        "|------------------------------------------|-------:|-------:|-----------:|----------:"
-        "|----------:|-----------:|-------:|--------:|--------------------------:|\n");
+        "|-----------------------------------------------|------:|-------:|-------:|-----------:"
+        "|----------:|----------:|-----------:|-------:|--------:|--------------------------:|\n");
     struct Row {
       const char* name;
       bool compressed_kernel;
       Rows rows;
+      int batch_scale = 1;
     };
     const Row rows[] = {
-        {"uncompressed kernel, full layout", false, {0, tokens, D}},
-        {"compressed kernel, full layout", true, {0, tokens, D}},
-        {"compressed 12% (ThinK keys at D/2)", true, {thin, recent, D / 2}},
-        {"compressed 12% without ThinK", true, {thin, recent, D}},
+        {"LaunchDecodeAttention (windows), full", false, {0, tokens, D}},
+        {"LaunchCompressedDecodeAttention, full", true, {0, tokens, D}},
+        {"  12% kept, ThinK keys at D/2", true, {thin, recent, D / 2}},
+        {"  12% kept, no ThinK", true, {thin, recent, D}},
+        {"  12% kept, ThinK keys at D/2, 8x batch", true, {thin, recent, D / 2}, 8},
     };
-    double base_ms_per_byte = 0.0;
+    double base_ms_per_byte = 0.0;  // the compressed kernel's on the uncompressed layout
     for (const Row& row : rows) {
-      Step step(model.shape, batch, page_bytes, row.rows, device.l2CacheSize, rng);
-      const int splits = step.Plan(device.multiProcessorCount);
+      Step step(model.shape, batch * row.batch_scale, page_bytes, row.rows, device.l2CacheSize,
+                rng);
+      const int splits = step.Plan(device.multiProcessorCount, row.compressed_kernel);
       const Timing t = Time(stream, [&](int run) { step.Run(row.compressed_kernel, run, stream); });
       const double bytes = static_cast<double>(step.bytes_read());
       const double gbs = bytes / (t.median_ms * 1e-3) / 1e9;
       const double ms_per_byte = t.median_ms / bytes;
-      if (base_ms_per_byte == 0.0) base_ms_per_byte = ms_per_byte;
+      if (&row == &rows[1]) base_ms_per_byte = ms_per_byte;
       std::printf(
-          "| %-40s | %6d | %6d | %10.3f | %9.3f | %9.3f | %10.1f | %6.0f | %6.0f%% | %25.3f |\n",
-          row.name, splits, step.copies(), t.median_ms, t.min_ms, t.max_ms, bytes / 1e6, gbs,
-          100.0 * gbs / copy_gbs, ms_per_byte / base_ms_per_byte);
+          "| %-45s | %5d | %6d | %6d | %10.3f | %9.3f | %9.3f | %10.1f | %6.0f | %6.0f%% | %25.3f "
+          "|\n",
+          row.name, batch * row.batch_scale, splits, step.copies(), t.median_ms, t.min_ms, t.max_ms,
+          bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+          base_ms_per_byte > 0.0 ? ms_per_byte / base_ms_per_byte : 0.0);
     }
     std::printf("\nrows per kv-head: full %d; 12%%: %d thin + %d recent (the new token included)\n",
                 tokens, thin, recent);

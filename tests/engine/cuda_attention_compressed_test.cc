@@ -141,7 +141,7 @@ class CompressedStep {
     return out;
   }
 
-  // The compressed kernel with `splits` (0: DecodeAttentionSplits' choice for 132 SMs).
+  // The compressed kernel with `splits` (0: CompressedDecodeAttentionSplits' choice for 132 SMs).
   std::vector<float> Run(int splits, cudaStream_t stream) {
     if (splits == 0) splits = HeuristicSplits();
     DeviceBuffer d_out = Poisoned<uint16_t>(q_.size());
@@ -279,7 +279,7 @@ class CompressedStep {
         most_rows = std::max(most_rows, thin_[i][h] + recent_[i][h]);
       }
     }
-    return DecodeAttentionSplits(n_seqs_, most_rows, c_.shape, 132);
+    return CompressedDecodeAttentionSplits(n_seqs_, most_rows, c_.shape, 132);
   }
   size_t WorkspaceFloats(int splits) const {
     return std::max<size_t>(DecodeAttentionWorkspaceBytes(n_seqs_, splits, c_.shape) / 4, 1);
