@@ -20,23 +20,33 @@ struct Preset {
   const char* architecture;
   int n_layers, hidden, ffn_hidden, n_heads, n_kv_heads, head_dim, vocab_size, max_context;
   float rope_theta;
+  RopeScaling rope_scaling;
   int sliding_window;
   bool tied_embeddings;
   // As the loader of the source sets it: kHalves from a config.json, kAdjacent from a "llama"
   // GGUF. Random weights make either right; it matters to the comparison with the SmolLM2 file.
   RopeLayout rope_layout;
 };
+constexpr RopeScaling kNoRopeScaling{};  // factor 0: none
+// Meta-Llama-3.1-8B's "rope_scaling": rope_type llama3, trained at 8192 positions and stretched
+// to its max_position_embeddings of 131072.
+constexpr RopeScaling kLlama31RopeScaling{.factor = 8.0f,
+                                          .low_freq_factor = 1.0f,
+                                          .high_freq_factor = 4.0f,
+                                          .original_max_position = 8192};
 constexpr Preset kPresets[] = {
     // name, architecture, layers, hidden, ffn, heads, kv heads, head dim, vocab, context,
-    // rope theta, sliding window, tied, rope layout
-    {"llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, 8192, 500000.0f, 0, false,
-     RopeLayout::kHalves},
-    {"mistral-7b", "mistral", 32, 4096, 14336, 32, 8, 128, 32000, 32768, 10000.0f, 4096, false,
-     RopeLayout::kHalves},
-    {"smollm2-135m", "llama", 30, 576, 1536, 9, 3, 64, 49152, 8192, 100000.0f, 0, true,
-     RopeLayout::kAdjacent},
+    // rope theta, rope scaling, sliding window, tied, rope layout
+    {"llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, 8192, 500000.0f, kNoRopeScaling, 0,
+     false, RopeLayout::kHalves},
+    {"llama3.1-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, 131072, 500000.0f,
+     kLlama31RopeScaling, 0, false, RopeLayout::kHalves},
+    {"mistral-7b", "mistral", 32, 4096, 14336, 32, 8, 128, 32000, 32768, 10000.0f, kNoRopeScaling,
+     4096, false, RopeLayout::kHalves},
+    {"smollm2-135m", "llama", 30, 576, 1536, 9, 3, 64, 49152, 8192, 100000.0f, kNoRopeScaling, 0,
+     true, RopeLayout::kAdjacent},
 };
-constexpr float kRmsEps = 1e-5f;  // all three
+constexpr float kRmsEps = 1e-5f;  // all four
 
 ModelConfig ConfigOf(const Preset& p) {
   ModelConfig c;
@@ -53,6 +63,7 @@ ModelConfig ConfigOf(const Preset& p) {
   c.rms_eps = kRmsEps;
   c.rope_theta = p.rope_theta;
   c.rope_layout = p.rope_layout;
+  c.rope_scaling = p.rope_scaling;
   c.tied_embeddings = p.tied_embeddings;
   c.sliding_window = p.sliding_window;
   return c;

@@ -6,7 +6,10 @@
 //   smollm2-135m  SmolLM2-135M-Instruct as kvtrim reads its GGUF: "llama", RopeLayout::kAdjacent,
 //                 tied embeddings; 135M parameters, 0.54 GB in fp32.
 //   llama3-8b     Meta-Llama-3-8B as its config.json reads (no rope scaling: that came with 3.1);
-//                 8.03B parameters, 32.1 GB in fp32 host matrices.
+//                 8.03B parameters, 32.1 GB in fp32 host matrices. Its context is 8192 tokens,
+//                 so an 8192-token prompt leaves no room to generate: use llama3.1-8b.
+//   llama3.1-8b   Meta-Llama-3.1-8B as its config.json reads: llama3-8b's shapes, a context of
+//                 131072 and Llama-3 rope scaling (factor 8, low 1, high 4, original 8192).
 //   mistral-7b    Mistral-7B-v0.1 as its config.json reads, sliding window 4096;
 //                 7.24B parameters, 29.0 GB in fp32 host matrices.
 //

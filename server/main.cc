@@ -43,7 +43,8 @@ ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model di
 ABSL_FLAG(std::string, load_format, "auto",
           "how --model is read: auto (a file is GGUF, a directory Hugging Face), gguf, hf; or "
           "dummy: no --model, random weights in the shape --arch names (for benchmarks)");
-ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b or smollm2-135m");
+ABSL_FLAG(std::string, arch, "",
+          "with --load-format dummy: llama3-8b, llama3.1-8b, mistral-7b or smollm2-135m");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");

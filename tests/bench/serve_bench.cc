@@ -1,6 +1,7 @@
 // End to end through the Scheduler (no gRPC): `--requests` concurrent requests of
 // `--prompt_tokens` random prompt tokens and `--new_tokens` greedy tokens each, once per
-// compression spec, on a model file or a dummy shape (`--load-format dummy --arch llama3-8b`).
+// compression spec, on a model file or a dummy shape (`--load-format dummy --arch llama3.1-8b`;
+// llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new tokens).
 // Prints one row per spec:
 //
 //   prefill tok/s   all prompt tokens / the time until every request has its first token
@@ -12,30 +13,37 @@
 //   prefill ×none   the spec's prefill time over the uncompressed one's (the cost of the prompt
 //                   compression steps when the first spec is "none")
 //
-// A benchmark prints; it never asserts on time.
+// A benchmark prints; it never asserts on time. It exits 1 without a table when --prompt_tokens +
+// --new_tokens exceed the model's context, or when a request generates fewer than --new_tokens
+// (the rates would divide by tokens never made).
 //
-//   serve_bench --load_format dummy --arch llama3-8b --device cuda --requests 32
+//   serve_bench --load_format dummy --arch llama3.1-8b --device cuda --requests 32
 //     --prompt_tokens 8192 --new_tokens 256 --pool_gib 60 --copy_gbs 3024
 //     --specs 'none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5'
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/backend_choice.h"
+#include "engine/dummy_model.h"
 #include "engine/generator.h"
 #include "engine/model_source.h"
 #include "memory/compress/compression.h"
 
 ABSL_FLAG(std::string, model, "", "a GGUF file or Hugging Face directory");
 ABSL_FLAG(std::string, load_format, "auto", "auto, gguf, hf or dummy");
-ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b, smollm2-135m");
+ABSL_FLAG(std::string, arch, "",
+          "with --load-format dummy: llama3-8b, llama3.1-8b, mistral-7b, smollm2-135m");
 ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto");
 ABSL_FLAG(int, requests, 32, "concurrent requests");
 ABSL_FLAG(int, prompt_tokens, 8192, "prompt tokens per request");
@@ -68,6 +76,50 @@ int64_t WeightBytes(const ModelConfig& c, int element_bytes) {
   return (c.n_layers * per_layer + static_cast<int64_t>(c.vocab_size) * c.hidden) * element_bytes;
 }
 
+// "" when --prompt_tokens + --new_tokens fit the model's context, else the error: the scheduler
+// ends a request at max_context tokens, so a longer one generates fewer tokens than asked (none
+// for a prompt of the whole context) and the table's rates would divide by tokens never made.
+std::string ContextProblem(const ModelConfig& c, const std::string& arch, int prompt_tokens,
+                           int new_tokens) {
+  if (static_cast<int64_t>(prompt_tokens) + new_tokens <= c.max_context) return "";
+  std::string problem = absl::StrCat(
+      "--prompt_tokens ", prompt_tokens, " + --new_tokens ", new_tokens, " = ",
+      static_cast<int64_t>(prompt_tokens) + new_tokens, " tokens exceed the context of ",
+      arch.empty() ? c.name : absl::StrCat("--arch ", arch), ", ", c.max_context, " tokens");
+  if (arch == "llama3-8b") {
+    absl::StrAppend(&problem, "; --arch llama3.1-8b is the same shape with a context of ",
+                    DummyConfig("llama3.1-8b")->max_context);
+  }
+  return problem;
+}
+
+// "" when every request generated `new_tokens`, else how many fell short and why: their finish
+// reasons and the first engine error.
+std::string Shortfall(const std::vector<GenerationResult>& results, int new_tokens,
+                      int max_context) {
+  int short_requests = 0, fewest = new_tokens;
+  std::map<std::string, int> reasons;
+  std::string first_error;
+  for (const GenerationResult& result : results) {
+    if (result.finish.completion_tokens >= new_tokens) continue;
+    ++short_requests;
+    fewest = std::min(fewest, result.finish.completion_tokens);
+    ++reasons[FinishReasonName(result.finish.reason)];
+    if (first_error.empty()) first_error = result.finish.error;
+  }
+  if (short_requests == 0) return "";
+  std::string shortfall =
+      absl::StrCat(short_requests, " of ", results.size(), " requests generated fewer than ",
+                   new_tokens, " tokens (fewest ", fewest,
+                   "), by finish reason: ", absl::StrJoin(reasons, ", ", absl::PairFormatter(" ")));
+  if (reasons.contains("length")) {
+    absl::StrAppend(&shortfall, "; \"length\" before --new_tokens is the model's context of ",
+                    max_context, " tokens, prompt included");
+  }
+  if (!first_error.empty()) absl::StrAppend(&shortfall, "; first error: ", first_error);
+  return shortfall;
+}
+
 int Run() {
   ModelSource source{.load_format = absl::GetFlag(FLAGS_load_format),
                      .path = absl::GetFlag(FLAGS_model),
@@ -86,6 +138,12 @@ int Run() {
   const int prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
   const int new_tokens = absl::GetFlag(FLAGS_new_tokens);
   const ModelConfig& c = model->config;
+  if (const std::string problem =
+          ContextProblem(c, absl::GetFlag(FLAGS_arch), prompt_tokens, new_tokens);
+      !problem.empty()) {
+    std::fprintf(stderr, "serve_bench: %s\n", problem.c_str());
+    return 1;
+  }
   GeneratorOptions options{
       .pool_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_pool_gib) * (1 << 30)),
       .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
@@ -138,6 +196,11 @@ int Run() {
     if (!results.ok()) {
       std::fprintf(stderr, "%s: %s\n", spec.c_str(),
                    std::string(results.status().message()).c_str());
+      return 1;
+    }
+    if (const std::string shortfall = Shortfall(*results, new_tokens, c.max_context);
+        !shortfall.empty()) {
+      std::fprintf(stderr, "serve_bench: %s: %s\n", spec.c_str(), shortfall.c_str());
       return 1;
     }
     Row row{.spec = spec};

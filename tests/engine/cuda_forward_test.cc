@@ -614,13 +614,17 @@ TEST_F(CudaSmolLm2Test, TeacherForcedArgmaxMatchesTheCpuEngine) {
 
 // Compressed generation on the GPU against the CPU engine's, greedy, on the long golden prompts
 // (batched: both prompts are compressed in one step). Both engines lay the cache out alike
-// (tokens kept per layer, bytes stored, in their own element types). With StreamingLLM, which
-// keeps fixed positions, the tokens must agree as the uncompressed path's do (>= 60 of 64). The
-// score-driven policies rank bf16 scores on the GPU and fp32 ones on the CPU, so a near-tie keeps
-// a different token or channel and the generations may part: their drift is printed, not
-// asserted (measured on an H200, 2026-11-29: gpl_4k 64/64 for snapkv 25%, pyramidkv 12% + ThinK
-// and ThinK alone; gpl_1k 38, 25 and 3 of 64). Passkey accuracy, where a wrong selection would
-// show, is compared case by case by tools/quality/evaluate.py on both engines (docs/QUALITY.md).
+// (tokens kept per layer, bytes stored, in their own element types). The free-running drift is
+// printed, not asserted: a compressed context leaves the model nearer to ties, and one tie taken
+// the other way parts the generations for good (measured on an H200, 2026-11-30: StreamingLLM
+// 12% with 8 sinks on gpl_4k parted at token 16 while 50% and gpl_1k agreed 64/64). With
+// StreamingLLM, which keeps fixed positions, both engines then run the CPU's tokens
+// teacher-forced, and every position must agree (argmax but for near-ties, logits within bf16
+// rounding). The score-driven policies rank bf16 scores on the GPU and fp32 ones on the CPU, so a
+// near-tie keeps a different token or channel (2026-11-29: gpl_4k 64/64 for snapkv 25%,
+// pyramidkv 12% + ThinK and ThinK alone; gpl_1k 38, 25 and 3 of 64). Passkey accuracy, where a
+// wrong selection would show, is compared case by case by tools/quality/evaluate.py on both
+// engines (docs/QUALITY.md).
 TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
   GeneratorOptions options{.pool_bytes = 256 << 20, .page_bytes = 16 << 10, .step_tokens = 8192};
   absl::StatusOr<std::unique_ptr<Generator>> gpu = Generator::Create(model_, OnCuda(options));
@@ -667,9 +671,33 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
       }
       std::printf("[smollm2] compressed greedy %-10s %-52s equal %2d/%zu  first divergence %d\n",
                   names[i].c_str(), spec, equal, a.tokens.size(), first_divergence);
-      if (fixed_rows) {
-        EXPECT_GE(equal, 60) << names[i] << " " << spec;
+      if (!fixed_rows) continue;
+      // Teacher-forced: the CPU engine's tokens fed to both engines one at a time after the
+      // compressed prompt. Free-running generations part for good at the first near-tie; here
+      // every position is compared afresh, so the argmax must agree but at near-ties, and the
+      // logits within bf16 rounding.
+      TestEngine cpu_engine = MakeEngine(*model_, false, 16 << 10, 16384);
+      TestEngine gpu_engine = MakeEngine(*model_, true, 16 << 10, 16384);
+      ASSERT_TRUE(cpu_engine.backend && gpu_engine.backend);
+      const std::span<const int32_t> forced(b.tokens.data(), b.tokens.size() - 1);
+      const std::vector<float> cpu_logits =
+          RunCompressed(cpu_engine, *config, requests[i].prompt, forced);
+      const std::vector<float> gpu_logits =
+          RunCompressed(gpu_engine, *config, requests[i].prompt, forced);
+      ASSERT_EQ(cpu_logits.size(), gpu_logits.size());
+      const size_t vocab = model_->config.vocab_size, rows = cpu_logits.size() / vocab;
+      int agree = 0;
+      for (size_t k = 0; k < rows; ++k) {
+        const std::span<const float> cpu_row(cpu_logits.data() + k * vocab, vocab);
+        const std::span<const float> gpu_row(gpu_logits.data() + k * vocab, vocab);
+        if (Argmax(cpu_row) == Argmax(gpu_row)) ++agree;
       }
+      std::printf("[smollm2] compressed forced %-10s %-52s argmax agrees %2d/%zu\n",
+                  names[i].c_str(), spec, agree, rows);
+      EXPECT_GE(agree, static_cast<int>(rows) - 4) << names[i] << " " << spec;
+      testing::ExpectClose("smollm2 compressed forced logits",
+                           absl::StrCat(names[i], " ", spec, ", ", rows, " positions"), gpu_logits,
+                           cpu_logits, 5e-2);
     }
   }
   EXPECT_EQ((*gpu)->pool().free_pages(), (*gpu)->pool().total_pages());

@@ -92,7 +92,29 @@ TEST(DummyModelTest, Llama3AndMistralPresets) {
   EXPECT_EQ(mistral->sliding_window, 4096);
 
   EXPECT_EQ(DummyArchitectures(),
-            (std::vector<std::string>{"llama3-8b", "mistral-7b", "smollm2-135m"}));
+            (std::vector<std::string>{"llama3-8b", "llama3.1-8b", "mistral-7b", "smollm2-135m"}));
+}
+
+// Meta-Llama-3.1-8B's config.json: llama3-8b's shapes with a 131072-token context and
+// "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+// "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}.
+TEST(DummyModelTest, Llama31IsLlama3WithLongContextAndRopeScaling) {
+  absl::StatusOr<ModelConfig> llama31 = DummyConfig("llama3.1-8b");
+  ASSERT_TRUE(llama31.ok()) << llama31.status();
+  EXPECT_EQ(llama31->name, "dummy llama3.1-8b");
+  EXPECT_EQ(llama31->max_context, 131072);
+  EXPECT_EQ(llama31->rope_scaling.factor, 8.0f);
+  EXPECT_EQ(llama31->rope_scaling.low_freq_factor, 1.0f);
+  EXPECT_EQ(llama31->rope_scaling.high_freq_factor, 4.0f);
+  EXPECT_EQ(llama31->rope_scaling.original_max_position, 8192);
+  EXPECT_EQ(ParameterCount(*llama31), 8030261248);
+
+  absl::StatusOr<ModelConfig> llama3 = DummyConfig("llama3-8b");
+  ASSERT_TRUE(llama3.ok()) << llama3.status();
+  ModelConfig want = *llama3;
+  want.max_context = 131072;
+  want.rope_scaling = llama31->rope_scaling;
+  ExpectSameShape(*llama31, want);
 }
 
 TEST(DummyModelTest, UnknownArchitectureIsAnErrorNamingTheKnownOnes) {

@@ -31,9 +31,10 @@ TEST(ModelSourceTest, FilesNeedModelAndNoArch) {
 TEST(ModelSourceTest, DummyNeedsAKnownArchAndNoModel) {
   EXPECT_EQ(Problem({.load_format = "dummy", .arch = "mistral-7b"}), "");
   EXPECT_EQ(Problem({.load_format = "dummy"}),
-            "--load-format dummy needs --arch: one of llama3-8b, mistral-7b, smollm2-135m");
+            "--load-format dummy needs --arch: one of llama3-8b, llama3.1-8b, mistral-7b, "
+            "smollm2-135m");
   EXPECT_EQ(Problem({.load_format = "dummy", .arch = "gpt2"}),
-            "--arch \"gpt2\" is not one of llama3-8b, mistral-7b, smollm2-135m");
+            "--arch \"gpt2\" is not one of llama3-8b, llama3.1-8b, mistral-7b, smollm2-135m");
   EXPECT_EQ(Problem({.load_format = "dummy", .path = "m.gguf", .arch = "smollm2-135m"}),
             "--model and --load-format dummy exclude each other (dummy weights come from no "
             "file)");

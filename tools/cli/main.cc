@@ -13,10 +13,10 @@
 // With --model, `generate` loads the model (a GGUF file or a Hugging Face directory), runs the
 // engine in-process (on the GPU when --device allows it and one is visible, else on the CPU)
 // and streams the text to stdout; with --server it asks a running kvtrim-server. With
-// --load-format dummy --arch NAME (llama3-8b, mistral-7b, smollm2-135m) the in-process model is
-// that shape with random weights and a byte tokenizer (engine/dummy_model.h): meaningless text
-// at the real model's cost, for benchmarks. A summary goes to stderr, with the KV cache's saved
-// ratio, bytes and tokens kept per layer. --compression takes a spec as kvtrim-server
+// --load-format dummy --arch NAME (llama3-8b, llama3.1-8b, mistral-7b, smollm2-135m) the in-process
+// model is that shape with random weights and a byte tokenizer (engine/dummy_model.h): meaningless
+// text at the real model's cost, for benchmarks. A summary goes to stderr, with the KV cache's
+// saved ratio, bytes and tokens kept per layer. --compression takes a spec as kvtrim-server
 // --kv-compression does ("policy=snapkv,budget_ratio=0.25"); unset, an in-process generation is
 // uncompressed and a server applies its default. Exit code 0 on success, 1 on an error, 2 on
 // misuse.
@@ -48,7 +48,8 @@ ABSL_FLAG(std::string, model, "", "model: a GGUF file or a Hugging Face model di
 ABSL_FLAG(std::string, load_format, "auto",
           "how --model is read: auto (a file is GGUF, a directory Hugging Face), gguf, hf; or "
           "dummy: no --model, random weights in the shape --arch names (for benchmarks)");
-ABSL_FLAG(std::string, arch, "", "with --load-format dummy: llama3-8b, mistral-7b or smollm2-135m");
+ABSL_FLAG(std::string, arch, "",
+          "with --load-format dummy: llama3-8b, llama3.1-8b, mistral-7b or smollm2-135m");
 ABSL_FLAG(std::string, prompt, "", "raw prompt text, tokenized as is");
 ABSL_FLAG(std::string, chat, "", "a user message, rendered with the model's chat template");
 ABSL_FLAG(int, max_tokens, 256, "most tokens to generate");

@@ -8,16 +8,23 @@
 #               and transformers (bf16, SDPA, static cache) prefill and decode vs the roofline
 #   decode      cuda_decode_attention_bench: paged decode, uncompressed vs compressed layouts
 #   compress    cuda_compress_bench: the prompt compression kernels, one layer of an 8k prompt
-#   serve       serve_bench --arch llama3-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
+#   serve       serve_bench --arch llama3.1-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
-#   capacity    kvtrim-server --arch llama3-8b with a POOL_GIB pool and memory_report.py: the
+#   capacity    kvtrim-server --arch llama3.1-8b with a POOL_GIB pool and memory_report.py: the
 #               most concurrent PROMPT-token requests admitted, served to completion
+# serve and capacity take llama3.1-8b, llama3-8b's shape with Llama 3.1's 131072-token context
+# and rope scaling: llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new
+# tokens (every request would finish at once with nothing generated).
 #
 #   ONLY="limits torch decode compress serve" tools/gpu/run_perf.sh   # a few minutes
 #   ONLY=capacity tools/gpu/run_perf.sh          # prefills every admitted 8k request: its own call
-# Each program building the dummy llama3-8b makes 32 GB of fp32 host weights first (seconds on
+# Each program building the dummy 8B model makes 32 GB of fp32 host weights first (seconds on
 # 16 cores) and uploads them as bf16.
-# Also REQUESTS (32), PROMPT (8192), NEW (256), POOL_GIB (40), CAPACITY_REQUESTS (400).
+# Also REQUESTS (32), PROMPT (8192), NEW (256), POOL_GIB (40), CAPACITY_REQUESTS (400),
+# CAPACITY_COMPLETE (16: tokens each capacity request generates). The count is the pool's limit
+# only if requests live until the pool fills: at about 14k prefill tokens/s, filling 40 GB with
+# compressed 8k requests takes minutes, so raise CAPACITY_COMPLETE (and give capacity the whole
+# call); memory_report.py says when the peak was not the pool's limit.
 # The capacity step needs .gpu/py (tools/gpu/python_deps.sh) for grpcio.
 set -uo pipefail
 
@@ -52,7 +59,7 @@ wants compress && run compress "${with_bundle[@]}" "$bundle/bin/cuda_compress_be
 copy_gbs=$(awk -F'|' '/^\| cudaMemcpyAsync D2D/ {gsub(/ /, "", $6); print $6; exit}' \
   "$out/limits.log" 2>/dev/null)
 if wants serve; then
-  run serve "${with_bundle[@]}" "$bundle/bin/serve_bench" --load_format dummy --arch llama3-8b \
+  run serve "${with_bundle[@]}" "$bundle/bin/serve_bench" --load_format dummy --arch llama3.1-8b \
     --device cuda --requests "$requests" --prompt_tokens "$prompt" --new_tokens "$new" \
     --pool_gib 60 --copy_gbs "${copy_gbs:-0}" \
     --specs 'none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5'
@@ -66,7 +73,7 @@ if wants capacity; then
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
       "$wheel" "$stage/pylib"
   done
-  "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --load_format dummy --arch llama3-8b \
+  "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --load_format dummy --arch llama3.1-8b \
     --device cuda --listen 127.0.0.1:50300 --metrics_port 0 \
     --kv_pool_mib $((${POOL_GIB:-40} * 1024)) --max_running 1024 --max_queued 4096 \
     --step_tokens 16384 >"$out/capacity-server.log" 2>&1 &
@@ -77,7 +84,7 @@ if wants capacity; then
   done
   PYTHONPATH=$stage/pylib run capacity python3 tools/quality/memory_report.py --capacity-only \
     --capacity-server 127.0.0.1:50300 --random-prompts --prompt-tokens "$prompt" \
-    --requests "${CAPACITY_REQUESTS:-400}" --complete 16 --stubs "$stage/py/stubs"
+    --requests "${CAPACITY_REQUESTS:-400}" --complete "${CAPACITY_COMPLETE:-16}" --stubs "$stage/py/stubs"
   kill -TERM "$server" && wait "$server"
 fi
 for log in "$out"/*.log; do

@@ -13,7 +13,7 @@
 
     python tools/quality/memory_report.py --server HOST:PORT --document FILE \
         [--capacity-server HOST:PORT --requests 40] [--stubs DIR | --source-dir .]
-    # a dummy model (kvtrim-server --load-format dummy --arch llama3-8b): random prompt ids
+    # a dummy model (kvtrim-server --load-format dummy --arch llama3.1-8b): random prompt ids
     python tools/quality/memory_report.py --capacity-only --capacity-server HOST:PORT \
         --random-prompts --prompt-tokens 8192 --requests 400 --complete 16
 
@@ -138,45 +138,91 @@ def footprint(stub, ids):
     print()
 
 
+def context_problem(info, max_tokens, complete):
+    """None when PROMPT_TOKENS prompts leave room for `max_tokens` in the served model's context,
+    else the error: a request ends at max_context tokens, prompt included, so a prompt of the
+    whole context finishes at once with finish reason length and nothing generated."""
+    if max_tokens >= 1 and PROMPT_TOKENS + max_tokens <= info.max_context:
+        return None
+    asked = (f"--prompt-tokens {PROMPT_TOKENS} + --complete {complete}" if complete
+             else f"--prompt-tokens {PROMPT_TOKENS} + 9 (1 new token and 8 spare, the least"
+                  f" without --complete)")
+    hint = (" (kvtrim-server --load-format dummy --arch llama3.1-8b is llama3-8b's shape with"
+            " Llama 3.1's context of 131072)" if info.name == "dummy llama3-8b" else "")
+    return (f"capacity: {asked} exceed the context of the served model {info.name!r}, "
+            f"{info.max_context} tokens (GetModelInfo max_context): a request ends at the context,"
+            f" prompt included, so they would finish short (length), one of the whole context at"
+            f" once with nothing generated, and a longer one is refused. Shorten --prompt-tokens"
+            f" or serve a model with a longer context{hint}.")
+
+
+def unserved(name, calls, most, served, finals, errors, max_tokens, context):
+    """The error when configuration `name` served no request as asked, or none was seen running:
+    the requests' finish reasons and tokens generated, and the first RPC error."""
+    reasons = {}
+    for final in finals:
+        key = (pb.FinishReason.Name(final.finish_reason), final.usage.completion_tokens)
+        reasons[key] = reasons.get(key, 0) + 1
+    finishes = ", ".join(f"{count} {reason} after {tokens} tokens"
+                         for (reason, tokens), count in sorted(reasons.items())) or "none"
+    message = (f"capacity: {name}: {len(served)} of {calls} requests served as asked"
+               f" ({max_tokens} new tokens each), at most {most} running at once; finishes:"
+               f" {finishes}")
+    if errors:
+        message += f"; first RPC error: {errors[0].code().name}: {errors[0].details()}"
+    if ("FINISH_REASON_LENGTH", 0) in reasons:
+        message += (f". A request ends at the model's context of {context} tokens, prompt"
+                    f" included: with {PROMPT_TOKENS}-token prompts, length after 0 tokens means"
+                    f" the prompt left no room")
+    return message + "."
+
+
 def capacity(stub, prompt_ids, settle_seconds, complete):
     stats = stub.GetServerStats(pb.GetServerStatsRequest())
-    context = stub.GetModelInfo(pb.GetModelInfoRequest()).max_context
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    context = info.max_context
+    # Without --complete the requests only need to outlive the count; kvtrim-server's default
+    # --max-new-tokens (4096) bounds what one may ask for.
+    max_tokens = complete or min(context - PROMPT_TOKENS - 8, 4096)
+    problem = context_problem(info, max_tokens, complete)
+    if problem:
+        sys.exit(problem)
     print(f"### Concurrent {PROMPT_TOKENS}-token requests admitted in a"
           f" {stats.pool_bytes_total / MIB:.0f} MiB pool\n")
     print("| configuration | requests submitted | most running at once | vs uncompressed |"
           " pool used at that moment (MiB) | served to completion |")
     print("|---|---|---|---|---|---|")
     baseline = None
-    max_tokens = complete or context - PROMPT_TOKENS - 8
     for name, fields in CAPACITY_CONFIGS:
         calls = [stub.Generate(request(ids, fields, max_tokens), timeout=3600)
                  for ids in prompt_ids]
-        drained, finished = [], []
+        drained, finals, errors = [], [], []
 
         def drain(call):
             try:
                 final = None
                 for message in call:
                     final = message
-                if final is not None and final.finish_reason == pb.FINISH_REASON_LENGTH:
-                    finished.append(final)
-            except grpc.RpcError:
-                pass
+                if final is not None:
+                    finals.append(final)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    errors.append(e)
 
         for call in calls:
             t = threading.Thread(target=drain, args=(call,), daemon=True)
             t.start()
             drained.append(t)
-        most, used_at_most, last_change = 0, 0, time.time()
+        most, used_at_most, waiting_at_most, last_change = 0, 0, 0, time.time()
         while True:
             s = stub.GetServerStats(pb.GetServerStatsRequest())
             if s.requests_running > most:
                 most, used_at_most, last_change = s.requests_running, s.pool_bytes_used, time.time()
-            if complete:
-                if all(not t.is_alive() for t in drained):
-                    break
-            elif most == len(calls) or (s.requests_waiting > 0 and
-                                        time.time() - last_change > settle_seconds):
+                waiting_at_most = s.requests_waiting
+            if not any(t.is_alive() for t in drained):
+                break  # all ended: served with --complete; without it, refused or cut short
+            settled = s.requests_waiting > 0 and time.time() - last_change > settle_seconds
+            if not complete and (most == len(calls) or settled):
                 break
             time.sleep(0.2)
         if not complete:
@@ -186,12 +232,22 @@ def capacity(stub, prompt_ids, settle_seconds, complete):
             t.join()
         while stub.GetServerStats(pb.GetServerStatsRequest()).requests_running > 0:
             time.sleep(0.2)
+        served = [f for f in finals if f.finish_reason == pb.FINISH_REASON_LENGTH
+                  and f.usage.completion_tokens >= max_tokens]
+        if most == 0 or (complete and not served):
+            sys.exit(unserved(name, len(calls), most, served, finals, errors, max_tokens,
+                              context))
         baseline = baseline or most
         note = " (all submitted: raise --requests)" if most == len(calls) else ""
-        served = (f"{len(finished)} of {len(calls)} (finish: length)" if complete
-                  else "cancelled once counted")
+        # The count is the pool's capacity only when the pool was (nearly) full with requests
+        # still waiting; otherwise requests ended faster than prompts were admitted.
+        if not note and (waiting_at_most == 0 or used_at_most < 0.9 * stats.pool_bytes_total):
+            note = (f" (not the pool's limit: {100 * used_at_most / stats.pool_bytes_total:.0f}%"
+                    " of it in use; requests ended before it filled: raise --complete)")
+        served_text = (f"{len(served)} of {len(calls)} (finish: length)" if complete
+                       else "cancelled once counted")
         print(f"| {name} | {len(calls)} | {most}{note} | {most / baseline:.1f}x |"
-              f" {used_at_most / MIB:.0f} | {served} |", flush=True)
+              f" {used_at_most / MIB:.0f} | {served_text} |", flush=True)
     print()
 
 
