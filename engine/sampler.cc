@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -30,7 +32,25 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
 }
 
 int32_t Argmax(std::span<const float> logits) {
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  // The largest value through 8 independent running maxima (one chain would wait on each
+  // compare: a 128k vocabulary took about 0.2 ms a row, a batch's greedy step milliseconds),
+  // then the first index holding it: std::max_element's answer, ties to the lowest index. NaNs
+  // never win; an empty or all-NaN row gives 0.
+  constexpr size_t kLanes = 8;
+  float lane_max[kLanes];
+  std::fill(std::begin(lane_max), std::end(lane_max), -std::numeric_limits<float>::infinity());
+  const size_t n = logits.size(), whole = n - n % kLanes;
+  for (size_t i = 0; i < whole; i += kLanes) {
+    for (size_t j = 0; j < kLanes; ++j) {
+      lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
+    }
+  }
+  float best = *std::max_element(std::begin(lane_max), std::end(lane_max));
+  for (size_t i = whole; i < n; ++i) best = logits[i] > best ? logits[i] : best;
+  for (size_t i = 0; i < n; ++i) {
+    if (logits[i] == best) return static_cast<int32_t>(i);
+  }
+  return 0;
 }
 
 int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> history) {

@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <map>
+#include <random>
 #include <vector>
 
 namespace kvtrim::engine {
@@ -14,6 +18,26 @@ TEST(SamplerTest, GreedyTakesTheLargest) {
   Sampler sampler({});
   std::vector<float> logits = Logits();
   EXPECT_EQ(sampler.Sample(logits, {}), 1);
+}
+
+// Argmax agrees with std::max_element (the first of equal maxima) at every length around its
+// 8-wide blocks, wherever the maximum falls; NaNs never win.
+TEST(SamplerTest, ArgmaxIsTheFirstLargest) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> small(-3, 3);  // many ties
+  for (size_t n : {1, 2, 7, 8, 9, 15, 16, 17, 100, 128256}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> logits(n);
+      for (float& x : logits) x = static_cast<float>(small(rng));
+      const auto want = std::max_element(logits.begin(), logits.end()) - logits.begin();
+      ASSERT_EQ(Argmax(logits), want) << n << " values, trial " << trial;
+    }
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(Argmax(std::vector<float>{nan, 1.0f, 2.0f, nan, 2.0f}), 2);
+  EXPECT_EQ(Argmax(std::vector<float>(9, nan)), 0);
+  EXPECT_EQ(Argmax(std::vector<float>(11, -std::numeric_limits<float>::infinity())), 0);
+  EXPECT_EQ(Argmax(std::vector<float>{}), 0);
 }
 
 TEST(SamplerTest, RepetitionPenaltyDividesPositiveAndMultipliesNegative) {

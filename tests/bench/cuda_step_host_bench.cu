@@ -1,0 +1,143 @@
+// The host's share of one CUDA decode step, without a GPU: what CudaBackend::Forward and the
+// Scheduler do on the CPU around the kernels, at the Llama-3-8B shape (32 layers, 8 kv-heads of
+// 128, bf16 rows of 2 KiB, 16 KiB pages, vocabulary 128256):
+//
+//   plan            BuildStepPlan for --batch sequences decoding one token each over --tokens
+//                   cached rows: every sequence's page ids for every layer
+//                   (engine/cuda/step_plan.h)
+//   plan copy       the plan into a staging buffer (Run's memcpy before its upload)
+//   logits copy     the step's fp32 logits from the pinned buffer into the caller's vector
+//   sampling        a greedy Sampler over each sequence's logits row (engine/sampler.h)
+//
+// Pages are accounting only (memory::PageStorage::kNone), so the 8B shape's 40 GB of KV need no
+// memory. Each row is the median of --repeats runs after one warm-up, timed with
+// std::chrono::steady_clock; the GPU's share (kernels, copies over PCIe) is not in it. Prints a
+// table; never fails on time.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "engine/cuda/step_plan.h"
+#include "engine/sampler.h"
+#include "memory/kv_cache.h"
+#include "memory/page_pool.h"
+
+ABSL_FLAG(int, batch, 32, "sequences decoding in the step");
+ABSL_FLAG(int, repeats, 20, "timed runs per row (the median is printed)");
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+constexpr int kLayers = 32, kKvHeads = 8, kHeadDim = 128, kVocab = 128256;
+constexpr size_t kPageBytes = 16 << 10;
+
+// Median milliseconds of `run` over --repeats runs after one warm-up.
+double MedianMs(const std::function<void()>& run) {
+  run();
+  std::vector<double> ms;
+  for (int i = 0; i < absl::GetFlag(FLAGS_repeats); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                     .count());
+  }
+  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+  return ms[ms.size() / 2];
+}
+
+void Row(const char* what, int tokens, double ms, double mb) {
+  std::printf("| %-14s | %6d | %9.3f | %8.1f |\n", what, tokens, ms, mb);
+}
+
+void HostCosts(int batch, int tokens) {
+  const int rows_per_page = static_cast<int>(kPageBytes / (kKvHeads * kHeadDim * 2));
+  const int pages_per_list = (tokens + rows_per_page - 1) / rows_per_page;
+  memory::PagePool pool = *memory::PagePool::Create(
+      kPageBytes, batch * kLayers * 2 * pages_per_list, memory::PageStorage::kNone);
+  memory::KvCache cache = *memory::KvCache::Create(&pool, {kLayers, kKvHeads, kHeadDim, 2});
+  std::vector<memory::SequenceKv> kvs;
+  const std::vector<int32_t> next_token{42};
+  std::vector<SequenceStep> steps;
+  kvs.reserve(batch);
+  for (int s = 0; s < batch; ++s) {
+    kvs.push_back(cache.NewSequence());
+    memory::SequenceKv& kv = kvs.back();
+    if (!cache.Reserve(kv, tokens)) {
+      std::fprintf(stderr, "the pool holds no %d rows for sequence %d\n", tokens, s);
+      std::exit(1);
+    }
+    // Every row but the one this step writes is cached.
+    for (memory::PageList& list : kv.keys) list.rows = tokens - 1;
+    for (memory::PageList& list : kv.values) list.rows = tokens - 1;
+    kv.tokens = tokens - 1;
+  }
+  for (memory::SequenceKv& kv : kvs) steps.push_back({&kv, next_token, true});
+  const StepShape shape{.n_layers = kLayers,
+                        .n_kv_heads = kKvHeads,
+                        .head_dim = kHeadDim,
+                        .vocab_size = kVocab,
+                        .window = 0,
+                        .query_tile = 64,
+                        .scratch_value_base = batch};
+  StepPlan plan;
+  const double plan_ms = MedianMs([&] {
+    if (const absl::Status status = BuildStepPlan(steps, shape, plan); !status.ok()) {
+      std::fprintf(stderr, "BuildStepPlan: %s\n", status.ToString().c_str());
+      std::exit(1);
+    }
+  });
+  const double plan_mb = plan.bytes() / 1e6;
+  std::vector<int32_t> staging(plan.data.size());
+  const double plan_copy_ms =
+      MedianMs([&] { std::memcpy(staging.data(), plan.data.data(), plan.bytes()); });
+
+  std::vector<float> pinned(static_cast<size_t>(batch) * kVocab), logits;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (float& x : pinned) x = normal(rng);
+  const double logits_ms = MedianMs([&] { logits.assign(pinned.begin(), pinned.end()); });
+  std::vector<Sampler> samplers(batch, Sampler(SamplingParams{}));
+  int32_t checksum = 0;
+  const double sample_ms = MedianMs([&] {
+    for (int s = 0; s < batch; ++s) {
+      checksum +=
+          samplers[s].Sample(std::span(logits).subspan(size_t{1} * s * kVocab, kVocab), next_token);
+    }
+  });
+
+  Row("plan", tokens, plan_ms, plan_mb);
+  Row("plan copy", tokens, plan_copy_ms, plan_mb);
+  Row("logits copy", tokens, logits_ms, pinned.size() * sizeof(float) / 1e6);
+  Row("sampling", tokens, sample_ms, 0.0);
+  Row("total", tokens, plan_ms + plan_copy_ms + logits_ms + sample_ms, 0.0);
+  if (checksum == -1) std::printf("\n");  // keeps the sampling from being optimised away
+  for (memory::SequenceKv& kv : kvs) cache.Release(kv);
+}
+
+}  // namespace
+}  // namespace kvtrim::engine::cuda
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1 || absl::GetFlag(FLAGS_repeats) < 1) {
+    std::fprintf(stderr, "--batch and --repeats must be positive\n");
+    return 1;
+  }
+  std::printf(
+      "## Host work of one decode step: %d sequences, Llama-3-8B shape (32 layers, 8 x 128 "
+      "kv-heads, 16 KiB pages, vocabulary 128256)\n\n",
+      batch);
+  std::printf("| part           | tokens |  median ms |       MB |\n");
+  std::printf("|----------------|-------:|----------:|---------:|\n");
+  for (int tokens : {1024, 8192}) kvtrim::engine::cuda::HostCosts(batch, tokens);
+  return 0;
+}
