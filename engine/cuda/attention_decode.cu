@@ -27,17 +27,15 @@
 #include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/check.h"
 #include "engine/cuda/paged_kv.h"
+#include "engine/cuda/tensor_core.cuh"
 
 namespace kvtrim::engine::cuda {
 namespace {
 
-using decode_attention::CommitCopies;
-using decode_attention::CopyAsync;
 using decode_attention::kLog2e;
 using decode_attention::kThreads;
 using decode_attention::kWarps;
 using decode_attention::Merge;
-using decode_attention::WaitCopies;
 using decode_attention::WriteMerged;
 
 constexpr int kMaxHeadsPerBlock = 8;
@@ -47,7 +45,6 @@ inline void HeadChunks(int group, int& heads_per_block, int& chunks) {
   chunks = (group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
   heads_per_block = (group + chunks - 1) / chunks;
 }
-
 
 // A block serves the query heads [first_head, first_head + n_heads) of one kv-head (at most
 // kMaxHeadsPerBlock). A row is read by kHeadDim / 8 adjacent threads ("lanes"), 8 channels each;

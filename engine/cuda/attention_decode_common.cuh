@@ -1,7 +1,7 @@
 // What the two paged decode attention kernels share (attention_decode.cu over full-width pages
 // with sliding windows, attention_decode_compressed.cu over compressed sequences): the block
-// size, the online-softmax merge, the cp.async copies into shared memory, the final merge of a
-// block's warps, and the split-K merge kernel (defined in attention_decode.cu).
+// size, the online-softmax merge, the final merge of a block's warps, and the split-K merge
+// kernel (defined in attention_decode.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,19 +39,6 @@ struct Merge {
     m = m_new;
   }
 };
-
-// Starts copying 16 bytes from global `from` to shared `to` (zero-filled when !copy).
-__device__ __forceinline__ void CopyAsync(uint4* to, const __nv_bfloat16* from, bool copy) {
-  const uint32_t shared = static_cast<uint32_t>(__cvta_generic_to_shared(to));
-  // No "memory" clobber: loads may be scheduled ahead of the copy (WaitCopies orders the reads).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(from),
-               "r"(copy ? 16 : 0));
-}
-__device__ __forceinline__ void CommitCopies() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void WaitCopies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 // The block's kWarps partial states of query heads g < n_heads, in shared memory (acc:
 // [warp][g][channel], m and l: [warp][g]), merged and written for query heads

@@ -36,16 +36,14 @@
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/tensor_core.cuh"
 
 namespace kvtrim::engine::cuda {
 namespace {
 
-using decode_attention::CommitCopies;
-using decode_attention::CopyAsync;
 using decode_attention::kLog2e;
 using decode_attention::kThreads;
 using decode_attention::kWarps;
-using decode_attention::WaitCopies;
 using decode_attention::WriteMerged;
 
 constexpr int kHeadRows = 16;  // query heads per block: the mma tile's rows
@@ -83,39 +81,6 @@ struct Geometry {
     return row * kStride + (kSwizzled ? piece ^ (row % 8) : piece) * 8;
   }
 };
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// Four 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
-// l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of each;
-// with .trans the transpose: rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4.
-__device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const __nv_bfloat16* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SharedAddress(row)));
-}
-__device__ __forceinline__ void LoadMatricesTransposed(uint32_t (&r)[4], const __nv_bfloat16* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SharedAddress(row)));
-}
-
-// c (16 x 8, fp32) += a (16 x 16, bf16, row-major) * b (16 x 8, bf16, column-major).
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t PackBf16(float low, float high) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
 
 // This thread's `count` (<= 8) key elements at `key`, zero-padded to 8, read element by element.
 __device__ __forceinline__ uint4 LoadKeyElements(const __nv_bfloat16* key, int count) {

@@ -29,4 +29,11 @@ cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indpt
                                    const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream);
 
+// The same attention with scores, probabilities and output kept in registers
+// (attention_prefill_flash.cu): the same arguments and result, within bf16 rounding.
+cudaError_t LaunchFlashPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
+                                        const int32_t* items, int n_items, const __nv_bfloat16* q,
+                                        const AttentionShape& shape, __nv_bfloat16* out,
+                                        cudaStream_t stream);
+
 }  // namespace kvtrim::engine::cuda

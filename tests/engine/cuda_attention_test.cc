@@ -134,8 +134,9 @@ class PagedStep {
     return out;
   }
 
-  // Runs the decode kernel on the one-token sequences and the prefill kernel on the others.
-  std::vector<float> Run(int splits, cudaStream_t stream) {
+  // Runs the decode kernel on the one-token sequences and the prefill kernel on the others
+  // (LaunchFlashPrefillAttention's when `flash`).
+  std::vector<float> Run(int splits, cudaStream_t stream, bool flash = false) {
     std::vector<int32_t> decode, items;
     for (size_t seq = 0; seq < c_.seqs.size(); ++seq) {
       if (c_.seqs[seq].n_new == 1) {
@@ -164,11 +165,11 @@ class PagedStep {
                               n_decode, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
                               d_workspace.as<float>(), d_out.as<__nv_bfloat16>(), stream),
         cudaSuccess);
-    EXPECT_EQ(
-        LaunchPrefillAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
-                               static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
-                               c_.shape, d_out.as<__nv_bfloat16>(), stream),
-        cudaSuccess);
+    EXPECT_EQ((flash ? LaunchFlashPrefillAttention : LaunchPrefillAttention)(
+                  paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
+                  static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(), c_.shape,
+                  d_out.as<__nv_bfloat16>(), stream),
+              cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
     return testing::FromBf16(Download<uint16_t>(d_out, out_elements));
@@ -197,11 +198,12 @@ class PagedStep {
 
 class CudaAttentionTest : public testing::CudaTest {
  protected:
-  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits) {
+  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits,
+             bool flash = false) {
     PagedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
     for (int split : splits) {
-      const std::vector<float> out = step.Run(split, stream_);
+      const std::vector<float> out = step.Run(split, stream_, flash);
       ExpectClose(kernel, absl::StrCat(c.name, " ", step.Describe()), out, ref, kBf16Bound);
     }
   }
@@ -228,8 +230,8 @@ TEST_F(CudaAttentionTest, DecodeMatchesCpu) {
   for (const AttentionCase& c : cases) Check("decode", c, {1, 3, 0});
 }
 
-TEST_F(CudaAttentionTest, PrefillMatchesCpu) {
-  const AttentionCase cases[] = {
+const std::vector<AttentionCase>& PrefillCases() {
+  static const std::vector<AttentionCase> cases = {
       {"smollm2", {9, 3, 64, 0}, 8 << 10, {{0, 37}, {250, 100}, {63, 5}, {169, 64}}},
       {"smollm2", {9, 3, 64, 0}, 64 << 10, {{0, 512}}},
       {"llama3", {32, 8, 128, 0}, 16 << 10, {{0, 130}, {500, 64}}},
@@ -238,8 +240,21 @@ TEST_F(CudaAttentionTest, PrefillMatchesCpu) {
       {"window", {9, 3, 64, 100}, 8 << 10, {{0, 300}, {90, 20}}},
       {"group12", {12, 1, 32, 0}, 1024, {{10, 70}}},
       {"dim256", {8, 2, 256, 0}, 4096, {{7, 66}}},
+      {"dim32", {8, 4, 32, 0}, 2048, {{100, 129}}},
   };
-  for (const AttentionCase& c : cases) Check("prefill", c, {1});
+  return cases;
+}
+
+TEST_F(CudaAttentionTest, PrefillMatchesCpu) {
+  for (const AttentionCase& c : PrefillCases()) Check("prefill", c, {1});
+}
+
+// The register-resident prefill kernel on the same cases, and in mixed steps.
+TEST_F(CudaAttentionTest, FlashPrefillMatchesCpu) {
+  for (const AttentionCase& c : PrefillCases()) Check("flash prefill", c, {1}, true);
+  const AttentionCase mixed = {
+      "mixed", {9, 3, 64, 0}, 8 << 10, {{40, 1}, {0, 33}, {700, 1}, {21, 100}, {0, 1}}};
+  Check("decode+flash prefill", mixed, {1, 0}, true);
 }
 
 // A step as the scheduler packs it: decodes and prefill chunks of different sequences in one
