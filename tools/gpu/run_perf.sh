@@ -8,6 +8,8 @@
 #               and transformers (bf16, SDPA, static cache) prefill and decode vs the roofline
 #   decode      cuda_decode_attention_bench: paged decode, uncompressed vs compressed layouts
 #   compress    cuda_compress_bench: the prompt compression kernels, one layer of an 8k prompt
+#   prefill     cuda_prefill_attention_bench: prefill attention, the WMMA and the flash kernel
+#   host        cuda_step_host_bench: the host's share of a decode step (this machine's CPU)
 #   serve       serve_bench --arch llama3.1-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
 #   capacity    kvtrim-server --arch llama3.1-8b with a POOL_GIB pool and memory_report.py: the
@@ -16,7 +18,7 @@
 # and rope scaling: llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new
 # tokens (every request would finish at once with nothing generated).
 #
-#   ONLY="limits torch decode compress serve" tools/gpu/run_perf.sh   # a few minutes
+#   ONLY="limits torch decode compress prefill host serve" tools/gpu/run_perf.sh   # minutes
 #   ONLY=capacity tools/gpu/run_perf.sh          # prefills every admitted 8k request: its own call
 # Each program building the dummy 8B model makes 32 GB of fp32 host weights first (seconds on
 # 16 cores) and uploads them as bf16.
@@ -36,7 +38,7 @@ mkdir -p "$out" "$stage/py"
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 source "$root/tools/gpu/stage.sh"
 with_bundle=(env "LD_LIBRARY_PATH=$bundle/lib:${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64")
-only=${ONLY:-limits torch decode compress serve capacity}
+only=${ONLY:-limits torch decode compress prefill host serve capacity}
 wants() { [[ " $only " == *" $1 "* ]]; }
 requests=${REQUESTS:-32} prompt=${PROMPT:-8192} new=${NEW:-256}
 
@@ -54,6 +56,8 @@ wants limits && run limits "${with_bundle[@]}" "$bundle/bin/cuda_limits_bench"
 wants torch && run torch python3 tools/gpu/torch_baselines.py
 wants decode && run decode "${with_bundle[@]}" "$bundle/bin/cuda_decode_attention_bench"
 wants compress && run compress "${with_bundle[@]}" "$bundle/bin/cuda_compress_bench"
+wants prefill && run prefill "${with_bundle[@]}" "$bundle/bin/cuda_prefill_attention_bench"
+wants host && run host "${with_bundle[@]}" "$bundle/bin/cuda_step_host_bench"
 
 # The copy rate the roofline divides by: cuda_limits_bench's cudaMemcpyAsync row when it ran.
 copy_gbs=$(awk -F'|' '/^\| cudaMemcpyAsync D2D/ {gsub(/ /, "", $6); print $6; exit}' \
