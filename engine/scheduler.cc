@@ -429,21 +429,41 @@ void Scheduler::Execute(std::span<const Planned> plan) {
     }
     return;
   }
-  const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
-  size_t row = 0;
+  std::vector<Active*> sampling;
   for (const Planned& p : plan) {
-    if (!p.want_logits) continue;
-    p.request->state = RequestState::kDecode;
-    Accept(*p.request, std::span(logits_).subspan(row++ * vocab, vocab));
+    if (p.want_logits) sampling.push_back(p.request);
+  }
+  // Each request's row is sampled on its own thread (its sampler, tokens and logits row are its
+  // own; a batch's greedy rows over a 128k vocabulary take milliseconds on one core), then the
+  // tokens are taken in order.
+  const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
+  std::vector<TokenOutput> sampled(sampling.size());
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < sampling.size(); ++i) {
+    sampled[i] = Sample(*sampling[i], std::span(logits_).subspan(i * vocab, vocab));
+  }
+  for (size_t i = 0; i < sampling.size(); ++i) {
+    sampling[i]->state = RequestState::kDecode;
+    Accept(*sampling[i], std::move(sampled[i]));
   }
 }
 
-// Samples the next token from `logits` (vocab_size, modified in place) and applies the stop rules.
-void Scheduler::Accept(Active& r, std::span<float> logits) {
+// The next token from `logits` (vocab_size, modified in place), with its log-probabilities when
+// asked for.
+TokenOutput Scheduler::Sample(Active& r, std::span<float> logits) {
   const GenerationRequest& q = r.request;
   std::vector<float> raw;
   if (q.want_logprobs || q.top_logprobs > 0) raw.assign(logits.begin(), logits.end());
-  const int32_t id = r.sampler.Sample(logits, r.tokens);
+  TokenOutput out;
+  out.id = r.sampler.Sample(logits, r.tokens);
+  if (!raw.empty()) FillLogprobs(raw, out.id, q.top_logprobs, out);
+  return out;
+}
+
+// Takes the sampled token `out` and applies the stop rules.
+void Scheduler::Accept(Active& r, TokenOutput out) {
+  const GenerationRequest& q = r.request;
+  const int32_t id = out.id;
   if (r.first_token == Clock::time_point{}) r.first_token = Clock::now();
   if (id == model_.tokenizer.eos_id && !q.ignore_eos) {
     r.finish_reason = FinishReason::kEos;
@@ -451,9 +471,6 @@ void Scheduler::Accept(Active& r, std::span<float> logits) {
   }
   r.tokens.push_back(id);
   ++r.completion_tokens;
-  TokenOutput out;
-  out.id = id;
-  if (!raw.empty()) FillLogprobs(raw, id, q.top_logprobs, out);
   if (std::find(q.stop_ids.begin(), q.stop_ids.end(), id) != q.stop_ids.end()) {
     r.finish_reason = FinishReason::kStop;  // streamed as an id; its text is not part of the output
   } else {

@@ -143,7 +143,8 @@ class Scheduler {
   bool ReservePrompt(Active& r);
   // One Backend::Forward over the plan, then sampling and stop checks.
   void Execute(std::span<const Planned> plan);
-  void Accept(Active& request, std::span<float> logits);
+  TokenOutput Sample(Active& request, std::span<float> logits);
+  void Accept(Active& request, TokenOutput sampled);
   // Publishes every request's step outputs and retires the finished ones (pages freed).
   void Publish();
   void Retire(Active& request);
