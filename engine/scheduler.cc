@@ -438,7 +438,7 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   // tokens are taken in order.
   const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
   std::vector<TokenOutput> sampled(sampling.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (sampling.size() > 1)
   for (size_t i = 0; i < sampling.size(); ++i) {
     sampled[i] = Sample(*sampling[i], std::span(logits_).subspan(i * vocab, vocab));
   }
