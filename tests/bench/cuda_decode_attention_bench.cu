@@ -4,11 +4,10 @@
 //   2. One decode step of --batch sequences of --tokens cached tokens each (the new token
 //      included), at Llama-3-8B's (32 / 8 x 128) and SmolLM2's (9 / 3 x 64) heads, pages of
 //      --page_kib in shuffled order:
-//        LaunchDecodeAttention            the sliding-window models' kernel, every row at full
-//                                         width;
-//        LaunchCompressedDecodeAttention  every other model's kernel (the tensor-core one), on the
-//                                         same uncompressed layout: the baseline of the last
-//                                         column;
+//        LaunchCompressedDecodeAttention  every model's kernel but for sliding windows (the
+//                                         tensor-core one), every row at full width: the
+//                                         baseline of the last column;
+//        LaunchDecodeAttention            the sliding-window models' kernel, the same layout;
 //        12% kept                         per kv-head round(0.12 * tokens) prompt rows kept (983
 //                                         of 8192): all but the last 32 thin (ThinK keys at
 //                                         head_dim / 2), the last 32 and the new token full width;
@@ -266,13 +265,13 @@ void DecodeAttention(cudaStream_t stream, double copy_gbs, const cudaDeviceProp&
       int batch_scale = 1;
     };
     const Row rows[] = {
-        {"LaunchDecodeAttention (windows), full", false, {0, tokens, D}},
         {"LaunchCompressedDecodeAttention, full", true, {0, tokens, D}},
+        {"LaunchDecodeAttention (windows), full", false, {0, tokens, D}},
         {"  12% kept, ThinK keys at D/2", true, {thin, recent, D / 2}},
         {"  12% kept, no ThinK", true, {thin, recent, D}},
         {"  12% kept, ThinK keys at D/2, 8x batch", true, {thin, recent, D / 2}, 8},
     };
-    double base_ms_per_byte = 0.0;  // the compressed kernel's on the uncompressed layout
+    double base_ms_per_byte = 0.0;  // the first row's: the compressed kernel, uncompressed layout
     for (const Row& row : rows) {
       Step step(model.shape, batch * row.batch_scale, page_bytes, row.rows, device.l2CacheSize,
                 rng);
@@ -281,13 +280,12 @@ void DecodeAttention(cudaStream_t stream, double copy_gbs, const cudaDeviceProp&
       const double bytes = static_cast<double>(step.bytes_read());
       const double gbs = bytes / (t.median_ms * 1e-3) / 1e9;
       const double ms_per_byte = t.median_ms / bytes;
-      if (&row == &rows[1]) base_ms_per_byte = ms_per_byte;
+      if (&row == &rows[0]) base_ms_per_byte = ms_per_byte;
       std::printf(
           "| %-45s | %5d | %6d | %6d | %10.3f | %9.3f | %9.3f | %10.1f | %6.0f | %6.0f%% | %25.3f "
           "|\n",
           row.name, batch * row.batch_scale, splits, step.copies(), t.median_ms, t.min_ms, t.max_ms,
-          bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
-          base_ms_per_byte > 0.0 ? ms_per_byte / base_ms_per_byte : 0.0);
+          bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, ms_per_byte / base_ms_per_byte);
     }
     std::printf("\nrows per kv-head: full %d; 12%%: %d thin + %d recent (the new token included)\n",
                 tokens, thin, recent);
