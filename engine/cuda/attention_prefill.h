@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "engine/cuda/attention_decode.h"
 #include "engine/cuda/paged_kv.h"
@@ -35,5 +36,31 @@ cudaError_t LaunchFlashPrefillAttention(const PagedKv& kv, const int32_t* token_
                                         const int32_t* items, int n_items, const __nv_bfloat16* q,
                                         const AttentionShape& shape, __nv_bfloat16* out,
                                         cudaStream_t stream);
+
+// What both prefill launchers do around their kernel: checks the arguments (INVALID_VALUE for a
+// shape the kernels do not take or pages that do not match it), does nothing for no items, else
+// returns launch(std::integral_constant<int, shape.head_dim>{}).
+template <class LaunchForHeadDim>
+cudaError_t DispatchPrefill(const PagedKv& kv, int n_items, const AttentionShape& shape,
+                            LaunchForHeadDim&& launch) {
+  if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
+      !AttentionSupportsHeadDim(shape.head_dim) ||
+      kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (n_items == 0) return cudaSuccess;
+  switch (shape.head_dim) {
+    case 16:
+      return launch(std::integral_constant<int, 16>{});
+    case 32:
+      return launch(std::integral_constant<int, 32>{});
+    case 64:
+      return launch(std::integral_constant<int, 64>{});
+    case 128:
+      return launch(std::integral_constant<int, 128>{});
+    default:
+      return launch(std::integral_constant<int, 256>{});
+  }
+}
 
 }  // namespace kvtrim::engine::cuda

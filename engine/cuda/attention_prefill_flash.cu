@@ -243,24 +243,10 @@ cudaError_t LaunchFlashPrefillAttention(const PagedKv& kv, const int32_t* token_
                                         const int32_t* items, int n_items, const __nv_bfloat16* q,
                                         const AttentionShape& shape, __nv_bfloat16* out,
                                         cudaStream_t stream) {
-  if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
-      !AttentionSupportsHeadDim(shape.head_dim) ||
-      kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (n_items == 0) return cudaSuccess;
-  switch (shape.head_dim) {
-    case 16:
-      return Launch<16>(kv, token_indptr, items, n_items, q, shape, out, stream);
-    case 32:
-      return Launch<32>(kv, token_indptr, items, n_items, q, shape, out, stream);
-    case 64:
-      return Launch<64>(kv, token_indptr, items, n_items, q, shape, out, stream);
-    case 128:
-      return Launch<128>(kv, token_indptr, items, n_items, q, shape, out, stream);
-    default:
-      return Launch<256>(kv, token_indptr, items, n_items, q, shape, out, stream);
-  }
+  return DispatchPrefill(kv, n_items, shape, [&](auto head_dim) {
+    return Launch<decltype(head_dim)::value>(kv, token_indptr, items, n_items, q, shape, out,
+                                             stream);
+  });
 }
 
 }  // namespace kvtrim::engine::cuda
