@@ -1,72 +1,50 @@
-// Causal prefill attention over the pages, flash-style.
+// Causal prefill attention over the pages with the scores, probabilities and output in registers
+// (the flash-attention-2 scheme on mma.sync).
 //
 // One block per (query tile of 64 new tokens of one sequence, query head); 4 warps, each owning
-// 16 query rows. The block walks the key rows its tile can see in tiles of 64:
-//   1. the K and V tiles are gathered from the pages into shared memory (16-byte loads; rows past
-//      the visible range are zero, so masked products stay finite);
-//   2. each warp computes its scores S (16 x 64) = Q Kᵀ with bf16 WMMA tensor-core products into
-//      fp32 (its Q fragments stay in registers for the whole walk);
-//   3. online softmax per row on S in shared memory: causal and sliding-window masks, running max
-//      and sum (log2 domain, fp32); the probabilities are rounded to bf16 for the next product;
-//   4. the warp's fp32 output rows in shared memory are rescaled by exp2(m_old - m_new) and
-//      accumulate P V through WMMA.
-// At the end each row is divided by its sum and written as bf16. Only O(tile) shared memory per
-// block, no score matrix in global memory. The tile shapes favour simplicity over peak speed: K/V
-// tiles are re-read for each query head of a GQA group (from L2).
+// 16 query rows as one m16n8k16 row block. The block walks the key rows its tile can see in
+// tiles of 64, double-buffered through shared memory with cp.async (the next tile's copies are
+// in flight while the current one is multiplied); rows are stored with the decode kernel's
+// swizzle (piece c of row r at c ^ (r % 8), from head_dim 64 up; padded below), so every ldmatrix
+// is conflict-free. Per tile and warp:
+//   S (16 x 64) = Q Kᵀ    Q's fragments from shared memory, K's through ldmatrix;
+//   masks                 causal, sliding window, rows past the tile's queries;
+//   online softmax        per row, in the log2 domain, fp32; one rescale of O per tile;
+//   O (16 x D) += P V     P straight from S's accumulators (the left operand's layout), rounded
+//                         to bf16; V through ldmatrix.trans.
+// At the end each row is divided by its sum and written as bf16. K/V tiles are read once per
+// query head of a GQA group (the group's heads share them through L2).
 #include <cuda_bf16.h>
-#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/tensor_core.cuh"
 
 namespace kvtrim::engine::cuda {
 namespace {
 
-namespace wmma = nvcuda::wmma;
-
 constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kTileQ = kPrefillQueryTile;  // kWarps * 16
+constexpr int kTileQ = kPrefillQueryTile;  // 64: 4 warps of 16 rows
 constexpr int kTileK = 64;
-constexpr int kRowsPerWarp = 16;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kTileQ == kWarps * kRowsPerWarp);
+static_assert(kTileQ == 4 * 16);
 
-// Shared-memory layout; strides padded by 16 bytes against bank conflicts, every WMMA pointer
-// 32-byte aligned.
 template <int kHeadDim>
-struct Layout {
-  static constexpr int kLd = kHeadDim + 8;   // bf16 stride of the Q, K, V tiles
-  static constexpr int kLdS = kTileK + 4;    // fp32 stride of the scores
-  static constexpr int kLdP = kTileK + 8;    // bf16 stride of the probabilities
-  static constexpr int kLdO = kHeadDim + 4;  // fp32 stride of the output accumulator
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kK = kQ + sizeof(__nv_bfloat16) * kTileQ * kLd;
-  static constexpr size_t kV = kK + sizeof(__nv_bfloat16) * kTileK * kLd;
-  static constexpr size_t kS = kV + sizeof(__nv_bfloat16) * kTileK * kLd;
-  static constexpr size_t kP = kS + sizeof(float) * kTileQ * kLdS;
-  static constexpr size_t kO = kP + sizeof(__nv_bfloat16) * kTileQ * kLdP;
-  static constexpr size_t kAlpha = kO + sizeof(float) * kTileQ * kLdO;
-  static constexpr size_t kBytes = kAlpha + sizeof(float) * kTileQ;
-  static_assert(kK % 32 == 0 && kV % 32 == 0 && kS % 32 == 0 && kP % 32 == 0 && kO % 32 == 0);
+struct Tiles {
+  static constexpr bool kSwizzled = kHeadDim >= 64;
+  static constexpr int kStride = kSwizzled ? kHeadDim : kHeadDim + 8;  // bf16 per row
+  static constexpr int kTileElements = kTileK * kStride;               // a Q, K or V tile
+  // Q, then two stages of (K, V).
+  static constexpr size_t kBytes = sizeof(__nv_bfloat16) * 5 * kTileElements;
+
+  // Where piece `piece` (8 bf16) of `row` starts in a tile.
+  static __device__ __forceinline__ int At(int row, int piece) {
+    return row * kStride + (kSwizzled ? piece ^ (row % 8) : piece) * 8;
+  }
 };
-
-__device__ __forceinline__ float WarpMax(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  }
-  return value;
-}
-
-__device__ __forceinline__ float WarpSum(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
 
 template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
@@ -74,153 +52,170 @@ __global__ void __launch_bounds__(kThreads)
                            const int32_t* __restrict__ items, const __nv_bfloat16* __restrict__ q,
                            int n_heads, int group, int window, float scale_log2,
                            __nv_bfloat16* __restrict__ out) {
-  using L = Layout<kHeadDim>;
-  constexpr int kChunks = kHeadDim / 8;  // 16-byte pieces of a row
+  using T = Tiles<kHeadDim>;
+  constexpr int kPieces = kHeadDim / 8;             // 16-byte pieces of a row
+  constexpr int kRowsPerPass = kThreads / kPieces;  // rows a pass of the block copies
+  constexpr int kPasses = kTileK / kRowsPerPass;
+  static_assert(kPieces <= kThreads && kTileK % kRowsPerPass == 0);
   extern __shared__ __align__(128) unsigned char shared[];
-  __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared + L::kQ);  // (kTileQ, kLd)
-  __nv_bfloat16* k_tile = reinterpret_cast<__nv_bfloat16*>(shared + L::kK);  // (kTileK, kLd)
-  __nv_bfloat16* v_tile = reinterpret_cast<__nv_bfloat16*>(shared + L::kV);  // (kTileK, kLd)
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // This warp's rows of the scores (16, kLdS), probabilities (16, kLdP), output (16, kLdO).
-  float* scores = reinterpret_cast<float*>(shared + L::kS) + warp * kRowsPerWarp * L::kLdS;
-  __nv_bfloat16* probs =
-      reinterpret_cast<__nv_bfloat16*>(shared + L::kP) + warp * kRowsPerWarp * L::kLdP;
-  float* o_acc = reinterpret_cast<float*>(shared + L::kO) + warp * kRowsPerWarp * L::kLdO;
-  float* alpha = reinterpret_cast<float*>(shared + L::kAlpha) + warp * kRowsPerWarp;
+  __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
+  __nv_bfloat16* stages = q_tile + T::kTileElements;  // stage s: K at 2s, V at 2s + 1
 
   const int seq = items[2 * blockIdx.x], first_query = items[2 * blockIdx.x + 1];
   const int head = blockIdx.y, kv_head = head / group;
   const int first_token = token_indptr[seq];
   const int n_new = token_indptr[seq + 1] - first_token;
-  const int rows = kv.kv_rows[seq];
-  const int first_position = rows - n_new + first_query;  // position of the tile's query 0
+  const int first_position = kv.kv_rows[seq] - n_new + first_query;  // position of query 0
   const int n_queries = min(kTileQ, n_new - first_query);
   const int q_stride = n_heads * kHeadDim;
   const int hi = first_position + n_queries;  // one past the last row the tile sees
   const int lo = window > 0 ? max(0, first_position - window + 1) : 0;
+  const int tiles = (hi - lo + kTileK - 1) / kTileK;
 
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int i = threadIdx.x; i < kTileQ * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i % kChunks) * 8;
-    const __nv_bfloat16* src =
-        q + static_cast<int64_t>(first_token + first_query + r) * q_stride + head * kHeadDim + c;
-    *reinterpret_cast<uint4*>(q_tile + r * L::kLd + c) =
-        r < n_queries ? *reinterpret_cast<const uint4*>(src) : zero;
-  }
-  for (int i = lane; i < kRowsPerWarp * kHeadDim; i += 32) {
-    o_acc[(i / kHeadDim) * L::kLdO + i % kHeadDim] = 0.0f;
-  }
-  __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> q_frag[kHeadDim / 16];
-#pragma unroll
-  for (int k = 0; k < kHeadDim / 16; ++k) {
-    wmma::load_matrix_sync(q_frag[k], q_tile + warp * kRowsPerWarp * L::kLd + k * 16, L::kLd);
-  }
-
-  float m[kRowsPerWarp], l[kRowsPerWarp];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-  }
+  const int piece = threadIdx.x % kPieces, first_row = threadIdx.x / kPieces;
   const int32_t* key_pages = kv.key_pages + kv.page_indptr[seq];
   const int32_t* value_pages = kv.value_pages + kv.page_indptr[seq];
+  const uint32_t page_magic =
+      kv.rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(kv.rows_per_page) + 1u;
+  const int in_row = kv_head * kHeadDim + piece * 8;
+  // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero).
+  const auto fetch = [&](int t) {
+    __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kTileElements;
+    __nv_bfloat16* v_tile = k_tile + T::kTileElements;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = first_row + i * kRowsPerPass, row = lo + t * kTileK + r;
+      const bool valid = row < hi;
+      int64_t key = 0, value = 0;
+      if (valid) {
+        const int page = page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
+        const int in_page = (row - page * kv.rows_per_page) * kv.row_elements + in_row;
+        key = key_pages[page] * kv.page_elements + in_page;
+        value = value_pages[page] * kv.page_elements + in_page;
+      }
+      CopyAsync(reinterpret_cast<uint4*>(k_tile + T::At(r, piece)), kv.pool + key, valid);
+      CopyAsync(reinterpret_cast<uint4*>(v_tile + T::At(r, piece)), kv.pool + value, valid);
+    }
+  };
 
-  for (int k0 = lo; k0 < hi; k0 += kTileK) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    for (int i = threadIdx.x; i < kTileK * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = (i % kChunks) * 8;
-      const int row = k0 + r;
-      uint4 key = zero, value = zero;
-      if (row < hi) {
-        const int64_t channel = static_cast<int64_t>(kv_head) * kHeadDim + c;
-        key =
-            *reinterpret_cast<const uint4*>(kv.pool + PagedRowOffset(kv, key_pages, row) + channel);
-        value = *reinterpret_cast<const uint4*>(kv.pool + PagedRowOffset(kv, value_pages, row) +
-                                                channel);
-      }
-      *reinterpret_cast<uint4*>(k_tile + r * L::kLd + c) = key;
-      *reinterpret_cast<uint4*>(v_tile + r * L::kLd + c) = value;
-    }
-    __syncthreads();
-
-    // S = Q Kᵀ: Kᵀ is K read as a column-major (head_dim, kTileK) matrix.
+  // The query tile (rows past n_queries zero) and the first K/V tile, in one copy group.
 #pragma unroll
-    for (int c = 0; c < kTileK / 16; ++c) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
-      wmma::fill_fragment(s_frag, 0.0f);
-#pragma unroll
-      for (int k = 0; k < kHeadDim / 16; ++k) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> k_frag;
-        wmma::load_matrix_sync(k_frag, k_tile + c * 16 * L::kLd + k * 16, L::kLd);
-        wmma::mma_sync(s_frag, q_frag[k], k_frag, s_frag);
-      }
-      wmma::store_matrix_sync(scores + c * 16, s_frag, L::kLdS, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Online softmax: lane handles columns lane and lane + 32 of each of the warp's rows.
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int query = warp * kRowsPerWarp + r;
-      const int position = first_position + query;
-      const int from = window > 0 ? position - window + 1 : 0;
-      float s[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int column = lane + 32 * h;
-        const int key_position = k0 + column;
-        const bool visible = query < n_queries && key_position <= position && key_position >= from;
-        s[h] = visible ? scores[r * L::kLdS + column] * scale_log2 : -INFINITY;
-      }
-      const float m_new = fmaxf(m[r], WarpMax(fmaxf(s[0], s[1])));
-      float p[2], row_alpha = 1.0f;
-      if (m_new == -INFINITY) {
-        p[0] = p[1] = 0.0f;
-      } else {
-        p[0] = exp2f(s[0] - m_new);
-        p[1] = exp2f(s[1] - m_new);
-        row_alpha = exp2f(m[r] - m_new);
-      }
-      l[r] = l[r] * row_alpha + WarpSum(p[0] + p[1]);
-      m[r] = m_new;
-      probs[r * L::kLdP + lane] = __float2bfloat16(p[0]);
-      probs[r * L::kLdP + lane + 32] = __float2bfloat16(p[1]);
-      if (lane == 0) alpha[r] = row_alpha;
-    }
-    __syncwarp();
-    for (int i = lane; i < kRowsPerWarp * kHeadDim; i += 32) {
-      o_acc[(i / kHeadDim) * L::kLdO + i % kHeadDim] *= alpha[i / kHeadDim];
-    }
-    __syncwarp();
-
-    // O += P V.
-#pragma unroll
-    for (int c = 0; c < kHeadDim / 16; ++c) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-      wmma::load_matrix_sync(o_frag, o_acc + c * 16, L::kLdO, wmma::mem_row_major);
-#pragma unroll
-      for (int k = 0; k < kTileK / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> p_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(p_frag, probs + k * 16, L::kLdP);
-        wmma::load_matrix_sync(v_frag, v_tile + k * 16 * L::kLd + c * 16, L::kLd);
-        wmma::mma_sync(o_frag, p_frag, v_frag, o_frag);
-      }
-      wmma::store_matrix_sync(o_acc + c * 16, o_frag, L::kLdO, wmma::mem_row_major);
-    }
-    __syncwarp();
+  for (int i = 0; i < kTileQ / kRowsPerPass; ++i) {
+    const int r = first_row + i * kRowsPerPass;
+    const bool valid = r < n_queries;
+    const __nv_bfloat16* from =
+        q + static_cast<int64_t>(first_token + first_query + (valid ? r : 0)) * q_stride +
+        head * kHeadDim + piece * 8;
+    CopyAsync(reinterpret_cast<uint4*>(q_tile + T::At(r, piece)), from, valid);
   }
+  if (tiles > 0) fetch(0);
+  CommitCopies();
 
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  float o[kHeadDim / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows lane / 4 and lane / 4 + 8
+  for (int t = 0; t < tiles; ++t) {
+    __syncthreads();  // every warp is done with tile t - 1, whose stage tile t + 1 takes
+    if (t + 1 < tiles) {
+      fetch(t + 1);
+      CommitCopies();
+      WaitCopies<1>();
+    } else {
+      WaitCopies<0>();
+    }
+    __syncthreads();  // every thread's pieces of tile t (and of the query tile) have landed
+    const __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kTileElements;
+    const __nv_bfloat16* v_tile = k_tile + T::kTileElements;
+    const int k0 = lo + t * kTileK;
+
+    float s[kTileK / 8][4] = {};
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int query = warp * kRowsPerWarp + r;
-    if (query >= n_queries) break;  // rows past the tile's end: uniform across the warp
-    const float inv_sum = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    __nv_bfloat16* dst =
-        out + static_cast<int64_t>(first_token + first_query + query) * q_stride + head * kHeadDim;
-    for (int d = lane; d < kHeadDim; d += 32) {
-      dst[d] = __float2bfloat16(o_acc[r * L::kLdO + d] * inv_sum);
+    for (int k = 0; k < kHeadDim / 16; ++k) {
+      uint32_t a[4];
+      LoadMatrices(a, q_tile + T::At(warp * 16 + (lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
+#pragma unroll
+      for (int n = 0; n < kTileK / 8; n += 2) {
+        uint32_t b[4];  // key n-tiles n and n + 1, both halves of the 16 channels
+        LoadMatrices(b, k_tile + T::At((n + lane / 16) * 8 + lane % 8, k * 2 + (lane / 8) % 2));
+        Mma(s[n], a, b[0], b[1]);
+        Mma(s[n + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Masks, then the online softmax of rows g = lane / 4 (h = 0) and g + 8 (h = 1).
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = warp * 16 + lane / 4 + 8 * (e / 2);
+        const int position = first_position + query;
+        const int key = k0 + n * 8 + 2 * quad + e % 2;
+        const bool visible =
+            query < n_queries && key <= position && (window == 0 || key > position - window);
+        s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+      }
+    }
+    float correction[2], base[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float m_new = fmaxf(m[h], tile_max[h]);
+      base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing yet stays empty
+      correction[h] = exp2f(m[h] - base[h]);
+      m[h] = m_new;
+      l[h] *= correction[h];
+    }
+#pragma unroll
+    for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = exp2f(s[n][e] - base[e / 2]);
+        l[e / 2] += s[n][e];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; ++n) {
+      o[n][0] *= correction[0];
+      o[n][1] *= correction[0];
+      o[n][2] *= correction[1];
+      o[n][3] *= correction[1];
+    }
+
+    // O += P V, P's 16-key steps being pairs of S's n-tiles.
+#pragma unroll
+    for (int k = 0; k < kTileK / 16; ++k) {
+      const uint32_t a[4] = {PackBf16(s[2 * k][0], s[2 * k][1]), PackBf16(s[2 * k][2], s[2 * k][3]),
+                             PackBf16(s[2 * k + 1][0], s[2 * k + 1][1]),
+                             PackBf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; n += 2) {
+        uint32_t b[4];  // keys 0-7 and 8-15 of the step, channels of n-tiles n and n + 1
+        LoadMatricesTransposed(
+            b, v_tile + T::At(k * 16 + (lane / 8) % 2 * 8 + lane % 8, n + lane / 16));
+        Mma(o[n], a, b[0], b[1]);
+        Mma(o[n + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  if (tiles == 0) WaitCopies<0>();
+
+    // Each row's sum over its quad, then the rows of this block's queries out as bf16.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    const int query = warp * 16 + lane / 4 + 8 * h;
+    if (query >= n_queries) continue;
+    const float inverse = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+    __nv_bfloat16* row = out + static_cast<int64_t>(first_token + first_query + query) * q_stride +
+                         head * kHeadDim + 2 * quad;
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; ++n) {
+      *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
+          __floats2bfloat162_rn(o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
     }
   }
 }
@@ -229,8 +224,8 @@ template <int kHeadDim>
 cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t* items,
                    int n_items, const __nv_bfloat16* q, const AttentionShape& shape,
                    __nv_bfloat16* out, cudaStream_t stream) {
-  constexpr size_t kBytes = Layout<kHeadDim>::kBytes;
-  // Above the default 48 KB for head_dim >= 64: the limit is raised once per process.
+  constexpr size_t kBytes = Tiles<kHeadDim>::kBytes;
+  // Above 48 KiB of dynamic shared memory a kernel must opt in, once.
   static const cudaError_t raised = cudaFuncSetAttribute(
       PrefillAttentionKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   KVTRIM_CUDA_RETURN_IF_ERROR(raised);
@@ -247,10 +242,24 @@ cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indpt
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
                                    const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream) {
-  return DispatchPrefill(kv, n_items, shape, [&](auto head_dim) {
-    return Launch<decltype(head_dim)::value>(kv, token_indptr, items, n_items, q, shape, out,
-                                             stream);
-  });
+  if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
+      !AttentionSupportsHeadDim(shape.head_dim) ||
+      kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (n_items == 0) return cudaSuccess;
+  switch (shape.head_dim) {
+    case 16:
+      return Launch<16>(kv, token_indptr, items, n_items, q, shape, out, stream);
+    case 32:
+      return Launch<32>(kv, token_indptr, items, n_items, q, shape, out, stream);
+    case 64:
+      return Launch<64>(kv, token_indptr, items, n_items, q, shape, out, stream);
+    case 128:
+      return Launch<128>(kv, token_indptr, items, n_items, q, shape, out, stream);
+    default:
+      return Launch<256>(kv, token_indptr, items, n_items, q, shape, out, stream);
+  }
 }
 
 }  // namespace kvtrim::engine::cuda

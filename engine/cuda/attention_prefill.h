@@ -6,7 +6,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "engine/cuda/attention_decode.h"
 #include "engine/cuda/paged_kv.h"
@@ -24,43 +23,12 @@ inline constexpr int kPrefillQueryTile = 64;
 //               [max(0, p - window + 1) if window else 0, p]
 // of kv-head h / group, read from the pages (this step's rows must be written first). q and out:
 // (tokens, n_heads * head_dim) bf16. Flash-style: K/V tiles through shared memory, bf16 tensor
-// core products with fp32 accumulation, online softmax; no score matrix in global memory.
+// core products with fp32 accumulation, scores and online softmax in registers; no score matrix
+// in global memory. INVALID_VALUE for a shape the kernel does not take or pages that do not
+// match it.
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
                                    const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream);
-
-// The same attention with scores, probabilities and output kept in registers
-// (attention_prefill_flash.cu): the same arguments and result, within bf16 rounding.
-cudaError_t LaunchFlashPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
-                                        const int32_t* items, int n_items, const __nv_bfloat16* q,
-                                        const AttentionShape& shape, __nv_bfloat16* out,
-                                        cudaStream_t stream);
-
-// What both prefill launchers do around their kernel: checks the arguments (INVALID_VALUE for a
-// shape the kernels do not take or pages that do not match it), does nothing for no items, else
-// returns launch(std::integral_constant<int, shape.head_dim>{}).
-template <class LaunchForHeadDim>
-cudaError_t DispatchPrefill(const PagedKv& kv, int n_items, const AttentionShape& shape,
-                            LaunchForHeadDim&& launch) {
-  if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
-      !AttentionSupportsHeadDim(shape.head_dim) ||
-      kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (n_items == 0) return cudaSuccess;
-  switch (shape.head_dim) {
-    case 16:
-      return launch(std::integral_constant<int, 16>{});
-    case 32:
-      return launch(std::integral_constant<int, 32>{});
-    case 64:
-      return launch(std::integral_constant<int, 64>{});
-    case 128:
-      return launch(std::integral_constant<int, 128>{});
-    default:
-      return launch(std::integral_constant<int, 256>{});
-  }
-}
 
 }  // namespace kvtrim::engine::cuda

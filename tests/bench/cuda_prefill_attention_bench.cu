@@ -1,19 +1,16 @@
-// Causal prefill attention over the pages: the WMMA kernel (LaunchPrefillAttention, scores and
-// output through shared memory) against the register-resident one (LaunchFlashPrefillAttention),
-// as tensor-core throughput.
+// Causal prefill attention over the pages (LaunchPrefillAttention) as tensor-core throughput; the
+// same shapes through PyTorch's SDPA are tools/gpu/torch_baselines.py's prefill table.
 //
 // One step prefills --sequences sequences of --tokens new tokens each from an empty cache (the
 // engine's first chunk of a prompt), at Llama-3-8B's heads (32 / 8 x 128) and SmolLM2's (9 / 3 x
 // 64), K/V in 16 KiB pages in shuffled order, the step's rows already written. FLOPs count the
 // causal half of Q Kᵀ and P V: 2 x 2 x heads x head_dim x tokens (tokens + 1) / 2 per sequence.
-// Each row is the median of --repeats timed runs (CUDA events) after --warmup runs; the outputs
-// of the two kernels are compared (largest |difference| over the largest |value|). Prints a
+// Each row is the median of --repeats timed runs (CUDA events) after --warmup runs. Prints a
 // table; never fails on time. Every CUDA call is checked: an error ends the program.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <numeric>
@@ -41,20 +38,6 @@ using bench::Timing;
 using bench::Upload;
 
 constexpr int kPageBytes = 16 << 10;
-
-// Largest |a - b| over the largest |b|, of two bf16 device buffers of n values.
-double RelativeDifference(const DeviceBuffer& a, const DeviceBuffer& b, size_t n) {
-  std::vector<__nv_bfloat16> ha(n), hb(n);
-  CHECK_CUDA(cudaMemcpy(ha.data(), a.as<void>(), n * 2, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(hb.data(), b.as<void>(), n * 2, cudaMemcpyDeviceToHost));
-  double diff = 0.0, scale = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    const double x = __bfloat162float(ha[i]), y = __bfloat162float(hb[i]);
-    diff = std::max(diff, std::abs(x - y));
-    scale = std::max(scale, std::abs(y));
-  }
-  return scale > 0.0 ? diff / scale : diff;
-}
 
 void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream) {
   const int sequences = absl::GetFlag(FLAGS_sequences), tokens = absl::GetFlag(FLAGS_tokens);
@@ -85,7 +68,7 @@ void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream)
                      d_kv_rows = Upload(kv_rows), d_items = Upload(items);
   const size_t q_elements = size_t{1} * sequences * tokens * shape.n_heads * shape.head_dim;
   const DeviceBuffer q = RandomBf16(q_elements, 2.0f);
-  const DeviceBuffer out_wmma = Empty(q_elements * 2), out_flash = Empty(q_elements * 2);
+  const DeviceBuffer out = Empty(q_elements * 2);
   const PagedKv kv{.pool = pool.as<__nv_bfloat16>(),
                    .page_elements = kPageBytes / 2,
                    .row_elements = row_elements,
@@ -97,22 +80,14 @@ void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream)
   const int n_items = static_cast<int>(items.size() / 2);
   const double flops = 4.0 * shape.n_heads * shape.head_dim * sequences *
                        (static_cast<double>(tokens) * (tokens + 1) / 2);
-  const auto time = [&](auto launch, const DeviceBuffer& out) {
-    return bench::TimeRuns(
-        stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats), [&](int) {
-          CHECK_CUDA(launch(kv, d_token_indptr.as<int32_t>(), d_items.as<int32_t>(), n_items,
-                            q.as<__nv_bfloat16>(), shape, out.as<__nv_bfloat16>(), stream));
-        });
-  };
-  const Timing wmma = time(LaunchPrefillAttention, out_wmma);
-  const Timing flash = time(LaunchFlashPrefillAttention, out_flash);
-  const double difference = RelativeDifference(out_flash, out_wmma, q_elements);
-  for (const auto& [kernel, t] : {std::pair{"LaunchPrefillAttention (WMMA)", wmma},
-                                  std::pair{"LaunchFlashPrefillAttention", flash}}) {
-    std::printf("| %-10s | %-30s | %8.3f | %8.3f | %7.1f | %12.0f | %9.2e |\n", name, kernel,
-                t.median_ms, t.min_ms, flops / (t.median_ms * 1e-3) / 1e12,
-                sequences * tokens / (t.median_ms * 1e-3), difference);
-  }
+  const Timing t =
+      bench::TimeRuns(stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats), [&](int) {
+        CHECK_CUDA(LaunchPrefillAttention(kv, d_token_indptr.as<int32_t>(), d_items.as<int32_t>(),
+                                          n_items, q.as<__nv_bfloat16>(), shape,
+                                          out.as<__nv_bfloat16>(), stream));
+      });
+  std::printf("| %-10s | %9.3f | %8.3f | %7.1f | %14.0f |\n", name, t.median_ms, t.min_ms,
+              flops / (t.median_ms * 1e-3) / 1e12, sequences * tokens / (t.median_ms * 1e-3));
 }
 
 }  // namespace
@@ -132,14 +107,8 @@ int main(int argc, char** argv) {
       "\n## Prefill attention: %d sequences x %d new tokens from an empty cache, 16 KiB pages in "
       "shuffled order\n\n",
       absl::GetFlag(FLAGS_sequences), absl::GetFlag(FLAGS_tokens));
-  std::printf(
-      "| shape      | kernel                         | median ms |   min ms | TFLOP/s | query "
-      "tokens/s "
-      "| flash vs WMMA |\n");
-  std::printf(
-      "|------------|--------------------------------|---------:|---------:|--------:|-------------"
-      ":"
-      "|----------:|\n");
+  std::printf("| shape      | median ms |   min ms | TFLOP/s | query tokens/s |\n");
+  std::printf("|------------|----------:|---------:|--------:|---------------:|\n");
   Prefill("Llama-3-8B", {32, 8, 128, 0}, stream);
   Prefill("SmolLM2", {9, 3, 64, 0}, stream);
   CHECK_CUDA(cudaStreamDestroy(stream));

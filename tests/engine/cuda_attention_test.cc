@@ -134,9 +134,8 @@ class PagedStep {
     return out;
   }
 
-  // Runs the decode kernel on the one-token sequences and the prefill kernel on the others
-  // (LaunchFlashPrefillAttention's when `flash`).
-  std::vector<float> Run(int splits, cudaStream_t stream, bool flash = false) {
+  // Runs the decode kernel on the one-token sequences and the prefill kernel on the others.
+  std::vector<float> Run(int splits, cudaStream_t stream) {
     std::vector<int32_t> decode, items;
     for (size_t seq = 0; seq < c_.seqs.size(); ++seq) {
       if (c_.seqs[seq].n_new == 1) {
@@ -165,11 +164,11 @@ class PagedStep {
                               n_decode, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
                               d_workspace.as<float>(), d_out.as<__nv_bfloat16>(), stream),
         cudaSuccess);
-    EXPECT_EQ((flash ? LaunchFlashPrefillAttention : LaunchPrefillAttention)(
-                  paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
-                  static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(), c_.shape,
-                  d_out.as<__nv_bfloat16>(), stream),
-              cudaSuccess);
+    EXPECT_EQ(
+        LaunchPrefillAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
+                               static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
+                               c_.shape, d_out.as<__nv_bfloat16>(), stream),
+        cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
     return testing::FromBf16(Download<uint16_t>(d_out, out_elements));
@@ -198,12 +197,11 @@ class PagedStep {
 
 class CudaAttentionTest : public testing::CudaTest {
  protected:
-  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits,
-             bool flash = false) {
+  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits) {
     PagedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
     for (int split : splits) {
-      const std::vector<float> out = step.Run(split, stream_, flash);
+      const std::vector<float> out = step.Run(split, stream_);
       ExpectClose(kernel, absl::StrCat(c.name, " ", step.Describe()), out, ref, kBf16Bound);
     }
   }
@@ -247,14 +245,6 @@ const std::vector<AttentionCase>& PrefillCases() {
 
 TEST_F(CudaAttentionTest, PrefillMatchesCpu) {
   for (const AttentionCase& c : PrefillCases()) Check("prefill", c, {1});
-}
-
-// The register-resident prefill kernel on the same cases, and in mixed steps.
-TEST_F(CudaAttentionTest, FlashPrefillMatchesCpu) {
-  for (const AttentionCase& c : PrefillCases()) Check("flash prefill", c, {1}, true);
-  const AttentionCase mixed = {
-      "mixed", {9, 3, 64, 0}, 8 << 10, {{40, 1}, {0, 33}, {700, 1}, {21, 100}, {0, 1}}};
-  Check("decode+flash prefill", mixed, {1, 0}, true);
 }
 
 // A step as the scheduler packs it: decodes and prefill chunks of different sequences in one

@@ -4,11 +4,11 @@
 # Llama-3-8B shape with dummy weights, in one call. Logs go to $OUT (default /tmp/kvtrim-perf):
 #
 #   limits      cuda_limits_bench: copy bandwidth, GEMM rate, engine kernels
-#   torch       tools/gpu/torch_baselines.py: PyTorch copy, GEMM and SDPA decode on the same GPU,
+#   torch       tools/gpu/torch_baselines.py: PyTorch copy, GEMM, SDPA decode and prefill on the GPU,
 #               and transformers (bf16, SDPA, static cache) prefill and decode vs the roofline
 #   decode      cuda_decode_attention_bench: paged decode, uncompressed vs compressed layouts
 #   compress    cuda_compress_bench: the prompt compression kernels, one layer of an 8k prompt
-#   prefill     cuda_prefill_attention_bench: prefill attention, the WMMA and the flash kernel
+#   prefill     cuda_prefill_attention_bench: prefill attention (torch: SDPA on the same shapes)
 #   host        cuda_step_host_bench: the host's share of a decode step (this machine's CPU)
 #   serve       serve_bench --arch llama3.1-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline

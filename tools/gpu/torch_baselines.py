@@ -10,7 +10,10 @@ Prints markdown tables:
      heads (9 / 3, dim 64). GQA runs natively (enable_gqa=True) where the backend takes it, else
      with K/V expanded to the query heads beforehand (outside the timing; the kernel then reads
      group-times more bytes). GB/s counts the cache as stored: K and V once.
-  4. Hugging Face transformers end to end (eager, bf16, attn_implementation="sdpa", StaticCache) on
+  4. causal prefill attention through scaled_dot_product_attention (is_causal=True, native GQA),
+     each backend: --prefill-batch x --tokens new tokens from an empty cache, the same two head
+     shapes; TFLOP/s counts the causal half of Q Kᵀ and P V, as cuda_prefill_attention_bench does.
+  5. Hugging Face transformers end to end (eager, bf16, attn_implementation="sdpa", StaticCache) on
      a Llama-3-8B shape with random weights, batch 8 x 8192-token prompts: prefill tokens/s (one
      forward over the whole batch into the cache, only the last position's logits computed) and
      decode ms per step (one token per sequence, continuing from the prompt), against the decode
@@ -175,6 +178,42 @@ def sdpa_table(device, args, copy_gbs):
         sdpa_rows(device, args, label, batch, tokens, q_heads, kv_heads, head_dim, copy_gbs)
 
 
+def sdpa_prefill_table(device, args):
+    from torch.nn.attention import sdpa_kernel
+
+    batch, tokens = args.prefill_batch, args.tokens
+    print(f"\n## SDPA causal prefill: batch {batch} x {tokens} new tokens, bf16, (B, H, S, D), "
+          "enable_gqa=True\n")
+    print("| shape     | backend   | median ms | min ms | TFLOP/s | query tokens/s | note |")
+    print("|-----------|-----------|----------:|-------:|--------:|---------------:|------|")
+    dtype = torch.bfloat16
+    for label, q_heads, kv_heads, head_dim in (("llama3-8b", 32, 8, 128), ("smollm2", 9, 3, 64)):
+        q = torch.randn(batch, q_heads, tokens, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, kv_heads, tokens, head_dim, device=device, dtype=dtype)
+        v = torch.randn(batch, kv_heads, tokens, head_dim, device=device, dtype=dtype)
+        flops = 4.0 * q_heads * head_dim * batch * tokens * (tokens + 1) / 2
+        for name, backend in backends():
+            if name == "math":
+                continue  # materializes the batch x heads x tokens^2 scores: tens of GB here
+
+            def run():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    med, lo, _ = timer(device, run, args.warmup, max(3, args.repeats // 4))
+            except (RuntimeError, TypeError, ValueError) as error:
+                reason = " ".join(str(error).split())[:200] or type(error).__name__
+                print(f"| {label:9s} | {name:9s} | {'—':>9s} | {'—':>6s} | {'—':>7s} | "
+                      f"{'—':>14s} | {reason} |")
+                continue
+            print(f"| {label:9s} | {name:9s} | {med:9.3f} | {lo:6.3f} | "
+                  f"{flops / med / 1e9:7.1f} | {batch * tokens / med * 1e3:14.0f} | |")
+        del q, k, v
+
+
 def llama_model(config, device):
     """LlamaForCausalLM with random weights, built on `device` in bf16: the default dtype is bf16
     while the modules are made (as from_config does), so no fp32 copy of 8B weights ever exists.
@@ -334,17 +373,19 @@ def main():
     parser.add_argument("--gemm-size", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--prefill-batch", type=int, default=8, help="sequences per SDPA prefill")
     parser.add_argument("--transformers-batch", type=int, default=8)
     parser.add_argument("--transformers-prompt", type=int, default=8192, help="tokens per sequence")
     parser.add_argument("--transformers-steps", type=int, default=16, help="timed decode steps")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--small", action="store_true", help="tiny sizes: check the script runs")
     args = parser.parse_args()
-    for flag in ("transformers_batch", "transformers_prompt", "transformers_steps"):
+    for flag in ("prefill_batch", "transformers_batch", "transformers_prompt", "transformers_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.small:
         args.copy_mib, args.gemm_size, args.batch, args.tokens, args.repeats = 8, 256, 2, 64, 3
+        args.prefill_batch = 2
         args.transformers_batch, args.transformers_prompt, args.transformers_steps = 2, 32, 4
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -359,6 +400,7 @@ def main():
     copy_gbs = copy_table(device, args)
     matmul_table(device, args)
     sdpa_table(device, args, copy_gbs)
+    sdpa_prefill_table(device, args)
     if not args.skip_transformers:
         transformers_table(device, args, copy_gbs)
 
