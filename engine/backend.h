@@ -21,16 +21,25 @@ struct SequenceStep {
   // empty sequence laid out by KvCache::ReserveCompressed; the backend scores, selects and writes
   // the kept rows. Later steps decode one token each and apply the decode-time policy.
   const memory::compress::CompressionConfig* compression = nullptr;
+  bool argmax_only = false;  // with want_logits: only the row's Argmax is needed (greedy sampling)
 
   bool compressed() const { return compression != nullptr && compression->enabled(); }
+};
+
+// What one Forward returns for the steps with want_logits, in step order.
+struct StepOutput {
+  std::vector<float> logits;    // (steps not argmax_only, vocab_size): their logits rows
+  std::vector<int32_t> argmax;  // (argmax_only steps): the index of the row's largest logit, as
+                                // engine::Argmax (sampler.h) gives it: NaNs never win, ties
+                                // and an all-NaN row go to the lowest index
 };
 
 class Backend {
  public:
   virtual ~Backend() = default;
   // Runs every sequence's new tokens through the model, appends their K/V rows to the pages,
-  // and fills `logits` with (n_wanting, vocab_size) rows in step order.
-  virtual absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) = 0;
+  // and fills `out` for the steps that want logits.
+  virtual absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) = 0;
   // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
   // else INVALID_ARGUMENT naming what this backend does not run.
   virtual absl::Status SupportsCompression(

@@ -107,13 +107,13 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32
   if (!cache->Reserve(kv, static_cast<int32_t>(prompt.size()))) {
     return absl::InternalError("PromptLogits: the pool sized for the prompt is too small");
   }
-  std::vector<float> logits;
+  StepOutput out;
   for (size_t start = 0; start < prompt.size(); start += options_.step_tokens) {
     const size_t n = std::min<size_t>(options_.step_tokens, prompt.size() - start);
     const SequenceStep step{&kv, prompt.subspan(start, n), start + n == prompt.size()};
-    if (absl::Status s = (*backend)->Forward({&step, 1}, logits); !s.ok()) return s;
+    if (absl::Status s = (*backend)->Forward({&step, 1}, out); !s.ok()) return s;
   }
-  return logits;
+  return std::move(out.logits);
 }
 
 }  // namespace kvtrim::engine

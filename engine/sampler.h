@@ -29,6 +29,8 @@ class Sampler {
   // `logits` (vocab_size) is modified in place; `history` is the prompt and generated tokens
   // the repetition penalty applies to.
   int32_t Sample(std::span<float> logits, std::span<const int32_t> history);
+  // True when Sample() is Argmax(logits) alone: no temperature, no repetition penalty.
+  bool greedy() const { return params_.temperature == 0.0f && params_.repetition_penalty == 1.0f; }
 
  private:
   SamplingParams params_;

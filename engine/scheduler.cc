@@ -418,34 +418,58 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   steps.reserve(plan.size());
   for (const Planned& p : plan) {
     Active& r = *p.request;
-    steps.push_back({&r.kv, std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
-                     p.want_logits,
-                     r.request.compression.enabled() ? &r.request.compression : nullptr});
+    steps.push_back(
+        {.kv = &r.kv,
+         .tokens = std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
+         .want_logits = p.want_logits,
+         .compression = r.request.compression.enabled() ? &r.request.compression : nullptr,
+         .argmax_only = p.want_logits && ArgmaxSuffices(r)});
   }
-  if (absl::Status status = backend_->Forward(steps, logits_); !status.ok()) {
+  if (absl::Status status = backend_->Forward(steps, output_); !status.ok()) {
     for (const Planned& p : plan) {
       p.request->finish_reason = FinishReason::kError;
       p.request->error = std::string(status.message());
     }
     return;
   }
-  std::vector<Active*> sampling;
-  for (const Planned& p : plan) {
-    if (p.want_logits) sampling.push_back(p.request);
+  // The rows the backend reduced to their argmax are the tokens; every other row is sampled on
+  // its own thread (its sampler, tokens and logits row are its own; a batch's rows over a 128k
+  // vocabulary take milliseconds on one core), then the tokens are taken in order.
+  struct Row {
+    Active* request;
+    int64_t logits_row;  // -1: the backend's argmax
+    int32_t argmax;
+  };
+  std::vector<Row> rows;
+  size_t logits_rows = 0, argmaxes = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (!steps[i].want_logits) continue;
+    if (steps[i].argmax_only) {
+      rows.push_back({plan[i].request, -1, output_.argmax[argmaxes++]});
+    } else {
+      rows.push_back({plan[i].request, static_cast<int64_t>(logits_rows++), 0});
+    }
   }
-  // Each request's row is sampled on its own thread (its sampler, tokens and logits row are its
-  // own; a batch's greedy rows over a 128k vocabulary take milliseconds on one core), then the
-  // tokens are taken in order.
   const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
-  std::vector<TokenOutput> sampled(sampling.size());
-#pragma omp parallel for schedule(static) if (sampling.size() > 1)
-  for (size_t i = 0; i < sampling.size(); ++i) {
-    sampled[i] = Sample(*sampling[i], std::span(logits_).subspan(i * vocab, vocab));
+  std::vector<TokenOutput> sampled(rows.size());
+#pragma omp parallel for schedule(static) if (rows.size() - argmaxes > 1)
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i].logits_row < 0) {
+      sampled[i].id = rows[i].argmax;
+    } else {
+      sampled[i] = Sample(*rows[i].request,
+                          std::span(output_.logits).subspan(rows[i].logits_row * vocab, vocab));
+    }
   }
-  for (size_t i = 0; i < sampling.size(); ++i) {
-    sampling[i]->state = RequestState::kDecode;
-    Accept(*sampling[i], std::move(sampled[i]));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i].request->state = RequestState::kDecode;
+    Accept(*rows[i].request, std::move(sampled[i]));
   }
+}
+
+// True when the next token of `r` is its logits row's argmax and nothing else of the row is read.
+bool Scheduler::ArgmaxSuffices(const Active& r) {
+  return r.sampler.greedy() && !r.request.want_logprobs && r.request.top_logprobs == 0;
 }
 
 // The next token from `logits` (vocab_size, modified in place), with its log-probabilities when

@@ -144,6 +144,7 @@ class Scheduler {
   // One Backend::Forward over the plan, then sampling and stop checks.
   void Execute(std::span<const Planned> plan);
   TokenOutput Sample(Active& request, std::span<float> logits);
+  static bool ArgmaxSuffices(const Active& request);
   void Accept(Active& request, TokenOutput sampled);
   // Publishes every request's step outputs and retires the finished ones (pages freed).
   void Publish();
@@ -172,7 +173,7 @@ class Scheduler {
   std::thread thread_;
   std::deque<std::unique_ptr<Active>> waiting_;   // FIFO; preempted requests go to the front
   std::vector<std::unique_ptr<Active>> running_;  // admission order: the youngest is last
-  std::vector<float> logits_;                     // (n_wanting, vocab_size)
+  StepOutput output_;                             // the last Forward's logits rows and argmaxes
   int64_t preemptions_total_ = 0;
   int64_t steps_total_ = 0;
 };

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/compressed.h"
 #include "engine/rope.h"
+#include "engine/sampler.h"
 
 namespace kvtrim::engine {
 namespace {
@@ -107,7 +108,7 @@ CpuBackend::CpuBackend(const Model* model, memory::KvCache* cache)
       cache_(*cache),
       inv_freq_(RopeInverseFrequencies(model->config)) {}
 
-absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) {
+absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, StepOutput& out) {
   const int hidden = config_.hidden;
   int tokens = 0;
   for (const SequenceStep& step : steps) {
@@ -158,9 +159,24 @@ absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, std::vecto
   const int wanting = static_cast<int>(last.size()) / hidden;
   std::vector<float> normed(last.size());
   RmsNorm(last.data(), wanting, hidden, model_.weights.output_norm, config_.rms_eps, normed.data());
-  logits.resize(static_cast<size_t>(wanting) * config_.vocab_size);
+  const size_t vocab = config_.vocab_size;
+  std::vector<float>& logits = out.logits;
+  logits.resize(wanting * vocab);
   Linear(normed.data(), wanting, model_.weights.lm_head(config_.tied_embeddings), {},
          logits.data());
+  // The argmax_only rows leave the logits for their index; the others close up in order.
+  out.argmax.clear();
+  size_t row = 0, kept = 0;
+  for (const SequenceStep& step : steps) {
+    if (!step.want_logits || step.tokens.empty()) continue;
+    const std::span<const float> logits_row(logits.data() + row++ * vocab, vocab);
+    if (step.argmax_only) {
+      out.argmax.push_back(Argmax(logits_row));
+    } else if (kept++ != row - 1) {
+      std::copy(logits_row.begin(), logits_row.end(), logits.begin() + (kept - 1) * vocab);
+    }
+  }
+  logits.resize(kept * vocab);
   return absl::OkStatus();
 }
 

@@ -18,7 +18,7 @@ class CpuBackend : public Backend {
   static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(const Model* model,
                                                             memory::KvCache* cache);
 
-  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   absl::Status SupportsCompression(
       const memory::compress::CompressionConfig& compression) const override {
     (void)compression;

@@ -10,7 +10,8 @@
 //             a = decode attention (one-token sequences) + prefill attention (the others)
 //             x += a · Woᵀ                           fp32 GEMM accumulating into x
 //             n = rmsnorm(x); x += swiglu(n · Wgateᵀ, n · Wupᵀ) · Wdownᵀ; n = rmsnorm(x)
-//           logits = gather(n, wanting rows) · lm_headᵀ (fp32), copied back to the host
+//           logits = gather(n, wanting rows) · lm_headᵀ (fp32), copied back to the host (only
+//           the index of the largest for the rows that want no more: greedy sampling)
 //
 // A compressed prompt (SequenceStep::compression, fed whole) attends over its K/V in the step's
 // k / v buffers instead of pages, and after each layer's attention the prompt compression
@@ -205,6 +206,8 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
     KVTRIM_RETURN_IF_ERROR(Grow(last_, N * config_.hidden * sizeof(__nv_bfloat16)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_, N * config_.vocab_size * sizeof(float)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_host_, N * config_.vocab_size * sizeof(float)));
+    KVTRIM_RETURN_IF_ERROR(Grow(argmax_, N * sizeof(int32_t)));
+    KVTRIM_RETURN_IF_ERROR(Grow(argmax_host_, N * sizeof(int32_t)));
     capacity_logits_ = static_cast<int>(N);
   }
   size_t scratch = 0, scores = 0, kept = 0;
@@ -241,7 +244,7 @@ absl::Status CudaBackend::SupportsCompression(
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) {
+absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutput& out) {
   for (const SequenceStep& step : steps) {
     if (step.compressed()) {
       KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
@@ -250,7 +253,8 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vect
   int tokens = 0;
   for (const SequenceStep& step : steps) tokens += static_cast<int>(step.tokens.size());
   if (tokens == 0) {
-    logits.clear();
+    out.logits.clear();
+    out.argmax.clear();
     return absl::OkStatus();
   }
   // The token buffers first: the plan places the scratch values after their capacity.
@@ -269,7 +273,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, std::vect
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
-  if (absl::Status status = Run(splits, logits); !status.ok()) {
+  if (absl::Status status = Run(steps, splits, out); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
     cudaStreamSynchronize(stream_);
@@ -325,7 +329,7 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(int splits, std::vector<float>& logits) {
+absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, StepOutput& out) {
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden;
   std::memcpy(plan_staging_.as<void>(), plan_.data.data(), plan_.bytes());
@@ -346,8 +350,15 @@ absl::Status CudaBackend::Run(int splits, std::vector<float>& logits) {
   }
 
   // normed_ now holds output_norm(x) for every token; only the wanting rows go to the lm_head.
+  // Which of them (in step order, as the plan lists them) want only their argmax:
   const int wanting = plan_.logit_rows;
-  const size_t logit_floats = static_cast<size_t>(wanting) * config_.vocab_size;
+  argmax_only_.clear();
+  for (int s = 0; s < plan_.seqs; ++s) {
+    const SequenceStep& step = steps[plan_.step_of_seq[s]];
+    if (step.want_logits) argmax_only_.push_back(step.argmax_only);
+  }
+  const int n_argmax = static_cast<int>(std::count(argmax_only_.begin(), argmax_only_.end(), true));
+  const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
   if (wanting > 0) {
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(LaunchGatherRows(normed_.as<__nv_bfloat16>(), hidden, Plan(at.logits), wanting,
@@ -355,13 +366,40 @@ absl::Status CudaBackend::Run(int splits, std::vector<float>& logits) {
                    "GatherRows"));
     KVTRIM_RETURN_IF_ERROR(gemm_->Linear(last_.as<__nv_bfloat16>(), wanting, weights_.lm_head,
                                          logits_.as<void>(), GemmOutput::kFloat));
-    KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpyAsync(logits_host_.as<void>(), logits_.as<void>(),
-                                   logit_floats * sizeof(float), cudaMemcpyDeviceToHost, stream_),
-                   "cudaMemcpyAsync(logits)"));
+    if (n_argmax > 0) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchRowArgmax(logits_.as<float>(), config_.vocab_size,
+                                                        wanting, argmax_.as<int32_t>(), stream_),
+                                        "RowArgmax"));
+      KVTRIM_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(argmax_host_.as<void>(), argmax_.as<void>(),
+                                     wanting * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
+                     "cudaMemcpyAsync(argmax)"));
+    }
+    // The other rows, packed: one copy per run of consecutive ones.
+    size_t packed = 0;
+    for (int row = 0; row < wanting;) {
+      if (argmax_only_[row]) {
+        ++row;
+        continue;
+      }
+      int end = row;
+      while (end < wanting && !argmax_only_[end]) ++end;
+      KVTRIM_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(logits_host_.as<float>() + packed * vocab,
+                                     logits_.as<float>() + row * vocab, (end - row) * row_bytes,
+                                     cudaMemcpyDeviceToHost, stream_),
+                     "cudaMemcpyAsync(logits)"));
+      packed += end - row;
+      row = end;
+    }
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "forward step"));
-  logits.assign(logits_host_.as<float>(), logits_host_.as<float>() + logit_floats);
+  out.logits.assign(logits_host_.as<float>(),
+                    logits_host_.as<float>() + (wanting - n_argmax) * vocab);
+  out.argmax.clear();
+  for (int row = 0; row < wanting; ++row) {
+    if (argmax_only_[row]) out.argmax.push_back(argmax_host_.as<int32_t>()[row]);
+  }
   return absl::OkStatus();
 }
 

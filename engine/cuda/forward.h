@@ -48,8 +48,9 @@ class CudaBackend : public Backend {
 
   ~CudaBackend() override;
 
-  // As Backend::Forward. Synchronous: returns once the logits are on the host.
-  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override;
+  // As Backend::Forward. Synchronous: returns once the logits are on the host. The argmax_only
+  // rows are reduced on the device; only their indices are copied back.
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   // Prompt selection (snapkv, pyramidkv, streamingllm) and ThinK run on the device; decode-time
   // eviction and re-thinning are refused.
   absl::Status SupportsCompression(
@@ -64,7 +65,7 @@ class CudaBackend : public Backend {
   // Grows the other per-step buffers to the plan's sizes (never shrinks).
   absl::Status Reserve(size_t workspace_bytes);
   // Queues the whole step on stream_ and copies the logits back.
-  absl::Status Run(int splits, std::vector<float>& logits);
+  absl::Status Run(std::span<const SequenceStep> steps, int splits, StepOutput& out);
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
   PagedKv PagesOf(int layer) const;
@@ -109,10 +110,13 @@ class CudaBackend : public Backend {
   DeviceBuffer kept_;              // (n_kv_heads, kept) int32 kept token indices
   DeviceBuffer channels_;          // (plan_.channel_out) uint16 channel sets chosen this step
   std::vector<uint16_t> channels_host_;
-  int capacity_logits_ = 0;   // N the buffers below hold
-  DeviceBuffer last_;         // (N, hidden) bf16 final-normed rows that want logits
-  DeviceBuffer logits_;       // (N, vocab_size) fp32
-  PinnedBuffer logits_host_;  // (N, vocab_size) fp32
+  int capacity_logits_ = 0;        // N the buffers below hold
+  DeviceBuffer last_;              // (N, hidden) bf16 final-normed rows that want logits
+  DeviceBuffer logits_;            // (N, vocab_size) fp32
+  PinnedBuffer logits_host_;       // (N, vocab_size) fp32, the rows not argmax_only, packed
+  DeviceBuffer argmax_;            // (N) int32
+  PinnedBuffer argmax_host_;       // (N) int32
+  std::vector<bool> argmax_only_;  // per wanting row of the step
 };
 
 }  // namespace kvtrim::engine::cuda

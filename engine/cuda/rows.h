@@ -18,4 +18,10 @@ cudaError_t LaunchAddBias(__nv_bfloat16* y, int row_stride, const float* bias, i
 cudaError_t LaunchGatherRows(const __nv_bfloat16* src, int width, const int32_t* rows, int n,
                              __nv_bfloat16* dst, cudaStream_t stream);
 
+// argmax[r] = the index of the largest of logits[r, 0 .. width) for r < n, as engine::Argmax
+// (sampler.h) gives it: NaNs never win, ties go to the lowest index, an all-NaN row gives 0.
+// logits: (n, width) fp32; argmax: (n) int32, device memory.
+cudaError_t LaunchRowArgmax(const float* logits, int width, int n, int32_t* argmax,
+                            cudaStream_t stream);
+
 }  // namespace kvtrim::engine::cuda

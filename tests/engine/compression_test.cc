@@ -225,12 +225,12 @@ TEST_F(CompressionTest, KeptRowsAreTheUncompressedRowsOfTheirPositions) {
     ASSERT_TRUE(cache.Reserve(full, n + 1));
     ASSERT_TRUE(
         cache.ReserveCompressed(compressed, mc::PlanPrompt(config, n, c.n_layers, c.head_dim), 1));
-    std::vector<float> full_logits, compressed_logits;
+    StepOutput full_out, compressed_out;
     const SequenceStep full_step{&full, prompt, true, nullptr};
     const SequenceStep compressed_step{&compressed, prompt, true, &config};
-    ASSERT_TRUE(backend->Forward(std::span(&full_step, 1), full_logits).ok());
-    ASSERT_TRUE(backend->Forward(std::span(&compressed_step, 1), compressed_logits).ok());
-    EXPECT_EQ(compressed_logits, full_logits);  // the prefill attends over the whole prompt
+    ASSERT_TRUE(backend->Forward(std::span(&full_step, 1), full_out).ok());
+    ASSERT_TRUE(backend->Forward(std::span(&compressed_step, 1), compressed_out).ok());
+    EXPECT_EQ(compressed_out.logits, full_out.logits);  // the prefill attends over the whole prompt
 
     const size_t element = sizeof(float), head_bytes = c.head_dim * element;
     for (int layer = 0; layer < c.n_layers; ++layer) {

@@ -27,6 +27,7 @@
 #include "engine/cuda/step_plan.h"
 #include "engine/generator.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 #include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 #include "memory/page_pool.h"
@@ -274,14 +275,58 @@ std::vector<std::vector<float>> RunSchedule(TestEngine& e,
       steps.push_back({&kvs[s], std::span(sequences[s]).subspan(fed[s], counts[s]), true});
       fed[s] += counts[s];
     }
-    std::vector<float> logits;
-    const absl::Status status = e.backend->Forward(steps, logits);
+    StepOutput out;
+    const absl::Status status = e.backend->Forward(steps, out);
     EXPECT_TRUE(status.ok()) << status;
-    all.push_back(std::move(logits));
+    all.push_back(std::move(out.logits));
   }
   for (memory::SequenceKv& kv : kvs) e.cache->Release(kv);
   EXPECT_EQ(e.pool->free_pages(), e.pool->total_pages());
   return all;
+}
+
+// Greedy rows reduced by the backend: each argmax_only row's index is Argmax of the same row
+// returned whole (a twin sequence in the same step), for a prefill chunk and decodes, with the
+// whole rows packed in step order around them.
+void CheckArgmaxOnlyRows(const Model& model, std::span<const int32_t> ids, bool cuda) {
+  ASSERT_GE(ids.size(), 7u);
+  TestEngine e = MakeEngine(model, cuda, 4096, 256);
+  ASSERT_TRUE(e.backend);
+  // Sequences 0 and 1 are twins, as are 2 and 3; 1 and 2 want only their argmax.
+  std::vector<memory::SequenceKv> kvs;
+  for (int s = 0; s < 4; ++s) kvs.push_back(e.cache->NewSequence());
+  const std::vector<int32_t> other(ids.rbegin(), ids.rend());
+  size_t fed = 0;
+  for (const size_t n : {size_t{5}, size_t{1}, size_t{1}}) {
+    std::vector<SequenceStep> steps;
+    for (int s = 0; s < 4; ++s) {
+      ASSERT_TRUE(e.cache->Reserve(kvs[s], static_cast<int32_t>(n)));
+      steps.push_back({.kv = &kvs[s],
+                       .tokens = (s < 2 ? ids : std::span<const int32_t>(other)).subspan(fed, n),
+                       .want_logits = true,
+                       .argmax_only = s == 1 || s == 2});
+    }
+    fed += n;
+    StepOutput out;
+    const absl::Status status = e.backend->Forward(steps, out);
+    ASSERT_TRUE(status.ok()) << status;
+    const size_t vocab = model.config.vocab_size;
+    ASSERT_EQ(out.logits.size(), 2 * vocab);
+    ASSERT_EQ(out.argmax.size(), 2u);
+    const std::span<const float> logits(out.logits);
+    for (size_t row = 0; row < 2; ++row) {
+      EXPECT_EQ(out.argmax[row], Argmax(logits.subspan(row * vocab, vocab)))
+          << (cuda ? "cuda" : "cpu") << ", row " << row << " after " << fed << " tokens";
+    }
+  }
+  for (memory::SequenceKv& kv : kvs) e.cache->Release(kv);
+}
+
+TEST(CpuBackendTest, ArgmaxOnlyRowsMatchTheirLogits) {
+  absl::StatusOr<Model> model = LoadTiny("llama_gqa");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const std::vector<int32_t> ids{5, 17, 3, 99, 42, 7, 250, 11};
+  CheckArgmaxOnlyRows(*model, ids, false);
 }
 
 class CudaTinyModelTest : public ::testing::TestWithParam<std::string> {
@@ -391,17 +436,18 @@ std::vector<float> RunCompressed(TestEngine& e, const memory::compress::Compress
   const int n = static_cast<int>(prompt.size());
   EXPECT_TRUE(e.cache->ReserveCompressed(
       kv, memory::compress::PlanPrompt(config, n, shape.n_layers, shape.head_dim), 1));
-  std::vector<float> all, logits;
+  std::vector<float> all;
+  StepOutput out;
   SequenceStep step{&kv, prompt, true, &config};
-  absl::Status status = e.backend->Forward({&step, 1}, logits);
+  absl::Status status = e.backend->Forward({&step, 1}, out);
   EXPECT_TRUE(status.ok()) << status;
-  all.insert(all.end(), logits.begin(), logits.end());
+  all.insert(all.end(), out.logits.begin(), out.logits.end());
   for (size_t i = 0; i < continuation.size() && status.ok(); ++i) {
     EXPECT_TRUE(e.cache->Reserve(kv, 1));
     step.tokens = continuation.subspan(i, 1);
-    status = e.backend->Forward({&step, 1}, logits);
+    status = e.backend->Forward({&step, 1}, out);
     EXPECT_TRUE(status.ok()) << status;
-    all.insert(all.end(), logits.begin(), logits.end());
+    all.insert(all.end(), out.logits.begin(), out.logits.end());
   }
   EXPECT_EQ(e.cache->Bytes(kv).rows > 0, true);
   e.cache->Release(kv);
@@ -454,6 +500,10 @@ TEST_P(CudaTinyModelTest, CompressedSequenceMatchesCpu) {
                          absl::StrCat(spec, ", 32 + 8 tokens"), got, want,
                          fixed_rows ? kLogitBound : kSelectionBound);
   }
+}
+
+TEST_P(CudaTinyModelTest, ArgmaxOnlyRowsMatchTheirLogits) {
+  CheckArgmaxOnlyRows(*model_, sequences_.back(), true);  // the longest
 }
 
 TEST_P(CudaTinyModelTest, RefusesDecodeTimeEviction) {

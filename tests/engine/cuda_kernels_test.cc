@@ -28,9 +28,11 @@
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/rope.h"
+#include "engine/cuda/rows.h"
 #include "engine/cuda/swiglu.h"
 #include "engine/model.h"
 #include "engine/rope.h"
+#include "engine/sampler.h"
 #include "tests/engine/cuda_test_util.h"
 
 namespace kvtrim::engine::cuda {
@@ -292,6 +294,41 @@ TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
           absl::StrCat(packed ? "packed" : "separate", " tokens ", s.tokens, " width ", s.width),
           DownloadBf16(d_out, n), ref, kBf16Bound);
     }
+  }
+}
+
+// Greedy sampling on the device: the same index as the host's Argmax on random rows, on rows
+// whose largest value repeats (the lowest index wins), with NaNs (they never win), with -inf
+// everywhere, and on an all-NaN row (0).
+TEST_F(CudaKernelsTest, RowArgmaxMatchesHostArgmax) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const int width : {1, 7, 1000, 49152, 128256}) {
+    std::vector<std::vector<float>> rows;
+    for (int r = 0; r < 3; ++r) rows.push_back(RandomBf16(rng_, width, 10.0f));
+    std::vector<float> ties = RandomBf16(rng_, width, 1.0f);
+    std::uniform_int_distribution<int> at(0, width - 1);
+    const int first = at(rng_), second = at(rng_);
+    ties[first] = ties[second] = 50.0f;  // the lower of the two is the answer
+    rows.push_back(ties);
+    std::vector<float> with_nan = RandomBf16(rng_, width, 1.0f);
+    for (int i = 0; i < width; i += 3) with_nan[i] = nan;
+    rows.push_back(with_nan);
+    rows.push_back(std::vector<float>(width, -inf));
+    rows.push_back(std::vector<float>(width, nan));
+    std::vector<float> all;
+    for (const std::vector<float>& row : rows) all.insert(all.end(), row.begin(), row.end());
+    const int n = static_cast<int>(rows.size());
+    DeviceBuffer d_logits = Upload(all);
+    DeviceBuffer d_argmax = Poisoned<int32_t>(n);
+    ASSERT_CUDA(LaunchRowArgmax(d_logits.as<float>(), width, n, d_argmax.as<int32_t>(), stream_));
+    Sync();
+    const std::vector<int32_t> got = Download<int32_t>(d_argmax, n);
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(got[r], Argmax(rows[r])) << "width " << width << " row " << r;
+    }
+    EXPECT_EQ(got[3], std::min(first, second)) << "width " << width;
+    EXPECT_EQ(got[n - 1], 0) << "width " << width;
   }
 }
 

@@ -64,13 +64,14 @@ std::vector<float> StepwiseLogits(const Model& model, std::span<const int32_t> i
   absl::StatusOr<std::unique_ptr<CpuBackend>> backend = CpuBackend::Create(&model, &*cache);
   EXPECT_TRUE(backend.ok()) << backend.status();
   memory::SequenceKv kv = cache->NewSequence();
-  std::vector<float> all, step_logits;
+  std::vector<float> all;
+  StepOutput out;
   for (size_t i = 0; i < ids.size(); ++i) {
     EXPECT_TRUE(cache->Reserve(kv, 1));
     SequenceStep step{&kv, ids.subspan(i, 1), true};
-    absl::Status status = (*backend)->Forward({&step, 1}, step_logits);
+    absl::Status status = (*backend)->Forward({&step, 1}, out);
     EXPECT_TRUE(status.ok()) << status;
-    all.insert(all.end(), step_logits.begin(), step_logits.end());
+    all.insert(all.end(), out.logits.begin(), out.logits.end());
   }
   cache->Release(kv);
   EXPECT_EQ(pool->free_pages(), pool->total_pages());

@@ -247,9 +247,9 @@ class FailingBackend : public Backend {
  public:
   FailingBackend(std::unique_ptr<Backend> cpu, int failing_call)
       : cpu_(std::move(cpu)), failing_call_(failing_call) {}
-  absl::Status Forward(std::span<const SequenceStep> steps, std::vector<float>& logits) override {
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
     if (++calls_ == failing_call_) return absl::InternalError("injected failure");
-    return cpu_->Forward(steps, logits);
+    return cpu_->Forward(steps, out);
   }
 
  private:
