@@ -7,6 +7,8 @@
 //   prefill tok/s   all prompt tokens / the time until every request has its first token
 //   decode ms/step  the time after that / (new_tokens - 1): every running request decodes one
 //                   token per step
+//   forward ms      of a decode step, the time inside Backend::Forward (the rest of the step is
+//                   the scheduler's: sampling, stop rules, streaming the tokens out)
 //   roofline ms     (weight bytes + KV bytes read per step) / --copy_gbs, at the middle of the
 //                   decode (KV bytes from each request's final kv_bytes.rows, less half the
 //                   generated rows); omitted without --copy_gbs
@@ -25,8 +27,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -35,6 +39,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/backend_choice.h"
+#include "engine/cpu/forward.h"
 #include "engine/dummy_model.h"
 #include "engine/generator.h"
 #include "engine/model_source.h"
@@ -58,10 +63,44 @@ ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline 
 namespace kvtrim::engine {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
+// The engine's backend, recording when each Forward began and ended (seconds since *origin).
+class TimedBackend : public Backend {
+ public:
+  struct Span {
+    double begin, end;
+  };
+  TimedBackend(std::unique_ptr<Backend> inner, const Clock::time_point* origin,
+               std::vector<Span>* spans)
+      : inner_(std::move(inner)), origin_(*origin), spans_(*spans) {}
+
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    const double begin = Since(origin_);
+    absl::Status status = inner_->Forward(steps, out);
+    spans_.push_back({begin, Since(origin_)});
+    return status;
+  }
+  absl::Status SupportsCompression(
+      const memory::compress::CompressionConfig& compression) const override {
+    return inner_->SupportsCompression(compression);
+  }
+
+ private:
+  static double Since(Clock::time_point origin) {
+    return std::chrono::duration<double>(Clock::now() - origin).count();
+  }
+  std::unique_ptr<Backend> inner_;
+  const Clock::time_point& origin_;
+  std::vector<Span>& spans_;
+};
+
 struct Row {
   std::string spec;
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;
+  double decode_forward_seconds = 0.0;  // inside Forward, the steps after prefill_seconds
+  int decode_forwards = 0;
   int64_t kv_rows_bytes = 0;  // at the middle of the decode, all requests
   int64_t kv_stored_bytes = 0;
   int64_t kv_full_bytes = 0;
@@ -144,12 +183,24 @@ int Run() {
     std::fprintf(stderr, "serve_bench: %s\n", problem.c_str());
     return 1;
   }
+  // Every Forward's time, through a TimedBackend around the chosen one.
+  Clock::time_point origin;
+  std::vector<TimedBackend::Span> spans;
+  Scheduler::BackendFactory make_timed =
+      [&, make = backend->make_backend](
+          const Model* m, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    absl::StatusOr<std::unique_ptr<Backend>> inner =
+        make ? make(m, cache)
+             : absl::StatusOr<std::unique_ptr<Backend>>(CpuBackend::Create(m, cache));
+    if (!inner.ok()) return inner.status();
+    return std::make_unique<TimedBackend>(*std::move(inner), &origin, &spans);
+  };
   GeneratorOptions options{
       .pool_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_pool_gib) * (1 << 30)),
       .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
       .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = requests,
-      .make_backend = backend->make_backend,
+      .make_backend = make_timed,
       .kv_element_bytes = backend->kv_element_bytes,
       .kv_storage = backend->kv_storage};
   absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(&*model, options);
@@ -183,10 +234,10 @@ int Run() {
       request.compression = *config;
     }
     // Wall time of each request's first token and of the last token of all.
-    using Clock = std::chrono::steady_clock;
     std::vector<double> first(requests, -1.0);
     double last = 0.0;
-    const Clock::time_point start = Clock::now();
+    const Clock::time_point start = origin = Clock::now();
+    spans.clear();
     absl::StatusOr<std::vector<GenerationResult>> results =
         (*generator)->Run(batch, [&](int index, const TokenOutput&) {
           const double now = std::chrono::duration<double>(Clock::now() - start).count();
@@ -206,6 +257,11 @@ int Run() {
     Row row{.spec = spec};
     row.prefill_seconds = *std::max_element(first.begin(), first.end());
     row.decode_seconds = last - row.prefill_seconds;
+    for (const TimedBackend::Span& span : spans) {
+      if (span.begin < row.prefill_seconds) continue;
+      row.decode_forward_seconds += span.end - span.begin;
+      ++row.decode_forwards;
+    }
     const int64_t generated_row_bytes =
         2LL * c.n_layers * c.n_kv_heads * c.head_dim * backend->kv_element_bytes * (new_tokens / 2);
     for (const GenerationResult& result : *results) {
@@ -219,15 +275,16 @@ int Run() {
   const double copy_gbs = absl::GetFlag(FLAGS_copy_gbs);
   const int64_t weight_bytes = WeightBytes(c, backend->kv_element_bytes);
   std::printf(
-      "\n| spec | prefill tok/s | decode ms/step | decode tok/s | KV stored / uncompressed |"
-      " prefill x none |%s\n",
+      "\n| spec | prefill tok/s | decode ms/step | forward ms | decode tok/s |"
+      " KV stored / uncompressed | prefill x none |%s\n",
       copy_gbs > 0 ? " roofline ms/step | step / roofline |" : "");
-  std::printf("|---|--:|--:|--:|--:|--:|%s\n", copy_gbs > 0 ? "--:|--:|" : "");
+  std::printf("|---|--:|--:|--:|--:|--:|--:|%s\n", copy_gbs > 0 ? "--:|--:|" : "");
   const int steps = std::max(1, new_tokens - 1);
   for (const Row& row : rows) {
     const double step_ms = 1e3 * row.decode_seconds / steps;
-    std::printf("| %s | %.0f | %.2f | %.0f | %.2f%% | %.2f |", row.spec.c_str(),
+    std::printf("| %s | %.0f | %.2f | %.2f | %.0f | %.2f%% | %.2f |", row.spec.c_str(),
                 static_cast<double>(requests) * prompt_tokens / row.prefill_seconds, step_ms,
+                1e3 * row.decode_forward_seconds / std::max(1, row.decode_forwards),
                 static_cast<double>(requests) * steps / row.decode_seconds,
                 100.0 * row.kv_stored_bytes / std::max<int64_t>(1, row.kv_full_bytes),
                 row.prefill_seconds / rows.front().prefill_seconds);
