@@ -23,7 +23,8 @@
 # Each program building the dummy 8B model makes 32 GB of fp32 host weights first (seconds on
 # 16 cores) and uploads them as bf16.
 # Also REQUESTS (32), PROMPT (8192), NEW (256), POOL_GIB (40), CAPACITY_REQUESTS (400),
-# CAPACITY_COMPLETE (16: tokens each capacity request generates). The count is the pool's limit
+# CAPACITY_COMPLETE (16: tokens each capacity request generates), CAPACITY_CONFIGS (memory_report.py's
+# configuration names separated by ';', default all). The count is the pool's limit
 # only if requests live until the pool fills: at about 14k prefill tokens/s, filling 40 GB with
 # compressed 8k requests takes minutes, so raise CAPACITY_COMPLETE (and give capacity the whole
 # call); memory_report.py says when the peak was not the pool's limit.
@@ -88,7 +89,8 @@ if wants capacity; then
   done
   PYTHONPATH=$stage/pylib run capacity python3 tools/quality/memory_report.py --capacity-only \
     --capacity-server 127.0.0.1:50300 --random-prompts --prompt-tokens "$prompt" \
-    --requests "${CAPACITY_REQUESTS:-400}" --complete "${CAPACITY_COMPLETE:-16}" --stubs "$stage/py/stubs"
+    --requests "${CAPACITY_REQUESTS:-400}" --complete "${CAPACITY_COMPLETE:-16}" --stubs "$stage/py/stubs" \
+    ${CAPACITY_CONFIGS:+--capacity-configs "$CAPACITY_CONFIGS"}
   kill -TERM "$server" && wait "$server"
 fi
 for log in "$out"/*.log; do

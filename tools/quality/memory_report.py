@@ -177,7 +177,7 @@ def unserved(name, calls, most, served, finals, errors, max_tokens, context):
     return message + "."
 
 
-def capacity(stub, prompt_ids, settle_seconds, complete):
+def capacity(stub, prompt_ids, settle_seconds, complete, configs):
     stats = stub.GetServerStats(pb.GetServerStatsRequest())
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     context = info.max_context
@@ -193,7 +193,7 @@ def capacity(stub, prompt_ids, settle_seconds, complete):
           " pool used at that moment (MiB) | served to completion |")
     print("|---|---|---|---|---|---|")
     baseline = None
-    for name, fields in CAPACITY_CONFIGS:
+    for name, fields in configs:
         calls = [stub.Generate(request(ids, fields, max_tokens), timeout=3600)
                  for ids in prompt_ids]
         drained, finals, errors = [], [], []
@@ -237,7 +237,8 @@ def capacity(stub, prompt_ids, settle_seconds, complete):
         if most == 0 or (complete and not served):
             sys.exit(unserved(name, len(calls), most, served, finals, errors, max_tokens,
                               context))
-        baseline = baseline or most
+        if name == "none":
+            baseline = most
         note = " (all submitted: raise --requests)" if most == len(calls) else ""
         # The count is the pool's capacity only when the pool was (nearly) full with requests
         # still waiting; otherwise requests ended faster than prompts were admitted.
@@ -246,7 +247,8 @@ def capacity(stub, prompt_ids, settle_seconds, complete):
                     " of it in use; requests ended before it filled: raise --complete)")
         served_text = (f"{len(served)} of {len(calls)} (finish: length)" if complete
                        else "cancelled once counted")
-        print(f"| {name} | {len(calls)} | {most}{note} | {most / baseline:.1f}x |"
+        ratio = f"{most / baseline:.1f}x" if baseline else "—"  # without a "none" row
+        print(f"| {name} | {len(calls)} | {most}{note} | {ratio} |"
               f" {used_at_most / MIB:.0f} | {served_text} |", flush=True)
     print()
 
@@ -265,6 +267,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     parser.add_argument("--complete", type=int, default=0,
                         help="capacity requests generate this many tokens and run to completion")
+    parser.add_argument("--capacity-configs",
+                        help="the capacity configurations to run, by name, separated by ';'"
+                             f" (default all: {'; '.join(n for n, _ in CAPACITY_CONFIGS)})")
     parser.add_argument("--random-prompts", action="store_true",
                         help="random ids of the model's vocabulary instead of the document")
     parser.add_argument("--document")
@@ -276,6 +281,15 @@ def main():
     if not args.random_prompts and not args.document:
         parser.error("--document is required unless --random-prompts")
     PROMPT_TOKENS = args.prompt_tokens
+    configs = CAPACITY_CONFIGS
+    if args.capacity_configs:
+        known = dict(CAPACITY_CONFIGS)
+        names = [n.strip() for n in args.capacity_configs.split(";") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            parser.error(f"--capacity-configs: unknown {unknown or 'empty'}; known:"
+                         f" {'; '.join(known)}")
+        configs = [(n, known[n]) for n in names]
     load_stubs(args.stubs, args.source_dir)
     document = None
     if args.document:
@@ -290,7 +304,7 @@ def main():
         footprint(stub, make_prompts(stub, 1)[0])
     if args.capacity_server:
         cap = pb_grpc.InferenceStub(grpc.insecure_channel(args.capacity_server))
-        capacity(cap, make_prompts(cap, args.requests), args.settle, args.complete)
+        capacity(cap, make_prompts(cap, args.requests), args.settle, args.complete, configs)
 
 
 if __name__ == "__main__":
