@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -34,12 +35,23 @@ struct StepOutput {
                                 // and an all-NaN row go to the lowest index
 };
 
+// Where a Forward's time went, in milliseconds, for the backends that measure it.
+struct StepProfile {
+  double plan_ms = 0.0;    // host: checks, the step's plan and buffers, before any device work
+  double queue_ms = 0.0;   // host: queuing the device work (launches, copies)
+  double wait_ms = 0.0;    // host: blocked on the device at the end of the step
+  double finish_ms = 0.0;  // host: after the wait (results, sequence bookkeeping)
+  double device_ms = 0.0;  // device: from the first queued operation to the end of the last
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   // Runs every sequence's new tokens through the model, appends their K/V rows to the pages,
   // and fills `out` for the steps that want logits.
   virtual absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) = 0;
+  // The last Forward's profile; none where the backend does not measure it.
+  virtual std::optional<StepProfile> LastStepProfile() const { return std::nullopt; }
   // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
   // else INVALID_ARGUMENT naming what this backend does not run.
   virtual absl::Status SupportsCompression(

@@ -25,7 +25,6 @@
 #include "engine/cuda/forward.h"
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <utility>
 
@@ -53,20 +52,22 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-// Grows `buffer` to at least `bytes` (contents are not kept).
-absl::Status Grow(DeviceBuffer& buffer, size_t bytes) {
-  if (buffer.bytes() >= bytes) return absl::OkStatus();
-  buffer = DeviceBuffer();  // free first: the peak stays one buffer
-  absl::StatusOr<DeviceBuffer> grown = DeviceBuffer::Allocate(bytes);
-  if (!grown.ok()) return grown.status();
-  buffer = *std::move(grown);
-  return absl::OkStatus();
+using Clock = std::chrono::steady_clock;
+
+double Ms(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
 }
 
-absl::Status Grow(PinnedBuffer& buffer, size_t bytes) {
+// Grows `buffer` to at least `bytes` (contents are not kept), by half its size at least: buffers
+// that grow a little every step (the plan gains page ids as sequences lengthen) are reallocated
+// only now and then, not each step (an allocation of pinned memory costs milliseconds, a
+// cudaFree waits for the device).
+template <class Buffer>
+absl::Status Grow(Buffer& buffer, size_t bytes) {
   if (buffer.bytes() >= bytes) return absl::OkStatus();
-  buffer = PinnedBuffer();
-  absl::StatusOr<PinnedBuffer> grown = PinnedBuffer::Allocate(bytes);
+  bytes = std::max(bytes, buffer.bytes() + buffer.bytes() / 2);
+  buffer = Buffer();  // free first: the peak stays one buffer
+  absl::StatusOr<Buffer> grown = Buffer::Allocate(bytes);
   if (!grown.ok()) return grown.status();
   buffer = *std::move(grown);
   return absl::OkStatus();
@@ -145,6 +146,8 @@ CudaBackend::CudaBackend(const Model* model, memory::KvCache* cache)
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   gemm_.reset();
+  if (step_begin_) cudaEventDestroy(step_begin_);
+  if (step_end_) cudaEventDestroy(step_end_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -153,6 +156,8 @@ absl::Status CudaBackend::Init() {
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, 0), "SM count"));
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_begin_), "cudaEventCreate"));
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_end_), "cudaEventCreate"));
   absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
   if (!gemm.ok()) return gemm.status();
   gemm_ = *std::move(gemm);
@@ -197,7 +202,6 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
 }
 
 absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
-  KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, plan_.bytes()));
   KVTRIM_RETURN_IF_ERROR(Grow(plan_device_, plan_.bytes()));
   KVTRIM_RETURN_IF_ERROR(Grow(workspace_, workspace_bytes));
   if (plan_.logit_rows > capacity_logits_) {
@@ -245,6 +249,8 @@ absl::Status CudaBackend::SupportsCompression(
 }
 
 absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutput& out) {
+  const Clock::time_point began = Clock::now();
+  profile_ = {};
   for (const SequenceStep& step : steps) {
     if (step.compressed()) {
       KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
@@ -266,20 +272,29 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
                         .window = config_.sliding_window,
                         .query_tile = kPrefillQueryTile,
                         .scratch_value_base = capacity_tokens_};
-  KVTRIM_RETURN_IF_ERROR(BuildStepPlan(steps, shape, plan_));
+  // Built straight into the pinned buffer the upload reads (the previous step's upload is done:
+  // every step ends synchronised).
+  KVTRIM_RETURN_IF_ERROR(
+      BuildStepPlan(steps, shape, plan_, [this](size_t elements) -> absl::StatusOr<int32_t*> {
+        KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, elements * sizeof(int32_t)));
+        return plan_staging_.as<int32_t>();
+      }));
   const int splits =
       config_.sliding_window > 0
           ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
-  if (absl::Status status = Run(steps, splits, out); !status.ok()) {
+  if (absl::Status status = Run(steps, splits, out, began); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
     cudaStreamSynchronize(stream_);
     return status;
   }
-  return UpdateSequences(steps);
+  const Clock::time_point waited = Clock::now();
+  absl::Status status = UpdateSequences(steps);
+  profile_.finish_ms += Ms(waited, Clock::now());
+  return status;
 }
 
 absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
@@ -329,10 +344,13 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, StepOutput& out) {
+absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
+                              Clock::time_point began) {
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden;
-  std::memcpy(plan_staging_.as<void>(), plan_.data.data(), plan_.bytes());
+  const Clock::time_point planned = Clock::now();
+  profile_.plan_ms = Ms(began, planned);
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(cudaMemcpyAsync(plan_device_.as<void>(), plan_staging_.as<void>(), plan_.bytes(),
                                  cudaMemcpyHostToDevice, stream_),
@@ -393,13 +411,23 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
       row = end;
     }
   }
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_, stream_), "cudaEventRecord"));
+  const Clock::time_point queued = Clock::now();
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "forward step"));
+  const Clock::time_point synced = Clock::now();
+  profile_.queue_ms = Ms(planned, queued);
+  profile_.wait_ms = Ms(queued, synced);
+  float device_ms = 0.0f;
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(cudaEventElapsedTime(&device_ms, step_begin_, step_end_), "cudaEventElapsedTime"));
+  profile_.device_ms = device_ms;
   out.logits.assign(logits_host_.as<float>(),
                     logits_host_.as<float>() + (wanting - n_argmax) * vocab);
   out.argmax.clear();
   for (int row = 0; row < wanting; ++row) {
     if (argmax_only_[row]) out.argmax.push_back(argmax_host_.as<int32_t>()[row]);
   }
+  profile_.finish_ms = Ms(synced, Clock::now());
   return absl::OkStatus();
 }
 

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -51,6 +52,8 @@ class CudaBackend : public Backend {
   // As Backend::Forward. Synchronous: returns once the logits are on the host. The argmax_only
   // rows are reduced on the device; only their indices are copied back.
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
+  // Host phases timed with a steady clock, the device span with two CUDA events.
+  std::optional<StepProfile> LastStepProfile() const override { return profile_; }
   // Prompt selection (snapkv, pyramidkv, streamingllm) and ThinK run on the device; decode-time
   // eviction and re-thinning are refused.
   absl::Status SupportsCompression(
@@ -65,7 +68,9 @@ class CudaBackend : public Backend {
   // Grows the other per-step buffers to the plan's sizes (never shrinks).
   absl::Status Reserve(size_t workspace_bytes);
   // Queues the whole step on stream_ and copies the logits back.
-  absl::Status Run(std::span<const SequenceStep> steps, int splits, StepOutput& out);
+  // `began`: when Forward was entered (the start of profile_.plan_ms).
+  absl::Status Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
+                   std::chrono::steady_clock::time_point began);
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
   PagedKv PagesOf(int layer) const;
@@ -86,13 +91,15 @@ class CudaBackend : public Backend {
   int sm_count_ = 0;
 
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t step_begin_ = nullptr, step_end_ = nullptr;  // around the device work of a step
+  StepProfile profile_;
   std::unique_ptr<Gemm> gemm_;
   DeviceWeights weights_;
   DeviceBuffer pages_;     // (total_pages, page_bytes) the K/V rows, bf16
   DeviceBuffer inv_freq_;  // (head_dim / 2) fp32
 
   StepPlan plan_;              // this step's host plan
-  PinnedBuffer plan_staging_;  // (plan bytes) host side of the plan upload
+  PinnedBuffer plan_staging_;  // (plan bytes) the plan's arrays, built here for the upload
   DeviceBuffer plan_device_;   // (plan bytes) the plan on the device
   int capacity_tokens_ = 0;    // T the buffers below hold
   DeviceBuffer x_;             // (T, hidden) fp32 residual stream

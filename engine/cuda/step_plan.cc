@@ -94,16 +94,15 @@ void CopyPages(const memory::PageList& list, int32_t entries, int32_t* out) {
 }  // namespace
 
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
-                           StepPlan& plan) {
+                           StepPlan& plan, const PlanStorage& storage) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;
   // A fresh plan that keeps the vectors' capacity.
-  std::vector<int32_t> data = std::move(plan.data), step_of_seq = std::move(plan.step_of_seq);
+  std::vector<int32_t> own = std::move(plan.own), step_of_seq = std::move(plan.step_of_seq);
   std::vector<PromptJob> jobs = std::move(plan.prompts);
-  data.clear();
   step_of_seq.clear();
   jobs.clear();
   plan = StepPlan{};
-  plan.data = std::move(data);
+  plan.own = std::move(own);
   plan.step_of_seq = std::move(step_of_seq);
   plan.prompts = std::move(jobs);
 
@@ -208,7 +207,19 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   at.scratch_values = at.scratch_keys + plan.scratch_rows;
   at.scratch_rows = at.scratch_values + plan.scratch_rows;
   at.scratch_items = at.scratch_rows + (prompts ? S : 0);
-  plan.data.assign(at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items), 0);
+  const size_t elements = at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items);
+  if (storage) {
+    absl::StatusOr<int32_t*> memory = storage(elements);
+    if (!memory.ok()) return memory.status();
+    plan.data = std::span<int32_t>(*memory, elements);
+  } else {
+    plan.own.resize(elements);
+    plan.data = std::span<int32_t>(plan.own);
+  }
+  // Zeros where the loop below may leave entries unwritten; the page lists it fills whole.
+  std::fill(plan.data.begin(), plan.data.begin() + at.key_pages, 0);
+  std::fill(plan.data.begin() + at.decode, plan.data.begin() + at.thin_key_pages, 0);
+  std::fill(plan.data.begin() + at.thin_rows, plan.data.end(), 0);
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);

@@ -16,10 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/backend.h"
 #include "memory/compress/compression.h"
 
@@ -97,17 +99,24 @@ struct StepPlan {
     size_t scratch_rows = 0;    // (S) rows each sequence holds there
     size_t scratch_items = 0;   // (scratch_items, 2) query tiles over the scratch
   } at;
-  std::vector<int32_t> data;
+  std::span<int32_t> data;           // the arrays: in `own` or in the caller's PlanStorage
+  std::vector<int32_t> own;          // storage of `data` when BuildStepPlan got no PlanStorage
   std::vector<int32_t> step_of_seq;  // (S) index in `steps` of each planned sequence
 
-  size_t bytes() const { return data.size() * sizeof(int32_t); }
+  size_t bytes() const { return data.size_bytes(); }
 };
+
+// Memory for the plan's arrays: `elements` int32 that stay valid and untouched until the next
+// BuildStepPlan (the CUDA backend's pinned upload buffer, so that the plan is built where the
+// copy to the device reads it).
+using PlanStorage = std::function<absl::StatusOr<int32_t*>(size_t elements)>;
 
 // Plans `steps` (steps without new tokens are skipped). INVALID_ARGUMENT for a token id outside
 // [0, vocab_size); INTERNAL when a sequence's pages were not reserved for its new rows, its
 // layers disagree, or a compressed sequence is fed what its layout cannot take (bugs of the
-// caller). Reuses `plan`'s storage.
+// caller). The arrays go to `storage` when given, else to plan.own (reused from call to call); an
+// error of `storage` is returned as it is.
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
-                           StepPlan& plan);
+                           StepPlan& plan, const PlanStorage& storage = {});
 
 }  // namespace kvtrim::engine::cuda

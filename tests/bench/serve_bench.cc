@@ -9,6 +9,8 @@
 //                   token per step
 //   forward ms      of a decode step, the time inside Backend::Forward (the rest of the step is
 //                   the scheduler's: sampling, stop rules, streaming the tokens out)
+// and, where the backend profiles its steps (Backend::LastStepProfile: the CUDA one), a second
+// table splitting the decode step's Forward into its host phases and the device's span.
 //   roofline ms     (weight bytes + KV bytes read per step) / --copy_gbs, at the middle of the
 //                   decode (KV bytes from each request's final kv_bytes.rows, less half the
 //                   generated rows); omitted without --copy_gbs
@@ -28,6 +30,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -70,6 +73,7 @@ class TimedBackend : public Backend {
  public:
   struct Span {
     double begin, end;
+    std::optional<StepProfile> profile;
   };
   TimedBackend(std::unique_ptr<Backend> inner, const Clock::time_point* origin,
                std::vector<Span>* spans)
@@ -78,7 +82,7 @@ class TimedBackend : public Backend {
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
     const double begin = Since(origin_);
     absl::Status status = inner_->Forward(steps, out);
-    spans_.push_back({begin, Since(origin_)});
+    spans_.push_back({begin, Since(origin_), inner_->LastStepProfile()});
     return status;
   }
   absl::Status SupportsCompression(
@@ -101,6 +105,8 @@ struct Row {
   double decode_seconds = 0.0;
   double decode_forward_seconds = 0.0;  // inside Forward, the steps after prefill_seconds
   int decode_forwards = 0;
+  StepProfile profile;  // summed over the decode steps that have one
+  int profiled = 0;
   int64_t kv_rows_bytes = 0;  // at the middle of the decode, all requests
   int64_t kv_stored_bytes = 0;
   int64_t kv_full_bytes = 0;
@@ -254,13 +260,21 @@ int Run() {
       std::fprintf(stderr, "serve_bench: %s: %s\n", spec.c_str(), shortfall.c_str());
       return 1;
     }
-    Row row{.spec = spec};
+    Row row;
+    row.spec = spec;
     row.prefill_seconds = *std::max_element(first.begin(), first.end());
     row.decode_seconds = last - row.prefill_seconds;
     for (const TimedBackend::Span& span : spans) {
       if (span.begin < row.prefill_seconds) continue;
       row.decode_forward_seconds += span.end - span.begin;
       ++row.decode_forwards;
+      if (!span.profile) continue;
+      row.profile.plan_ms += span.profile->plan_ms;
+      row.profile.queue_ms += span.profile->queue_ms;
+      row.profile.wait_ms += span.profile->wait_ms;
+      row.profile.finish_ms += span.profile->finish_ms;
+      row.profile.device_ms += span.profile->device_ms;
+      ++row.profiled;
     }
     const int64_t generated_row_bytes =
         2LL * c.n_layers * c.n_kv_heads * c.head_dim * backend->kv_element_bytes * (new_tokens / 2);
@@ -293,6 +307,18 @@ int Run() {
       std::printf(" %.2f | %.2f |", roofline_ms, step_ms / roofline_ms);
     }
     std::printf("\n");
+  }
+  if (std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.profiled > 0; })) {
+    std::printf(
+        "\nInside Forward, per decode step (ms): host plan | host queue | host wait | host finish"
+        " | device span\n\n| spec | plan | queue | wait | finish | device |\n"
+        "|---|--:|--:|--:|--:|--:|\n");
+    for (const Row& row : rows) {
+      const double n = std::max(1, row.profiled);
+      std::printf("| %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n", row.spec.c_str(),
+                  row.profile.plan_ms / n, row.profile.queue_ms / n, row.profile.wait_ms / n,
+                  row.profile.finish_ms / n, row.profile.device_ms / n);
+    }
   }
   std::printf("\nweights read per step: %.2f GB (%d-byte elements)\n", weight_bytes / 1e9,
               backend->kv_element_bytes);
