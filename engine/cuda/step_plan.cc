@@ -239,15 +239,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     if (thin) d[at.thin_indptr + s] = thin_page;
     if (prompts) d[at.scratch_indptr + s] = scratch;
     for (size_t layer = 0; layer < L; ++layer) {
-      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * P + page);
-      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * P + page);
       const int32_t rows = prompt ? 0 : kv.keys[layer].rows + n_new;
       d[at.kv_rows + layer * S + s] = rows;
-      if (is_compressed) {
-        const memory::CompressedLayer& c = kv.compressed[layer];
-        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PT + thin_page);
-        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PT + thin_page);
-      }
       if (!compressed) continue;
       int32_t* thin_rows = d + at.thin_rows + (layer * S + s) * H;
       int32_t* recent_rows = d + at.recent_rows + (layer * S + s) * H;
@@ -294,6 +287,23 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     if (step.want_logits) d[at.logits + logit++] = token - 1;
     page += n_pages;
     thin_page += n_thin;
+  }
+  // The page lists, most of the plan (32 sequences of 8k tokens at 8 rows a page: 8 MB), copied
+  // on every core: each sequence's place in them is set above.
+#pragma omp parallel for schedule(static) if (P * L > (1 << 16))
+  for (int s = 0; s < plan.seqs; ++s) {
+    const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
+    const int32_t page = d[at.page_indptr + s], n_pages = seq_pages[s];
+    const int32_t thin_page = thin ? d[at.thin_indptr + s] : 0, n_thin = seq_thin_pages[s];
+    for (size_t layer = 0; layer < L; ++layer) {
+      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * P + page);
+      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * P + page);
+      if (thin && n_thin > 0) {
+        const memory::CompressedLayer& c = kv.compressed[layer];
+        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PT + thin_page);
+        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PT + thin_page);
+      }
+    }
   }
   d[at.token_indptr + plan.seqs] = token;
   d[at.page_indptr + plan.seqs] = page;
