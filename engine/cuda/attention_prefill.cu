@@ -61,7 +61,10 @@ __global__ void __launch_bounds__(kThreads)
   __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
   __nv_bfloat16* stages = q_tile + T::kTileElements;  // stage s: K at 2s, V at 2s + 1
 
-  const int seq = items[2 * blockIdx.x], first_query = items[2 * blockIdx.x + 1];
+  // The last items first: a sequence's later query tiles see the most rows, and starting the
+  // longest blocks first leaves the short ones to fill the last wave.
+  const int item = gridDim.x - 1 - blockIdx.x;
+  const int seq = items[2 * item], first_query = items[2 * item + 1];
   const int head = blockIdx.y, kv_head = head / group;
   const int first_token = token_indptr[seq];
   const int n_new = token_indptr[seq + 1] - first_token;
@@ -112,6 +115,18 @@ __global__ void __launch_bounds__(kThreads)
   CommitCopies();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  // Tiles whose every row each query of the block sees need no mask: those wholly at or before
+  // the first query's position and, with a window, after the last query's window start.
+  const int last_position = first_position + n_queries - 1;
+  const auto needs_mask = [&](int k0) {
+    return k0 + kTileK - 1 > first_position || (window > 0 && k0 <= last_position - window);
+  };
+  // The warp's query fragments stay in registers for the whole walk where they fit.
+  constexpr bool kQueryInRegisters = kHeadDim <= 128;
+  uint32_t q_frag[kQueryInRegisters ? kHeadDim / 16 : 1][4];
+  const auto query_fragment = [&](int k, uint32_t(&a)[4]) {
+    LoadMatrices(a, q_tile + T::At(warp * 16 + (lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
+  };
   float o[kHeadDim / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows lane / 4 and lane / 4 + 8
   for (int t = 0; t < tiles; ++t) {
@@ -128,11 +143,22 @@ __global__ void __launch_bounds__(kThreads)
     const __nv_bfloat16* v_tile = k_tile + T::kTileElements;
     const int k0 = lo + t * kTileK;
 
+    if constexpr (kQueryInRegisters) {
+      if (t == 0) {
+#pragma unroll
+        for (int k = 0; k < kHeadDim / 16; ++k) query_fragment(k, q_frag[k]);
+      }
+    }
     float s[kTileK / 8][4] = {};
 #pragma unroll
     for (int k = 0; k < kHeadDim / 16; ++k) {
       uint32_t a[4];
-      LoadMatrices(a, q_tile + T::At(warp * 16 + (lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
+      if constexpr (kQueryInRegisters) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = q_frag[k][i];
+      } else {
+        query_fragment(k, a);
+      }
 #pragma unroll
       for (int n = 0; n < kTileK / 8; n += 2) {
         uint32_t b[4];  // key n-tiles n and n + 1, both halves of the 16 channels
@@ -142,20 +168,35 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    // Masks, then the online softmax of rows g = lane / 4 (h = 0) and g + 8 (h = 1).
+    // Scaled scores, masked where needed, then the online softmax of rows g = lane / 4 (h = 0)
+    // and g + 8 (h = 1). The product is rounded on its own (__fmul_rn, never fused into the
+    // exponent's subtraction): on SmolLM2 the fused form moved the logits twice as far from the
+    // fp32 reference, whose scores are rounded before the softmax too.
+    if (needs_mask(k0)) {
+#pragma unroll
+      for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int query = warp * 16 + lane / 4 + 8 * (e / 2);
+          const int position = first_position + query;
+          const int key = k0 + n * 8 + 2 * quad + e % 2;
+          const bool visible =
+              query < n_queries && key <= position && (window == 0 || key > position - window);
+          s[n][e] = visible ? __fmul_rn(s[n][e], scale_log2) : -INFINITY;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(s[n][e], scale_log2);
+      }
+    }
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < kTileK / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = warp * 16 + lane / 4 + 8 * (e / 2);
-        const int position = first_position + query;
-        const int key = k0 + n * 8 + 2 * quad + e % 2;
-        const bool visible =
-            query < n_queries && key <= position && (window == 0 || key > position - window);
-        s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
-      }
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
     }
     float correction[2], base[2];
 #pragma unroll
