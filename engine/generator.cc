@@ -82,16 +82,17 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(std::span<const int32
   if (prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
   const ModelConfig& c = model_.config;
   const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, options_.kv_element_bytes};
-  const size_t rows_per_page = options_.page_bytes / shape.row_bytes();
+  const size_t page_bytes =
+      options_.page_bytes != 0 ? options_.page_bytes : shape.default_page_bytes();
+  const size_t rows_per_page = page_bytes / shape.row_bytes();
   if (rows_per_page == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("a KV row of ", shape.row_bytes(),
-                                                   " bytes does not fit a page of ",
-                                                   options_.page_bytes, " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a KV row of ", shape.row_bytes(), " bytes does not fit a page of ", page_bytes, " bytes"));
   }
   // A pool of its own, exactly the prompt's pages: never competes with Run's requests.
   const size_t pages = 2 * shape.n_layers * ((prompt.size() + rows_per_page - 1) / rows_per_page);
-  absl::StatusOr<memory::PagePool> pool = memory::PagePool::Create(
-      options_.page_bytes, static_cast<int32_t>(pages), options_.kv_storage);
+  absl::StatusOr<memory::PagePool> pool =
+      memory::PagePool::Create(page_bytes, static_cast<int32_t>(pages), options_.kv_storage);
   if (!pool.ok()) return pool.status();
   absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(&*pool, shape);
   if (!cache.ok()) return cache.status();

@@ -144,20 +144,22 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
         absl::StrCat("step_tokens (", options.step_tokens, ") must be at least max_running (",
                      options.max_running, "): every running request decodes once per step"));
   }
-  const size_t pages = options.page_bytes == 0 ? 0 : options.pool_bytes / options.page_bytes;
+  const ModelConfig& c = model->config;
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, options.kv_element_bytes};
+  const size_t page_bytes =
+      options.page_bytes != 0 ? options.page_bytes : shape.default_page_bytes();
+  const size_t pages = options.pool_bytes / page_bytes;
   if (pages == 0 || pages > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("a KV pool of ", options.pool_bytes,
-                                                   " bytes cannot hold pages of ",
-                                                   options.page_bytes, " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a KV pool of ", options.pool_bytes, " bytes cannot hold pages of ", page_bytes, " bytes"));
   }
   std::unique_ptr<Scheduler> scheduler(new Scheduler(model, tokenizer, options));
+  scheduler->options_.page_bytes = page_bytes;
   absl::StatusOr<memory::PagePool> pool =
-      memory::PagePool::Create(options.page_bytes, static_cast<int32_t>(pages), options.kv_storage);
+      memory::PagePool::Create(page_bytes, static_cast<int32_t>(pages), options.kv_storage);
   if (!pool.ok()) return pool.status();
   scheduler->pool_ = std::make_unique<memory::PagePool>(*std::move(pool));
-  const ModelConfig& c = model->config;
-  absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(
-      scheduler->pool_.get(), {c.n_layers, c.n_kv_heads, c.head_dim, options.kv_element_bytes});
+  absl::StatusOr<memory::KvCache> cache = memory::KvCache::Create(scheduler->pool_.get(), shape);
   if (!cache.ok()) return cache.status();
   scheduler->cache_ = std::make_unique<memory::KvCache>(*std::move(cache));
   if (make_backend) {

@@ -48,7 +48,7 @@ namespace kvtrim::engine {
 
 struct SchedulerOptions {
   size_t pool_bytes = size_t{1} << 30;  // KV pool size
-  size_t page_bytes = 16 * 1024;
+  size_t page_bytes = 0;      // KV page size; 0 = memory::KvShape::default_page_bytes()
   int32_t step_tokens = 512;  // most tokens (decode + prefill) in one step; >= max_running
   int32_t max_running = 64;   // most requests decoding or prefilling at once
   int32_t max_queued = 256;   // Submit fails with RESOURCE_EXHAUSTED beyond this

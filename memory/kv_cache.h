@@ -38,6 +38,15 @@ struct KvShape {
   int32_t element_bytes = 4;  // bytes of one stored element (fp32 on the CPU reference)
 
   int32_t row_bytes() const { return n_kv_heads * head_dim * element_bytes; }
+  // The page size a cache of this shape takes unless told otherwise: 16 full-width rows (a
+  // vLLM block's tokens), at least 16 KiB, rounded up to a power of two. Llama-3-8B in bf16:
+  // 32 KiB; SmolLM2-135M: 16 KiB. Fewer, larger pages shorten the page lists a GPU step uploads
+  // and walks; smaller ones waste less in each compressed segment's partly filled last page.
+  size_t default_page_bytes() const {
+    size_t bytes = size_t{16} << 10;
+    while (bytes < size_t{16} * static_cast<size_t>(row_bytes())) bytes *= 2;
+    return bytes;
+  }
 };
 
 // The compressed parts of one layer of a sequence.

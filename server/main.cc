@@ -48,9 +48,10 @@ ABSL_FLAG(std::string, arch, "",
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");
-ABSL_FLAG(int, page_kib, 16,
-          "KV page size, KiB (smaller pages waste less in the partly filled last page of each "
-          "compressed segment)");
+ABSL_FLAG(int, page_kib, 0,
+          "KV page size, KiB; 0 = 16 full-width rows of the model, at least 16 KiB, a power of two "
+          "(larger pages shorten the page lists a GPU step walks; smaller ones waste less in the "
+          "partly filled last page of each compressed segment)");
 ABSL_FLAG(int, step_tokens, 512, "most tokens (decode + prefill chunks) in one engine step");
 ABSL_FLAG(int, max_running, 64, "most requests prefilling or decoding at once");
 ABSL_FLAG(int, max_queued, 256, "most requests waiting; beyond it RESOURCE_EXHAUSTED");
@@ -142,6 +143,11 @@ int Run() {
     return 2;
   }
   const std::string model_name = engine::DescribeModelSource(source);
+  if (absl::GetFlag(FLAGS_page_kib) < 0) {
+    spdlog::error("--page-kib must be 0 (the model's default) or a size in KiB, got {}",
+                  absl::GetFlag(FLAGS_page_kib));
+    return 2;
+  }
   absl::StatusOr<memory::compress::CompressionConfig> default_compression =
       memory::compress::ParseCompressionSpec(absl::GetFlag(FLAGS_kv_compression));
   if (!default_compression.ok()) {
@@ -248,7 +254,7 @@ int Run() {
       "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
       "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}",
-      backend->name, absl::GetFlag(FLAGS_kv_pool_mib), absl::GetFlag(FLAGS_page_kib),
+      backend->name, absl::GetFlag(FLAGS_kv_pool_mib), (*scheduler)->stats().page_bytes >> 10,
       scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
       limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
       absl::GetFlag(FLAGS_max_message_mib), api_key->empty() ? "off" : "on",

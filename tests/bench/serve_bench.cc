@@ -57,7 +57,7 @@ ABSL_FLAG(int, requests, 32, "concurrent requests");
 ABSL_FLAG(int, prompt_tokens, 8192, "prompt tokens per request");
 ABSL_FLAG(int, new_tokens, 256, "generated tokens per request");
 ABSL_FLAG(double, pool_gib, 40.0, "KV pool, GiB");
-ABSL_FLAG(int, page_kib, 16, "KV page size, KiB");
+ABSL_FLAG(int, page_kib, 0, "KV page size, KiB; 0 = the model's default (SchedulerOptions)");
 ABSL_FLAG(int, step_tokens, 8192, "most tokens in one scheduler step");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");

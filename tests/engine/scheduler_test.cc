@@ -90,6 +90,18 @@ TEST_F(SchedulerTest, PreemptionRecomputesAndKeepsGreedyOutput) {
   EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
 }
 
+// Without a page size the pool takes the cache shape's default (16 rows, at least 16 KiB).
+TEST_F(SchedulerTest, PageBytesZeroTakesTheShapesDefault) {
+  std::unique_ptr<Scheduler> scheduler = Make({.pool_bytes = 1 << 22});
+  ASSERT_NE(scheduler, nullptr);
+  const ModelConfig& c = model_->config;
+  EXPECT_EQ(scheduler->stats().page_bytes,
+            static_cast<int64_t>(
+                memory::KvShape{c.n_layers, c.n_kv_heads, c.head_dim, 4}.default_page_bytes()));
+  EXPECT_EQ(scheduler->pool().total_pages(),
+            static_cast<int32_t>((1 << 22) / scheduler->stats().page_bytes));
+}
+
 TEST_F(SchedulerTest, LengthEndsAtMaxTokensAndAtTheModelContext) {
   const int32_t context = model_->config.max_context;  // 256
   std::unique_ptr<Scheduler> scheduler = Make();

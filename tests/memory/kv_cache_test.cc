@@ -26,6 +26,19 @@ TEST(KvCacheTest, RowMustFitAPage) {
   EXPECT_FALSE(KvCache::Create(&small, wide).ok());
 }
 
+// 16 full-width rows, at least 16 KiB, a power of two.
+TEST(KvCacheTest, DefaultPageBytesHoldSixteenRows) {
+  // Llama-3-8B (32 layers, 8 kv-heads of 128): 2 KiB bf16 rows, 4 KiB fp32 rows.
+  EXPECT_EQ((KvShape{32, 8, 128, 2}.default_page_bytes()), size_t{32} << 10);
+  EXPECT_EQ((KvShape{32, 8, 128, 4}.default_page_bytes()), size_t{64} << 10);
+  // SmolLM2-135M (3 kv-heads of 64): 16 rows of 384 or 768 bytes fit the 16 KiB floor.
+  EXPECT_EQ((KvShape{30, 3, 64, 2}.default_page_bytes()), size_t{16} << 10);
+  EXPECT_EQ((KvShape{30, 3, 64, 4}.default_page_bytes()), size_t{16} << 10);
+  // 16 rows of 1152 bytes (18 KiB) round up to 32 KiB.
+  EXPECT_EQ((KvShape{1, 9, 64, 2}.default_page_bytes()), size_t{32} << 10);
+  EXPECT_EQ(kShape.default_page_bytes(), size_t{16} << 10);
+}
+
 TEST(KvCacheTest, ReserveIsAllOrNothing) {
   PagePool pool = *PagePool::Create(256, 10);  // 4 rows of 64 bytes per page
   KvCache cache = *KvCache::Create(&pool, kShape);
