@@ -427,7 +427,13 @@ void Scheduler::Execute(std::span<const Planned> plan) {
          .compression = r.request.compression.enabled() ? &r.request.compression : nullptr,
          .argmax_only = p.want_logits && ArgmaxSuffices(r)});
   }
-  if (absl::Status status = backend_->Forward(steps, output_); !status.ok()) {
+  const Clock::time_point forward_began = Clock::now();
+  const absl::Status forward = backend_->Forward(steps, output_);
+  forward_seconds_total_ += std::chrono::duration<double>(Clock::now() - forward_began).count();
+  if (const std::optional<StepProfile> profile = backend_->LastStepProfile(); profile) {
+    device_seconds_total_ += profile->device_ms * 1e-3;
+  }
+  if (absl::Status status = forward; !status.ok()) {
     for (const Planned& p : plan) {
       p.request->finish_reason = FinishReason::kError;
       p.request->error = std::string(status.message());
@@ -560,6 +566,8 @@ void Scheduler::PublishStats() {
   }
   stats.preemptions_total = preemptions_total_;
   stats.steps_total = steps_total_;
+  stats.forward_seconds_total = forward_seconds_total_;
+  stats.device_seconds_total = device_seconds_total_;
   std::lock_guard<std::mutex> lock(mutex_);
   snapshot_ = stats;
   engine_waiting_ = stats.waiting;

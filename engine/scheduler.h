@@ -48,7 +48,7 @@ namespace kvtrim::engine {
 
 struct SchedulerOptions {
   size_t pool_bytes = size_t{1} << 30;  // KV pool size
-  size_t page_bytes = 0;      // KV page size; 0 = memory::KvShape::default_page_bytes()
+  size_t page_bytes = 0;                // KV page size; 0 = memory::KvShape::default_page_bytes()
   int32_t step_tokens = 512;  // most tokens (decode + prefill) in one step; >= max_running
   int32_t max_running = 64;   // most requests decoding or prefilling at once
   int32_t max_queued = 256;   // Submit fails with RESOURCE_EXHAUSTED beyond this
@@ -70,6 +70,8 @@ struct SchedulerStats {
   int64_t kv_bytes_full = 0;    // what an uncompressed cache of them would take
   int64_t preemptions_total = 0;
   int64_t steps_total = 0;
+  double forward_seconds_total = 0.0;  // wall time inside Backend::Forward
+  double device_seconds_total = 0.0;   // device spans of the steps the backend profiled (CUDA)
 };
 
 class Scheduler {
@@ -176,6 +178,8 @@ class Scheduler {
   StepOutput output_;                             // the last Forward's logits rows and argmaxes
   int64_t preemptions_total_ = 0;
   int64_t steps_total_ = 0;
+  double forward_seconds_total_ = 0.0;
+  double device_seconds_total_ = 0.0;
 };
 
 }  // namespace kvtrim::engine

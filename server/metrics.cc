@@ -83,6 +83,14 @@ class Metrics::ScrapeTimeCollectable : public prometheus::Collectable {
                               MetricType::Counter, static_cast<double>(s.preemptions_total)));
     families.push_back(Scalar("kvtrim_engine_steps_total", "Engine steps run.", MetricType::Counter,
                               static_cast<double>(s.steps_total)));
+    families.push_back(Scalar("kvtrim_engine_forward_seconds_total",
+                              "Wall time of the engine steps' forward passes (host and device).",
+                              MetricType::Counter, s.forward_seconds_total));
+    families.push_back(Scalar(
+        "kvtrim_engine_device_seconds_total",
+        "Device time of the forward passes, from the first queued operation to the last (GPU "
+        "backend; 0 on the CPU reference).",
+        MetricType::Counter, s.device_seconds_total));
     return families;
   }
 

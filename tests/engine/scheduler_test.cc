@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -293,6 +294,50 @@ TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
   EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+}
+
+// The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.
+class ProfilingBackend : public Backend {
+ public:
+  explicit ProfilingBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    ++calls;
+    return cpu_->Forward(steps, out);
+  }
+  std::optional<StepProfile> LastStepProfile() const override {
+    return StepProfile{.device_ms = 2.5};
+  }
+  int calls = 0;
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+};
+
+TEST_F(SchedulerTest, StatsSumForwardAndDeviceTime) {
+  ProfilingBackend* profiling = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model_, tokenizer_, kTinyOptions,
+      [&](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
+        if (!cpu.ok()) return cpu.status();
+        auto backend = std::make_unique<ProfilingBackend>(*std::move(cpu));
+        profiling = backend.get();
+        return backend;
+      });
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  Submit(**scheduler, Greedy(RandomPrompt(12, 950), 6));
+  (*scheduler)->RunUntilIdle();
+  const SchedulerStats stats = (*scheduler)->stats();
+  ASSERT_NE(profiling, nullptr);
+  EXPECT_GT(profiling->calls, 1);
+  EXPECT_DOUBLE_EQ(stats.device_seconds_total, profiling->calls * 2.5e-3);
+  EXPECT_GT(stats.forward_seconds_total, 0.0);
+  // The CPU reference profiles nothing: no device time.
+  std::unique_ptr<Scheduler> cpu = Make();
+  Submit(*cpu, Greedy(RandomPrompt(5, 951), 3));
+  cpu->RunUntilIdle();
+  EXPECT_EQ(cpu->stats().device_seconds_total, 0.0);
+  EXPECT_GT(cpu->stats().forward_seconds_total, 0.0);
 }
 
 TEST_F(SchedulerTest, EngineThreadServesSubmittersFromSeveralThreads) {

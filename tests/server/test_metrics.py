@@ -10,7 +10,8 @@ from harness import Server, chat, generate
 POOL_MIB = 64
 
 COUNTERS = ("kvtrim_prompt_tokens_total", "kvtrim_generation_tokens_total",
-            "kvtrim_requests_finished_total", "kvtrim_preemptions_total")
+            "kvtrim_requests_finished_total", "kvtrim_preemptions_total",
+            "kvtrim_engine_forward_seconds_total", "kvtrim_engine_device_seconds_total")
 GAUGES = ("kvtrim_requests_running", "kvtrim_requests_waiting", "kvtrim_kv_pool_pages_used",
           "kvtrim_kv_pool_pages_total", "kvtrim_kv_pool_bytes_used", "kvtrim_kv_pool_bytes_total")
 LATENCY_HISTOGRAMS = ("kvtrim_time_to_first_token_seconds", "kvtrim_inter_token_latency_seconds",
@@ -76,6 +77,9 @@ class MetricsAfterLoad(unittest.TestCase):
             self.assertEqual(metrics.value("kvtrim_requests_finished_total", reason=reason), count,
                              reason)
         self.assertEqual(metrics.value("kvtrim_preemptions_total"), 0)
+        # The CPU engine ran every step's forward pass and profiles no device.
+        self.assertGreater(metrics.value("kvtrim_engine_forward_seconds_total"), 0)
+        self.assertEqual(metrics.value("kvtrim_engine_device_seconds_total"), 0)
 
         finals = [r.final for r in results]
         self.check_histogram(metrics, "kvtrim_e2e_request_latency_seconds", n,
