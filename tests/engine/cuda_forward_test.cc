@@ -128,6 +128,65 @@ TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
   EXPECT_EQ(plan.max_decode_rows, 2);
 }
 
+// The plan goes where PlanStorage says, every entry written (the buffer starts as garbage), the
+// same as in the plan's own vector; page lists large enough to be copied on every core are whole;
+// the storage's error comes back as it is.
+TEST(StepPlanStorageTest, BuildsIntoTheCallersBufferWhole) {
+  // 17 sequences decoding at 8192 rows, 4 rows a page: 2048 pages per list, 34816 entries per
+  // layer, past the size where the lists are copied in parallel.
+  constexpr int kSeqs = 17, kRows = 8192;
+  memory::PagePool pool =
+      *memory::PagePool::Create(256, kSeqs * 2 * 2 * (kRows / 4 + 1), memory::PageStorage::kNone);
+  memory::KvCache cache = *memory::KvCache::Create(&pool, {2, 2, 16, 2});
+  std::vector<memory::SequenceKv> kvs;
+  std::vector<SequenceStep> steps;
+  const std::vector<int32_t> next{42};
+  for (int s = 0; s < kSeqs; ++s) {
+    kvs.push_back(cache.NewSequence());
+    ASSERT_TRUE(cache.Reserve(kvs.back(), kRows + 1));
+    for (memory::PageList& list : kvs.back().keys) list.rows = kRows;
+    for (memory::PageList& list : kvs.back().values) list.rows = kRows;
+    kvs.back().tokens = kRows;
+  }
+  for (memory::SequenceKv& kv : kvs) steps.push_back({&kv, next, true});
+  const StepShape shape{.n_layers = 2,
+                        .n_kv_heads = 2,
+                        .head_dim = 16,
+                        .vocab_size = 100,
+                        .window = 0,
+                        .query_tile = 64,
+                        .scratch_value_base = 64};
+  StepPlan own, external;
+  ASSERT_TRUE(BuildStepPlan(steps, shape, own).ok());
+  std::vector<int32_t> buffer;
+  ASSERT_TRUE(
+      BuildStepPlan(steps, shape, external, [&](size_t elements) -> absl::StatusOr<int32_t*> {
+        buffer.assign(elements, 0x7f7f7f7f);
+        return buffer.data();
+      }).ok());
+  EXPECT_EQ(external.data.data(), buffer.data());
+  ASSERT_EQ(external.data.size(), own.data.size());
+  EXPECT_TRUE(std::equal(external.data.begin(), external.data.end(), own.data.begin()));
+  ASSERT_GT(static_cast<int64_t>(external.pages) * shape.n_layers, 1 << 16);
+  for (int s : {0, 8, kSeqs - 1}) {
+    for (int layer = 0; layer < 2; ++layer) {
+      const size_t at = external.at.key_pages + layer * external.pages +
+                        external.data[external.at.page_indptr + s];
+      const std::vector<int32_t>& pages = kvs[s].keys[layer].pages;
+      EXPECT_TRUE(std::equal(pages.begin(), pages.end(), external.data.begin() + at))
+          << "sequence " << s << " layer " << layer;
+    }
+  }
+  StepPlan failed;
+  EXPECT_EQ(BuildStepPlan(steps, shape, failed,
+                          [](size_t) -> absl::StatusOr<int32_t*> {
+                            return absl::ResourceExhaustedError("no pinned memory");
+                          })
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+  for (memory::SequenceKv& kv : kvs) cache.Release(kv);
+}
+
 // A compressed prompt stays in the scratch and gets a compression job; once compressed, it
 // decodes over thin and recent segments next to an uncompressed sequence.
 TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
