@@ -21,7 +21,7 @@ namespace kvtrim::engine {
 
 struct GeneratorOptions {
   size_t pool_bytes = size_t{1} << 30;  // KV pool of the scheduler
-  size_t page_bytes = 0;  // 0 = memory::KvShape::default_page_bytes()
+  size_t page_bytes = 0;                // 0 = memory::KvShape::default_page_bytes()
   // Most tokens in one scheduler step, and the prefill chunk of PromptLogits.
   int32_t step_tokens = 512;
   int32_t max_running = 64;  // capped at step_tokens
