@@ -1,16 +1,21 @@
 // Causal prefill attention over the pages with the scores, probabilities and output in registers
 // (the flash-attention-2 scheme on mma.sync).
 //
-// One block per (query tile of 64 new tokens of one sequence, query head); 4 warps, each owning
-// 16 query rows as one m16n8k16 row block. The block walks the key rows its tile can see in
-// tiles of 64, double-buffered through shared memory with cp.async (the next tile's copies are
-// in flight while the current one is multiplied); rows are stored with the decode kernel's
-// swizzle (piece c of row r at c ^ (r % 8), from head_dim 64 up; padded below), so every ldmatrix
-// is conflict-free. Per tile and warp:
-//   S (16 x 64) = Q Kᵀ    Q's fragments from shared memory, K's through ldmatrix;
-//   masks                 causal, sliding window, rows past the tile's queries;
+// One block per (query tile of 128 new tokens of one sequence, query head). Up to head_dim 128,
+// 4 warps each own 32 query rows as two m16n8k16 row blocks, so that every K or V fragment a warp
+// loads from shared memory feeds two products (with one row block per warp the shared-memory
+// reads, not the tensor cores, set the pace: 19.4 against 16.6 ms for 8 x 8192 Llama-3-8B
+// tokens on an H200); at 256, 8 warps of one row block. The block walks the key rows its tile
+// can see in tiles of 64, double-buffered through shared memory with cp.async (the next tile's
+// copies are in flight while the current one is multiplied); rows are stored with the decode
+// kernel's swizzle (piece c of row r at c ^ (r % 8), from head_dim 64 up; padded below), so
+// every ldmatrix is conflict-free. Per tile and warp (a warp skips the tiles none of its queries
+// sees):
+//   S (32 x 64) = Q Kᵀ    Q's fragments from shared memory (registers up to head_dim 64), K's
+//                         through ldmatrix;
+//   masks                 causal, sliding window, only on the tiles that need them;
 //   online softmax        per row, in the log2 domain, fp32; one rescale of O per tile;
-//   O (16 x D) += P V     P straight from S's accumulators (the left operand's layout), rounded
+//   O (32 x D) += P V     P straight from S's accumulators (the left operand's layout), rounded
 //                         to bf16; V through ldmatrix.trans.
 // At the end each row is divided by its sum and written as bf16. K/V tiles are read once per
 // query head of a GQA group (the group's heads share them through L2).
@@ -26,19 +31,28 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kTileQ = kPrefillQueryTile;  // 64: 4 warps of 16 rows
-constexpr int kTileK = 64;
+constexpr int kTileQ = kPrefillQueryTile;  // 128 query rows per block
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kTileQ == 4 * 16);
 
 template <int kHeadDim>
 struct Tiles {
+  // m16 row blocks per warp: two up to head_dim 128, so that every K and V fragment a warp
+  // reads from shared memory feeds two products (shared-memory reads, not the tensor cores,
+  // bound a warp of one row block); one at 256, where two would not fit the registers.
+  static constexpr int kRowBlocks = kHeadDim <= 128 ? 2 : 1;
+  static constexpr int kWarpRows = 16 * kRowBlocks;
+  static constexpr int kWarps = kTileQ / kWarpRows;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTileK = 64;  // key rows per shared-memory tile
   static constexpr bool kSwizzled = kHeadDim >= 64;
   static constexpr int kStride = kSwizzled ? kHeadDim : kHeadDim + 8;  // bf16 per row
-  static constexpr int kTileElements = kTileK * kStride;               // a Q, K or V tile
+  static constexpr int kKvElements = kTileK * kStride;                 // a K or V tile
+  static constexpr int kQueryElements = kTileQ * kStride;
   // Q, then two stages of (K, V).
-  static constexpr size_t kBytes = sizeof(__nv_bfloat16) * 5 * kTileElements;
+  static constexpr size_t kBytes = sizeof(__nv_bfloat16) * (kQueryElements + 4 * kKvElements);
+  // The warp's query fragments stay in registers for the whole walk where they fit.
+  static constexpr bool kQueryInRegisters = kRowBlocks * kHeadDim <= 128;
+  static_assert(kTileQ % kWarpRows == 0);
 
   // Where piece `piece` (8 bf16) of `row` starts in a tile.
   static __device__ __forceinline__ int At(int row, int piece) {
@@ -47,19 +61,20 @@ struct Tiles {
 };
 
 template <int kHeadDim>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
     PrefillAttentionKernel(PagedKv kv, const int32_t* __restrict__ token_indptr,
                            const int32_t* __restrict__ items, const __nv_bfloat16* __restrict__ q,
                            int n_heads, int group, int window, float scale_log2,
                            __nv_bfloat16* __restrict__ out) {
   using T = Tiles<kHeadDim>;
+  constexpr int kThreads = T::kThreads, kRowBlocks = T::kRowBlocks, kTileK = T::kTileK;
   constexpr int kPieces = kHeadDim / 8;             // 16-byte pieces of a row
   constexpr int kRowsPerPass = kThreads / kPieces;  // rows a pass of the block copies
   constexpr int kPasses = kTileK / kRowsPerPass;
-  static_assert(kPieces <= kThreads && kTileK % kRowsPerPass == 0);
+  static_assert(kPieces <= kThreads && kTileK % kRowsPerPass == 0 && kTileQ % kRowsPerPass == 0);
   extern __shared__ __align__(128) unsigned char shared[];
   __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
-  __nv_bfloat16* stages = q_tile + T::kTileElements;  // stage s: K at 2s, V at 2s + 1
+  __nv_bfloat16* stages = q_tile + T::kQueryElements;  // stage s: K at 2s, V at 2s + 1
 
   // The last items first: a sequence's later query tiles see the most rows, and starting the
   // longest blocks first leaves the short ones to fill the last wave.
@@ -84,28 +99,12 @@ __global__ void __launch_bounds__(kThreads)
   const auto page_of = [&](int row) {
     return page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
   };
-  // The page ids of this thread's rows of one tile, loaded a tile ahead of its copies: they land
-  // while the tile before is multiplied, so issuing the copies waits on no global load. From
-  // head_dim 128 (Llama-3-8B: 19.3 against 21.4 ms for 8 x 8192 tokens); below, the registers
-  // they take cost a block per SM (SmolLM2: 3.13 against 2.84 ms), and the copies load them.
-  constexpr bool kIdsAhead = kHeadDim >= 128;
-  int32_t key_ids[kPasses], value_ids[kPasses];
-  const auto load_ids = [&](int t) {
-    if constexpr (kIdsAhead) {
-#pragma unroll
-      for (int i = 0; i < kPasses; ++i) {
-        const int row = lo + t * kTileK + first_row + i * kRowsPerPass;
-        if (row < hi) {
-          key_ids[i] = key_pages[page_of(row)];
-          value_ids[i] = value_pages[page_of(row)];
-        }
-      }
-    }
-  };
-  // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero), its ids loaded.
+  // Each copy loads its page id first. (Loading the ids a tile ahead, into registers, paid off
+  // with 64-row query tiles at head_dim 128; with two row blocks per warp those registers spill.)
+  // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero).
   const auto fetch = [&](int t) {
-    __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kTileElements;
-    __nv_bfloat16* v_tile = k_tile + T::kTileElements;
+    __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kKvElements;
+    __nv_bfloat16* v_tile = k_tile + T::kKvElements;
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int r = first_row + i * kRowsPerPass, row = lo + t * kTileK + r;
@@ -114,10 +113,8 @@ __global__ void __launch_bounds__(kThreads)
       if (valid) {
         const int page = page_of(row);
         const int in_page = (row - page * kv.rows_per_page) * kv.row_elements + in_row;
-        const int32_t key_id = kIdsAhead ? key_ids[i] : key_pages[page];
-        const int32_t value_id = kIdsAhead ? value_ids[i] : value_pages[page];
-        key = static_cast<int64_t>(key_id) * kv.page_elements + in_page;
-        value = static_cast<int64_t>(value_id) * kv.page_elements + in_page;
+        key = static_cast<int64_t>(key_pages[page]) * kv.page_elements + in_page;
+        value = static_cast<int64_t>(value_pages[page]) * kv.page_elements + in_page;
       }
       CopyAsync(reinterpret_cast<uint4*>(k_tile + T::At(r, piece)), kv.pool + key, valid);
       CopyAsync(reinterpret_cast<uint4*>(v_tile + T::At(r, piece)), kv.pool + value, valid);
@@ -134,138 +131,180 @@ __global__ void __launch_bounds__(kThreads)
         head * kHeadDim + piece * 8;
     CopyAsync(reinterpret_cast<uint4*>(q_tile + T::At(r, piece)), from, valid);
   }
-  if (tiles > 0) {
-    load_ids(0);
-    fetch(0);
-  }
+  if (tiles > 0) fetch(0);
   CommitCopies();
-  if (tiles > 1) load_ids(1);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
-  // Tiles whose every row each query of the block sees need no mask: those wholly at or before
-  // the first query's position and, with a window, after the last query's window start.
-  const int last_position = first_position + n_queries - 1;
+  // This warp's query rows: [warp_first, warp_first + warp_rows) of the tile (none when
+  // warp_rows <= 0), at positions [warp_position, warp_last].
+  const int warp_first = warp * T::kWarpRows;
+  const int warp_rows = min(T::kWarpRows, n_queries - warp_first);
+  const int warp_position = first_position + warp_first;
+  const int warp_last = warp_position + warp_rows - 1;
+  // Whether any of the warp's queries sees a row of the tile at k0 (a warp skips the tiles
+  // past its last query, near the diagonal, and those before its first query's window).
+  const auto warp_sees = [&](int k0) {
+    return warp_rows > 0 && k0 <= warp_last &&
+           (window == 0 || k0 + kTileK - 1 > warp_position - window);
+  };
+  // Tiles whose every row each query of the warp sees need no mask: those wholly at or before
+  // its first query's position and, with a window, after its last query's window start. (Rows
+  // past n_queries are zero queries whose outputs are never written.)
   const auto needs_mask = [&](int k0) {
-    return k0 + kTileK - 1 > first_position || (window > 0 && k0 <= last_position - window);
+    return k0 + kTileK - 1 > warp_position || (window > 0 && k0 <= warp_last - window);
   };
-  // The warp's query fragments stay in registers for the whole walk where they fit.
-  constexpr bool kQueryInRegisters = kHeadDim <= 128;
-  uint32_t q_frag[kQueryInRegisters ? kHeadDim / 16 : 1][4];
-  const auto query_fragment = [&](int k, uint32_t(&a)[4]) {
-    LoadMatrices(a, q_tile + T::At(warp * 16 + (lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
+  // Row (lane / 8) % 2 * 8 + lane % 8 of row block r, columns 16 k .. 16 k + 15.
+  const auto query_fragment = [&](int r, int k, uint32_t(&a)[4]) {
+    LoadMatrices(
+        a, q_tile + T::At(warp_first + 16 * r + (lane / 8) % 2 * 8 + lane % 8, k * 2 + lane / 16));
   };
-  float o[kHeadDim / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows lane / 4 and lane / 4 + 8
+  uint32_t q_frag[T::kQueryInRegisters ? kRowBlocks : 1][T::kQueryInRegisters ? kHeadDim / 16 : 1]
+                 [4];
+  // Per row block r: O, and the state of rows lane / 4 (h = 0) and lane / 4 + 8 (h = 1).
+  float o[kRowBlocks][kHeadDim / 8][4] = {};
+  float m[kRowBlocks][2], l[kRowBlocks][2];
+#pragma unroll
+  for (int r = 0; r < kRowBlocks; ++r) {
+    m[r][0] = m[r][1] = -INFINITY;
+    l[r][0] = l[r][1] = 0.0f;
+  }
   for (int t = 0; t < tiles; ++t) {
     __syncthreads();  // every warp is done with tile t - 1, whose stage tile t + 1 takes
     if (t + 1 < tiles) {
       fetch(t + 1);
       CommitCopies();
-      if (t + 2 < tiles) load_ids(t + 2);
       WaitCopies<1>();
     } else {
       WaitCopies<0>();
     }
     __syncthreads();  // every thread's pieces of tile t (and of the query tile) have landed
-    const __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kTileElements;
-    const __nv_bfloat16* v_tile = k_tile + T::kTileElements;
-    const int k0 = lo + t * kTileK;
-
-    if constexpr (kQueryInRegisters) {
+    if constexpr (T::kQueryInRegisters) {
       if (t == 0) {
 #pragma unroll
-        for (int k = 0; k < kHeadDim / 16; ++k) query_fragment(k, q_frag[k]);
+        for (int r = 0; r < kRowBlocks; ++r) {
+#pragma unroll
+          for (int k = 0; k < kHeadDim / 16; ++k) query_fragment(r, k, q_frag[r][k]);
+        }
       }
     }
-    float s[kTileK / 8][4] = {};
+    const int k0 = lo + t * kTileK;
+    if (!warp_sees(k0)) continue;
+    const __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kKvElements;
+    const __nv_bfloat16* v_tile = k_tile + T::kKvElements;
+
+    float s[kRowBlocks][kTileK / 8][4] = {};
 #pragma unroll
     for (int k = 0; k < kHeadDim / 16; ++k) {
-      uint32_t a[4];
-      if constexpr (kQueryInRegisters) {
+      uint32_t a[kRowBlocks][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = q_frag[k][i];
-      } else {
-        query_fragment(k, a);
+      for (int r = 0; r < kRowBlocks; ++r) {
+        if constexpr (T::kQueryInRegisters) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[r][i] = q_frag[r][k][i];
+        } else {
+          query_fragment(r, k, a[r]);
+        }
       }
 #pragma unroll
       for (int n = 0; n < kTileK / 8; n += 2) {
         uint32_t b[4];  // key n-tiles n and n + 1, both halves of the 16 channels
         LoadMatrices(b, k_tile + T::At((n + lane / 16) * 8 + lane % 8, k * 2 + (lane / 8) % 2));
-        Mma(s[n], a, b[0], b[1]);
-        Mma(s[n + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int r = 0; r < kRowBlocks; ++r) {
+          Mma(s[r][n], a[r], b[0], b[1]);
+          Mma(s[r][n + 1], a[r], b[2], b[3]);
+        }
       }
     }
 
-    // Scaled scores, masked where needed, then the online softmax of rows g = lane / 4 (h = 0)
-    // and g + 8 (h = 1). The product is rounded on its own (__fmul_rn, never fused into the
-    // exponent's subtraction): on SmolLM2 the fused form moved the logits twice as far from the
-    // fp32 reference, whose scores are rounded before the softmax too.
+    // Scaled scores, masked where needed, then the online softmax of each row. The product is
+    // rounded on its own (__fmul_rn, never fused into the exponent's subtraction): on SmolLM2
+    // the fused form moved the logits twice as far from the fp32 reference, whose scores are
+    // rounded before the softmax too.
     if (needs_mask(k0)) {
 #pragma unroll
-      for (int n = 0; n < kTileK / 8; ++n) {
+      for (int r = 0; r < kRowBlocks; ++r) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = warp * 16 + lane / 4 + 8 * (e / 2);
-          const int position = first_position + query;
-          const int key = k0 + n * 8 + 2 * quad + e % 2;
-          const bool visible =
-              query < n_queries && key <= position && (window == 0 || key > position - window);
-          s[n][e] = visible ? __fmul_rn(s[n][e], scale_log2) : -INFINITY;
+        for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int query = warp_first + 16 * r + lane / 4 + 8 * (e / 2);
+            const int position = first_position + query;
+            const int key = k0 + n * 8 + 2 * quad + e % 2;
+            const bool visible =
+                query < n_queries && key <= position && (window == 0 || key > position - window);
+            s[r][n][e] = visible ? __fmul_rn(s[r][n][e], scale_log2) : -INFINITY;
+          }
         }
       }
     } else {
 #pragma unroll
+      for (int r = 0; r < kRowBlocks; ++r) {
+#pragma unroll
+        for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[r][n][e] = __fmul_rn(s[r][n][e], scale_log2);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowBlocks; ++r) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
       for (int n = 0; n < kTileK / 8; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(s[n][e], scale_log2);
+        for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[r][n][e]);
       }
-    }
-    float tile_max[2] = {-INFINITY, -INFINITY};
+      float correction[2], base[2];
 #pragma unroll
-    for (int n = 0; n < kTileK / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
-    }
-    float correction[2], base[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      const float m_new = fmaxf(m[h], tile_max[h]);
-      base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing yet stays empty
-      correction[h] = exp2f(m[h] - base[h]);
-      m[h] = m_new;
-      l[h] *= correction[h];
-    }
-#pragma unroll
-    for (int n = 0; n < kTileK / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2f(s[n][e] - base[e / 2]);
-        l[e / 2] += s[n][e];
+      for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float m_new = fmaxf(m[r][h], tile_max[h]);
+        base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing stays empty
+        correction[h] = exp2f(m[r][h] - base[h]);
+        m[r][h] = m_new;
+        l[r][h] *= correction[h];
       }
-    }
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) {
-      o[n][0] *= correction[0];
-      o[n][1] *= correction[0];
-      o[n][2] *= correction[1];
-      o[n][3] *= correction[1];
+      for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[r][n][e] = exp2f(s[r][n][e] - base[e / 2]);
+          l[r][e / 2] += s[r][n][e];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; ++n) {
+        o[r][n][0] *= correction[0];
+        o[r][n][1] *= correction[0];
+        o[r][n][2] *= correction[1];
+        o[r][n][3] *= correction[1];
+      }
     }
 
-    // O += P V, P's 16-key steps being pairs of S's n-tiles.
+    // O += P V, P's 16-key steps being pairs of S's n-tiles; each V fragment feeds every row
+    // block.
 #pragma unroll
     for (int k = 0; k < kTileK / 16; ++k) {
-      const uint32_t a[4] = {PackBf16(s[2 * k][0], s[2 * k][1]), PackBf16(s[2 * k][2], s[2 * k][3]),
-                             PackBf16(s[2 * k + 1][0], s[2 * k + 1][1]),
-                             PackBf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+      uint32_t a[kRowBlocks][4];
+#pragma unroll
+      for (int r = 0; r < kRowBlocks; ++r) {
+        a[r][0] = PackBf16(s[r][2 * k][0], s[r][2 * k][1]);
+        a[r][1] = PackBf16(s[r][2 * k][2], s[r][2 * k][3]);
+        a[r][2] = PackBf16(s[r][2 * k + 1][0], s[r][2 * k + 1][1]);
+        a[r][3] = PackBf16(s[r][2 * k + 1][2], s[r][2 * k + 1][3]);
+      }
 #pragma unroll
       for (int n = 0; n < kHeadDim / 8; n += 2) {
         uint32_t b[4];  // keys 0-7 and 8-15 of the step, channels of n-tiles n and n + 1
         LoadMatricesTransposed(
             b, v_tile + T::At(k * 16 + (lane / 8) % 2 * 8 + lane % 8, n + lane / 16));
-        Mma(o[n], a, b[0], b[1]);
-        Mma(o[n + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int r = 0; r < kRowBlocks; ++r) {
+          Mma(o[r][n], a[r], b[0], b[1]);
+          Mma(o[r][n + 1], a[r], b[2], b[3]);
+        }
       }
     }
   }
@@ -273,18 +312,23 @@ __global__ void __launch_bounds__(kThreads)
 
     // Each row's sum over its quad, then the rows of this block's queries out as bf16.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int query = warp * 16 + lane / 4 + 8 * h;
-    if (query >= n_queries) continue;
-    const float inverse = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-    __nv_bfloat16* row = out + static_cast<int64_t>(first_token + first_query + query) * q_stride +
-                         head * kHeadDim + 2 * quad;
+  for (int r = 0; r < kRowBlocks; ++r) {
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) {
-      *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
-          __floats2bfloat162_rn(o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
+    for (int h = 0; h < 2; ++h) {
+      float sum = l[r][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int query = warp_first + 16 * r + lane / 4 + 8 * h;
+      if (query >= n_queries) continue;
+      const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+      __nv_bfloat16* row = out +
+                           static_cast<int64_t>(first_token + first_query + query) * q_stride +
+                           head * kHeadDim + 2 * quad;
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; ++n) {
+        *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
+            __floats2bfloat162_rn(o[r][n][2 * h] * inverse, o[r][n][2 * h + 1] * inverse);
+      }
     }
   }
 }
@@ -299,9 +343,10 @@ cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t
       PrefillAttentionKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   KVTRIM_CUDA_RETURN_IF_ERROR(raised);
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(kHeadDim));
-  PrefillAttentionKernel<kHeadDim><<<dim3(n_items, shape.n_heads), kThreads, kBytes, stream>>>(
-      kv, token_indptr, items, q, shape.n_heads, shape.n_heads / shape.n_kv_heads, shape.window,
-      scale_log2, out);
+  PrefillAttentionKernel<kHeadDim>
+      <<<dim3(n_items, shape.n_heads), Tiles<kHeadDim>::kThreads, kBytes, stream>>>(
+          kv, token_indptr, items, q, shape.n_heads, shape.n_heads / shape.n_kv_heads, shape.window,
+          scale_log2, out);
   return LaunchError();
 }
 

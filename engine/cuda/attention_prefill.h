@@ -13,7 +13,7 @@
 namespace kvtrim::engine::cuda {
 
 // Query tile of one block: a work item covers up to this many new tokens of one sequence.
-inline constexpr int kPrefillQueryTile = 64;
+inline constexpr int kPrefillQueryTile = 128;
 
 // items: (n_items, 2) int32 device pairs (sequence index in the step's CSR, first new token of
 // the tile), one per kPrefillQueryTile new tokens of every sequence it covers. For new token i of

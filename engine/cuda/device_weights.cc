@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -79,10 +80,28 @@ class ArenaWriter {
  public:
   explicit ArenaWriter(std::byte* arena) : arena_(arena) {}
 
-  DeviceMatrix Matrix(const engine::Matrix& m) {
-    auto* device = reinterpret_cast<__nv_bfloat16*>(Reserve(m.data.size() * sizeof(uint16_t)));
-    if (arena_ && status_.ok()) status_ = CopyToDeviceBf16(m.data, device);
-    return {device, m.rows, m.cols};
+  DeviceMatrix Matrix(const engine::Matrix& m) { return Stacked({&m}); }
+
+  // The matrices' rows one after another, as one matrix (they must have the same columns).
+  DeviceMatrix Stacked(std::initializer_list<const engine::Matrix*> parts) {
+    size_t elements = 0;
+    int rows = 0;
+    for (const engine::Matrix* m : parts) {
+      elements += m->data.size();
+      rows += m->rows;
+    }
+    const int cols = parts.size() > 0 ? (*parts.begin())->cols : 0;
+    auto* device = reinterpret_cast<__nv_bfloat16*>(Reserve(elements * sizeof(uint16_t)));
+    __nv_bfloat16* at = device;
+    for (const engine::Matrix* m : parts) {
+      if (m->cols != cols && status_.ok()) {
+        status_ = absl::InvalidArgumentError(absl::StrCat(
+            "stacked weight matrices differ in columns: ", m->cols, " against ", cols));
+      }
+      if (arena_ && status_.ok()) status_ = CopyToDeviceBf16(m->data, at);
+      at += m->data.size();
+    }
+    return {device, rows, cols};
   }
 
   const float* Vector(const std::vector<float>& v) {
@@ -119,15 +138,13 @@ void Place(const Model& model, ArenaWriter& writer, DeviceWeights& out) {
     DeviceLayerWeights& d = out.layers.emplace_back();
     d.attn_norm = writer.Vector(layer.attn_norm);
     d.wq = writer.Matrix(layer.wq);
-    d.wk = writer.Matrix(layer.wk);
-    d.wv = writer.Matrix(layer.wv);
+    d.wkv = writer.Stacked({&layer.wk, &layer.wv});
     d.bq = writer.Vector(layer.bq);
     d.bk = writer.Vector(layer.bk);
     d.bv = writer.Vector(layer.bv);
     d.wo = writer.Matrix(layer.wo);
     d.ffn_norm = writer.Vector(layer.ffn_norm);
-    d.w_gate = writer.Matrix(layer.w_gate);
-    d.w_up = writer.Matrix(layer.w_up);
+    d.w_gate_up = writer.Stacked({&layer.w_gate, &layer.w_up});
     d.w_down = writer.Matrix(layer.w_down);
   }
   out.output_norm = writer.Vector(w.output_norm);

@@ -56,19 +56,19 @@ struct DeviceMatrix {
 struct DeviceLayerWeights {
   const float* attn_norm = nullptr;  // (hidden)
   DeviceMatrix wq;                   // (n_heads * head_dim, hidden)
-  DeviceMatrix wk;                   // (n_kv_heads * head_dim, hidden)
-  DeviceMatrix wv;                   // (n_kv_heads * head_dim, hidden)
+  DeviceMatrix wkv;                  // (2 * n_kv_heads * head_dim, hidden): wk's rows, then wv's
   const float* bq = nullptr;         // (n_heads * head_dim); nullptr unless qkv_bias
   const float* bk = nullptr;         // (n_kv_heads * head_dim); nullptr unless qkv_bias
   const float* bv = nullptr;         // (n_kv_heads * head_dim); nullptr unless qkv_bias
   DeviceMatrix wo;                   // (hidden, n_heads * head_dim)
   const float* ffn_norm = nullptr;   // (hidden)
-  DeviceMatrix w_gate;               // (ffn_hidden, hidden)
-  DeviceMatrix w_up;                 // (ffn_hidden, hidden)
+  DeviceMatrix w_gate_up;            // (2 * ffn_hidden, hidden): w_gate's rows, then w_up's
   DeviceMatrix w_down;               // (hidden, ffn_hidden)
 };
 
-// Every weight of a model in one device allocation (each tensor 256-byte aligned).
+// Every weight of a model in one device allocation (each tensor 256-byte aligned). Projections
+// that read the same input are stacked into one matrix (K with V, gate with up), so that each
+// pair is one GEMM whose output rows hold both results side by side.
 class DeviceWeights {
  public:
   // Converts and copies `model.weights`; synchronous. Fails (nothing left allocated) when the

@@ -192,10 +192,9 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
   KVTRIM_RETURN_IF_ERROR(Grow(x_, T * hidden * sizeof(float)));
   KVTRIM_RETURN_IF_ERROR(Grow(normed_, T * hidden * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(q_, T * q_width * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(kv_, 2 * T * kv_width * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(kv_, T * 2 * kv_width * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(attention_, T * q_width * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(gate_, T * ffn * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(up_, T * ffn * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(gate_up_, T * 2 * ffn * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(activation_, T * ffn * bf16));
   capacity_tokens_ = static_cast<int>(T);
   return absl::OkStatus();
@@ -263,15 +262,13 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
     out.argmax.clear();
     return absl::OkStatus();
   }
-  // The token buffers first: the plan places the scratch values after their capacity.
   KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
   const StepShape shape{.n_layers = config_.n_layers,
                         .n_kv_heads = config_.n_kv_heads,
                         .head_dim = config_.head_dim,
                         .vocab_size = config_.vocab_size,
                         .window = config_.sliding_window,
-                        .query_tile = kPrefillQueryTile,
-                        .scratch_value_base = capacity_tokens_};
+                        .query_tile = kPrefillQueryTile};
   // Built straight into the pinned buffer the upload reads (the previous step's upload is done:
   // every step ends synchronised).
   KVTRIM_RETURN_IF_ERROR(
@@ -468,6 +465,7 @@ CompressedKv CudaBackend::CompressedOf(int layer) const {
 PagedKv CudaBackend::ScratchPages() const {
   const StepPlan::Offsets& at = plan_.at;
   const int32_t kv_width = config_.n_kv_heads * config_.head_dim;
+  // Pages of half a packed row: the keys of token row t are page 2t, its values page 2t + 1.
   return PagedKv{
       .pool = kv_.as<__nv_bfloat16>(),
       .page_elements = kv_width,
@@ -485,9 +483,10 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
   const StepPlan::Offsets& at = plan_.at;
   const int head_dim = config_.head_dim, H = config_.n_kv_heads;
   const int q_width = config_.n_heads * head_dim, kv_width = H * head_dim;
+  const int kv_stride = 2 * kv_width;  // kv_'s packed rows
   const __nv_bfloat16* q = q_.as<__nv_bfloat16>();
   const __nv_bfloat16* k = kv_.as<__nv_bfloat16>();
-  const __nv_bfloat16* v = k + static_cast<size_t>(capacity_tokens_) * kv_width;
+  const __nv_bfloat16* v = k + kv_width;
   int32_t* kept = kept_.as<int32_t>();
   const PagedKv pages = PagesOf(layer);
   for (const PromptJob& job : plan_.prompts) {
@@ -496,14 +495,14 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
     const int n = job.n;
     const size_t first = job.first_token;
     const __nv_bfloat16* q_seq = q + first * q_width;
-    const __nv_bfloat16* k_seq = k + first * kv_width;
-    const __nv_bfloat16* v_seq = v + first * kv_width;
+    const __nv_bfloat16* k_seq = k + first * kv_stride;
+    const __nv_bfloat16* v_seq = v + first * kv_stride;
 
     // Which tokens each kv-head keeps (engine/cpu/compressed.cc, CompressPrompt).
     if (p.kept_tokens < n && config.scoring() != nullptr) {
       const mc::SnapKvConfig& snap = *config.scoring();
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchSnapKvScores(q_seq, q_width, k_seq, kv_width, n, snap.window, shape_,
+          LaunchSnapKvScores(q_seq, q_width, k_seq, kv_stride, n, snap.window, shape_,
                              snap.kernel_size, snap.pooling == mc::Pooling::kAvg,
                              compress_scratch_.as<float>(), scores_.as<float>(), stream_),
           "SnapKvScores"));
@@ -525,7 +524,7 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
     if (job.channels_at[layer] >= 0) {
       channels = channels_.as<uint16_t>() + job.channels_at[layer];
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchThinkChannels(q_seq, q_width, k_seq, kv_width, n,
+          LaunchThinkChannels(q_seq, q_width, k_seq, kv_stride, n,
                               std::min(config.think.observation, n), kept, p.kept_tokens, shape_,
                               p.key_width, compress_scratch_.as<float>(), channels, stream_),
           "ThinkChannels"));
@@ -542,7 +541,7 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
         .recent_values = Plan(at.value_pages + layer_pages + page),
     };
     KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, kv_width, kept, p.kept_tokens, p.thin_rows,
+        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, kv_stride, kept, p.kept_tokens, p.thin_rows,
                                        p.key_width, channels, shape_, pages, rows, stream_),
                    "WriteKeptRows"));
   }
@@ -557,28 +556,29 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
   auto* normed = normed_.as<__nv_bfloat16>();
   auto* q = q_.as<__nv_bfloat16>();
+  const int kv_stride = 2 * kv_width;  // kv_'s packed rows: keys, then values
   auto* k = kv_.as<__nv_bfloat16>();
-  auto* v = k + static_cast<size_t>(capacity_tokens_) * kv_width;
+  auto* v = k + kv_width;
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
   KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wq, q, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wk, k, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wv, v, GemmOutput::kBf16));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wkv, k, GemmOutput::kBf16));
   // Qwen2's q/k/v biases (null pointers elsewhere).
-  for (auto [y, bias, width] : {std::tuple{q, w.bq, q_width}, std::tuple{k, w.bk, kv_width},
-                                std::tuple{v, w.bv, kv_width}}) {
+  for (auto [y, stride, bias, width] :
+       {std::tuple{q, q_width, w.bq, q_width}, std::tuple{k, kv_stride, w.bk, kv_width},
+        std::tuple{v, kv_stride, w.bv, kv_width}}) {
     if (bias == nullptr) continue;
     KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchAddBias(y, width, bias, tokens, width, stream_), "AddBias"));
+        CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchRope(q, q_width, config_.n_heads, k, kv_width, config_.n_kv_heads, tokens, head_dim,
+      LaunchRope(q, q_width, config_.n_heads, k, kv_stride, config_.n_kv_heads, tokens, head_dim,
                  Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_),
       "Rope"));
   const PagedKv pages = PagesOf(layer);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchKvWrite(pages, Plan(at.token_seq), Plan(at.token_indptr),
-                                                  k, v, kv_width, tokens, stream_),
+                                                  k, v, kv_stride, tokens, stream_),
                                     "KvWrite"));
   if (config_.sliding_window == 0) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
@@ -608,16 +608,14 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   KVTRIM_RETURN_IF_ERROR(
       gemm_->Linear(attention, tokens, w.wo, x, GemmOutput::kFloat, /*accumulate=*/true));
 
-  auto* gate = gate_.as<__nv_bfloat16>();
-  auto* up = up_.as<__nv_bfloat16>();
+  auto* gate = gate_up_.as<__nv_bfloat16>();  // packed rows: gate, then up
   auto* activation = activation_.as<__nv_bfloat16>();
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       LaunchAddRmsNorm(x, nullptr, w.ffn_norm, config_.rms_eps, tokens, hidden, normed, stream_),
       "AddRmsNorm"));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate, gate, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_up, up, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchSwiglu(gate, up, ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kBf16));
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(
+      LaunchSwiglu(gate, gate + ffn, 2 * ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
   KVTRIM_RETURN_IF_ERROR(
       gemm_->Linear(activation, tokens, w.w_down, x, GemmOutput::kFloat, /*accumulate=*/true));
 

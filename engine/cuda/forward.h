@@ -105,10 +105,9 @@ class CudaBackend : public Backend {
   DeviceBuffer x_;             // (T, hidden) fp32 residual stream
   DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
   DeviceBuffer q_;             // (T, n_heads * head_dim) bf16
-  DeviceBuffer kv_;            // (2, T, n_kv_heads * head_dim) bf16: the keys, then the values
+  DeviceBuffer kv_;            // (T, 2 * n_kv_heads * head_dim) bf16: each row's keys, then values
   DeviceBuffer attention_;     // (T, n_heads * head_dim) bf16
-  DeviceBuffer gate_;          // (T, ffn_hidden) bf16
-  DeviceBuffer up_;            // (T, ffn_hidden) bf16
+  DeviceBuffer gate_up_;       // (T, 2 * ffn_hidden) bf16: each row's gate, then up
   DeviceBuffer activation_;    // (T, ffn_hidden) bf16 silu(gate) * up
   DeviceBuffer workspace_;     // split-K partial states of the decode kernel
   // Prompt compression (plan_.prompts), one prompt and layer at a time:

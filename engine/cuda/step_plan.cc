@@ -268,8 +268,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     if (prompt) {
       const int first = d[at.token_indptr + s];
       for (int i = 0; i < n_new; ++i, ++scratch) {
-        d[at.scratch_keys + scratch] = first + i;
-        d[at.scratch_values + scratch] = shape.scratch_value_base + first + i;
+        d[at.scratch_keys + scratch] = 2 * (first + i);
+        d[at.scratch_values + scratch] = 2 * (first + i) + 1;
       }
       d[at.scratch_rows + s] = n_new;
       for (int tile = 0; tile < n_new; tile += shape.query_tile, ++scratch_item) {

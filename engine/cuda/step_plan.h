@@ -5,8 +5,8 @@
 //
 // Compressed sequences (SequenceStep::compression) add two kinds of work:
 //  - a compressed prompt is fed whole; its K/V rows are not written to pages but attended in the
-//    step's scratch (the packed k and v buffers, seen as pages of one row: key row t is page t,
-//    value row t page scratch_value_base + t), then each layer's prompt compression writes only
+//    step's scratch (the packed k|v rows, seen as pages of half a row: the keys of token row t
+//    are page 2t, its values page 2t + 1), then each layer's prompt compression writes only
 //    the kept rows (PromptJob);
 //  - a compressed decode reads a thin segment and a recent segment per layer (CompressedKv): the
 //    plan carries, for every sequence of the step, the thin page lists, the per-kv-head row
@@ -33,9 +33,8 @@ struct StepShape {
   int n_kv_heads = 0;
   int head_dim = 0;
   int vocab_size = 0;
-  int window = 0;                  // the model's sliding window (0 = none)
-  int query_tile = 0;              // the prefill kernel's tile (kPrefillQueryTile)
-  int32_t scratch_value_base = 0;  // page id of value row 0 in the step's scratch (its capacity)
+  int window = 0;      // the model's sliding window (0 = none)
+  int query_tile = 0;  // the prefill kernel's tile (kPrefillQueryTile)
 };
 
 // One compressed prompt of the step: the layers' compression runs on the device.

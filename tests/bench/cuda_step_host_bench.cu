@@ -86,8 +86,7 @@ void HostCosts(int batch, int tokens) {
                         .head_dim = kHeadDim,
                         .vocab_size = kVocab,
                         .window = 0,
-                        .query_tile = 64,
-                        .scratch_value_base = batch};
+                        .query_tile = 64};
   StepPlan plan;
   std::vector<int32_t> upload;
   const PlanStorage storage = [&](size_t elements) -> absl::StatusOr<int32_t*> {

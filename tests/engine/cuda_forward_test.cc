@@ -68,8 +68,7 @@ class StepPlanTest : public ::testing::Test {
                      .head_dim = 16,
                      .vocab_size = 100,
                      .window = window,
-                     .query_tile = query_tile,
-                     .scratch_value_base = 64};
+                     .query_tile = query_tile};
   }
   std::unique_ptr<memory::PagePool> pool_;
   std::unique_ptr<memory::KvCache> cache_;
@@ -154,8 +153,7 @@ TEST(StepPlanStorageTest, BuildsIntoTheCallersBufferWhole) {
                         .head_dim = 16,
                         .vocab_size = 100,
                         .window = 0,
-                        .query_tile = 64,
-                        .scratch_value_base = 64};
+                        .query_tile = 64};
   StepPlan own, external;
   ASSERT_TRUE(BuildStepPlan(steps, shape, own).ok());
   std::vector<int32_t> buffer;
@@ -226,8 +224,8 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   EXPECT_EQ(Slice(plan, plan.at.kv_rows, 4), (std::vector<int32_t>{3, 0, 3, 0}));
   EXPECT_EQ(plan.scratch_rows, 10);
   EXPECT_EQ(Slice(plan, plan.at.scratch_indptr, 3), (std::vector<int32_t>{0, 0, 10}));
-  EXPECT_EQ(Slice(plan, plan.at.scratch_keys, 3), (std::vector<int32_t>{1, 2, 3}));
-  EXPECT_EQ(Slice(plan, plan.at.scratch_values, 3), (std::vector<int32_t>{65, 66, 67}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_keys, 3), (std::vector<int32_t>{2, 4, 6}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_values, 3), (std::vector<int32_t>{3, 5, 7}));
   EXPECT_EQ(Slice(plan, plan.at.scratch_rows, 2), (std::vector<int32_t>{0, 10}));
   EXPECT_EQ(plan.scratch_items, 3);
   EXPECT_EQ(Slice(plan, plan.at.scratch_items, 6), (std::vector<int32_t>{1, 0, 1, 4, 1, 8}));

@@ -6,6 +6,9 @@
 #   tools/gpu/variant.sh [--build DIR] [--name NAME] REV SOURCE TARGET...
 #   tools/gpu/variant.sh HEAD~1 engine/cuda/attention_prefill.cu cuda_prefill_attention_bench
 #
+# REV may also be file:PATH, a file standing in for SOURCE (a variant not committed anywhere,
+# such as one tile size of a kernel against another).
+#
 # SOURCE (a file of engine/, built into kvtrim_cuda or kvtrim_engine) is compiled at REV with the
 # build's own flags, replaces its object in a copy of that library, and each TARGET (a program of
 # tests/, already built in DIR, default build) is relinked against the copy as
@@ -32,7 +35,7 @@ while (($#)); do
   esac
 done
 if (($# < 3)); then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 rev=$1 source=$2
@@ -69,7 +72,11 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 # The source at REV, under a name of its own beside today's (same directory: same includes).
 variant_source=$root/$(dirname "$source")/.variant_$(basename "$source")
-git show "$rev:$source" >"$variant_source"
+if [[ $rev == file:* ]]; then
+  cp "${rev#file:}" "$variant_source"
+else
+  git show "$rev:$source" >"$variant_source"
+fi
 trap 'rm -rf "$work" "$variant_source"' EXIT
 variant_object=$work/$(basename "$object")
 # make's $(VAR) from flags.make, the paths swapped for the variant's.
