@@ -620,6 +620,7 @@ void Scheduler::Stop() {
     work_.notify_all();
     thread_.join();
   }
+  if (cache_ == nullptr) return;  // Create failed before the pool and cache were built
   TakeIncoming();
   for (std::unique_ptr<Active>& r : running_) {
     if (!r->finish_reason) r->finish_reason = FinishReason::kCancelled;

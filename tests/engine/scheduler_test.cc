@@ -271,6 +271,18 @@ class FailingBackend : public Backend {
   int calls_ = 0;
 };
 
+// A pool the machine cannot allocate (about 100 TiB) is an error naming the pool, not a crash
+// while the half-built scheduler is torn down.
+TEST_F(SchedulerTest, CreateReportsAPoolItCannotAllocate) {
+  const size_t page_bytes = size_t{1} << 30;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model_, tokenizer_, {.pool_bytes = 100000 * page_bytes, .page_bytes = page_bytes});
+  ASSERT_FALSE(scheduler.ok());
+  EXPECT_EQ(scheduler.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(scheduler.status().message().find("KV pool"), std::string_view::npos)
+      << scheduler.status();
+}
+
 TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
       model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
