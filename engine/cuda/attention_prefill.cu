@@ -14,7 +14,7 @@
 //   S (32 x 64) = Q Kᵀ    Q's fragments from shared memory (registers up to head_dim 64), K's
 //                         through ldmatrix;
 //   masks                 causal, sliding window, only on the tiles that need them;
-//   online softmax        per row, in the log2 domain, fp32; one rescale of O per tile;
+//   online softmax        per row, in the log2 domain, fp32; O rescaled when a maximum moved;
 //   O (32 x D) += P V     P straight from S's accumulators (the left operand's layout), rounded
 //                         to bf16; V through ldmatrix.trans.
 // At the end each row is divided by its sum and written as bf16. K/V tiles are read once per
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
         const float m_new = fmaxf(m[r][h], tile_max[h]);
         base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing stays empty
-        correction[h] = exp2f(m[r][h] - base[h]);
+        correction[h] = Exp2(m[r][h] - base[h]);
         m[r][h] = m_new;
         l[r][h] *= correction[h];
       }
@@ -270,16 +270,19 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
       for (int n = 0; n < kTileK / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[r][n][e] = exp2f(s[r][n][e] - base[e / 2]);
+          s[r][n][e] = Exp2(s[r][n][e] - base[e / 2]);
           l[r][e / 2] += s[r][n][e];
         }
       }
+      // O rescaled only when a row's maximum moved (away from the diagonal it seldom does).
+      if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) {
 #pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
-        o[r][n][0] *= correction[0];
-        o[r][n][1] *= correction[0];
-        o[r][n][2] *= correction[1];
-        o[r][n][3] *= correction[1];
+        for (int n = 0; n < kHeadDim / 8; ++n) {
+          o[r][n][0] *= correction[0];
+          o[r][n][1] *= correction[0];
+          o[r][n][2] *= correction[1];
+          o[r][n][3] *= correction[1];
+        }
       }
     }
 

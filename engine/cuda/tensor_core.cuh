@@ -45,6 +45,15 @@ __device__ __forceinline__ uint32_t PackBf16(float low, float high) {
   return *reinterpret_cast<const uint32_t*>(&pair);
 }
 
+// 2^x by the special-function unit alone (ex2.approx.ftz: results below 2^-126 flush to zero,
+// which a softmax weight that small is anyway next to its row's largest, 1). exp2f adds a range
+// fix-up around it for denormal results.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Starts copying 16 bytes from global `from` to shared `to` (zero-filled when !copy).
 __device__ __forceinline__ void CopyAsync(uint4* to, const __nv_bfloat16* from, bool copy) {
   // No "memory" clobber: loads may be scheduled ahead of the copy (WaitCopies orders the reads).

@@ -10,7 +10,8 @@
 //   forward ms      of a decode step, the time inside Backend::Forward (the rest of the step is
 //                   the scheduler's: sampling, stop rules, streaming the tokens out)
 // and, where the backend profiles its steps (Backend::LastStepProfile: the CUDA one), a second
-// table splitting the decode step's Forward into its host phases and the device's span.
+// table splitting the decode step's Forward into its host phases and the device's span, and a
+// third for the prefill phase: its steps, the time inside Forward and the device spans summed.
 //   roofline ms     (weight bytes + KV bytes read per step) / --copy_gbs, at the middle of the
 //                   decode (KV bytes from each request's final kv_bytes.rows, less half the
 //                   generated rows); omitted without --copy_gbs
@@ -104,6 +105,9 @@ struct Row {
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;
   double decode_forward_seconds = 0.0;  // inside Forward, the steps after prefill_seconds
+  int prefill_forwards = 0;             // the steps before it
+  double prefill_forward_seconds = 0.0;
+  double prefill_device_seconds = 0.0;  // their device spans (where profiled)
   int decode_forwards = 0;
   StepProfile profile;  // summed over the decode steps that have one
   int profiled = 0;
@@ -265,7 +269,12 @@ int Run() {
     row.prefill_seconds = *std::max_element(first.begin(), first.end());
     row.decode_seconds = last - row.prefill_seconds;
     for (const TimedBackend::Span& span : spans) {
-      if (span.begin < row.prefill_seconds) continue;
+      if (span.begin < row.prefill_seconds) {
+        ++row.prefill_forwards;
+        row.prefill_forward_seconds += span.end - span.begin;
+        if (span.profile) row.prefill_device_seconds += 1e-3 * span.profile->device_ms;
+        continue;
+      }
       row.decode_forward_seconds += span.end - span.begin;
       ++row.decode_forwards;
       if (!span.profile) continue;
@@ -319,6 +328,14 @@ int Run() {
                   row.profile.plan_ms / n, row.profile.queue_ms / n, row.profile.wait_ms / n,
                   row.profile.finish_ms / n, row.profile.device_ms / n);
     }
+  }
+  std::printf(
+      "\nUntil every request has its first token (s): wall | steps | inside Forward | device "
+      "span\n\n"
+      "| spec | wall | steps | forward | device |\n|---|--:|--:|--:|--:|\n");
+  for (const Row& row : rows) {
+    std::printf("| %s | %.3f | %d | %.3f | %.3f |\n", row.spec.c_str(), row.prefill_seconds,
+                row.prefill_forwards, row.prefill_forward_seconds, row.prefill_device_seconds);
   }
   std::printf("\nweights read per step: %.2f GB (%d-byte elements)\n", weight_bytes / 1e9,
               backend->kv_element_bytes);
