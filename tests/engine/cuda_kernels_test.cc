@@ -499,6 +499,13 @@ void ExpectUploaded(const std::vector<float>& host, const float* device) {
   EXPECT_EQ(copy, host);
 }
 
+// a's rows, then b's: what DeviceWeights stacks for projections of the same input.
+Matrix Stacked(const Matrix& a, const Matrix& b) {
+  Matrix m{.rows = a.rows + b.rows, .cols = a.cols, .data = a.data};
+  m.data.insert(m.data.end(), b.data.begin(), b.data.end());
+  return m;
+}
+
 TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
   for (const bool tied : {true, false}) {
     const Model model = RandomModel(rng_, tied, /*bias=*/!tied);
@@ -509,10 +516,10 @@ TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
     for (size_t l = 0; l < model.weights.layers.size(); ++l) {
       const LayerWeights& h = model.weights.layers[l];
       const DeviceLayerWeights& d = weights->layers[l];
+      const Matrix kv = Stacked(h.wk, h.wv), gate_up = Stacked(h.w_gate, h.w_up);
       for (const auto& [host, device] :
-           {std::pair{&h.wq, &d.wq}, std::pair{&h.wk, &d.wk}, std::pair{&h.wv, &d.wv},
-            std::pair{&h.wo, &d.wo}, std::pair{&h.w_gate, &d.w_gate}, std::pair{&h.w_up, &d.w_up},
-            std::pair{&h.w_down, &d.w_down}}) {
+           {std::pair{&h.wq, &d.wq}, std::pair{&kv, &d.wkv}, std::pair{&h.wo, &d.wo},
+            std::pair{&gate_up, &d.w_gate_up}, std::pair{&h.w_down, &d.w_down}}) {
         ExpectUploaded(*host, *device);
       }
       for (const auto& [host, device] :
