@@ -7,8 +7,12 @@
 // angles) off the per-element path. Then every (head, pair) of q and k is rotated in fp32 and
 // rounded to bf16 once:
 //   kHalves:   (x[i], x[i + D/2])     kAdjacent: (x[2i], x[2i + 1])
-// Consecutive threads take consecutive pairs, so a warp reads contiguous memory in both layouts.
+// Consecutive threads take consecutive pairs, so a warp reads contiguous memory in both layouts;
+// two pairs each, through 4-byte loads, where head_dim and the strides allow it.
 #include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/rope.h"
@@ -16,7 +20,7 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-template <RopeLayout kLayout>
+template <RopeLayout kLayout, bool kVector>
 __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int n_q_heads,
                            __nv_bfloat16* __restrict__ k, int k_row_stride, int n_kv_heads,
                            int head_dim, const int32_t* __restrict__ positions,
@@ -32,6 +36,34 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
   }
   __syncthreads();
 
+  if constexpr (kVector) {
+    // Two pairs per thread through 4-byte loads: pairs i and i + 1 (kHalves: x[i..i+1] with
+    // x[i+D/2..i+D/2+1]; kAdjacent: x[2i..2i+3]). Needs half even and even strides.
+    const int quads = (n_q_heads + n_kv_heads) * half / 2;
+    for (int p = threadIdx.x; p < quads; p += blockDim.x) {
+      const int head = (2 * p) / half;
+      const int i = 2 * p - head * half;
+      __nv_bfloat16* vec =
+          head < n_q_heads
+              ? q + static_cast<size_t>(token) * q_row_stride + head * head_dim
+              : k + static_cast<size_t>(token) * k_row_stride + (head - n_q_heads) * head_dim;
+      const float c0 = cos_table[i], s0 = sin_table[i], c1 = cos_table[i + 1],
+                  s1 = sin_table[i + 1];
+      if constexpr (kLayout == RopeLayout::kHalves) {
+        auto* lo = reinterpret_cast<__nv_bfloat162*>(vec + i);
+        auto* hi = reinterpret_cast<__nv_bfloat162*>(vec + i + half);
+        const float2 x0 = __bfloat1622float2(*lo), x1 = __bfloat1622float2(*hi);
+        *lo = __floats2bfloat162_rn(x0.x * c0 - x1.x * s0, x0.y * c1 - x1.y * s1);
+        *hi = __floats2bfloat162_rn(x1.x * c0 + x0.x * s0, x1.y * c1 + x0.y * s1);
+      } else {
+        auto* at = reinterpret_cast<__nv_bfloat162*>(vec + 2 * i);
+        const float2 a = __bfloat1622float2(at[0]), b = __bfloat1622float2(at[1]);
+        at[0] = __floats2bfloat162_rn(a.x * c0 - a.y * s0, a.y * c0 + a.x * s0);
+        at[1] = __floats2bfloat162_rn(b.x * c1 - b.y * s1, b.y * c1 + b.x * s1);
+      }
+    }
+    return;
+  }
   const int pairs = (n_q_heads + n_kv_heads) * half;
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int head = p / half;
@@ -65,12 +97,21 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
   const int pairs = (n_q_heads + n_kv_heads) * head_dim / 2;
   const int threads = pairs >= 256 ? 256 : (pairs + 31) / 32 * 32;
   const size_t shared_bytes = static_cast<size_t>(head_dim) * sizeof(float);
+  // Two pairs per thread where every pair of pairs is 4-byte aligned.
+  const bool vector = head_dim % 4 == 0 && q_row_stride % 2 == 0 && k_row_stride % 2 == 0 &&
+                      reinterpret_cast<uintptr_t>(q) % 4 == 0 &&
+                      reinterpret_cast<uintptr_t>(k) % 4 == 0;
+  const auto launch = [&](auto kernel, int threads) {
+    kernel<<<tokens, threads, shared_bytes, stream>>>(q, q_row_stride, n_q_heads, k, k_row_stride,
+                                                      n_kv_heads, head_dim, positions, inv_freq);
+  };
+  const int quad_threads = std::min(threads, std::max(32, (pairs / 2 + 31) / 32 * 32));
   if (layout == RopeLayout::kHalves) {
-    RopeKernel<RopeLayout::kHalves><<<tokens, threads, shared_bytes, stream>>>(
-        q, q_row_stride, n_q_heads, k, k_row_stride, n_kv_heads, head_dim, positions, inv_freq);
+    vector ? launch(RopeKernel<RopeLayout::kHalves, true>, quad_threads)
+           : launch(RopeKernel<RopeLayout::kHalves, false>, threads);
   } else {
-    RopeKernel<RopeLayout::kAdjacent><<<tokens, threads, shared_bytes, stream>>>(
-        q, q_row_stride, n_q_heads, k, k_row_stride, n_kv_heads, head_dim, positions, inv_freq);
+    vector ? launch(RopeKernel<RopeLayout::kAdjacent, true>, quad_threads)
+           : launch(RopeKernel<RopeLayout::kAdjacent, false>, threads);
   }
   return LaunchError();
 }
