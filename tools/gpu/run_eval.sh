@@ -117,12 +117,15 @@ if [[ -z ${SKIP_EVAL:-} ]]; then
   fi
   if [[ -n $cuda ]]; then
     # The GPU takes the prompt-compression grid; the CPU servers the decode-time eviction.
+    gpu_eval=
     if start_server gpu 50209 0 --kv_pool_mib 16384 --max_running 64 --step_tokens 8192; then
       evaluate results-cuda 127.0.0.1:50209 'none,snapkv-*,pyramidkv-*,streamingllm-*' \
         "${GPU_INFLIGHT:-32}" &
+      gpu_eval=$!
     fi
     evaluate results "$cpu_servers" 'none,corm*' 2
-    wait
+    # That job only: a bare `wait` would also wait for the servers, which run until stopped.
+    [[ -n $gpu_eval ]] && wait "$gpu_eval"
   else
     evaluate results "$cpu_servers" '' 2
   fi
