@@ -52,7 +52,9 @@ ABSL_FLAG(int, page_kib, 0,
           "KV page size, KiB; 0 = 16 full-width rows of the model, at least 16 KiB, a power of two "
           "(larger pages shorten the page lists a GPU step walks; smaller ones waste less in the "
           "partly filled last page of each compressed segment)");
-ABSL_FLAG(int, step_tokens, 512, "most tokens (decode + prefill chunks) in one engine step");
+ABSL_FLAG(int, step_tokens, 0,
+          "most tokens (decode + prefill chunks) in one engine step; 0 = the device's default "
+          "(512 on cpu, 8192 on cuda)");
 ABSL_FLAG(int, max_running, 64, "most requests prefilling or decoding at once");
 ABSL_FLAG(int, max_queued, 256, "most requests waiting; beyond it RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_prompt_tokens, 0, "longest prompt accepted; 0 = the model's context length");
@@ -192,6 +194,7 @@ int Run() {
   }
   scheduler_options.kv_element_bytes = backend->kv_element_bytes;
   scheduler_options.kv_storage = backend->kv_storage;
+  if (scheduler_options.step_tokens == 0) scheduler_options.step_tokens = backend->step_tokens;
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
       engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, backend->make_backend);
   if (!scheduler.ok()) {

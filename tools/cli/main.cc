@@ -126,6 +126,7 @@ absl::Status Generate() {
   options.make_backend = backend->make_backend;
   options.kv_element_bytes = backend->kv_element_bytes;
   options.kv_storage = backend->kv_storage;
+  options.step_tokens = backend->step_tokens;
   absl::StatusOr<std::unique_ptr<engine::Generator>> generator =
       engine::Generator::Create(&*model, options);
   if (!generator.ok()) return generator.status();
