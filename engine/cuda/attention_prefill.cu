@@ -99,9 +99,9 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   const auto page_of = [&](int row) {
     return page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
   };
-  // Each copy loads its page id first. (Loading the ids a tile ahead, into registers, paid off
-  // with 64-row query tiles at head_dim 128; with two row blocks per warp those registers spill.)
-  // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero).
+  // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero), each copy after its page
+  // id's load. (Loading the ids a tile ahead, into registers, paid off with 64-row query tiles
+  // at head_dim 128; with two row blocks per warp those registers spill.)
   const auto fetch = [&](int t) {
     __nv_bfloat16* k_tile = stages + (t % 2) * 2 * T::kKvElements;
     __nv_bfloat16* v_tile = k_tile + T::kKvElements;

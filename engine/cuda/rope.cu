@@ -36,6 +36,12 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
   }
   __syncthreads();
 
+  // Head h of the token: query heads first, then the kv-heads of k.
+  const auto head_row = [&](int h) {
+    return h < n_q_heads
+               ? q + static_cast<size_t>(token) * q_row_stride + h * head_dim
+               : k + static_cast<size_t>(token) * k_row_stride + (h - n_q_heads) * head_dim;
+  };
   if constexpr (kVector) {
     // Two pairs per thread through 4-byte loads: pairs i and i + 1 (kHalves: x[i..i+1] with
     // x[i+D/2..i+D/2+1]; kAdjacent: x[2i..2i+3]). Needs half even and even strides.
@@ -43,10 +49,7 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
     for (int p = threadIdx.x; p < quads; p += blockDim.x) {
       const int head = (2 * p) / half;
       const int i = 2 * p - head * half;
-      __nv_bfloat16* vec =
-          head < n_q_heads
-              ? q + static_cast<size_t>(token) * q_row_stride + head * head_dim
-              : k + static_cast<size_t>(token) * k_row_stride + (head - n_q_heads) * head_dim;
+      __nv_bfloat16* vec = head_row(head);
       const float c0 = cos_table[i], s0 = sin_table[i], c1 = cos_table[i + 1],
                   s1 = sin_table[i + 1];
       if constexpr (kLayout == RopeLayout::kHalves) {
@@ -68,10 +71,7 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int head = p / half;
     const int i = p - head * half;
-    __nv_bfloat16* vec =
-        head < n_q_heads
-            ? q + static_cast<size_t>(token) * q_row_stride + head * head_dim
-            : k + static_cast<size_t>(token) * k_row_stride + (head - n_q_heads) * head_dim;
+    __nv_bfloat16* vec = head_row(head);
     const int a = kLayout == RopeLayout::kHalves ? i : 2 * i;
     const int b = kLayout == RopeLayout::kHalves ? i + half : 2 * i + 1;
     const float x0 = __bfloat162float(vec[a]);
