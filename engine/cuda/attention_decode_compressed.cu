@@ -98,6 +98,9 @@ __device__ __forceinline__ uint4 LoadKeyElements(const __nv_bfloat16* key, int c
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
+template <int kTileRows>
+struct TilePages;  // below RowList
+
 // One list of rows in the pages (a sequence's keys or values of one segment) as one kv-head
 // reads it: `width` elements at `offset` in rows of `row_elements`, `rows_per_page` to a page.
 struct RowList {
@@ -114,39 +117,76 @@ struct RowList {
   }
 
   // Starts copying rows [first, first + kTileRows) (those below `end`; the rest, and columns
-  // from width up to `columns`, zero) into `tile` (laid out as Tile::At says). Each row is split
-  // into 16-byte pieces over kLanesPerRow adjacent lanes (those past `columns` idle). The lane's
-  // page ids are all read before its first copy starts, so that their loads overlap.
-  template <int kLanesPerRow, class Tile>
+  // from width up to `columns`, zero) into `tile` (laid out as Tile::At says), with the rows'
+  // page ids from `ids` (this list is list kList of the two it holds). Each row is split into
+  // 16-byte pieces over kLanesPerRow adjacent lanes (those past `columns` idle). Every lane of
+  // the warp calls it.
+  template <int kLanesPerRow, class Tile, int kList>
   __device__ __forceinline__ void Fetch(const __nv_bfloat16* pool, int64_t page_elements, int first,
                                         int end, int columns, bool vector,
+                                        const TilePages<Tile::kTileRows>& ids,
                                         __nv_bfloat16* tile) const {
     constexpr int kRowsPerPass = 32 / kLanesPerRow;
     constexpr int kPasses = Tile::kTileRows / kRowsPerPass;
     const int lane = threadIdx.x % 32, piece = lane % kLanesPerRow, first_row = lane / kLanesPerRow;
-    if (piece * 8 >= columns) return;
-    const int in_row = offset + piece * 8;
-    const __nv_bfloat16* from[kPasses];  // the lane's pieces in the pool; null past `end`
+    int page_ids[kPasses];
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
-      const int row = first + first_row + i * kRowsPerPass;
-      const int page = PageOf(row);
-      from[i] = row < end ? pool + pages[page] * page_elements +
-                                ((row - page * rows_per_page) * row_elements + in_row)
-                          : nullptr;
+      page_ids[i] = ids.template Get<kList>(first_row + i * kRowsPerPass);
     }
+    if (piece * 8 >= columns) return;
+    const int in_row = offset + piece * 8;
     const int count = width - piece * 8;  // elements of this piece in the row (<= 0: none)
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
+      const int row = first + first_row + i * kRowsPerPass;
+      // The lane's piece of the row in the pool; null past `end`.
+      const __nv_bfloat16* from =
+          row < end ? pool + page_ids[i] * page_elements +
+                          ((row - PageOf(row) * rows_per_page) * row_elements + in_row)
+                    : nullptr;
       uint4* to = reinterpret_cast<uint4*>(tile + Tile::At(first_row + i * kRowsPerPass, piece));
-      if (vector || from[i] == nullptr) {
+      if (vector || from == nullptr) {
         // Zeros past `end` (masked rows still enter the products) and past the key width.
-        const bool copy = from[i] != nullptr && count > 0;
-        CopyAsync(to, copy ? from[i] : pool, copy);
+        const bool copy = from != nullptr && count > 0;
+        CopyAsync(to, copy ? from : pool, copy);
       } else {
-        *to = LoadKeyElements(from[i], count);
+        *to = LoadKeyElements(from, count);
       }
     }
+  }
+};
+
+// The page ids of a tile's rows in its two lists (keys, values), one or two per lane: slot
+// s = lane + 32 j of the warp holds the id of row s % kTileRows of list s / kTileRows. They are
+// loaded a tile ahead of the copies that use them (AddTiles), so that a copy never waits on its
+// page id, and reach the lanes that copy those rows by shuffles.
+template <int kTileRows>
+struct TilePages {
+  static constexpr int kPerLane = 2 * kTileRows / 32;
+  int id[kPerLane];
+
+  // Loads the ids of rows [first, first + kTileRows) of `keys` and `values` (0 from `end` on).
+  __device__ __forceinline__ void Load(const RowList& keys, const RowList& values, int first,
+                                       int end) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int slot = lane + 32 * j, row = first + slot % kTileRows;
+      // Field by field: a reference to either list would move both to local memory.
+      const bool key = slot < kTileRows;
+      const uint32_t magic = key ? keys.page_magic : values.page_magic;
+      const int page = magic == 0 ? row : static_cast<int>(__umulhi(row, magic));
+      id[j] = row < end ? (key ? keys.pages : values.pages)[page] : 0;
+    }
+  }
+
+  // The id of row `row` (of the tile) in list kList; every lane of the warp calls it.
+  template <int kList>
+  __device__ __forceinline__ int Get(int row) const {
+    const int slot = kList * kTileRows + row;
+    static_assert(kList * kTileRows % 32 + kTileRows <= 32);  // slot / 32 is kList's alone
+    return __shfl_sync(0xffffffffu, id[kList * kTileRows / 32], slot % 32);
   }
 };
 
@@ -266,8 +306,10 @@ struct Segment {
 };
 
 // Adds the tiles of `thin` then of `recent` to this warp's state: tile i of the two goes to warp
-// i % kWarps, through the warp's pipeline. Copies start before the query tiles are filled: the
-// block fills them and waits for one another (`fill_queries`) once the first tiles are asked for.
+// i % kWarps, through the warp's pipeline. A tile's page ids are loaded one tile before its
+// copies start, so that they arrive while the warp waits for and adds earlier tiles. Copies
+// start before the query tiles are filled: the block fills them and waits for one another
+// (`fill_queries`) once the first tiles are asked for.
 template <int kHeadDim, class FillQueries>
 __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
                                          const Segment& recent, __nv_bfloat16* pipeline,
@@ -278,63 +320,92 @@ __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
   const int thin_tiles = thin.Tiles(G::kTileRows);
   const int tiles = thin_tiles + recent.Tiles(G::kTileRows);
   const int mine = tiles > warp ? (tiles - warp + kWarps - 1) / kWarps : 0;
-  const auto fetch_tile = [&](const Segment& segment, int first, __nv_bfloat16* stage) {
-    constexpr int kLanes = kHeadDim / 8;
-    segment.keys.template Fetch<kLanes, G>(kv.pool, kv.page_elements, first, segment.end,
-                                           segment.key_columns, segment.vector_keys, stage);
-    segment.values.template Fetch<kLanes, G>(kv.pool, kv.page_elements, first, segment.end,
-                                             kHeadDim, true, stage + G::kTileElements);
+  // Calls f(segment, first row) for this warp's tile i (i < mine): tile warp + i * kWarps of the
+  // thin segment's, then the recent one's. (Two calls, not a reference to either segment: that
+  // would move them to local memory.)
+  const auto with_tile = [&](int i, const auto& f) {
+    const int tile = warp + i * kWarps;
+    if (tile < thin_tiles) {
+      f(thin, thin.begin + tile * G::kTileRows);
+    } else {
+      f(recent, recent.begin + (tile - thin_tiles) * G::kTileRows);
+    }
   };
-  // This warp's tile i: tile warp + i * kWarps of the thin segment's, then the recent one's.
+  TilePages<G::kTileRows> ids;  // of the next tile to fetch
+  const auto load_ids = [&](int i) {
+    if (i < mine) {
+      with_tile(i, [&](const Segment& segment, int first) {
+        ids.Load(segment.keys, segment.values, first, segment.end);
+      });
+    }
+  };
+  // Starts tile i's copies, with its ids in `ids`.
   const auto fetch = [&](int i) {
     if (i < mine) {
-      const int tile = warp + i * kWarps;
-      __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
-      if (tile < thin_tiles) {
-        fetch_tile(thin, thin.begin + tile * G::kTileRows, stage);
-      } else {
-        fetch_tile(recent, recent.begin + (tile - thin_tiles) * G::kTileRows, stage);
-      }
+      with_tile(i, [&](const Segment& segment, int first) {
+        constexpr int kLanes = kHeadDim / 8;
+        __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
+        segment.keys.template Fetch<kLanes, G, 0>(kv.pool, kv.page_elements, first, segment.end,
+                                                  segment.key_columns, segment.vector_keys, ids,
+                                                  stage);
+        segment.values.template Fetch<kLanes, G, 1>(kv.pool, kv.page_elements, first, segment.end,
+                                                    kHeadDim, true, ids, stage + G::kTileElements);
+      });
     }
     CommitCopies();  // an empty group past the end keeps the count the wait relies on
   };
 #pragma unroll
-  for (int i = 0; i < G::kStages - 1; ++i) fetch(i);
+  for (int i = 0; i < G::kStages - 1; ++i) {
+    load_ids(i);
+    fetch(i);
+  }
+  load_ids(G::kStages - 1);
   fill_queries();  // block-wide: every warp gets here
   for (int i = 0; i < mine; ++i) {
     __syncwarp();  // every lane is done with tile i - 1, whose stage tile i + kStages - 1 takes
-    fetch(i + G::kStages - 1);     // so that kStages - 1 tiles are in flight while i is added
+    fetch(i + G::kStages - 1);  // so that kStages - 1 tiles are in flight while i is added
+    load_ids(i + G::kStages);
     WaitCopies<G::kStages - 1>();  // tile i has landed (this lane's pieces)
     __syncwarp();                  // ... and every lane's
-    const int tile = warp + i * kWarps;
-    const bool in_thin = tile < thin_tiles;
     const __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
-    AddTile<kHeadDim>(in_thin ? thin.query : recent.query, stage, stage + G::kTileElements,
-                      (in_thin ? thin.key_columns : kHeadDim) / 16,
-                      in_thin ? thin.begin + tile * G::kTileRows
-                              : recent.begin + (tile - thin_tiles) * G::kTileRows,
-                      in_thin ? thin.end : recent.end, scale_log2, state);
+    with_tile(i, [&](const Segment& segment, int first) {
+      AddTile<kHeadDim>(segment.query, stage, stage + G::kTileElements, segment.key_columns / 16,
+                        first, segment.end, scale_log2, state);
+    });
   }
   WaitCopies<0>();
 }
 
-// Fills a query tile (16 rows, `columns` wide): row g < n_heads is query head
-// first_head + g of `token`, at channels[i] in column i when `channels` is given (i < width) or
-// at channel i; zero elsewhere.
+// Fills the block's query tiles (16 rows each): row g < n_heads of `full` is query head
+// first_head + g of `token`, and of `thin` (when `thin_columns` > 0, that wide) the same head at
+// channels[i] in column i (at channel i when `channels` is null) for i < `width`; zero elsewhere.
+// Thread t fills column t (and t + kThreads) of every row of both: it reads the column's channel
+// once and then the heads' values, all loads issued before any store.
 template <int kHeadDim>
-__device__ __forceinline__ void FillQuery(const __nv_bfloat16* __restrict__ q, int token,
-                                          int n_heads_all, int first_head, int n_heads,
-                                          const uint16_t* channels, int width, int columns,
-                                          __nv_bfloat16* query) {
+__device__ __forceinline__ void FillQueries(const __nv_bfloat16* __restrict__ q, int token,
+                                            int n_heads_all, int first_head, int n_heads,
+                                            const uint16_t* channels, int width, int thin_columns,
+                                            bool full_wanted, __nv_bfloat16* thin,
+                                            __nv_bfloat16* full) {
+  using G = Geometry<kHeadDim>;
   const __nv_bfloat16* heads =
       q + static_cast<int64_t>(token) * n_heads_all * kHeadDim + first_head * kHeadDim;
-  for (int index = threadIdx.x; index < kHeadRows * columns; index += kThreads) {
-    const int g = index / columns, i = index % columns;
-    __nv_bfloat16 value = __float2bfloat16(0.0f);
-    if (g < n_heads && i < width) {
-      value = heads[g * kHeadDim + (channels != nullptr ? channels[i] : i)];
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+  for (int i = threadIdx.x; i < kHeadDim; i += kThreads) {
+    const bool in_thin = i < thin_columns;
+    const int channel = in_thin && i < width ? (channels != nullptr ? channels[i] : i) : -1;
+    __nv_bfloat16 thin_values[kHeadRows], full_values[kHeadRows];
+#pragma unroll
+    for (int g = 0; g < kHeadRows; ++g) {
+      full_values[g] = full_wanted && g < n_heads ? heads[g * kHeadDim + i] : zero;
+      thin_values[g] = channel >= 0 && g < n_heads ? heads[g * kHeadDim + channel] : zero;
     }
-    query[Geometry<kHeadDim>::At(g, i / 8) + i % 8] = value;
+#pragma unroll
+    for (int g = 0; g < kHeadRows; ++g) {
+      if (full_wanted) full[G::At(g, i / 8) + i % 8] = full_values[g];
+      if (in_thin) thin[G::At(g, i / 8) + i % 8] = thin_values[g];
+    }
   }
 }
 
@@ -365,6 +436,9 @@ __global__ void __launch_bounds__(kThreads)
   const int key_width = ckv.key_width[seq];
   const int first_thin_page = ckv.thin_indptr[seq];
   const int first_recent_page = kv.page_indptr[seq];
+  // Read with the rest rather than when the queries are filled (a null array: no thin keys).
+  const int channel_offset =
+      ckv.channel_offset != nullptr ? ckv.channel_offset[seq] + kv_head * key_width : 0;
 
   // This split's part of the kv-head's rows: thin rows [0, thin_rows), then recent rows.
   const int rows = thin_rows + recent_rows;
@@ -403,17 +477,10 @@ __global__ void __launch_bounds__(kThreads)
   recent.values.pages = kv.value_pages + first_recent_page;
 
   const auto fill_queries = [&] {
-    if (thin.begin < thin.end) {
-      const bool gathered = key_width != kHeadDim;
-      FillQuery<kHeadDim>(
-          q, token, n_heads, first_head, block_heads,
-          gathered ? ckv.channels + ckv.channel_offset[seq] + kv_head * key_width : nullptr,
-          key_width, thin.key_columns, thin_query);
-    }
-    if (recent.begin < recent.end) {
-      FillQuery<kHeadDim>(q, token, n_heads, first_head, block_heads, nullptr, kHeadDim, kHeadDim,
-                          full_query);
-    }
+    FillQueries<kHeadDim>(q, token, n_heads, first_head, block_heads,
+                          key_width != kHeadDim ? ckv.channels + channel_offset : nullptr,
+                          key_width, thin.begin < thin.end ? thin.key_columns : 0,
+                          recent.begin < recent.end, thin_query, full_query);
     __syncthreads();
   };
   WarpState<kHeadDim> state;
