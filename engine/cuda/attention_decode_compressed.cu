@@ -129,29 +129,42 @@ struct RowList {
     constexpr int kRowsPerPass = 32 / kLanesPerRow;
     constexpr int kPasses = Tile::kTileRows / kRowsPerPass;
     const int lane = threadIdx.x % 32, piece = lane % kLanesPerRow, first_row = lane / kLanesPerRow;
-    int page_ids[kPasses];
+    // The lane's pieces in the pool (null past `end`). Where the tile's rows lie on one page (the
+    // common case: a page holds a multiple of 16 rows and tiles start on a multiple of 16) they
+    // are a base and a stride; otherwise each row has its own page id.
+    const __nv_bfloat16* from[kPasses];
+    const int in_row = offset + piece * 8;
+    const int first_page = PageOf(first);
+    if (first_page == PageOf(min(first + Tile::kTileRows, end) - 1)) {  // the same on every lane
+      const __nv_bfloat16* base =
+          pool + ids.template Get<kList>(0) * page_elements +
+          ((first - first_page * rows_per_page + first_row) * row_elements + in_row);
 #pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      page_ids[i] = ids.template Get<kList>(first_row + i * kRowsPerPass);
+      for (int i = 0; i < kPasses; ++i) {
+        const int row = first + first_row + i * kRowsPerPass;
+        from[i] = row < end ? base + i * kRowsPerPass * row_elements : nullptr;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int row = first + first_row + i * kRowsPerPass;
+        const int page_id = ids.template Get<kList>(first_row + i * kRowsPerPass);
+        from[i] = row < end ? pool + page_id * page_elements +
+                                  ((row - PageOf(row) * rows_per_page) * row_elements + in_row)
+                            : nullptr;
+      }
     }
     if (piece * 8 >= columns) return;
-    const int in_row = offset + piece * 8;
     const int count = width - piece * 8;  // elements of this piece in the row (<= 0: none)
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
-      const int row = first + first_row + i * kRowsPerPass;
-      // The lane's piece of the row in the pool; null past `end`.
-      const __nv_bfloat16* from =
-          row < end ? pool + page_ids[i] * page_elements +
-                          ((row - PageOf(row) * rows_per_page) * row_elements + in_row)
-                    : nullptr;
       uint4* to = reinterpret_cast<uint4*>(tile + Tile::At(first_row + i * kRowsPerPass, piece));
-      if (vector || from == nullptr) {
+      if (vector || from[i] == nullptr) {
         // Zeros past `end` (masked rows still enter the products) and past the key width.
-        const bool copy = from != nullptr && count > 0;
-        CopyAsync(to, copy ? from : pool, copy);
+        const bool copy = from[i] != nullptr && count > 0;
+        CopyAsync(to, copy ? from[i] : pool, copy);
       } else {
-        *to = LoadKeyElements(from, count);
+        *to = LoadKeyElements(from[i], count);
       }
     }
   }
@@ -442,7 +455,10 @@ __global__ void __launch_bounds__(kThreads)
 
   // This split's part of the kv-head's rows: thin rows [0, thin_rows), then recent rows.
   const int rows = thin_rows + recent_rows;
-  const int per_split = (rows + splits - 1) / splits;
+  // Whole tiles, so that the thin segment's tiles start on multiples of the tile's rows (and
+  // mostly lie on one page, RowList::Fetch).
+  const int per_split =
+      ((rows + splits - 1) / splits + G::kTileRows - 1) / G::kTileRows * G::kTileRows;
   const int begin = min(rows, static_cast<int>(blockIdx.z) * per_split);
   const int end = min(rows, begin + per_split);
 

@@ -3,7 +3,7 @@
 //   1. Device-to-device copy bandwidth through cudaMemcpyAsync (bytes read + bytes written).
 //   2. One decode step of --batch sequences of --tokens cached tokens each (the new token
 //      included), at Llama-3-8B's (32 / 8 x 128) and SmolLM2's (9 / 3 x 64) heads, pages of
-//      --page_kib in shuffled order:
+//      --page_kib (default: the shape's default, as the server's) in shuffled order:
 //        LaunchCompressedDecodeAttention  every model's kernel but for sliding windows (the
 //                                         tensor-core one), every row at full width: the
 //                                         baseline of the last column;
@@ -45,6 +45,7 @@
 #include "engine/cuda/compressed_kv.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/paged_kv.h"
+#include "memory/kv_cache.h"
 #include "tests/bench/cuda_bench_util.h"
 
 ABSL_FLAG(int, repeats, 20, "timed runs per row (the median is printed)");
@@ -52,7 +53,8 @@ ABSL_FLAG(int, warmup, 3, "untimed runs before each row");
 ABSL_FLAG(int64_t, copy_mib, 2048, "size of the copied buffer, MiB");
 ABSL_FLAG(int, batch, 32, "sequences decoding in the step");
 ABSL_FLAG(int, tokens, 8192, "cached tokens per sequence, the new one included");
-ABSL_FLAG(int, page_kib, 16, "page size, KiB");
+ABSL_FLAG(int, page_kib, 0,
+          "page size, KiB; 0 = the shape's default (KvShape::default_page_bytes)");
 ABSL_FLAG(int, splits, 0, "split-K parts of every launch (0: each kernel's heuristic)");
 
 namespace kvtrim::engine::cuda {
@@ -236,12 +238,16 @@ void DecodeAttention(cudaStream_t stream, double copy_gbs, const cudaDeviceProp&
   };
   const Model models[] = {{"Llama-3-8B", {32, 8, 128, 0}}, {"SmolLM2", {9, 3, 64, 0}}};
   const int batch = absl::GetFlag(FLAGS_batch), tokens = absl::GetFlag(FLAGS_tokens);
-  const int page_bytes = absl::GetFlag(FLAGS_page_kib) << 10;
   const int kept = static_cast<int>(std::lround(0.12 * tokens));
   const int recent = std::min(32, kept) + 1, thin = kept - std::min(32, kept);
   std::mt19937 rng(1234);
   for (const Model& model : models) {
     const int D = model.shape.head_dim;
+    const memory::KvShape kv_shape{
+        .n_kv_heads = model.shape.n_kv_heads, .head_dim = D, .element_bytes = 2};
+    const int page_bytes = absl::GetFlag(FLAGS_page_kib) > 0
+                               ? absl::GetFlag(FLAGS_page_kib) << 10
+                               : static_cast<int>(kv_shape.default_page_bytes());
     if (page_bytes < model.shape.n_kv_heads * D * 2) {
       std::fprintf(stderr, "--page_kib=%d: a page must hold a %s row (%d bytes)\n",
                    page_bytes >> 10, model.name, model.shape.n_kv_heads * D * 2);
@@ -299,10 +305,11 @@ int main(int argc, char** argv) {
   using namespace kvtrim::engine::cuda;
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_batch) < 1 || absl::GetFlag(FLAGS_tokens) < 1 ||
-      absl::GetFlag(FLAGS_page_kib) < 1 || absl::GetFlag(FLAGS_copy_mib) < 1 ||
+      absl::GetFlag(FLAGS_page_kib) < 0 || absl::GetFlag(FLAGS_copy_mib) < 1 ||
       absl::GetFlag(FLAGS_splits) < 0) {
-    std::fprintf(stderr,
-                 "--batch, --tokens, --page_kib and --copy_mib must be positive, --splits >= 0\n");
+    std::fprintf(
+        stderr,
+        "--batch, --tokens and --copy_mib must be positive, --page_kib and --splits >= 0\n");
     return 1;
   }
   const cudaDeviceProp device = bench::PrintDevice();
