@@ -223,11 +223,13 @@ struct WarpState {
 };
 
 // Adds one tile (rows first .. first + kTileRows, those below `end`) from `keys` / `values`
-// (shared, Geometry::At) against `query` (a query tile, `key_steps` x 16 columns).
+// (shared, Geometry::At) against `query` (a query tile, `key_steps` x 16 columns); `upper`:
+// the block has query heads in rows 8-15.
 template <int kHeadDim>
 __device__ __forceinline__ void AddTile(const __nv_bfloat16* query, const __nv_bfloat16* keys,
                                         const __nv_bfloat16* values, int key_steps, int first,
-                                        int end, float scale_log2, WarpState<kHeadDim>& state) {
+                                        int end, float scale_log2, bool upper,
+                                        WarpState<kHeadDim>& state) {
   using G = Geometry<kHeadDim>;
   constexpr int kRows = G::kTileRows;
   const int lane = threadIdx.x % 32, quad = lane % 4;
@@ -247,6 +249,8 @@ __device__ __forceinline__ void AddTile(const __nv_bfloat16* query, const __nv_b
     }
   }
   // Online softmax over the tile, rows past `end` masked (only the segment's last tile has any).
+  // Query rows 8-15 (the thread's second row, h = 1) only where the block has more than 8 heads
+  // (`upper`): otherwise their P is zero and their O, never written, is left as it is.
   const bool partial = first + kRows > end;
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -258,14 +262,15 @@ __device__ __forceinline__ void AddTile(const __nv_bfloat16* query, const __nv_b
       tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
     }
   }
-  float correction[2];
+  float correction[2] = {1.0f, 1.0f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    if (h == 1 && !upper) break;
     tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
     tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
     // The tile has a valid row, so the new maximum is finite.
     const float m_new = fmaxf(state.m[h], tile_max[h]);
-    correction[h] = exp2f(state.m[h] - m_new);
+    correction[h] = Exp2(state.m[h] - m_new);
     state.m[h] = m_new;
     state.l[h] *= correction[h];
   }
@@ -273,16 +278,23 @@ __device__ __forceinline__ void AddTile(const __nv_bfloat16* query, const __nv_b
   for (int n = 0; n < kRows / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[n][e] = exp2f(s[n][e] - state.m[e / 2]);
-      state.l[e / 2] += s[n][e];
+      if (e < 2 || upper) {
+        s[n][e] = Exp2(s[n][e] - state.m[e / 2]);
+        state.l[e / 2] += s[n][e];
+      } else {
+        s[n][e] = 0.0f;
+      }
     }
   }
+  // O rescaled only when a row's maximum moved (past the first tiles, rarely).
+  if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) {
 #pragma unroll
-  for (int n = 0; n < kHeadDim / 8; ++n) {
-    state.o[n][0] *= correction[0];
-    state.o[n][1] *= correction[0];
-    state.o[n][2] *= correction[1];
-    state.o[n][3] *= correction[1];
+    for (int n = 0; n < kHeadDim / 8; ++n) {
+      state.o[n][0] *= correction[0];
+      state.o[n][1] *= correction[0];
+      state.o[n][2] *= correction[1];
+      state.o[n][3] *= correction[1];
+    }
   }
   // O += P V: P's 16-row steps are pairs of score n-tiles, already in the left operand's layout.
   // P is rounded to bf16 for the product (l sums it in fp32), as flash attention does: on
@@ -326,7 +338,8 @@ struct Segment {
 template <int kHeadDim, class FillQueries>
 __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
                                          const Segment& recent, __nv_bfloat16* pipeline,
-                                         float scale_log2, const FillQueries& fill_queries,
+                                         float scale_log2, bool upper,
+                                         const FillQueries& fill_queries,
                                          WarpState<kHeadDim>& state) {
   using G = Geometry<kHeadDim>;
   const int warp = threadIdx.x / 32;
@@ -383,7 +396,7 @@ __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
     const __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
     with_tile(i, [&](const Segment& segment, int first) {
       AddTile<kHeadDim>(segment.query, stage, stage + G::kTileElements, segment.key_columns / 16,
-                        first, segment.end, scale_log2, state);
+                        first, segment.end, scale_log2, upper, state);
     });
   }
   WaitCopies<0>();
@@ -500,7 +513,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   };
   WarpState<kHeadDim> state;
-  AddTiles<kHeadDim>(kv, thin, recent, pipeline, scale_log2, fill_queries, state);
+  AddTiles<kHeadDim>(kv, thin, recent, pipeline, scale_log2, /*upper=*/block_heads > 8,
+                     fill_queries, state);
 
   // The warps' states to shared memory (over the tiles, which every warp is done with), merged.
   __syncthreads();

@@ -426,8 +426,8 @@ TEST_F(CudaAttentionCompressedTest, FullWidthThinKeysMatchCpu) {
   for (const CompressedCase& c : cases) Check(c);
 }
 
-// Blocks serve 1 to 8 query heads (a kernel per count); groups over 8 are cut into chunks, the
-// last of which may be short (9 = 5 + 4).
+// A block serves up to 16 query heads, the rows of its mma tiles (rows 8-15 only past 8 heads);
+// larger groups are cut into near-equal chunks (20 = 10 + 10).
 TEST_F(CudaAttentionCompressedTest, EveryGroupSizeMatchesCpu) {
   const CompressedCase cases[] = {
       {"group1", {4, 4, 32, 0}, 2048, {{16, {0, 1, 20, 40}, {3, 1, 2, 1}}, Uncompressed(32, 9)}},
@@ -436,6 +436,8 @@ TEST_F(CudaAttentionCompressedTest, EveryGroupSizeMatchesCpu) {
       {"group7", {14, 2, 128, 0}, 4096, {{64, {21}, {4}}, {60, {12}, {9}}}},
       {"group8", {16, 2, 64, 0}, 2048, {{32, {50, 3}, {1, 6}}, Uncompressed(64, 20)}},
       {"group9", {9, 1, 64, 0}, 1024, {{32, {30}, {5}}, {24, {17}, {2}}, Uncompressed(64, 11)}},
+      {"group16", {16, 1, 128, 0}, 4096, {{64, {40}, {3}}, Uncompressed(128, 19)}},
+      {"group20", {20, 1, 64, 0}, 2048, {{32, {25}, {4}}, {40, {9}, {1}}}},
   };
   for (const CompressedCase& c : cases) Check(c);
 }
