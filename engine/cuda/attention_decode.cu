@@ -58,15 +58,13 @@ struct SoftmaxState {
 };
 
 // Empties `state` and loads query[g]: this thread's 8 channels of query head first_head + g of
-// `token` (q: (tokens, n_heads_all * kHeadDim) bf16) pre-scaled by scale_log2, zero for
+// `token` (q: rows of q_stride bf16, the heads first) pre-scaled by scale_log2, zero for
 // g >= n_heads.
 template <int kHeadDim>
 __device__ __forceinline__ void StartState(const __nv_bfloat16* __restrict__ q, int token,
-                                           int n_heads_all, int first_head, int n_heads,
-                                           int channel, float scale_log2,
-                                           float (&query)[kMaxHeadsPerBlock][8],
+                                           int q_stride, int first_head, int n_heads, int channel,
+                                           float scale_log2, float (&query)[kMaxHeadsPerBlock][8],
                                            SoftmaxState<>& state) {
-  const int q_stride = n_heads_all * kHeadDim;
 #pragma unroll
   for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
     state.m[g] = -INFINITY;
@@ -315,8 +313,8 @@ template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     DecodeAttentionKernel(PagedKv kv, const int32_t* __restrict__ token_indptr,
                           const int32_t* __restrict__ seqs, const __nv_bfloat16* __restrict__ q,
-                          int n_heads, int group, int heads_per_block, int chunks, int window,
-                          float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
+                          int q_stride, int n_heads, int group, int heads_per_block, int chunks,
+                          int window, float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
                           float* __restrict__ workspace) {
   const BlockWork w =
       LocateWork(kv, token_indptr, seqs, group, heads_per_block, chunks, window, splits);
@@ -325,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float query[kMaxHeadsPerBlock][8];
   SoftmaxState<> state;
-  StartState<kHeadDim>(q, w.token, n_heads, w.first_head, w.n_heads, channel, scale_log2, query,
+  StartState<kHeadDim>(q, w.token, q_stride, w.first_head, w.n_heads, channel, scale_log2, query,
                        state);
   __shared__ BlockShared<kHeadDim, kMaxHeadsPerBlock> shared;
   const FullWidthRows rows(kv, kv.key_pages + kv.page_indptr[w.seq],
@@ -359,12 +357,12 @@ __global__ void MergeSplitsKernel(const int32_t* __restrict__ token_indptr,
 
 template <int kHeadDim>
 void Launch(dim3 grid, const PagedKv& kv, const int32_t* token_indptr, const int32_t* seqs,
-            const __nv_bfloat16* q, const AttentionShape& shape, int group, int heads_per_block,
-            int chunks, float scale_log2, int splits, __nv_bfloat16* out, float* workspace,
-            cudaStream_t stream) {
+            const __nv_bfloat16* q, int q_stride, const AttentionShape& shape, int group,
+            int heads_per_block, int chunks, float scale_log2, int splits, __nv_bfloat16* out,
+            float* workspace, cudaStream_t stream) {
   DecodeAttentionKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(
-      kv, token_indptr, seqs, q, shape.n_heads, group, heads_per_block, chunks, shape.window,
-      scale_log2, splits, out, workspace);
+      kv, token_indptr, seqs, q, q_stride, shape.n_heads, group, heads_per_block, chunks,
+      shape.window, scale_log2, splits, out, workspace);
 }
 
 }  // namespace
@@ -392,9 +390,10 @@ size_t DecodeAttentionWorkspaceBytes(int n_seqs, int splits, const AttentionShap
 
 cudaError_t LaunchDecodeAttention(const PagedKv& kv, const int32_t* token_indptr,
                                   const int32_t* seqs, int n_seqs, const __nv_bfloat16* q,
-                                  const AttentionShape& shape, int splits, float* workspace,
-                                  __nv_bfloat16* out, cudaStream_t stream) {
+                                  int q_stride, const AttentionShape& shape, int splits,
+                                  float* workspace, __nv_bfloat16* out, cudaStream_t stream) {
   if (n_seqs < 0 || splits < 1 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
+      q_stride < shape.n_heads * shape.head_dim || q_stride % 8 != 0 ||
       !AttentionSupportsHeadDim(shape.head_dim) ||
       kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0 ||
       (splits > 1 && workspace == nullptr)) {
@@ -408,23 +407,23 @@ cudaError_t LaunchDecodeAttention(const PagedKv& kv, const int32_t* token_indptr
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(shape.head_dim));
   switch (shape.head_dim) {
     case 16:
-      Launch<16>(grid, kv, token_indptr, seqs, q, shape, group, heads_per_block, chunks, scale_log2,
-                 splits, out, workspace, stream);
+      Launch<16>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
+                 scale_log2, splits, out, workspace, stream);
       break;
     case 32:
-      Launch<32>(grid, kv, token_indptr, seqs, q, shape, group, heads_per_block, chunks, scale_log2,
-                 splits, out, workspace, stream);
+      Launch<32>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
+                 scale_log2, splits, out, workspace, stream);
       break;
     case 64:
-      Launch<64>(grid, kv, token_indptr, seqs, q, shape, group, heads_per_block, chunks, scale_log2,
-                 splits, out, workspace, stream);
+      Launch<64>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
+                 scale_log2, splits, out, workspace, stream);
       break;
     case 128:
-      Launch<128>(grid, kv, token_indptr, seqs, q, shape, group, heads_per_block, chunks,
+      Launch<128>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
                   scale_log2, splits, out, workspace, stream);
       break;
     default:
-      Launch<256>(grid, kv, token_indptr, seqs, q, shape, group, heads_per_block, chunks,
+      Launch<256>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
                   scale_log2, splits, out, workspace, stream);
       break;
   }

@@ -32,13 +32,14 @@ size_t DecodeAttentionWorkspaceBytes(int n_seqs, int splits, const AttentionShap
 // For each of the n_seqs sequences listed in seqs (indices into the step's CSR; each has exactly
 // one new token, its last row, at token row token_indptr[s]):
 //   out[t, h] = softmax(q[t, h] · K[s, h / group]ᵀ / sqrt(head_dim)) · V[s, h / group]
-// over the rows the query sees: all of them, or the last `window`. q and out are (tokens,
+// over the rows the query sees: all of them, or the last `window`. q: rows of q_stride bf16 (a
+// multiple of 8, at least n_heads * head_dim), the query heads first; out: (tokens,
 // n_heads * head_dim) bf16; rows of out other than the listed tokens are not touched. Scores,
 // softmax and sums are fp32. With splits > 1, each split covers a contiguous part of the rows and
 // a second kernel merges them through `workspace` (DecodeAttentionWorkspaceBytes).
 cudaError_t LaunchDecodeAttention(const PagedKv& kv, const int32_t* token_indptr,
                                   const int32_t* seqs, int n_seqs, const __nv_bfloat16* q,
-                                  const AttentionShape& shape, int splits, float* workspace,
-                                  __nv_bfloat16* out, cudaStream_t stream);
+                                  int q_stride, const AttentionShape& shape, int splits,
+                                  float* workspace, __nv_bfloat16* out, cudaStream_t stream);
 
 }  // namespace kvtrim::engine::cuda

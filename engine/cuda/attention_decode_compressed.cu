@@ -403,19 +403,18 @@ __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
 }
 
 // Fills the block's query tiles (16 rows each): row g < n_heads of `full` is query head
-// first_head + g of `token`, and of `thin` (when `thin_columns` > 0, that wide) the same head at
-// channels[i] in column i (at channel i when `channels` is null) for i < `width`; zero elsewhere.
-// Thread t fills column t (and t + kThreads) of every row of both: it reads the column's channel
-// once and then the heads' values, all loads issued before any store.
+// first_head + g of `token` (q: rows of q_stride), and of `thin` (when `thin_columns` > 0, that
+// wide) the same head at channels[i] in column i (at channel i when `channels` is null) for i <
+// `width`; zero elsewhere. Thread t fills column t (and t + kThreads) of every row of both: it
+// reads the column's channel once and then the heads' values, all loads issued before any store.
 template <int kHeadDim>
 __device__ __forceinline__ void FillQueries(const __nv_bfloat16* __restrict__ q, int token,
-                                            int n_heads_all, int first_head, int n_heads,
+                                            int q_stride, int first_head, int n_heads,
                                             const uint16_t* channels, int width, int thin_columns,
                                             bool full_wanted, __nv_bfloat16* thin,
                                             __nv_bfloat16* full) {
   using G = Geometry<kHeadDim>;
-  const __nv_bfloat16* heads =
-      q + static_cast<int64_t>(token) * n_heads_all * kHeadDim + first_head * kHeadDim;
+  const __nv_bfloat16* heads = q + static_cast<int64_t>(token) * q_stride + first_head * kHeadDim;
   const __nv_bfloat16 zero = __float2bfloat16(0.0f);
 #pragma unroll
   for (int i = threadIdx.x; i < kHeadDim; i += kThreads) {
@@ -440,7 +439,7 @@ __global__ void __launch_bounds__(kThreads)
     CompressedDecodeAttentionKernel(PagedKv kv, CompressedKv ckv,
                                     const int32_t* __restrict__ token_indptr,
                                     const int32_t* __restrict__ seqs,
-                                    const __nv_bfloat16* __restrict__ q, int n_heads,
+                                    const __nv_bfloat16* __restrict__ q, int q_stride, int n_heads,
                                     int n_kv_heads, int group, int heads_per_block, int chunks,
                                     float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
                                     float* __restrict__ workspace) {
@@ -506,7 +505,7 @@ __global__ void __launch_bounds__(kThreads)
   recent.values.pages = kv.value_pages + first_recent_page;
 
   const auto fill_queries = [&] {
-    FillQueries<kHeadDim>(q, token, n_heads, first_head, block_heads,
+    FillQueries<kHeadDim>(q, token, q_stride, first_head, block_heads,
                           key_width != kHeadDim ? ckv.channels + channel_offset : nullptr,
                           key_width, thin.begin < thin.end ? thin.key_columns : 0,
                           recent.begin < recent.end, thin_query, full_query);
@@ -547,6 +546,7 @@ struct LaunchArgs {
   const int32_t* token_indptr;
   const int32_t* seqs;
   const __nv_bfloat16* q;
+  int q_stride;
   AttentionShape shape;
   int heads_per_block;
   int chunks;
@@ -597,7 +597,7 @@ cudaError_t Launch(const LaunchArgs& a) {
   if (BlocksPerMultiprocessor<kHeadDim>() == 0) return cudaErrorLaunchOutOfResources;
   CompressedDecodeAttentionKernel<kHeadDim>
       <<<a.grid, kThreads, Geometry<kHeadDim>::kBytes, a.stream>>>(
-          a.kv, a.ckv, a.token_indptr, a.seqs, a.q, a.shape.n_heads, a.shape.n_kv_heads,
+          a.kv, a.ckv, a.token_indptr, a.seqs, a.q, a.q_stride, a.shape.n_heads, a.shape.n_kv_heads,
           a.shape.n_heads / a.shape.n_kv_heads, a.heads_per_block, a.chunks, a.scale_log2, a.splits,
           a.out, a.workspace);
   return LaunchError();
@@ -636,12 +636,13 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
 
 cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedKv& ckv,
                                             const int32_t* token_indptr, const int32_t* seqs,
-                                            int n_seqs, const __nv_bfloat16* q,
+                                            int n_seqs, const __nv_bfloat16* q, int q_stride,
                                             const AttentionShape& shape, int splits,
                                             float* workspace, __nv_bfloat16* out,
                                             cudaStream_t stream) {
   if (n_seqs < 0 || splits < 1 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
       shape.window != 0 || !AttentionSupportsHeadDim(shape.head_dim) ||
+      q_stride < shape.n_heads * shape.head_dim ||
       kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0 ||
       ckv.thin_rows == nullptr || ckv.recent_rows == nullptr ||
       (splits > 1 && workspace == nullptr)) {
@@ -656,6 +657,7 @@ cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedK
                         .token_indptr = token_indptr,
                         .seqs = seqs,
                         .q = q,
+                        .q_stride = q_stride,
                         .shape = shape,
                         .heads_per_block = (group + chunks - 1) / chunks,
                         .chunks = chunks,

@@ -28,9 +28,10 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
 // layouts (thin_rows = 0, key_width = head_dim). With splits > 1 each split covers a contiguous
 // part of a head's concatenated rows, merged through `workspace`
 // (DecodeAttentionWorkspaceBytes). shape.window must be 0 (compression refuses sliding windows).
+// q: rows of q_stride bf16 (at least n_heads * head_dim), the query heads first.
 cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedKv& ckv,
                                             const int32_t* token_indptr, const int32_t* seqs,
-                                            int n_seqs, const __nv_bfloat16* q,
+                                            int n_seqs, const __nv_bfloat16* q, int q_stride,
                                             const AttentionShape& shape, int splits,
                                             float* workspace, __nv_bfloat16* out,
                                             cudaStream_t stream);

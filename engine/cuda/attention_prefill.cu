@@ -64,7 +64,7 @@ template <int kHeadDim>
 __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
     PrefillAttentionKernel(PagedKv kv, const int32_t* __restrict__ token_indptr,
                            const int32_t* __restrict__ items, const __nv_bfloat16* __restrict__ q,
-                           int n_heads, int group, int window, float scale_log2,
+                           int q_stride, int n_heads, int group, int window, float scale_log2,
                            __nv_bfloat16* __restrict__ out) {
   using T = Tiles<kHeadDim>;
   constexpr int kThreads = T::kThreads, kRowBlocks = T::kRowBlocks, kTileK = T::kTileK;
@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   const int n_new = token_indptr[seq + 1] - first_token;
   const int first_position = kv.kv_rows[seq] - n_new + first_query;  // position of query 0
   const int n_queries = min(kTileQ, n_new - first_query);
-  const int q_stride = n_heads * kHeadDim;
   const int hi = first_position + n_queries;  // one past the last row the tile sees
   const int lo = window > 0 ? max(0, first_position - window + 1) : 0;
   const int tiles = (hi - lo + kTileK - 1) / kTileK;
@@ -324,9 +323,9 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
       const int query = warp_first + 16 * r + lane / 4 + 8 * h;
       if (query >= n_queries) continue;
       const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
-      __nv_bfloat16* row = out +
-                           static_cast<int64_t>(first_token + first_query + query) * q_stride +
-                           head * kHeadDim + 2 * quad;
+      __nv_bfloat16* row =
+          out + static_cast<int64_t>(first_token + first_query + query) * n_heads * kHeadDim +
+          head * kHeadDim + 2 * quad;
 #pragma unroll
       for (int n = 0; n < kHeadDim / 8; ++n) {
         *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
@@ -338,7 +337,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
 
 template <int kHeadDim>
 cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t* items,
-                   int n_items, const __nv_bfloat16* q, const AttentionShape& shape,
+                   int n_items, const __nv_bfloat16* q, int q_stride, const AttentionShape& shape,
                    __nv_bfloat16* out, cudaStream_t stream) {
   constexpr size_t kBytes = Tiles<kHeadDim>::kBytes;
   // Above 48 KiB of dynamic shared memory a kernel must opt in, once.
@@ -348,8 +347,8 @@ cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(kHeadDim));
   PrefillAttentionKernel<kHeadDim>
       <<<dim3(n_items, shape.n_heads), Tiles<kHeadDim>::kThreads, kBytes, stream>>>(
-          kv, token_indptr, items, q, shape.n_heads, shape.n_heads / shape.n_kv_heads, shape.window,
-          scale_log2, out);
+          kv, token_indptr, items, q, q_stride, shape.n_heads, shape.n_heads / shape.n_kv_heads,
+          shape.window, scale_log2, out);
   return LaunchError();
 }
 
@@ -357,9 +356,10 @@ cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t
 
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
-                                   const AttentionShape& shape, __nv_bfloat16* out,
+                                   int q_stride, const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream) {
   if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
+      q_stride < shape.n_heads * shape.head_dim || q_stride % 8 != 0 ||
       !AttentionSupportsHeadDim(shape.head_dim) ||
       kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
     return cudaErrorInvalidValue;
@@ -367,15 +367,15 @@ cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indpt
   if (n_items == 0) return cudaSuccess;
   switch (shape.head_dim) {
     case 16:
-      return Launch<16>(kv, token_indptr, items, n_items, q, shape, out, stream);
+      return Launch<16>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);
     case 32:
-      return Launch<32>(kv, token_indptr, items, n_items, q, shape, out, stream);
+      return Launch<32>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);
     case 64:
-      return Launch<64>(kv, token_indptr, items, n_items, q, shape, out, stream);
+      return Launch<64>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);
     case 128:
-      return Launch<128>(kv, token_indptr, items, n_items, q, shape, out, stream);
+      return Launch<128>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);
     default:
-      return Launch<256>(kv, token_indptr, items, n_items, q, shape, out, stream);
+      return Launch<256>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);
   }
 }
 

@@ -21,14 +21,15 @@ inline constexpr int kPrefillQueryTile = 128;
 // head h:
 //   out[t, h] = softmax(q[t, h] · Kᵀ / sqrt(head_dim)) · V over the rows at positions
 //               [max(0, p - window + 1) if window else 0, p]
-// of kv-head h / group, read from the pages (this step's rows must be written first). q and out:
-// (tokens, n_heads * head_dim) bf16. Flash-style: K/V tiles through shared memory, bf16 tensor
-// core products with fp32 accumulation, scores and online softmax in registers; no score matrix
-// in global memory. INVALID_VALUE for a shape the kernel does not take or pages that do not
-// match it.
+// of kv-head h / group, read from the pages (this step's rows must be written first). q: rows of
+// q_stride bf16 (a multiple of 8, at least n_heads * head_dim) whose first n_heads * head_dim are
+// the query heads; out: (tokens, n_heads * head_dim) bf16. Flash-style: K/V tiles through shared
+// memory, bf16 tensor core products with fp32 accumulation, scores and online softmax in registers;
+// no score matrix in global memory. INVALID_VALUE for a shape the kernel does not take or pages
+// that do not match it.
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
-                                   const AttentionShape& shape, __nv_bfloat16* out,
+                                   int q_stride, const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream);
 
 }  // namespace kvtrim::engine::cuda

@@ -137,8 +137,7 @@ void Place(const Model& model, ArenaWriter& writer, DeviceWeights& out) {
   for (const LayerWeights& layer : w.layers) {
     DeviceLayerWeights& d = out.layers.emplace_back();
     d.attn_norm = writer.Vector(layer.attn_norm);
-    d.wq = writer.Matrix(layer.wq);
-    d.wkv = writer.Stacked({&layer.wk, &layer.wv});
+    d.wqkv = writer.Stacked({&layer.wq, &layer.wk, &layer.wv});
     d.bq = writer.Vector(layer.bq);
     d.bk = writer.Vector(layer.bk);
     d.bv = writer.Vector(layer.bv);

@@ -55,15 +55,15 @@ struct DeviceMatrix {
 
 struct DeviceLayerWeights {
   const float* attn_norm = nullptr;  // (hidden)
-  DeviceMatrix wq;                   // (n_heads * head_dim, hidden)
-  DeviceMatrix wkv;                  // (2 * n_kv_heads * head_dim, hidden): wk's rows, then wv's
-  const float* bq = nullptr;         // (n_heads * head_dim); nullptr unless qkv_bias
-  const float* bk = nullptr;         // (n_kv_heads * head_dim); nullptr unless qkv_bias
-  const float* bv = nullptr;         // (n_kv_heads * head_dim); nullptr unless qkv_bias
-  DeviceMatrix wo;                   // (hidden, n_heads * head_dim)
-  const float* ffn_norm = nullptr;   // (hidden)
-  DeviceMatrix w_gate_up;            // (2 * ffn_hidden, hidden): w_gate's rows, then w_up's
-  DeviceMatrix w_down;               // (hidden, ffn_hidden)
+  // ((n_heads + 2 * n_kv_heads) * head_dim, hidden): wq's rows, then wk's, then wv's
+  DeviceMatrix wqkv;
+  const float* bq = nullptr;        // (n_heads * head_dim); nullptr unless qkv_bias
+  const float* bk = nullptr;        // (n_kv_heads * head_dim); nullptr unless qkv_bias
+  const float* bv = nullptr;        // (n_kv_heads * head_dim); nullptr unless qkv_bias
+  DeviceMatrix wo;                  // (hidden, n_heads * head_dim)
+  const float* ffn_norm = nullptr;  // (hidden)
+  DeviceMatrix w_gate_up;           // (2 * ffn_hidden, hidden): w_gate's rows, then w_up's
+  DeviceMatrix w_down;              // (hidden, ffn_hidden)
 };
 
 // Every weight of a model in one device allocation (each tensor 256-byte aligned). Projections

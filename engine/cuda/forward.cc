@@ -191,8 +191,7 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
   capacity_tokens_ = 0;  // until every buffer has grown
   KVTRIM_RETURN_IF_ERROR(Grow(x_, T * hidden * sizeof(float)));
   KVTRIM_RETURN_IF_ERROR(Grow(normed_, T * hidden * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(q_, T * q_width * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(kv_, T * 2 * kv_width * bf16));
+  KVTRIM_RETURN_IF_ERROR(Grow(qkv_, T * (q_width + 2 * kv_width) * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(attention_, T * q_width * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(gate_up_, T * 2 * ffn * bf16));
   KVTRIM_RETURN_IF_ERROR(Grow(activation_, T * ffn * bf16));
@@ -264,6 +263,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
   }
   KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
   const StepShape shape{.n_layers = config_.n_layers,
+                        .n_heads = config_.n_heads,
                         .n_kv_heads = config_.n_kv_heads,
                         .head_dim = config_.head_dim,
                         .vocab_size = config_.vocab_size,
@@ -465,9 +465,9 @@ CompressedKv CudaBackend::CompressedOf(int layer) const {
 PagedKv CudaBackend::ScratchPages() const {
   const StepPlan::Offsets& at = plan_.at;
   const int32_t kv_width = config_.n_kv_heads * config_.head_dim;
-  // Pages of half a packed row: the keys of token row t are page 2t, its values page 2t + 1.
+  // Pages of a kv-head row's width over the packed q|k|v rows (step_plan.h).
   return PagedKv{
-      .pool = kv_.as<__nv_bfloat16>(),
+      .pool = qkv_.as<__nv_bfloat16>(),
       .page_elements = kv_width,
       .row_elements = kv_width,
       .rows_per_page = 1,
@@ -483,9 +483,9 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
   const StepPlan::Offsets& at = plan_.at;
   const int head_dim = config_.head_dim, H = config_.n_kv_heads;
   const int q_width = config_.n_heads * head_dim, kv_width = H * head_dim;
-  const int kv_stride = 2 * kv_width;  // kv_'s packed rows
-  const __nv_bfloat16* q = q_.as<__nv_bfloat16>();
-  const __nv_bfloat16* k = kv_.as<__nv_bfloat16>();
+  const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows
+  const __nv_bfloat16* q = qkv_.as<__nv_bfloat16>();
+  const __nv_bfloat16* k = q + q_width;
   const __nv_bfloat16* v = k + kv_width;
   int32_t* kept = kept_.as<int32_t>();
   const PagedKv pages = PagesOf(layer);
@@ -494,17 +494,17 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
     const mc::LayerPlan& p = job.layers[layer];
     const int n = job.n;
     const size_t first = job.first_token;
-    const __nv_bfloat16* q_seq = q + first * q_width;
-    const __nv_bfloat16* k_seq = k + first * kv_stride;
-    const __nv_bfloat16* v_seq = v + first * kv_stride;
+    const __nv_bfloat16* q_seq = q + first * stride;
+    const __nv_bfloat16* k_seq = k + first * stride;
+    const __nv_bfloat16* v_seq = v + first * stride;
 
     // Which tokens each kv-head keeps (engine/cpu/compressed.cc, CompressPrompt).
     if (p.kept_tokens < n && config.scoring() != nullptr) {
       const mc::SnapKvConfig& snap = *config.scoring();
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchSnapKvScores(q_seq, q_width, k_seq, kv_stride, n, snap.window, shape_,
-                             snap.kernel_size, snap.pooling == mc::Pooling::kAvg,
-                             compress_scratch_.as<float>(), scores_.as<float>(), stream_),
+          LaunchSnapKvScores(q_seq, stride, k_seq, stride, n, snap.window, shape_, snap.kernel_size,
+                             snap.pooling == mc::Pooling::kAvg, compress_scratch_.as<float>(),
+                             scores_.as<float>(), stream_),
           "SnapKvScores"));
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           LaunchTopWithWindow(scores_.as<float>(), n, snap.window, H, p.kept_tokens, kept, stream_),
@@ -524,7 +524,7 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
     if (job.channels_at[layer] >= 0) {
       channels = channels_.as<uint16_t>() + job.channels_at[layer];
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchThinkChannels(q_seq, q_width, k_seq, kv_stride, n,
+          LaunchThinkChannels(q_seq, stride, k_seq, stride, n,
                               std::min(config.think.observation, n), kept, p.kept_tokens, shape_,
                               p.key_width, compress_scratch_.as<float>(), channels, stream_),
           "ThinkChannels"));
@@ -541,7 +541,7 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
         .recent_values = Plan(at.value_pages + layer_pages + page),
     };
     KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, kv_stride, kept, p.kept_tokens, p.thin_rows,
+        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, stride, kept, p.kept_tokens, p.thin_rows,
                                        p.key_width, channels, shape_, pages, rows, stream_),
                    "WriteKeptRows"));
   }
@@ -555,53 +555,52 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   const int head_dim = config_.head_dim;
   const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
   auto* normed = normed_.as<__nv_bfloat16>();
-  auto* q = q_.as<__nv_bfloat16>();
-  const int kv_stride = 2 * kv_width;  // kv_'s packed rows: keys, then values
-  auto* k = kv_.as<__nv_bfloat16>();
+  const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows: queries, keys, values
+  auto* q = qkv_.as<__nv_bfloat16>();
+  auto* k = q + q_width;
   auto* v = k + kv_width;
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wq, q, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wkv, k, GemmOutput::kBf16));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q, GemmOutput::kBf16));
   // Qwen2's q/k/v biases (null pointers elsewhere).
   for (auto [y, stride, bias, width] :
-       {std::tuple{q, q_width, w.bq, q_width}, std::tuple{k, kv_stride, w.bk, kv_width},
-        std::tuple{v, kv_stride, w.bv, kv_width}}) {
+       {std::tuple{q, stride, w.bq, q_width}, std::tuple{k, stride, w.bk, kv_width},
+        std::tuple{v, stride, w.bv, kv_width}}) {
     if (bias == nullptr) continue;
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchRope(q, q_width, config_.n_heads, k, kv_stride, config_.n_kv_heads, tokens, head_dim,
+      LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens, head_dim,
                  Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_),
       "Rope"));
   const PagedKv pages = PagesOf(layer);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchKvWrite(pages, Plan(at.token_seq), Plan(at.token_indptr),
-                                                  k, v, kv_stride, tokens, stream_),
+                                                  k, v, stride, tokens, stream_),
                                     "KvWrite"));
   if (config_.sliding_window == 0) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchCompressedDecodeAttention(pages, CompressedOf(layer), Plan(at.token_indptr),
-                                        Plan(at.decode), plan_.decode_seqs, q, shape_, splits,
-                                        workspace_.as<float>(), attention, stream_),
+                                        Plan(at.decode), plan_.decode_seqs, q, stride, shape_,
+                                        splits, workspace_.as<float>(), attention, stream_),
         "CompressedDecodeAttention"));
   } else {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,
-                              shape_, splits, workspace_.as<float>(), attention, stream_),
+                              stride, shape_, splits, workspace_.as<float>(), attention, stream_),
         "DecodeAttention"));
   }
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(LaunchPrefillAttention(pages, Plan(at.token_indptr), Plan(at.prefill),
-                                        plan_.prefill_items, q, shape_, attention, stream_),
+                                        plan_.prefill_items, q, stride, shape_, attention, stream_),
                  "PrefillAttention"));
   if (!plan_.prompts.empty()) {
     // The compressed prompts attend over their whole K/V in the scratch, then keep what they
     // keep: the next layer overwrites the scratch.
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchPrefillAttention(ScratchPages(), Plan(at.token_indptr), Plan(at.scratch_items),
-                               plan_.scratch_items, q, shape_, attention, stream_),
+                               plan_.scratch_items, q, stride, shape_, attention, stream_),
         "PrefillAttention(compressed prompts)"));
     KVTRIM_RETURN_IF_ERROR(CompressPrompts(layer));
   }

@@ -104,8 +104,7 @@ class CudaBackend : public Backend {
   int capacity_tokens_ = 0;    // T the buffers below hold
   DeviceBuffer x_;             // (T, hidden) fp32 residual stream
   DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
-  DeviceBuffer q_;             // (T, n_heads * head_dim) bf16
-  DeviceBuffer kv_;            // (T, 2 * n_kv_heads * head_dim) bf16: each row's keys, then values
+  DeviceBuffer qkv_;  // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: queries, keys, values
   DeviceBuffer attention_;     // (T, n_heads * head_dim) bf16
   DeviceBuffer gate_up_;       // (T, 2 * ffn_hidden) bf16: each row's gate, then up
   DeviceBuffer activation_;    // (T, ffn_hidden) bf16 silu(gate) * up

@@ -266,10 +266,13 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       d[at.token_seq + token] = prompt ? -1 : s;
     }
     if (prompt) {
+      // A q|k|v row is group + 2 pages of the scratch: the query heads, then keys, then values.
+      const int group = shape.n_kv_heads > 0 ? shape.n_heads / shape.n_kv_heads : 0;
+      const int row_pages = group + 2;
       const int first = d[at.token_indptr + s];
       for (int i = 0; i < n_new; ++i, ++scratch) {
-        d[at.scratch_keys + scratch] = 2 * (first + i);
-        d[at.scratch_values + scratch] = 2 * (first + i) + 1;
+        d[at.scratch_keys + scratch] = (first + i) * row_pages + group;
+        d[at.scratch_values + scratch] = (first + i) * row_pages + group + 1;
       }
       d[at.scratch_rows + s] = n_new;
       for (int tile = 0; tile < n_new; tile += shape.query_tile, ++scratch_item) {

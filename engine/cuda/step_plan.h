@@ -5,9 +5,10 @@
 //
 // Compressed sequences (SequenceStep::compression) add two kinds of work:
 //  - a compressed prompt is fed whole; its K/V rows are not written to pages but attended in the
-//    step's scratch (the packed k|v rows, seen as pages of half a row: the keys of token row t
-//    are page 2t, its values page 2t + 1), then each layer's prompt compression writes only
-//    the kept rows (PromptJob);
+//    step's scratch (the packed q|k|v rows, seen as pages of a kv-head row's width: with
+//    `group` query heads per kv-head a row is group + 2 of them, so the keys of token row t are
+//    page t (group + 2) + group and its values the next), then each layer's prompt compression
+//    writes only the kept rows (PromptJob);
 //  - a compressed decode reads a thin segment and a recent segment per layer (CompressedKv): the
 //    plan carries, for every sequence of the step, the thin page lists, the per-kv-head row
 //    counts, the key width and the channel sets. Every decode of a model without a sliding window
@@ -30,6 +31,7 @@ namespace kvtrim::engine::cuda {
 // What the plan needs of the model and the kernels.
 struct StepShape {
   int n_layers = 0;
+  int n_heads = 0;  // query heads, a multiple of n_kv_heads
   int n_kv_heads = 0;
   int head_dim = 0;
   int vocab_size = 0;

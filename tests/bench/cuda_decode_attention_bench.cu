@@ -210,12 +210,13 @@ class Step {
     const int32_t* seqs = seqs_ + (run % copies_) * batch_;
     if (compressed_kernel) {
       CHECK_CUDA(LaunchCompressedDecodeAttention(
-          kv_, ckv_, token_indptr_, seqs, batch_, q_.as<__nv_bfloat16>(), shape_, splits_,
-          workspace_.as<float>(), out_.as<__nv_bfloat16>(), stream));
+          kv_, ckv_, token_indptr_, seqs, batch_, q_.as<__nv_bfloat16>(),
+          shape_.n_heads * shape_.head_dim, shape_, splits_, workspace_.as<float>(),
+          out_.as<__nv_bfloat16>(), stream));
     } else {
       CHECK_CUDA(LaunchDecodeAttention(kv_, token_indptr_, seqs, batch_, q_.as<__nv_bfloat16>(),
-                                       shape_, splits_, workspace_.as<float>(),
-                                       out_.as<__nv_bfloat16>(), stream));
+                                       shape_.n_heads * shape_.head_dim, shape_, splits_,
+                                       workspace_.as<float>(), out_.as<__nv_bfloat16>(), stream));
     }
   }
 

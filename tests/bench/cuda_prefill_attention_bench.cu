@@ -82,9 +82,9 @@ void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream)
                        (static_cast<double>(tokens) * (tokens + 1) / 2);
   const Timing t =
       bench::TimeRuns(stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats), [&](int) {
-        CHECK_CUDA(LaunchPrefillAttention(kv, d_token_indptr.as<int32_t>(), d_items.as<int32_t>(),
-                                          n_items, q.as<__nv_bfloat16>(), shape,
-                                          out.as<__nv_bfloat16>(), stream));
+        CHECK_CUDA(LaunchPrefillAttention(
+            kv, d_token_indptr.as<int32_t>(), d_items.as<int32_t>(), n_items, q.as<__nv_bfloat16>(),
+            shape.n_heads * shape.head_dim, shape, out.as<__nv_bfloat16>(), stream));
       });
   std::printf("| %-10s | %9.3f | %8.3f | %7.1f | %14.0f |\n", name, t.median_ms, t.min_ms,
               flops / (t.median_ms * 1e-3) / 1e12, sequences * tokens / (t.median_ms * 1e-3));

@@ -82,6 +82,7 @@ void HostCosts(int batch, int tokens) {
   }
   for (memory::SequenceKv& kv : kvs) steps.push_back({&kv, next_token, true});
   const StepShape shape{.n_layers = kLayers,
+                        .n_heads = 4 * kKvHeads,
                         .n_kv_heads = kKvHeads,
                         .head_dim = kHeadDim,
                         .vocab_size = kVocab,

@@ -158,8 +158,8 @@ class CompressedStep {
     kv.kv_rows = nullptr;  // not read: null makes a read fault
     return LaunchCompressedDecodeAttention(
         kv, ckv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(), n_seqs_,
-        d_q_.as<__nv_bfloat16>(), shape, splits, workspace_.as<float>(), d_out.as<__nv_bfloat16>(),
-        stream);
+        d_q_.as<__nv_bfloat16>(), QueryStride(), shape, splits, workspace_.as<float>(),
+        d_out.as<__nv_bfloat16>(), stream);
   }
 
   // The uncompressed kernel on the same step: every sequence must be uncompressed, every kv-head
@@ -170,7 +170,7 @@ class CompressedStep {
     workspace_ = Poisoned<float>(WorkspaceFloats(splits));
     EXPECT_EQ(
         LaunchDecodeAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(),
-                              n_seqs_, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
+                              n_seqs_, d_q_.as<__nv_bfloat16>(), QueryStride(), c_.shape, splits,
                               workspace_.as<float>(), d_out.as<__nv_bfloat16>(), stream),
         cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -289,7 +289,8 @@ class CompressedStep {
   }
 
   void UploadAll() {
-    d_q_ = testing::Upload(testing::ToBf16(q_));
+    d_q_ = testing::Upload(
+        testing::PaddedRows(testing::ToBf16(q_), c_.shape.n_heads * c_.shape.head_dim));
     d_token_indptr_ = testing::Upload(token_indptr_);
     d_listed_ = testing::Upload(listed_);
     paged_ =
@@ -328,6 +329,9 @@ class CompressedStep {
   std::vector<uint16_t> pool_;                   // (pages, page_elements) bf16 bits
   std::vector<int32_t> page_order_;              // page ids in the order they are handed out
   int next_page_ = 0;
+  // d_q_'s rows: the heads, then testing::kQueryPadding NaNs.
+  int QueryStride() const { return c_.shape.n_heads * c_.shape.head_dim + testing::kQueryPadding; }
+
   std::vector<float> q_;  // (n_seqs, n_heads * head_dim)
   std::vector<int32_t> token_indptr_, listed_, kv_rows_, page_indptr_, key_pages_, value_pages_,
       thin_indptr_, thin_key_pages_, thin_value_pages_, key_width_, channel_offset_;

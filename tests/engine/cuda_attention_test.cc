@@ -91,7 +91,7 @@ class PagedStep {
     // Queries a little sharper than unit scores, so the softmax is not flat.
     q_ = testing::RandomBf16(rng, tokens_ * s.n_heads * s.head_dim, 2.0f);
 
-    d_q_ = Upload(testing::ToBf16(q_));
+    d_q_ = Upload(testing::PaddedRows(testing::ToBf16(q_), s.n_heads * s.head_dim));
     d_token_indptr_ = Upload(token_indptr_);
     paged_ = testing::UploadPagedKv(pool, page_elements, row_elements_, rows_per_page_,
                                     page_indptr_, key_pages_, value_pages_, kv_rows_);
@@ -161,13 +161,13 @@ class PagedStep {
     DeviceBuffer d_workspace = Poisoned<float>(std::max<size_t>(workspace_bytes / 4, 1));
     EXPECT_EQ(
         LaunchDecodeAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_decode.as<int32_t>(),
-                              n_decode, d_q_.as<__nv_bfloat16>(), c_.shape, splits,
+                              n_decode, d_q_.as<__nv_bfloat16>(), QueryStride(), c_.shape, splits,
                               d_workspace.as<float>(), d_out.as<__nv_bfloat16>(), stream),
         cudaSuccess);
     EXPECT_EQ(
         LaunchPrefillAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
                                static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
-                               c_.shape, d_out.as<__nv_bfloat16>(), stream),
+                               QueryStride(), c_.shape, d_out.as<__nv_bfloat16>(), stream),
         cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
@@ -189,7 +189,10 @@ class PagedStep {
   const AttentionCase& c_;
   int row_elements_ = 0, rows_per_page_ = 0, tokens_ = 0, last_splits_ = 1;
   std::vector<std::vector<float>> keys_, values_;  // per sequence (rows, row_elements)
-  std::vector<float> q_;                           // (tokens, n_heads * head_dim)
+  // d_q_'s rows: the heads, then testing::kQueryPadding NaNs.
+  int QueryStride() const { return c_.shape.n_heads * c_.shape.head_dim + testing::kQueryPadding; }
+
+  std::vector<float> q_;  // (tokens, n_heads * head_dim)
   std::vector<int32_t> token_indptr_, kv_rows_, page_indptr_, key_pages_, value_pages_;
   DeviceBuffer d_q_, d_token_indptr_;
   testing::DevicePagedKv paged_;

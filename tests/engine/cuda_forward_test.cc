@@ -64,6 +64,7 @@ class StepPlanTest : public ::testing::Test {
   // The test cache's geometry; a vocabulary of 100; no window.
   static StepShape Shape(int query_tile, int window = 0) {
     return StepShape{.n_layers = 2,
+                     .n_heads = 4,
                      .n_kv_heads = 2,
                      .head_dim = 16,
                      .vocab_size = 100,
@@ -149,6 +150,7 @@ TEST(StepPlanStorageTest, BuildsIntoTheCallersBufferWhole) {
   }
   for (memory::SequenceKv& kv : kvs) steps.push_back({&kv, next, true});
   const StepShape shape{.n_layers = 2,
+                        .n_heads = 4,
                         .n_kv_heads = 2,
                         .head_dim = 16,
                         .vocab_size = 100,
@@ -218,14 +220,15 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   EXPECT_EQ(plan.decode_seqs, 1);
   EXPECT_EQ(plan.compressed_decode, 0);
   EXPECT_EQ(plan.prefill_items, 0);
-  // The prompt's rows are not written to pages; its keys and values are scratch rows 1..10.
+  // The prompt's rows are not written to pages; its keys and values are scratch rows 1..10, each
+  // a q|k|v row of 4 pages (2 query heads per kv-head, keys, values).
   EXPECT_EQ(Slice(plan, plan.at.token_seq, 11),
             (std::vector<int32_t>{0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}));
   EXPECT_EQ(Slice(plan, plan.at.kv_rows, 4), (std::vector<int32_t>{3, 0, 3, 0}));
   EXPECT_EQ(plan.scratch_rows, 10);
   EXPECT_EQ(Slice(plan, plan.at.scratch_indptr, 3), (std::vector<int32_t>{0, 0, 10}));
-  EXPECT_EQ(Slice(plan, plan.at.scratch_keys, 3), (std::vector<int32_t>{2, 4, 6}));
-  EXPECT_EQ(Slice(plan, plan.at.scratch_values, 3), (std::vector<int32_t>{3, 5, 7}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_keys, 3), (std::vector<int32_t>{6, 10, 14}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_values, 3), (std::vector<int32_t>{7, 11, 15}));
   EXPECT_EQ(Slice(plan, plan.at.scratch_rows, 2), (std::vector<int32_t>{0, 10}));
   EXPECT_EQ(plan.scratch_items, 3);
   EXPECT_EQ(Slice(plan, plan.at.scratch_items, 6), (std::vector<int32_t>{1, 0, 1, 4, 1, 8}));

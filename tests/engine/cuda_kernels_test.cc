@@ -516,9 +516,10 @@ TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
     for (size_t l = 0; l < model.weights.layers.size(); ++l) {
       const LayerWeights& h = model.weights.layers[l];
       const DeviceLayerWeights& d = weights->layers[l];
-      const Matrix kv = Stacked(h.wk, h.wv), gate_up = Stacked(h.w_gate, h.w_up);
+      const Matrix qkv = Stacked(Stacked(h.wq, h.wk), h.wv);
+      const Matrix gate_up = Stacked(h.w_gate, h.w_up);
       for (const auto& [host, device] :
-           {std::pair{&h.wq, &d.wq}, std::pair{&kv, &d.wkv}, std::pair{&h.wo, &d.wo},
+           {std::pair{&qkv, &d.wqkv}, std::pair{&h.wo, &d.wo},
             std::pair{&gate_up, &d.w_gate_up}, std::pair{&h.w_down, &d.w_down}}) {
         ExpectUploaded(*host, *device);
       }

@@ -79,6 +79,20 @@ inline std::vector<float> FromBf16(const std::vector<uint16_t>& bits) {
   return values;
 }
 
+// Elements a query row is padded with in the attention tests, as the engine's Q|K|V rows hold
+// the keys and values after the query heads: NaN, so that reading them fails the comparison.
+inline constexpr int kQueryPadding = 8;
+
+// bf16 `rows` of `width` values laid out `width + kQueryPadding` apart, NaN in between.
+inline std::vector<uint16_t> PaddedRows(const std::vector<uint16_t>& rows, size_t width) {
+  const size_t n = rows.size() / width, stride = width + kQueryPadding;
+  std::vector<uint16_t> padded(n * stride, uint16_t{0x7fc0});
+  for (size_t r = 0; r < n; ++r) {
+    std::copy_n(rows.begin() + r * width, width, padded.begin() + r * stride);
+  }
+  return padded;
+}
+
 // Random values rounded to bf16: what a bf16 device buffer of them holds, exactly.
 inline std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float stddev = 1.0f) {
   return FromBf16(ToBf16(Random(rng, n, stddev)));
