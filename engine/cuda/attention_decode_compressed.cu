@@ -618,14 +618,19 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
   }
   const int64_t blocks = int64_t{n_seqs} * shape.n_kv_heads * GroupChunks(shape);
   const int64_t slots = int64_t{std::max(1, BlocksPerMultiprocessor(shape.head_dim))} * sm_count;
-  // A block's time: its rows plus a fixed cost (about 64 rows: the start, the merge); the
-  // launch's: that times the waves of blocks. The cheapest of 1 to 32 splits.
-  constexpr int64_t kBlockCost = 64;
+  // A block's time: its rows plus a fixed cost (its start and its warps' merge); the launch's:
+  // that times the waves of blocks, plus the split-K merge kernel when there is one. Both costs
+  // in rows, fitted to an H200 (cuda_decode_attention_bench --splits 1..8, docs/PERFORMANCE.md):
+  // a compressed Llama-3-8B batch of 32 (984 rows per kv-head) takes 0.041 ms in one split and
+  // 0.047 in three, SmolLM2's uncompressed one (96 blocks of 8193 rows) 0.113 in one and 0.063
+  // in four. The cheapest of 1 to 32 splits.
+  constexpr int64_t kBlockCost = 192, kMergeCost = 320;
   int best = 1;
   int64_t best_cost = std::numeric_limits<int64_t>::max();
   for (int splits = 1; splits <= 32; ++splits) {
     const int64_t waves = (blocks * splits + slots - 1) / slots;
-    const int64_t cost = waves * ((max_rows + splits - 1) / splits + kBlockCost);
+    const int64_t cost =
+        waves * ((max_rows + splits - 1) / splits + kBlockCost) + (splits > 1 ? kMergeCost : 0);
     if (cost < best_cost) {
       best = splits;
       best_cost = cost;

@@ -16,7 +16,8 @@ namespace kvtrim::engine::cuda {
 
 // How many parts LaunchCompressedDecodeAttention should split each kv-head's rows into for a
 // launch of `n_seqs` sequences whose longest kv-head holds `max_rows` rows on a GPU of
-// `sm_count` multiprocessors: whole waves of blocks, as many rows per block as that allows.
+// `sm_count` multiprocessors: the fewest waves of blocks, weighed against each block's fixed
+// cost and the merge a split adds (one split, no merge, wherever the blocks already fill the GPU).
 int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionShape& shape,
                                     int sm_count);
 
