@@ -104,11 +104,12 @@ class CudaBackend : public Backend {
   int capacity_tokens_ = 0;    // T the buffers below hold
   DeviceBuffer x_;             // (T, hidden) fp32 residual stream
   DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
-  DeviceBuffer qkv_;  // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: queries, keys, values
-  DeviceBuffer attention_;     // (T, n_heads * head_dim) bf16
-  DeviceBuffer gate_up_;       // (T, 2 * ffn_hidden) bf16: each row's gate, then up
-  DeviceBuffer activation_;    // (T, ffn_hidden) bf16 silu(gate) * up
-  DeviceBuffer workspace_;     // split-K partial states of the decode kernel
+  // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: each row's queries, keys, values
+  DeviceBuffer qkv_;
+  DeviceBuffer attention_;   // (T, n_heads * head_dim) bf16
+  DeviceBuffer gate_up_;     // (T, 2 * ffn_hidden) bf16: each row's gate, then up
+  DeviceBuffer activation_;  // (T, ffn_hidden) bf16 silu(gate) * up
+  DeviceBuffer workspace_;   // split-K partial states of the decode kernel
   // Prompt compression (plan_.prompts), one prompt and layer at a time:
   DeviceBuffer compress_scratch_;  // fp32 scratch of the SnapKV and ThinK kernels
   DeviceBuffer scores_;            // (n_kv_heads, n - w) fp32 SnapKV scores

@@ -519,8 +519,8 @@ TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
       const Matrix qkv = Stacked(Stacked(h.wq, h.wk), h.wv);
       const Matrix gate_up = Stacked(h.w_gate, h.w_up);
       for (const auto& [host, device] :
-           {std::pair{&qkv, &d.wqkv}, std::pair{&h.wo, &d.wo},
-            std::pair{&gate_up, &d.w_gate_up}, std::pair{&h.w_down, &d.w_down}}) {
+           {std::pair{&qkv, &d.wqkv}, std::pair{&h.wo, &d.wo}, std::pair{&gate_up, &d.w_gate_up},
+            std::pair{&h.w_down, &d.w_down}}) {
         ExpectUploaded(*host, *device);
       }
       for (const auto& [host, device] :
