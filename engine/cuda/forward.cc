@@ -564,9 +564,8 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
 
   KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q, GemmOutput::kBf16));
   // Qwen2's q/k/v biases (null pointers elsewhere).
-  for (auto [y, stride, bias, width] :
-       {std::tuple{q, stride, w.bq, q_width}, std::tuple{k, stride, w.bk, kv_width},
-        std::tuple{v, stride, w.bv, kv_width}}) {
+  for (auto [y, bias, width] : {std::tuple{q, w.bq, q_width}, std::tuple{k, w.bk, kv_width},
+                                std::tuple{v, w.bv, kv_width}}) {
     if (bias == nullptr) continue;
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
