@@ -8,6 +8,9 @@
 //                   builds it into its pinned upload buffer
 //   logits copy     the step's fp32 logits from the pinned buffer into the caller's vector
 //   sampling        a greedy Sampler over each sequence's logits row (engine/sampler.h)
+//   plan, compressed  BuildStepPlan for the same batch compressed by pyramidkv 12% + ThinK 0.5
+//                   (a --tokens prompt, one token decoded): thin and recent page lists, per-head
+//                   row counts and channel sets
 // The last two are the cost of rows sampled on the host (temperature, repetition penalty,
 // logprobs); a greedy row's argmax is taken on the device and only its index comes back.
 //
@@ -28,6 +31,7 @@
 #include "absl/flags/parse.h"
 #include "engine/cuda/step_plan.h"
 #include "engine/sampler.h"
+#include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 #include "memory/page_pool.h"
 
@@ -55,7 +59,7 @@ double MedianMs(const std::function<void()>& run) {
 }
 
 void Row(const char* what, int tokens, double ms, double mb) {
-  std::printf("| %-14s | %6d | %9.3f | %8.1f |\n", what, tokens, ms, mb);
+  std::printf("| %-16s | %6d | %9.3f | %8.1f |\n", what, tokens, ms, mb);
 }
 
 void HostCosts(int batch, int tokens) {
@@ -122,6 +126,40 @@ void HostCosts(int batch, int tokens) {
   Row("total", tokens, plan_ms + logits_ms + sample_ms, 0.0);
   if (checksum == -1) std::printf("\n");  // keeps the sampling from being optimised away
   for (memory::SequenceKv& kv : kvs) cache.Release(kv);
+
+  // The same batch compressed: each sequence laid out as its prompt's plan says, with the row
+  // counts the backend sets once the prompt is compressed (CudaBackend::UpdateSequences).
+  const memory::compress::CompressionConfig config = *memory::compress::ParseCompressionSpec(
+      "policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5");
+  const std::vector<memory::compress::LayerPlan> layers =
+      memory::compress::PlanPrompt(config, tokens - 1, kLayers, kHeadDim);
+  steps.clear();
+  for (memory::SequenceKv& kv : kvs) {
+    kv = cache.NewSequence();
+    if (!cache.ReserveCompressed(kv, layers, /*extra_rows=*/256)) {
+      std::fprintf(stderr, "the pool holds no compressed sequence of %d tokens\n", tokens);
+      std::exit(1);
+    }
+    for (int layer = 0; layer < kLayers; ++layer) {
+      const memory::compress::LayerPlan& p = layers[layer];
+      memory::CompressedLayer& c = kv.compressed[layer];
+      c.prompt_rows.assign(kKvHeads, p.thin_rows);
+      c.recent_rows.assign(kKvHeads, p.full_rows);
+      c.keys.rows = c.values.rows = p.thin_rows;
+      kv.keys[layer].rows = kv.values[layer].rows = p.full_rows;
+      if (p.key_width < kHeadDim) c.channels.assign(size_t{kKvHeads} * p.key_width, 0);
+    }
+    kv.tokens = tokens - 1;
+    steps.push_back({&kv, next_token, true, &config});
+  }
+  const double compressed_ms = MedianMs([&] {
+    if (const absl::Status status = BuildStepPlan(steps, shape, plan, storage); !status.ok()) {
+      std::fprintf(stderr, "BuildStepPlan (compressed): %s\n", status.ToString().c_str());
+      std::exit(1);
+    }
+  });
+  Row("plan, compressed", tokens, compressed_ms, plan.bytes() / 1e6);
+  for (memory::SequenceKv& kv : kvs) cache.Release(kv);
 }
 
 }  // namespace
@@ -138,8 +176,8 @@ int main(int argc, char** argv) {
       "## Host work of one decode step: %d sequences, Llama-3-8B shape (32 layers, 8 x 128 "
       "kv-heads, 16 KiB pages, vocabulary 128256)\n\n",
       batch);
-  std::printf("| part           | tokens |  median ms |       MB |\n");
-  std::printf("|----------------|-------:|----------:|---------:|\n");
+  std::printf("| part             | tokens |  median ms |       MB |\n");
+  std::printf("|------------------|-------:|----------:|---------:|\n");
   for (int tokens : {1024, 8192}) kvtrim::engine::cuda::HostCosts(batch, tokens);
   return 0;
 }
