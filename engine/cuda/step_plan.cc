@@ -216,10 +216,18 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     plan.own.resize(elements);
     plan.data = std::span<int32_t>(plan.own);
   }
-  // Zeros where the loop below may leave entries unwritten; the page lists it fills whole.
+  // Zeros where the loop below may leave entries unwritten. It fills the page lists whole, and
+  // the channel sets when compressed decodes read them (but for the half word that may pad them
+  // to an int32): up to 1 MB a step at the Llama-3-8B shape, not cleared first.
   std::fill(plan.data.begin(), plan.data.begin() + at.key_pages, 0);
   std::fill(plan.data.begin() + at.decode, plan.data.begin() + at.thin_key_pages, 0);
-  std::fill(plan.data.begin() + at.thin_rows, plan.data.end(), 0);
+  std::fill(plan.data.begin() + at.thin_rows, plan.data.begin() + at.channels, 0);
+  if (!compressed) {
+    std::fill(plan.data.begin() + at.channels, plan.data.begin() + at.scratch_indptr, 0);
+  } else if (at.scratch_indptr > at.channels) {
+    plan.data[at.scratch_indptr - 1] = 0;
+  }
+  std::fill(plan.data.begin() + at.scratch_indptr, plan.data.end(), 0);
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);

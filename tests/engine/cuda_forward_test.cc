@@ -271,6 +271,17 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   const auto* channels = reinterpret_cast<const uint16_t*>(plan.data.data() + plan.at.channels);
   EXPECT_EQ(channels[offsets[2] + 5], 105);
   EXPECT_EQ(Slice(plan, plan.at.thin_indptr, 3), (std::vector<int32_t>{0, 1, 1}));
+  // Built into a caller's buffer that starts as garbage: the same plan, every entry written (the
+  // channel sets are not cleared before they are copied).
+  StepPlan external;
+  std::vector<int32_t> buffer;
+  ASSERT_TRUE(
+      BuildStepPlan(decode, Shape(4), external, [&](size_t elements) -> absl::StatusOr<int32_t*> {
+        buffer.assign(elements, 0x7f7f7f7f);
+        return buffer.data();
+      }).ok());
+  EXPECT_TRUE(
+      std::equal(external.data.begin(), external.data.end(), plan.data.begin(), plan.data.end()));
   // A compressed sequence fed more than one token is a caller's bug.
   const std::vector<int32_t> two{11, 12};
   const SequenceStep wrong{&a, two, true, &*config};
