@@ -373,10 +373,11 @@ __device__ __forceinline__ void AddTiles(const PagedKv& kv, const Segment& thin,
         __nv_bfloat16* stage = pipeline + (i % G::kStages) * 2 * G::kTileElements;
         // Keys at most half as wide (ThinK's usual cut) take half the lanes per row, twice the
         // rows per pass: no lane idles.
-        if (kLanes > 1 && segment.key_columns <= kHeadDim / 2) {
-          segment.keys.template Fetch<(kLanes > 1 ? kLanes / 2 : 1), G, 0>(
-              kv.pool, kv.page_elements, first, segment.end, segment.key_columns,
-              segment.vector_keys, ids, stage);
+        static_assert(kLanes >= 2);  // head_dim >= 16
+        if (segment.key_columns <= kHeadDim / 2) {
+          segment.keys.template Fetch<kLanes / 2, G, 0>(kv.pool, kv.page_elements, first,
+                                                        segment.end, segment.key_columns,
+                                                        segment.vector_keys, ids, stage);
         } else {
           segment.keys.template Fetch<kLanes, G, 0>(kv.pool, kv.page_elements, first, segment.end,
                                                     segment.key_columns, segment.vector_keys, ids,
