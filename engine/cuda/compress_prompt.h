@@ -74,8 +74,10 @@ struct KeptRowPages {
 
 // For kv-head h and kept index j < kept_tokens (token kept[h, j] of the prompt):
 //   j < thin_rows:  its key's key_width channels (channels[h, :]; all channels in order when
-//                   channels is null, which requires key_width = head_dim) to slot j of the thin
-//                   keys at h * key_width, its value to slot j of the thin values at h * head_dim;
+//                   channels is null, which requires key_width = head_dim where there are thin
+//                   rows: a layer whose kept rows are all recent has no channel set) to slot j of
+//                   the thin keys at h * key_width, its value to slot j of the thin values at h *
+//                   head_dim;
 //   otherwise:      its key and value, full width, to slot j - thin_rows of the recent lists.
 // Slots use kv's page geometry: page_elements per page, rows_per_page = page_elements / row
 // elements of the list. Only kv.pool and kv.page_elements are read from `kv`.

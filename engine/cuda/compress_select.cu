@@ -422,7 +422,7 @@ cudaError_t LaunchWriteKeptRows(const __nv_bfloat16* k, const __nv_bfloat16* v, 
   const bool has_thin = thin_rows > 0, has_recent = kept_tokens > thin_rows;
   if (!ValidShape(shape) || kept_tokens < 0 || thin_rows < 0 || thin_rows > kept_tokens ||
       key_width < 1 || key_width > shape.head_dim ||
-      (channels == nullptr && key_width != shape.head_dim) || kv_stride < full_row ||
+      (has_thin && channels == nullptr && key_width != shape.head_dim) || kv_stride < full_row ||
       kv.pool == nullptr || kv.page_elements < full_row || kv.page_elements < thin_row ||
       (kept_tokens > 0 && (k == nullptr || v == nullptr || kept == nullptr)) ||
       (has_thin && (pages.thin_keys == nullptr || pages.thin_values == nullptr)) ||

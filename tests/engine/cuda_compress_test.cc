@@ -370,11 +370,19 @@ struct WriteCase {
 TEST_F(CudaCompressTest, WriteKeptRowsMatchesHostModel) {
   const Heads smol = kHeads[0], llama = kHeads[1];
   const WriteCase cases[] = {
-      {smol, 300, 100, 60, 32, true, 8, 0},    {smol, 300, 100, 0, 32, true, 8, 0},
-      {smol, 300, 100, 100, 32, true, 8, 8},   {smol, 300, 100, 60, 27, true, 8, 0},
-      {smol, 300, 100, 100, 27, true, 5, 3},   {smol, 300, 100, 60, 64, false, 8, 0},
-      {smol, 40, 40, 33, 64, false, 5, 0},     {smol, 40, 1, 1, 27, true, 8, 0},
-      {llama, 1000, 300, 250, 64, true, 8, 0}, {llama, 1000, 300, 300, 40, true, 0, 3},
+      {smol, 300, 100, 60, 32, true, 8, 0},
+      {smol, 300, 100, 0, 32, true, 8, 0},
+      {smol, 300, 100, 100, 32, true, 8, 8},
+      {smol, 300, 100, 60, 27, true, 8, 0},
+      {smol, 300, 100, 100, 27, true, 5, 3},
+      {smol, 300, 100, 60, 64, false, 8, 0},
+      {smol, 40, 40, 33, 64, false, 5, 0},
+      {smol, 40, 1, 1, 27, true, 8, 0},
+      // Thinned keys but every kept row recent (a short prompt under ThinK's recent rows): no
+      // channel set exists for the layer.
+      {smol, 300, 20, 0, 32, false, 8, 0},
+      {llama, 1000, 300, 250, 64, true, 8, 0},
+      {llama, 1000, 300, 300, 40, true, 0, 3},
   };
   for (const WriteCase& c : cases) {
     const AttentionShape& shape = c.heads.shape;

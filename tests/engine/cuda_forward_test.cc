@@ -556,6 +556,12 @@ TEST_P(CudaTinyModelTest, CompressedSequenceMatchesCpu) {
        false},
       {"policy=pyramidkv,budget_ratio=0.5,window=8,think.keep_ratio=0.4,think.recent=2,"
        "think.observation=8",
+       false},
+      // Kept rows no more than ThinK's recent ones: thinned keys with no thin rows, in every
+      // layer (StreamingLLM) or in the layers PyramidKV gives the fewest.
+      {"policy=streamingllm,budget_tokens=6,sinks=2,think.lambda=0.5,think.recent=8", true},
+      {"policy=pyramidkv,budget_ratio=0.25,window=4,think.lambda=0.5,think.recent=6,"
+       "think.observation=8",
        false}};
   for (const auto& [spec, fixed_rows] : specs) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
