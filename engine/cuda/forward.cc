@@ -33,7 +33,6 @@
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/compress_prompt.h"
 #include "engine/cuda/embedding.h"
-#include "engine/cuda/kv_write.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/rope.h"
 #include "engine/cuda/rows.h"
@@ -570,14 +569,15 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
   }
+  const PagedKv pages = PagesOf(layer);
+  const RopeKvAppend append{.kv = pages,
+                            .token_seq = Plan(at.token_seq),
+                            .token_indptr = Plan(at.token_indptr),
+                            .values = v};
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens, head_dim,
-                 Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_),
+                 Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_, &append),
       "Rope"));
-  const PagedKv pages = PagesOf(layer);
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchKvWrite(pages, Plan(at.token_seq), Plan(at.token_indptr),
-                                                  k, v, stride, tokens, stream_),
-                                    "KvWrite"));
   if (config_.sliding_window == 0) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchCompressedDecodeAttention(pages, CompressedOf(layer), Plan(at.token_indptr),

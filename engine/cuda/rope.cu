@@ -8,7 +8,10 @@
 // rounded to bf16 once:
 //   kHalves:   (x[i], x[i + D/2])     kAdjacent: (x[2i], x[2i + 1])
 // Consecutive threads take consecutive pairs, so a warp reads contiguous memory in both layouts;
-// two pairs each, through 4-byte loads, where head_dim and the strides allow it.
+// two pairs each, through 4-byte loads, where head_dim and the strides allow it. With an append
+// the block then copies the token's rotated keys and its values into their page slots, 16 bytes
+// per thread where rows and pages allow it: the rows of one token are contiguous in a slot, so a
+// block writes two contiguous runs.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -20,11 +23,39 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-template <RopeLayout kLayout, bool kVector>
+// Copies the token's keys (rotated by this block) and values into their page slots, kVec
+// elements per thread and pass.
+template <int kVec>
+__device__ __forceinline__ void AppendRows(const RopeKvAppend& append, int token,
+                                           const __nv_bfloat16* key, int row_stride) {
+  const PagedKv& kv = append.kv;
+  const int seq = append.token_seq[token];
+  if (seq < 0) return;  // a row that stays in the step's scratch
+  const int first_token = append.token_indptr[seq];
+  const int n_new = append.token_indptr[seq + 1] - first_token;
+  const int row = kv.kv_rows[seq] - n_new + (token - first_token);
+  const int first_page = kv.page_indptr[seq];
+  const int64_t key_at = PagedRowOffset(kv, kv.key_pages + first_page, row);
+  const int64_t value_at = PagedRowOffset(kv, kv.value_pages + first_page, row);
+  const __nv_bfloat16* value = append.values + static_cast<int64_t>(token) * row_stride;
+  for (int i = threadIdx.x * kVec; i < kv.row_elements; i += blockDim.x * kVec) {
+    if constexpr (kVec == 8) {
+      *reinterpret_cast<uint4*>(kv.pool + key_at + i) = *reinterpret_cast<const uint4*>(key + i);
+      *reinterpret_cast<uint4*>(kv.pool + value_at + i) =
+          *reinterpret_cast<const uint4*>(value + i);
+    } else {
+      kv.pool[key_at + i] = key[i];
+      kv.pool[value_at + i] = value[i];
+    }
+  }
+}
+
+// kAppendVec: 0 without an append, else the elements each thread copies at once (8 or 1).
+template <RopeLayout kLayout, bool kVector, int kAppendVec>
 __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int n_q_heads,
                            __nv_bfloat16* __restrict__ k, int k_row_stride, int n_kv_heads,
                            int head_dim, const int32_t* __restrict__ positions,
-                           const float* __restrict__ inv_freq) {
+                           const float* __restrict__ inv_freq, RopeKvAppend append) {
   extern __shared__ float angles[];  // cos (half) then sin (half)
   const int token = blockIdx.x;
   const int half = head_dim / 2;
@@ -65,33 +96,49 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
         at[1] = __floats2bfloat162_rn(b.x * c1 - b.y * s1, b.y * c1 + b.x * s1);
       }
     }
-    return;
+  } else {
+    const int pairs = (n_q_heads + n_kv_heads) * half;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+      const int head = p / half;
+      const int i = p - head * half;
+      __nv_bfloat16* vec = head_row(head);
+      const int a = kLayout == RopeLayout::kHalves ? i : 2 * i;
+      const int b = kLayout == RopeLayout::kHalves ? i + half : 2 * i + 1;
+      const float x0 = __bfloat162float(vec[a]);
+      const float x1 = __bfloat162float(vec[b]);
+      const float c = cos_table[i], s = sin_table[i];
+      vec[a] = __float2bfloat16(x0 * c - x1 * s);
+      vec[b] = __float2bfloat16(x1 * c + x0 * s);
+    }
   }
-  const int pairs = (n_q_heads + n_kv_heads) * half;
-  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-    const int head = p / half;
-    const int i = p - head * half;
-    __nv_bfloat16* vec = head_row(head);
-    const int a = kLayout == RopeLayout::kHalves ? i : 2 * i;
-    const int b = kLayout == RopeLayout::kHalves ? i + half : 2 * i + 1;
-    const float x0 = __bfloat162float(vec[a]);
-    const float x1 = __bfloat162float(vec[b]);
-    const float c = cos_table[i], s = sin_table[i];
-    vec[a] = __float2bfloat16(x0 * c - x1 * s);
-    vec[b] = __float2bfloat16(x1 * c + x0 * s);
+  if constexpr (kAppendVec > 0) {
+    __syncthreads();  // the block's rotated keys are written
+    AppendRows<kAppendVec>(append, token, k + static_cast<size_t>(token) * k_row_stride,
+                           k_row_stride);
   }
 }
+
+bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 
 cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_bfloat16* k,
                        int k_row_stride, int n_kv_heads, int tokens, int head_dim,
                        const int32_t* positions, const float* inv_freq, RopeLayout layout,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, const RopeKvAppend* append) {
   if (tokens < 0 || head_dim <= 0 || head_dim % 2 != 0 || n_q_heads < 0 || n_kv_heads < 0 ||
       q_row_stride < n_q_heads * head_dim ||
       (n_kv_heads > 0 && k_row_stride < n_kv_heads * head_dim)) {
     return cudaErrorInvalidValue;
+  }
+  if (append != nullptr) {
+    const PagedKv& kv = append->kv;
+    if (k == nullptr || append->values == nullptr || append->token_seq == nullptr ||
+        append->token_indptr == nullptr || kv.pool == nullptr ||
+        kv.row_elements != n_kv_heads * head_dim || kv.row_elements <= 0 || kv.rows_per_page <= 0 ||
+        kv.page_elements < kv.row_elements) {
+      return cudaErrorInvalidValue;
+    }
   }
   if (tokens == 0 || n_q_heads + n_kv_heads == 0) return cudaSuccess;
   const int pairs = (n_q_heads + n_kv_heads) * head_dim / 2;
@@ -99,19 +146,40 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
   const size_t shared_bytes = static_cast<size_t>(head_dim) * sizeof(float);
   // Two pairs per thread where every pair of pairs is 4-byte aligned.
   const bool vector = head_dim % 4 == 0 && q_row_stride % 2 == 0 && k_row_stride % 2 == 0 &&
-                      reinterpret_cast<uintptr_t>(q) % 4 == 0 &&
-                      reinterpret_cast<uintptr_t>(k) % 4 == 0;
+                      Aligned(q, 4) && Aligned(k, 4);
+  const int quad_threads = std::min(threads, std::max(32, (pairs / 2 + 31) / 32 * 32));
+  // 16-byte copies where rows, strides and pages keep every piece aligned.
+  const int append_vec = append == nullptr ? 0
+                         : append->kv.row_elements % 8 == 0 && k_row_stride % 8 == 0 &&
+                                 append->kv.page_elements % 8 == 0 &&
+                                 Aligned(append->kv.pool, 16) && Aligned(k, 16) &&
+                                 Aligned(append->values, 16)
+                             ? 8
+                             : 1;
+  const RopeKvAppend args = append != nullptr ? *append : RopeKvAppend{};
   const auto launch = [&](auto kernel, int threads) {
     kernel<<<tokens, threads, shared_bytes, stream>>>(q, q_row_stride, n_q_heads, k, k_row_stride,
-                                                      n_kv_heads, head_dim, positions, inv_freq);
+                                                      n_kv_heads, head_dim, positions, inv_freq,
+                                                      args);
   };
-  const int quad_threads = std::min(threads, std::max(32, (pairs / 2 + 31) / 32 * 32));
-  if (layout == RopeLayout::kHalves) {
-    vector ? launch(RopeKernel<RopeLayout::kHalves, true>, quad_threads)
-           : launch(RopeKernel<RopeLayout::kHalves, false>, threads);
+  const auto by_append = [&](auto none, auto scalar, auto vectored, int threads) {
+    if (append_vec == 0) launch(none, threads);
+    if (append_vec == 1) launch(scalar, threads);
+    if (append_vec == 8) launch(vectored, threads);
+  };
+  constexpr RopeLayout kHalves = RopeLayout::kHalves, kAdjacent = RopeLayout::kAdjacent;
+  if (layout == kHalves && vector) {
+    by_append(RopeKernel<kHalves, true, 0>, RopeKernel<kHalves, true, 1>,
+              RopeKernel<kHalves, true, 8>, quad_threads);
+  } else if (layout == kHalves) {
+    by_append(RopeKernel<kHalves, false, 0>, RopeKernel<kHalves, false, 1>,
+              RopeKernel<kHalves, false, 8>, threads);
+  } else if (vector) {
+    by_append(RopeKernel<kAdjacent, true, 0>, RopeKernel<kAdjacent, true, 1>,
+              RopeKernel<kAdjacent, true, 8>, quad_threads);
   } else {
-    vector ? launch(RopeKernel<RopeLayout::kAdjacent, true>, quad_threads)
-           : launch(RopeKernel<RopeLayout::kAdjacent, false>, threads);
+    by_append(RopeKernel<kAdjacent, false, 0>, RopeKernel<kAdjacent, false, 1>,
+              RopeKernel<kAdjacent, false, 8>, threads);
   }
   return LaunchError();
 }

@@ -254,6 +254,94 @@ TEST_F(CudaKernelsTest, RopeMatchesCpuInPackedQkv) {
   }
 }
 
+// The launch that also appends: every token's keys, as the same launch left them rotated in the
+// packed rows, and its values land in their sequence's page slots; the tokens of a sequence
+// marked -1 (a compressed prompt's, which stay in the scratch) and the rest of the pool are not
+// written. 16-byte copies at head_dim 64, element copies at 6.
+TEST_F(CudaKernelsTest, RopeAppendsRotatedRowsToPages) {
+  for (const int head_dim : {64, 6}) {
+    const int n_q_heads = 4, n_kv_heads = 2, rows_per_page = 4;
+    const int q_width = n_q_heads * head_dim, kv_width = n_kv_heads * head_dim;
+    const int row = q_width + 2 * kv_width;
+    const std::vector<int32_t> new_tokens = {1, 5, 3, 2};         // per sequence
+    const std::vector<int32_t> held = {7, 0, 0, 30};              // rows before the step
+    const std::vector<bool> stays = {false, false, true, false};  // sequence 2: token_seq -1
+    const int seqs = static_cast<int>(new_tokens.size());
+    std::vector<int32_t> token_indptr = {0}, kv_rows, page_indptr = {0}, token_seq, positions;
+    for (int s = 0; s < seqs; ++s) {
+      token_indptr.push_back(token_indptr.back() + new_tokens[s]);
+      kv_rows.push_back(held[s] + new_tokens[s]);
+      page_indptr.push_back(page_indptr.back() + (kv_rows[s] + rows_per_page - 1) / rows_per_page);
+      for (int i = 0; i < new_tokens[s]; ++i) {
+        token_seq.push_back(stays[s] ? -1 : s);
+        positions.push_back(held[s] + i);
+      }
+    }
+    const int tokens = token_indptr.back(), pages = page_indptr.back();
+    const std::vector<int32_t> order = testing::ShuffledPages(2 * pages + 3, rng_);
+    const std::vector<int32_t> key_pages(order.begin(), order.begin() + pages);
+    const std::vector<int32_t> value_pages(order.begin() + pages, order.begin() + 2 * pages);
+    const int64_t page_elements = static_cast<int64_t>(rows_per_page) * kv_width;
+    const size_t pool_elements = static_cast<size_t>(2 * pages + 3) * page_elements;
+
+    ModelConfig config;
+    config.head_dim = head_dim;
+    const std::vector<float> inv_freq = RopeInverseFrequencies(config);
+    const std::vector<uint16_t> qkv = ToBf16(Random(rng_, static_cast<size_t>(tokens) * row));
+    DeviceBuffer d_qkv = Upload(qkv);
+    DeviceBuffer d_positions = Upload(positions);
+    DeviceBuffer d_inv_freq = Upload(inv_freq);
+    DeviceBuffer d_token_seq = Upload(token_seq), d_token_indptr = Upload(token_indptr);
+    DeviceBuffer d_kv_rows = Upload(kv_rows), d_page_indptr = Upload(page_indptr);
+    DeviceBuffer d_key_pages = Upload(key_pages), d_value_pages = Upload(value_pages);
+    DeviceBuffer d_pool = Poisoned<uint16_t>(pool_elements);
+    __nv_bfloat16* q = d_qkv.as<__nv_bfloat16>();
+    const RopeKvAppend append{.kv = {.pool = d_pool.as<__nv_bfloat16>(),
+                                     .page_elements = page_elements,
+                                     .row_elements = kv_width,
+                                     .rows_per_page = rows_per_page,
+                                     .page_indptr = d_page_indptr.as<int32_t>(),
+                                     .key_pages = d_key_pages.as<int32_t>(),
+                                     .value_pages = d_value_pages.as<int32_t>(),
+                                     .kv_rows = d_kv_rows.as<int32_t>()},
+                              .token_seq = d_token_seq.as<int32_t>(),
+                              .token_indptr = d_token_indptr.as<int32_t>(),
+                              .values = q + q_width + kv_width};
+    ASSERT_CUDA(LaunchRope(q, row, n_q_heads, q + q_width, row, n_kv_heads, tokens, head_dim,
+                           d_positions.as<int32_t>(), d_inv_freq.as<float>(), RopeLayout::kHalves,
+                           stream_, &append));
+    Sync();
+    const std::vector<uint16_t> rotated = Download<uint16_t>(d_qkv, qkv.size());
+    const std::vector<uint16_t> pool = Download<uint16_t>(d_pool, pool_elements);
+
+    std::vector<uint16_t> expected(pool_elements, 0xFFFF);  // Poisoned's bytes
+    for (int t = 0; t < tokens; ++t) {
+      const int s = token_seq[t];
+      if (s < 0) continue;
+      const int slot = kv_rows[s] - new_tokens[s] + (t - token_indptr[s]);
+      const int64_t in_page = static_cast<int64_t>(slot % rows_per_page) * kv_width;
+      const int64_t key_at = key_pages[page_indptr[s] + slot / rows_per_page] * page_elements;
+      const int64_t value_at = value_pages[page_indptr[s] + slot / rows_per_page] * page_elements;
+      const size_t from = static_cast<size_t>(t) * row + q_width;
+      for (int i = 0; i < kv_width; ++i) {
+        expected[key_at + in_page + i] = rotated[from + i];
+        expected[value_at + in_page + i] = qkv[from + kv_width + i];
+      }
+    }
+    size_t wrong = 0, first = pool_elements;
+    for (size_t i = 0; i < pool_elements; ++i) {
+      if (pool[i] != expected[i]) {
+        ++wrong;
+        first = std::min(first, i);
+      }
+    }
+    EXPECT_EQ(wrong, 0u) << "head_dim " << head_dim << ": pool elements differ (first at " << first
+                         << ")";
+    // The keys in the pages are the rotated ones: some differ from the unrotated input.
+    EXPECT_NE(rotated, qkv) << "head_dim " << head_dim;
+  }
+}
+
 // ---- SwiGLU ----
 
 TEST_F(CudaKernelsTest, SwigluMatchesCpu) {
