@@ -42,6 +42,7 @@ struct StepProfile {
   double wait_ms = 0.0;    // host: blocked on the device at the end of the step
   double finish_ms = 0.0;  // host: after the wait (results, sequence bookkeeping)
   double device_ms = 0.0;  // device: from the first queued operation to the end of the last
+  bool graph = false;      // the device work was a captured CUDA graph, replayed
 };
 
 class Backend {

@@ -28,9 +28,15 @@ struct BackendChoice {
   int32_t step_tokens = 512;
 };
 
+// How the chosen backend runs, where it has a choice.
+struct BackendOptions {
+  bool cuda_graphs = true;  // CudaOptions::graphs
+};
+
 // `binary` names the program in the error when it lacks CUDA.
 inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
-                                                   absl::string_view binary) {
+                                                   absl::string_view binary,
+                                                   BackendOptions options = {}) {
   if (device != "cpu" && device != "cuda" && device != "auto") {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
@@ -44,11 +50,12 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
     return cpu;
   }
   return BackendChoice{.name = "cuda",
-                       .make_backend = cuda::CudaBackend::Factory(),
+                       .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs}),
                        .kv_element_bytes = cuda::kKvElementBytes,
                        .kv_storage = cuda::kKvStorage,
                        .step_tokens = 8192};
 #else
+  (void)options;
   if (device == "cuda") {
     return absl::FailedPreconditionError(
         absl::StrCat("--device cuda: this ", binary, " was built without the CUDA backend"));

@@ -72,6 +72,9 @@ ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(std::string, device, "auto",
           "engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a GPU is "
           "visible)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "on cuda: replay decode steps whose launches repeat (the same running requests) from a "
+          "captured CUDA graph; false queues every step's kernels");
 ABSL_FLAG(std::string, kv_compression, "none",
           "KV compression of requests that do not set their own: a spec such as "
           "\"policy=snapkv,budget_ratio=0.25\" or \"policy=pyramidkv,budget_ratio=0.12,"
@@ -187,7 +190,8 @@ int Run() {
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued)};
   absl::StatusOr<engine::BackendChoice> backend =
-      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server");
+      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server",
+                            {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)});
   if (!backend.ok()) {
     spdlog::error("{}", std::string(backend.status().message()));
     return 2;

@@ -21,32 +21,19 @@
 //
 // The projections that end a block (Wo, Wdown) add their fp32 product straight into x, so the
 // residual stream never goes through bf16. Everything runs on one stream; the step ends with one
-// synchronisation, after the logits copy.
+// synchronisation, after the logits copy. This file sets the backend up, plans each step and
+// takes its results back; forward_layers.cc queues the device work.
 #include "engine/cuda/forward.h"
 
 #include <algorithm>
-#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/compress_prompt.h"
-#include "engine/cuda/embedding.h"
-#include "engine/cuda/rmsnorm.h"
-#include "engine/cuda/rope.h"
-#include "engine/cuda/rows.h"
 #include "engine/cuda/status.h"
-#include "engine/cuda/swiglu.h"
 #include "engine/rope.h"
-
-#define KVTRIM_RETURN_IF_ERROR(expr)      \
-  do {                                    \
-    absl::Status kvtrim_status_ = (expr); \
-    if (!kvtrim_status_.ok()) {           \
-      return kvtrim_status_;              \
-    }                                     \
-  } while (0)
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -97,7 +84,8 @@ bool DeviceVisible(std::string* why) {
 }
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const Model* model,
-                                                                 memory::KvCache* cache) {
+                                                                 memory::KvCache* cache,
+                                                                 CudaOptions options) {
   const ModelConfig& c = model->config;
   const memory::KvShape& shape = cache->shape();
   if (shape.n_layers != c.n_layers || shape.n_kv_heads != c.n_kv_heads ||
@@ -120,24 +108,25 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const Model* mo
   if (std::string why; !DeviceVisible(&why)) {
     return absl::FailedPreconditionError(absl::StrCat("the CUDA backend needs a GPU: ", why));
   }
-  std::unique_ptr<CudaBackend> backend(new CudaBackend(model, cache));
+  std::unique_ptr<CudaBackend> backend(new CudaBackend(model, cache, options));
   KVTRIM_RETURN_IF_ERROR(backend->Init());
   return backend;
 }
 
-Scheduler::BackendFactory CudaBackend::Factory() {
-  return
-      [](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
-        absl::StatusOr<std::unique_ptr<CudaBackend>> backend = Create(model, cache);
-        if (!backend.ok()) return backend.status();
-        return std::unique_ptr<Backend>(*std::move(backend));
-      };
+Scheduler::BackendFactory CudaBackend::Factory(CudaOptions options) {
+  return [options](const Model* model,
+                   memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    absl::StatusOr<std::unique_ptr<CudaBackend>> backend = Create(model, cache, options);
+    if (!backend.ok()) return backend.status();
+    return std::unique_ptr<Backend>(*std::move(backend));
+  };
 }
 
-CudaBackend::CudaBackend(const Model* model, memory::KvCache* cache)
+CudaBackend::CudaBackend(const Model* model, memory::KvCache* cache, CudaOptions options)
     : model_(*model),
       config_(model->config),
       cache_(*cache),
+      options_(options),
       shape_{model->config.n_heads, model->config.n_kv_heads, model->config.head_dim,
              model->config.sliding_window} {}
 
@@ -145,6 +134,7 @@ CudaBackend::CudaBackend(const Model* model, memory::KvCache* cache)
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   gemm_.reset();
+  if (graph_) cudaGraphExecDestroy(graph_);
   if (step_begin_) cudaEventDestroy(step_begin_);
   if (step_end_) cudaEventDestroy(step_end_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -270,11 +260,22 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
                         .query_tile = kPrefillQueryTile};
   // Built straight into the pinned buffer the upload reads (the previous step's upload is done:
   // every step ends synchronised).
-  KVTRIM_RETURN_IF_ERROR(
-      BuildStepPlan(steps, shape, plan_, [this](size_t elements) -> absl::StatusOr<int32_t*> {
+  KVTRIM_RETURN_IF_ERROR(BuildStepPlan(
+      steps, shape, plan_,
+      [this](size_t elements) -> absl::StatusOr<int32_t*> {
         KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, elements * sizeof(int32_t)));
         return plan_staging_.as<int32_t>();
-      }));
+      },
+      plan_capacity_));
+  // Room for the page lists to grow into, a quarter more than they hold, so that the decode
+  // steps of the same sequences keep their plan's offsets (and replay their graph) while the
+  // sequences gain pages; renewed once outgrown, or once under half what it would be renewed to.
+  const auto room = [](int32_t used, int32_t& capacity) {
+    const int32_t fresh = used + used / 4 + 16;
+    if (used > capacity || fresh < capacity / 2) capacity = fresh;
+  };
+  room(plan_.pages, plan_capacity_.pages);
+  room(plan_.thin_pages, plan_capacity_.thin_pages);
   const int splits =
       config_.sliding_window > 0
           ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
@@ -342,8 +343,6 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
 
 absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
                               Clock::time_point began) {
-  const StepPlan::Offsets& at = plan_.at;
-  const int tokens = plan_.tokens, hidden = config_.hidden;
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
@@ -351,20 +350,8 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
       CudaStatus(cudaMemcpyAsync(plan_device_.as<void>(), plan_staging_.as<void>(), plan_.bytes(),
                                  cudaMemcpyHostToDevice, stream_),
                  "cudaMemcpyAsync(step plan)"));
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchEmbedding(Plan(at.token_ids), tokens, weights_.token_embedding.data,
-                                 config_.vocab_size, hidden, x_.as<float>(), stream_),
-                 "Embedding"));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchAddRmsNorm(x_.as<float>(), nullptr, weights_.layers[0].attn_norm, config_.rms_eps,
-                       tokens, hidden, normed_.as<__nv_bfloat16>(), stream_),
-      "AddRmsNorm"));
-  for (int layer = 0; layer < config_.n_layers; ++layer) {
-    KVTRIM_RETURN_IF_ERROR(Layer(layer, splits));
-  }
-
-  // normed_ now holds output_norm(x) for every token; only the wanting rows go to the lm_head.
-  // Which of them (in step order, as the plan lists them) want only their argmax:
+  // Which of the rows that want logits (in step order, as the plan lists them) want only their
+  // argmax:
   const int wanting = plan_.logit_rows;
   argmax_only_.clear();
   for (int s = 0; s < plan_.seqs; ++s) {
@@ -373,17 +360,16 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   }
   const int n_argmax = static_cast<int>(std::count(argmax_only_.begin(), argmax_only_.end(), true));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
+  const int argmax_rows = n_argmax > 0 ? wanting : 0;
+  if (options_.graphs && plan_.prompts.empty() && plan_.prefill_items == 0 &&
+      plan_.decode_seqs == plan_.seqs) {
+    KVTRIM_RETURN_IF_ERROR(QueueDecodeStep(splits, argmax_rows));
+  } else {
+    last_key_.reset();
+    KVTRIM_RETURN_IF_ERROR(QueueStep(splits, argmax_rows));
+  }
   if (wanting > 0) {
-    KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchGatherRows(normed_.as<__nv_bfloat16>(), hidden, Plan(at.logits), wanting,
-                                    last_.as<__nv_bfloat16>(), stream_),
-                   "GatherRows"));
-    KVTRIM_RETURN_IF_ERROR(gemm_->Linear(last_.as<__nv_bfloat16>(), wanting, weights_.lm_head,
-                                         logits_.as<void>(), GemmOutput::kFloat));
     if (n_argmax > 0) {
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchRowArgmax(logits_.as<float>(), config_.vocab_size,
-                                                        wanting, argmax_.as<int32_t>(), stream_),
-                                        "RowArgmax"));
       KVTRIM_RETURN_IF_ERROR(
           CudaStatus(cudaMemcpyAsync(argmax_host_.as<void>(), argmax_.as<void>(),
                                      wanting * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
@@ -425,203 +411,6 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   }
   profile_.finish_ms = Ms(synced, Clock::now());
   return absl::OkStatus();
-}
-
-PagedKv CudaBackend::PagesOf(int layer) const {
-  const StepPlan::Offsets& at = plan_.at;
-  const size_t layer_offset = static_cast<size_t>(layer) * plan_.pages;
-  const memory::PagePool& pool = cache_.pool();
-  const int32_t row_bytes = cache_.shape().row_bytes();
-  return PagedKv{
-      .pool = pages_.as<__nv_bfloat16>(),
-      .page_elements = static_cast<int64_t>(pool.page_bytes() / sizeof(__nv_bfloat16)),
-      .row_elements = row_bytes / kKvElementBytes,
-      .rows_per_page = static_cast<int32_t>(pool.page_bytes() / row_bytes),
-      .page_indptr = Plan(at.page_indptr),
-      .key_pages = Plan(at.key_pages + layer_offset),
-      .value_pages = Plan(at.value_pages + layer_offset),
-      .kv_rows = Plan(at.kv_rows + static_cast<size_t>(layer) * plan_.seqs),
-  };
-}
-
-CompressedKv CudaBackend::CompressedOf(int layer) const {
-  const StepPlan::Offsets& at = plan_.at;
-  const size_t thin_offset = static_cast<size_t>(layer) * plan_.thin_pages;
-  const size_t seq_offset = static_cast<size_t>(layer) * plan_.seqs;
-  const size_t head_offset = seq_offset * config_.n_kv_heads;
-  return CompressedKv{
-      .thin_indptr = Plan(at.thin_indptr),
-      .thin_key_pages = Plan(at.thin_key_pages + thin_offset),
-      .thin_value_pages = Plan(at.thin_value_pages + thin_offset),
-      .thin_rows = Plan(at.thin_rows + head_offset),
-      .recent_rows = Plan(at.recent_rows + head_offset),
-      .key_width = Plan(at.key_width + seq_offset),
-      .channel_offset = Plan(at.channel_offset + seq_offset),
-      .channels = reinterpret_cast<const uint16_t*>(Plan(at.channels)),
-  };
-}
-
-PagedKv CudaBackend::ScratchPages() const {
-  const StepPlan::Offsets& at = plan_.at;
-  const int32_t kv_width = config_.n_kv_heads * config_.head_dim;
-  // Pages of a kv-head row's width over the packed q|k|v rows (step_plan.h).
-  return PagedKv{
-      .pool = qkv_.as<__nv_bfloat16>(),
-      .page_elements = kv_width,
-      .row_elements = kv_width,
-      .rows_per_page = 1,
-      .page_indptr = Plan(at.scratch_indptr),
-      .key_pages = Plan(at.scratch_keys),
-      .value_pages = Plan(at.scratch_values),
-      .kv_rows = Plan(at.scratch_rows),
-  };
-}
-
-absl::Status CudaBackend::CompressPrompts(int layer) {
-  namespace mc = memory::compress;
-  const StepPlan::Offsets& at = plan_.at;
-  const int head_dim = config_.head_dim, H = config_.n_kv_heads;
-  const int q_width = config_.n_heads * head_dim, kv_width = H * head_dim;
-  const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows
-  const __nv_bfloat16* q = qkv_.as<__nv_bfloat16>();
-  const __nv_bfloat16* k = q + q_width;
-  const __nv_bfloat16* v = k + kv_width;
-  int32_t* kept = kept_.as<int32_t>();
-  const PagedKv pages = PagesOf(layer);
-  for (const PromptJob& job : plan_.prompts) {
-    const mc::CompressionConfig& config = *job.config;
-    const mc::LayerPlan& p = job.layers[layer];
-    const int n = job.n;
-    const size_t first = job.first_token;
-    const __nv_bfloat16* q_seq = q + first * stride;
-    const __nv_bfloat16* k_seq = k + first * stride;
-    const __nv_bfloat16* v_seq = v + first * stride;
-
-    // Which tokens each kv-head keeps (engine/cpu/compressed.cc, CompressPrompt).
-    if (p.kept_tokens < n && config.scoring() != nullptr) {
-      const mc::SnapKvConfig& snap = *config.scoring();
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchSnapKvScores(q_seq, stride, k_seq, stride, n, snap.window, shape_, snap.kernel_size,
-                             snap.pooling == mc::Pooling::kAvg, compress_scratch_.as<float>(),
-                             scores_.as<float>(), stream_),
-          "SnapKvScores"));
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchTopWithWindow(scores_.as<float>(), n, snap.window, H, p.kept_tokens, kept, stream_),
-          "TopWithWindow"));
-    } else if (p.kept_tokens < n && config.selection == mc::SelectionPolicy::kStreamingLlm) {
-      KVTRIM_RETURN_IF_ERROR(
-          CudaStatus(LaunchRangeKept(n, H, p.kept_tokens, config.streamingllm.sinks, kept, stream_),
-                     "RangeKept"));
-    } else if (p.kept_tokens == n) {
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchRangeKept(n, H, n, 0, kept, stream_), "RangeKept"));
-    } else {
-      return absl::InternalError("Forward: a prompt plan keeps fewer tokens without a selection");
-    }
-
-    // ThinK's channels, scored on the kept keys by the last `observation` queries.
-    uint16_t* channels = nullptr;
-    if (job.channels_at[layer] >= 0) {
-      channels = channels_.as<uint16_t>() + job.channels_at[layer];
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchThinkChannels(q_seq, stride, k_seq, stride, n,
-                              std::min(config.think.observation, n), kept, p.kept_tokens, shape_,
-                              p.key_width, compress_scratch_.as<float>(), channels, stream_),
-          "ThinkChannels"));
-    }
-
-    const int32_t page = plan_.data[at.page_indptr + job.seq];
-    const int32_t thin_page = plan_.data[at.thin_indptr + job.seq];
-    const size_t layer_pages = static_cast<size_t>(layer) * plan_.pages;
-    const size_t layer_thin = static_cast<size_t>(layer) * plan_.thin_pages;
-    const KeptRowPages rows{
-        .thin_keys = Plan(at.thin_key_pages + layer_thin + thin_page),
-        .thin_values = Plan(at.thin_value_pages + layer_thin + thin_page),
-        .recent_keys = Plan(at.key_pages + layer_pages + page),
-        .recent_values = Plan(at.value_pages + layer_pages + page),
-    };
-    KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, stride, kept, p.kept_tokens, p.thin_rows,
-                                       p.key_width, channels, shape_, pages, rows, stream_),
-                   "WriteKeptRows"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CudaBackend::Layer(int layer, int splits) {
-  const DeviceLayerWeights& w = weights_.layers[layer];
-  const StepPlan::Offsets& at = plan_.at;
-  const int tokens = plan_.tokens, hidden = config_.hidden, ffn = config_.ffn_hidden;
-  const int head_dim = config_.head_dim;
-  const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
-  auto* normed = normed_.as<__nv_bfloat16>();
-  const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows: queries, keys, values
-  auto* q = qkv_.as<__nv_bfloat16>();
-  auto* k = q + q_width;
-  auto* v = k + kv_width;
-  auto* attention = attention_.as<__nv_bfloat16>();
-  auto* x = x_.as<float>();
-
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q, GemmOutput::kBf16));
-  // Qwen2's q/k/v biases (null pointers elsewhere).
-  for (auto [y, bias, width] : {std::tuple{q, w.bq, q_width}, std::tuple{k, w.bk, kv_width},
-                                std::tuple{v, w.bv, kv_width}}) {
-    if (bias == nullptr) continue;
-    KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
-  }
-  const PagedKv pages = PagesOf(layer);
-  const RopeKvAppend append{.kv = pages,
-                            .token_seq = Plan(at.token_seq),
-                            .token_indptr = Plan(at.token_indptr),
-                            .values = v};
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens, head_dim,
-                 Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_, &append),
-      "Rope"));
-  if (config_.sliding_window == 0) {
-    KVTRIM_RETURN_IF_ERROR(CudaStatus(
-        LaunchCompressedDecodeAttention(pages, CompressedOf(layer), Plan(at.token_indptr),
-                                        Plan(at.decode), plan_.decode_seqs, q, stride, shape_,
-                                        splits, workspace_.as<float>(), attention, stream_),
-        "CompressedDecodeAttention"));
-  } else {
-    KVTRIM_RETURN_IF_ERROR(CudaStatus(
-        LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,
-                              stride, shape_, splits, workspace_.as<float>(), attention, stream_),
-        "DecodeAttention"));
-  }
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchPrefillAttention(pages, Plan(at.token_indptr), Plan(at.prefill),
-                                        plan_.prefill_items, q, stride, shape_, attention, stream_),
-                 "PrefillAttention"));
-  if (!plan_.prompts.empty()) {
-    // The compressed prompts attend over their whole K/V in the scratch, then keep what they
-    // keep: the next layer overwrites the scratch.
-    KVTRIM_RETURN_IF_ERROR(CudaStatus(
-        LaunchPrefillAttention(ScratchPages(), Plan(at.token_indptr), Plan(at.scratch_items),
-                               plan_.scratch_items, q, stride, shape_, attention, stream_),
-        "PrefillAttention(compressed prompts)"));
-    KVTRIM_RETURN_IF_ERROR(CompressPrompts(layer));
-  }
-  KVTRIM_RETURN_IF_ERROR(
-      gemm_->Linear(attention, tokens, w.wo, x, GemmOutput::kFloat, /*accumulate=*/true));
-
-  auto* gate = gate_up_.as<__nv_bfloat16>();  // packed rows: gate, then up
-  auto* activation = activation_.as<__nv_bfloat16>();
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchAddRmsNorm(x, nullptr, w.ffn_norm, config_.rms_eps, tokens, hidden, normed, stream_),
-      "AddRmsNorm"));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kBf16));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchSwiglu(gate, gate + ffn, 2 * ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
-  KVTRIM_RETURN_IF_ERROR(
-      gemm_->Linear(activation, tokens, w.w_down, x, GemmOutput::kFloat, /*accumulate=*/true));
-
-  const float* next_norm =
-      layer + 1 < config_.n_layers ? weights_.layers[layer + 1].attn_norm : weights_.output_norm;
-  return CudaStatus(
-      LaunchAddRmsNorm(x, nullptr, next_norm, config_.rms_eps, tokens, hidden, normed, stream_),
-      "AddRmsNorm");
 }
 
 }  // namespace kvtrim::engine::cuda

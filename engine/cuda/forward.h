@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -35,6 +36,12 @@ inline constexpr memory::PageStorage kKvStorage = memory::PageStorage::kNone;
 // Whether a CUDA device can be used here; when not, `why` (if given) says why.
 bool DeviceVisible(std::string* why = nullptr);
 
+struct CudaOptions {
+  // Decode steps whose launches repeat those of the step before (the same sequences, the plan's
+  // arrays at the same offsets) are captured once as a CUDA graph and replayed.
+  bool graphs = true;
+};
+
 class CudaBackend : public Backend {
  public:
   // `model` and `cache` must outlive the backend. The cache must match the model with
@@ -43,9 +50,10 @@ class CudaBackend : public Backend {
   // cover (head_dim other than 16/32/64/128/256, heads not a multiple of kv-heads);
   // FAILED_PRECONDITION without a CUDA device; INTERNAL when device memory runs out.
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const Model* model,
-                                                             memory::KvCache* cache);
+                                                             memory::KvCache* cache,
+                                                             CudaOptions options = {});
   // The factory Scheduler::Create and GeneratorOptions::make_backend take.
-  static Scheduler::BackendFactory Factory();
+  static Scheduler::BackendFactory Factory(CudaOptions options = {});
 
   ~CudaBackend() override;
 
@@ -60,7 +68,17 @@ class CudaBackend : public Backend {
       const memory::compress::CompressionConfig& compression) const override;
 
  private:
-  CudaBackend(const Model* model, memory::KvCache* cache);
+  CudaBackend(const Model* model, memory::KvCache* cache, CudaOptions options);
+
+  // What a decode step's launches depend on: steps with equal keys queue the same launches with
+  // the same arguments, so a graph captured from one replays another.
+  struct GraphKey {
+    StepPlan::Offsets at;
+    int32_t tokens = 0, seqs = 0, decode_seqs = 0, logit_rows = 0;
+    int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0;
+    const void* buffers[12] = {};  // the device buffers the launches take
+    bool operator==(const GraphKey&) const = default;
+  };
 
   absl::Status Init();
   // Grows the per-token buffers to hold `tokens` (never shrinks).
@@ -71,6 +89,13 @@ class CudaBackend : public Backend {
   // `began`: when Forward was entered (the start of profile_.plan_ms).
   absl::Status Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
                    std::chrono::steady_clock::time_point began);
+  // Queues the step's device work after the plan's upload: the embedding, the layers, the
+  // logits of the rows that want them and, with argmax_rows, their argmax.
+  absl::Status QueueStep(int splits, int argmax_rows);
+  // QueueStep for a decode step: replays the captured graph when the key is its key, captures
+  // one (and replays it) when the previous decode step had the same key, else queues eagerly.
+  absl::Status QueueDecodeStep(int splits, int argmax_rows);
+  GraphKey KeyOf(int splits, int argmax_rows) const;
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
   PagedKv PagesOf(int layer) const;
@@ -87,6 +112,7 @@ class CudaBackend : public Backend {
   const Model& model_;
   const ModelConfig& config_;
   memory::KvCache& cache_;
+  CudaOptions options_;
   AttentionShape shape_;
   int sm_count_ = 0;
 
@@ -98,12 +124,16 @@ class CudaBackend : public Backend {
   DeviceBuffer pages_;     // (total_pages, page_bytes) the K/V rows, bf16
   DeviceBuffer inv_freq_;  // (head_dim / 2) fp32
 
-  StepPlan plan_;              // this step's host plan
-  PinnedBuffer plan_staging_;  // (plan bytes) the plan's arrays, built here for the upload
-  DeviceBuffer plan_device_;   // (plan bytes) the plan on the device
-  int capacity_tokens_ = 0;    // T the buffers below hold
-  DeviceBuffer x_;             // (T, hidden) fp32 residual stream
-  DeviceBuffer normed_;        // (T, hidden) bf16 normalised input of the next GEMMs
+  StepPlan plan_;                      // this step's host plan
+  PlanCapacity plan_capacity_;         // room the next plan's page lists get (BuildStepPlan)
+  std::optional<GraphKey> last_key_;   // the previous step's, when it was a decode step
+  std::optional<GraphKey> graph_key_;  // graph_'s
+  cudaGraphExec_t graph_ = nullptr;    // the captured decode step
+  PinnedBuffer plan_staging_;          // (plan bytes) the plan's arrays, built here for the upload
+  DeviceBuffer plan_device_;           // (plan bytes) the plan on the device
+  int capacity_tokens_ = 0;            // T the buffers below hold
+  DeviceBuffer x_;                     // (T, hidden) fp32 residual stream
+  DeviceBuffer normed_;                // (T, hidden) bf16 normalised input of the next GEMMs
   // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: each row's queries, keys, values
   DeviceBuffer qkv_;
   DeviceBuffer attention_;   // (T, n_heads * head_dim) bf16

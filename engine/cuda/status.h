@@ -9,6 +9,15 @@
 #include "absl/strings/string_view.h"
 #include "engine/cuda/cublas_api.h"
 
+// Evaluates an absl::Status expression and returns it from the enclosing function if not OK.
+#define KVTRIM_RETURN_IF_ERROR(expr)      \
+  do {                                    \
+    absl::Status kvtrim_status_ = (expr); \
+    if (!kvtrim_status_.ok()) {           \
+      return kvtrim_status_;              \
+    }                                     \
+  } while (0)
+
 namespace kvtrim::engine::cuda {
 
 // `what` names the call or the kernel, e.g. "cudaMalloc(weights)" or "AddRmsNorm".

@@ -94,7 +94,7 @@ void CopyPages(const memory::PageList& list, int32_t entries, int32_t* out) {
 }  // namespace
 
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
-                           StepPlan& plan, const PlanStorage& storage) {
+                           StepPlan& plan, const PlanStorage& storage, PlanCapacity capacity) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;
   // A fresh plan that keeps the vectors' capacity.
   std::vector<int32_t> own = std::move(plan.own), step_of_seq = std::move(plan.step_of_seq);
@@ -182,6 +182,11 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // Thin page lists: read by compressed decodes, written by compressed prompts.
   const bool thin = compressed || prompts;
   const size_t PT = thin ? plan.thin_pages : 0;
+  const size_t PS = std::max<size_t>(P, capacity.pages);
+  const size_t PTS = thin ? std::max<size_t>(PT, capacity.thin_pages) : 0;
+  plan.page_stride = static_cast<int32_t>(PS);
+  plan.thin_page_stride = static_cast<int32_t>(PTS);
+  const size_t NS = plan.scratch_rows;
   StepPlan::Offsets& at = plan.at;
   at.token_ids = 0;
   at.positions = at.token_ids + T;
@@ -189,25 +194,25 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   at.token_indptr = at.token_seq + T;
   at.kv_rows = at.token_indptr + S + 1;
   at.page_indptr = at.kv_rows + L * S;
-  at.key_pages = at.page_indptr + S + 1;
-  at.value_pages = at.key_pages + L * P;
-  at.decode = at.value_pages + L * P;
+  at.decode = at.page_indptr + S + 1;
   at.prefill = at.decode + plan.decode_seqs;
   at.logits = at.prefill + 2 * static_cast<size_t>(plan.prefill_items);
   at.thin_indptr = at.logits + plan.logit_rows;
-  at.thin_key_pages = at.thin_indptr + (thin ? S + 1 : 0);
-  at.thin_value_pages = at.thin_key_pages + L * PT;
-  at.thin_rows = at.thin_value_pages + L * PT;
+  at.thin_rows = at.thin_indptr + (thin ? S + 1 : 0);
   at.recent_rows = at.thin_rows + (compressed ? L * S * H : 0);
   at.key_width = at.recent_rows + (compressed ? L * S * H : 0);
   at.channel_offset = at.key_width + (compressed ? L * S : 0);
-  at.channels = at.channel_offset + (compressed ? L * S : 0);
-  at.scratch_indptr = at.channels + (channel_elements + 1) / 2;
-  at.scratch_keys = at.scratch_indptr + (prompts ? S + 1 : 0);
-  at.scratch_values = at.scratch_keys + plan.scratch_rows;
-  at.scratch_rows = at.scratch_values + plan.scratch_rows;
+  at.scratch_indptr = at.channel_offset + (compressed ? L * S : 0);
+  at.scratch_rows = at.scratch_indptr + (prompts ? S + 1 : 0);
   at.scratch_items = at.scratch_rows + (prompts ? S : 0);
-  const size_t elements = at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items);
+  at.key_pages = at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items);
+  at.value_pages = at.key_pages + L * PS;
+  at.thin_key_pages = at.value_pages + L * PS;
+  at.thin_value_pages = at.thin_key_pages + L * PTS;
+  at.scratch_keys = at.thin_value_pages + L * PTS;
+  at.scratch_values = at.scratch_keys + NS;
+  at.channels = at.scratch_values + NS;
+  const size_t elements = at.channels + (channel_elements + 1) / 2;
   if (storage) {
     absl::StatusOr<int32_t*> memory = storage(elements);
     if (!memory.ok()) return memory.status();
@@ -216,18 +221,12 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     plan.own.resize(elements);
     plan.data = std::span<int32_t>(plan.own);
   }
-  // Zeros where the loop below may leave entries unwritten. It fills the page lists whole, and
-  // the channel sets when compressed decodes read them (but for the half word that may pad them
-  // to an int32): up to 1 MB a step at the Llama-3-8B shape, not cleared first.
+  // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
+  // It fills each layer's first P (PT) page list entries, the scratch page ids and the channel
+  // sets but for the half word that may pad them to an int32: up to 1 MB a step at the
+  // Llama-3-8B shape, not cleared first. Entries of the page lists past P are never read.
   std::fill(plan.data.begin(), plan.data.begin() + at.key_pages, 0);
-  std::fill(plan.data.begin() + at.decode, plan.data.begin() + at.thin_key_pages, 0);
-  std::fill(plan.data.begin() + at.thin_rows, plan.data.begin() + at.channels, 0);
-  if (!compressed) {
-    std::fill(plan.data.begin() + at.channels, plan.data.begin() + at.scratch_indptr, 0);
-  } else if (at.scratch_indptr > at.channels) {
-    plan.data[at.scratch_indptr - 1] = 0;
-  }
-  std::fill(plan.data.begin() + at.scratch_indptr, plan.data.end(), 0);
+  if (at.channels < elements) plan.data[elements - 1] = 0;
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);
@@ -307,12 +306,12 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const int32_t page = d[at.page_indptr + s], n_pages = seq_pages[s];
     const int32_t thin_page = thin ? d[at.thin_indptr + s] : 0, n_thin = seq_thin_pages[s];
     for (size_t layer = 0; layer < L; ++layer) {
-      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * P + page);
-      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * P + page);
+      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * PS + page);
+      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * PS + page);
       if (thin && n_thin > 0) {
         const memory::CompressedLayer& c = kv.compressed[layer];
-        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PT + thin_page);
-        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PT + thin_page);
+        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PTS + thin_page);
+        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PTS + thin_page);
       }
     }
   }

@@ -62,13 +62,20 @@ struct StepPlan {
   int32_t logit_rows = 0;         // tokens whose logits the step returns
   int32_t max_decode_rows = 0;    // most rows a decode query sees (split-K heuristic)
   int32_t thin_pages = 0;         // PT: entries per layer of the thin page lists
-  int32_t scratch_rows = 0;       // NS: scratch entries (the compressed prompts' tokens)
-  int32_t scratch_items = 0;      // query tiles of the compressed prompts
+  // The page lists as laid out, per layer: P (PT) entries, then room up to the PlanCapacity
+  // asked for (never read).
+  int32_t page_stride = 0;       // PS >= P
+  int32_t thin_page_stride = 0;  // PTS >= PT (0 without thin page lists)
+  int32_t scratch_rows = 0;      // NS: scratch entries (the compressed prompts' tokens)
+  int32_t scratch_items = 0;     // query tiles of the compressed prompts
   std::vector<PromptJob> prompts;
   size_t channel_out = 0;  // uint16 elements of channel sets the prompts write
 
   // Where each array starts in `data`, in int32 elements. Layer-major arrays hold layer l's part
-  // at offset l * (the per-layer size).
+  // at offset l * (the per-layer size). In `data` the arrays whose sizes depend only on the
+  // step's sequences and tokens come first, in this order, then the page lists, the scratch
+  // page ids and the channel sets: with the page lists laid out at a fixed stride
+  // (PlanCapacity), consecutive decode steps of the same sequences have the same offsets.
   struct Offsets {
     size_t token_ids = 0;     // (T) the model's input ids
     size_t positions = 0;     // (T) position of each token (= its row in its sequence's cache)
@@ -78,27 +85,31 @@ struct StepPlan {
     size_t kv_rows = 0;       // (n_layers, S) rows of the full-width lists once this step's are
                               // written (0 for a compressed prompt)
     size_t page_indptr = 0;   // (S + 1) sequence s's pages: [page_indptr[s], page_indptr[s+1])
-    size_t key_pages = 0;     // (n_layers, P) page ids of the keys, layer-major; -1 pads
-    size_t value_pages = 0;   // (n_layers, P) page ids of the values
     size_t decode = 0;        // (decode_seqs) sequence indices for the decode kernel
     size_t prefill = 0;       // (prefill_items, 2) (sequence, first new token) query tiles
     size_t logits = 0;        // (logit_rows) token rows whose logits are returned, in step order
-    // With compressed decodes or prompts (sized 0 otherwise): the thin page lists.
-    size_t thin_indptr = 0;       // (S + 1)
-    size_t thin_key_pages = 0;    // (n_layers, PT); -1 pads
-    size_t thin_value_pages = 0;  // (n_layers, PT)
+    // With compressed decodes or prompts (sized 0 otherwise):
+    size_t thin_indptr = 0;  // (S + 1)
     // With decodes and no sliding window (CompressedKv, sized 0 otherwise):
     size_t thin_rows = 0;       // (n_layers, S, n_kv_heads)
     size_t recent_rows = 0;     // (n_layers, S, n_kv_heads)
-    size_t key_width = 0;       // (S)
+    size_t key_width = 0;       // (n_layers, S)
     size_t channel_offset = 0;  // (n_layers, S) in uint16 elements from `channels`
-    size_t channels = 0;        // uint16 channel sets, two per int32
     // With prompts (sized 0 otherwise): the scratch as pages of one row.
     size_t scratch_indptr = 0;  // (S + 1)
-    size_t scratch_keys = 0;    // (NS) page ids of the key rows
-    size_t scratch_values = 0;  // (NS) page ids of the value rows
     size_t scratch_rows = 0;    // (S) rows each sequence holds there
     size_t scratch_items = 0;   // (scratch_items, 2) query tiles over the scratch
+    // The page lists, (n_layers, page_stride) each; -1 pads a sequence's part to its most pages.
+    size_t key_pages = 0;    // page ids of the keys, layer-major
+    size_t value_pages = 0;  // page ids of the values
+    // With compressed decodes or prompts: (n_layers, thin_page_stride) each.
+    size_t thin_key_pages = 0;
+    size_t thin_value_pages = 0;
+    size_t scratch_keys = 0;    // (NS) page ids of the compressed prompts' key rows
+    size_t scratch_values = 0;  // (NS) page ids of their value rows
+    size_t channels = 0;        // uint16 channel sets of the compressed decodes, two per int32
+
+    bool operator==(const Offsets&) const = default;
   } at;
   std::span<int32_t> data;           // the arrays: in `own` or in the caller's PlanStorage
   std::vector<int32_t> own;          // storage of `data` when BuildStepPlan got no PlanStorage
@@ -112,12 +123,20 @@ struct StepPlan {
 // copy to the device reads it).
 using PlanStorage = std::function<absl::StatusOr<int32_t*>(size_t elements)>;
 
+// The least room to lay the page lists out with, per layer (StepPlan::page_stride).
+struct PlanCapacity {
+  int32_t pages = 0;
+  int32_t thin_pages = 0;
+};
+
 // Plans `steps` (steps without new tokens are skipped). INVALID_ARGUMENT for a token id outside
 // [0, vocab_size); INTERNAL when a sequence's pages were not reserved for its new rows, its
 // layers disagree, or a compressed sequence is fed what its layout cannot take (bugs of the
 // caller). The arrays go to `storage` when given, else to plan.own (reused from call to call); an
 // error of `storage` is returned as it is.
+// The page lists take max(P, capacity.pages) entries per layer (likewise the thin ones).
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
-                           StepPlan& plan, const PlanStorage& storage = {});
+                           StepPlan& plan, const PlanStorage& storage = {},
+                           PlanCapacity capacity = {});
 
 }  // namespace kvtrim::engine::cuda

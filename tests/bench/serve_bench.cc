@@ -10,7 +10,8 @@
 //   forward ms      of a decode step, the time inside Backend::Forward (the rest of the step is
 //                   the scheduler's: sampling, stop rules, streaming the tokens out)
 // and, where the backend profiles its steps (Backend::LastStepProfile: the CUDA one), a second
-// table splitting the decode step's Forward into its host phases and the device's span, and a
+// table splitting the decode step's Forward into its host phases and the device's span (and
+// counting the steps replayed from a CUDA graph; --cuda_graphs=false queues every step), and a
 // third for the prefill phase: its steps, the time inside Forward and the device spans summed.
 //   roofline ms     (weight bytes + KV bytes read per step) / --copy_gbs, at the middle of the
 //                   decode (KV bytes from each request's final kv_bytes.rows, less half the
@@ -60,6 +61,8 @@ ABSL_FLAG(int, new_tokens, 256, "generated tokens per request");
 ABSL_FLAG(double, pool_gib, 40.0, "KV pool, GiB");
 ABSL_FLAG(int, page_kib, 0, "KV page size, KiB; 0 = the model's default (SchedulerOptions)");
 ABSL_FLAG(int, step_tokens, 8192, "most tokens in one scheduler step");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "replay decode steps whose launches repeat from a captured CUDA graph (--device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
 ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline (0 = omit)");
@@ -111,6 +114,7 @@ struct Row {
   int decode_forwards = 0;
   StepProfile profile;  // summed over the decode steps that have one
   int profiled = 0;
+  int graph_steps = 0;        // of them, replayed from a CUDA graph
   int64_t kv_rows_bytes = 0;  // at the middle of the decode, all requests
   int64_t kv_stored_bytes = 0;
   int64_t kv_full_bytes = 0;
@@ -178,7 +182,9 @@ int Run() {
     std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
     return 2;
   }
-  absl::StatusOr<BackendChoice> backend = ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench");
+  absl::StatusOr<BackendChoice> backend =
+      ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench",
+                    {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
     return 2;
@@ -283,6 +289,7 @@ int Run() {
       row.profile.wait_ms += span.profile->wait_ms;
       row.profile.finish_ms += span.profile->finish_ms;
       row.profile.device_ms += span.profile->device_ms;
+      row.graph_steps += span.profile->graph ? 1 : 0;
       ++row.profiled;
     }
     const int64_t generated_row_bytes =
@@ -320,13 +327,15 @@ int Run() {
   if (std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.profiled > 0; })) {
     std::printf(
         "\nInside Forward, per decode step (ms): host plan | host queue | host wait | host finish"
-        " | device span\n\n| spec | plan | queue | wait | finish | device |\n"
-        "|---|--:|--:|--:|--:|--:|\n");
+        " | device span | steps replayed from a CUDA graph\n\n"
+        "| spec | plan | queue | wait | finish | device | graph |\n"
+        "|---|--:|--:|--:|--:|--:|--:|\n");
     for (const Row& row : rows) {
       const double n = std::max(1, row.profiled);
-      std::printf("| %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n", row.spec.c_str(),
+      std::printf("| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %d of %d |\n", row.spec.c_str(),
                   row.profile.plan_ms / n, row.profile.queue_ms / n, row.profile.wait_ms / n,
-                  row.profile.finish_ms / n, row.profile.device_ms / n);
+                  row.profile.finish_ms / n, row.profile.device_ms / n, row.graph_steps,
+                  row.profiled);
     }
   }
   std::printf(

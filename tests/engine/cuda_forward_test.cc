@@ -97,7 +97,8 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   std::vector<int32_t> layer1_values = {a.values[1].pages[0], a.values[1].pages[1],
                                         c.values[1].pages[0], d.values[1].pages[0],
                                         d.values[1].pages[1], d.values[1].pages[2]};
-  EXPECT_EQ(Slice(plan, plan.at.value_pages + plan.pages, 6), layer1_values);
+  EXPECT_EQ(plan.page_stride, 6);
+  EXPECT_EQ(Slice(plan, plan.at.value_pages + plan.page_stride, 6), layer1_values);
   EXPECT_EQ(Slice(plan, plan.at.key_pages, 2),
             (std::vector<int32_t>{a.keys[0].pages[0], a.keys[0].pages[1]}));
   EXPECT_EQ(plan.decode_seqs, 2);
@@ -112,6 +113,45 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   EXPECT_EQ(Slice(plan, plan.at.thin_rows, 6), (std::vector<int32_t>(6, 0)));
   EXPECT_EQ(Slice(plan, plan.at.recent_rows, 6), (std::vector<int32_t>{8, 8, 1, 1, 10, 10}));
   EXPECT_EQ(Slice(plan, plan.at.key_width, 3), (std::vector<int32_t>{16, 16, 16}));
+}
+
+// With room asked for, the page lists keep their stride while the sequences grow into it, so
+// that consecutive decode steps of the same sequences have every array at the same offset.
+TEST_F(StepPlanTest, PageListsKeepTheirStrideWithinTheCapacity) {
+  memory::SequenceKv a = Sequence(3, 12), d = Sequence(8, 12);
+  const std::vector<int32_t> a_ids{11}, d_ids{15};
+  const SequenceStep steps[] = {{&a, a_ids, true}, {&d, d_ids, true}};
+  const auto offsets = [](const StepPlan& plan) {
+    const StepPlan::Offsets& at = plan.at;
+    return std::vector<size_t>{
+        at.token_ids,      at.positions,        at.token_seq,      at.token_indptr, at.kv_rows,
+        at.page_indptr,    at.decode,           at.logits,         at.thin_indptr,  at.thin_rows,
+        at.recent_rows,    at.key_width,        at.channel_offset, at.key_pages,    at.value_pages,
+        at.thin_key_pages, at.thin_value_pages, at.channels};
+  };
+  StepPlan before, after;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), before, {}, PlanCapacity{.pages = 8}).ok());
+  EXPECT_EQ(before.pages, 4);  // 1 + 3 pages of 4 rows
+  EXPECT_EQ(before.page_stride, 8);
+  EXPECT_EQ(Slice(before, before.at.value_pages + 8, 4),
+            (std::vector<int32_t>{a.values[1].pages[0], d.values[1].pages[0], d.values[1].pages[1],
+                                  d.values[1].pages[2]}));
+  // One token later a's new row opens its second page: 5 pages, the same stride and offsets.
+  for (memory::SequenceKv* kv : {&a, &d}) {
+    for (memory::PageList& list : kv->keys) ++list.rows;
+    for (memory::PageList& list : kv->values) ++list.rows;
+    ++kv->tokens;
+  }
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), after, {}, PlanCapacity{.pages = 8}).ok());
+  EXPECT_EQ(after.pages, 5);
+  EXPECT_EQ(after.page_stride, 8);
+  EXPECT_EQ(offsets(after), offsets(before));
+  EXPECT_EQ(Slice(after, after.at.key_pages + 8, 5),
+            (std::vector<int32_t>{a.keys[1].pages[0], a.keys[1].pages[1], d.keys[1].pages[0],
+                                  d.keys[1].pages[1], d.keys[1].pages[2]}));
+  // Past the capacity the stride is the pages themselves.
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), after, {}, PlanCapacity{.pages = 3}).ok());
+  EXPECT_EQ(after.page_stride, 5);
 }
 
 TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
@@ -170,7 +210,7 @@ TEST(StepPlanStorageTest, BuildsIntoTheCallersBufferWhole) {
   ASSERT_GT(static_cast<int64_t>(external.pages) * shape.n_layers, 1 << 16);
   for (int s : {0, 8, kSeqs - 1}) {
     for (int layer = 0; layer < 2; ++layer) {
-      const size_t at = external.at.key_pages + layer * external.pages +
+      const size_t at = external.at.key_pages + layer * external.page_stride +
                         external.data[external.at.page_indptr + s];
       const std::vector<int32_t>& pages = kvs[s].keys[layer].pages;
       EXPECT_TRUE(std::equal(pages.begin(), pages.end(), external.data.begin() + at))
@@ -313,7 +353,8 @@ struct TestEngine {
   std::unique_ptr<Backend> backend;
 };
 
-TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int pages) {
+TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int pages,
+                      CudaOptions options = {}) {
   const ModelConfig& c = model.config;
   TestEngine e;
   e.pool = std::make_unique<memory::PagePool>(
@@ -322,7 +363,7 @@ TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int page
       e.pool.get(), {c.n_layers, c.n_kv_heads, c.head_dim,
                      cuda ? kKvElementBytes : static_cast<int32_t>(sizeof(float))}));
   absl::StatusOr<std::unique_ptr<Backend>> backend =
-      cuda ? CudaBackend::Factory()(&model, e.cache.get())
+      cuda ? CudaBackend::Factory(options)(&model, e.cache.get())
            : absl::StatusOr<std::unique_ptr<Backend>>(CpuBackend::Create(&model, e.cache.get()));
   EXPECT_TRUE(backend.ok()) << backend.status();
   if (backend.ok()) e.backend = *std::move(backend);
@@ -330,10 +371,12 @@ TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int page
 }
 
 // Feeds `sequences` by `schedule` (per step, how many of each sequence's next tokens go in; 0 =
-// not in the step), every sequence wanting logits; returns each step's logits.
+// not in the step), every sequence wanting logits; returns each step's logits, and with
+// `replayed` whether each step's device work was a replayed CUDA graph.
 std::vector<std::vector<float>> RunSchedule(TestEngine& e,
                                             const std::vector<std::vector<int32_t>>& sequences,
-                                            const std::vector<std::vector<int>>& schedule) {
+                                            const std::vector<std::vector<int>>& schedule,
+                                            std::vector<bool>* replayed = nullptr) {
   std::vector<memory::SequenceKv> kvs;
   for (size_t s = 0; s < sequences.size(); ++s) kvs.push_back(e.cache->NewSequence());
   std::vector<size_t> fed(sequences.size(), 0);
@@ -350,6 +393,7 @@ std::vector<std::vector<float>> RunSchedule(TestEngine& e,
     const absl::Status status = e.backend->Forward(steps, out);
     EXPECT_TRUE(status.ok()) << status;
     all.push_back(std::move(out.logits));
+    if (replayed != nullptr) replayed->push_back(e.backend->LastStepProfile()->graph);
   }
   for (memory::SequenceKv& kv : kvs) e.cache->Release(kv);
   EXPECT_EQ(e.pool->free_pages(), e.pool->total_pages());
@@ -445,6 +489,41 @@ TEST_P(CudaTinyModelTest, DecodeTokenByTokenMatchesCpu) {
   for (const std::vector<int32_t>& ids : sequences_) {
     Compare(absl::StrCat("decode, ", ids.size(), " tokens one by one"), {ids},
             std::vector<std::vector<int>>(ids.size(), {1}));
+  }
+}
+
+// Decode steps whose launches repeat are captured as a CUDA graph and replayed; a replayed step's
+// logits are the eager step's to the bit (the same kernels in the same order), across page
+// boundaries (the plan's room keeps its offsets) and a change of batch, after which the graph is
+// captured again.
+TEST_P(CudaTinyModelTest, DecodeGraphsGiveTheEagerLogits) {
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences_.begin(), sequences_.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  ASSERT_GE(longest.size(), 40u);
+  const std::vector<std::vector<int32_t>> sequences = {{longest.begin(), longest.begin() + 40},
+                                                       {longest.rbegin(), longest.rbegin() + 40}};
+  std::vector<std::vector<int>> schedule = {{8, 8}};
+  for (int i = 0; i < 20; ++i) schedule.push_back({1, 1});
+  for (int i = 0; i < 8; ++i) schedule.push_back({1, 0});
+  std::vector<std::vector<float>> logits[2];
+  std::vector<bool> replayed[2];
+  for (const bool graphs : {false, true}) {
+    // 256-byte pages: a handful of rows each, so that the sequences cross page boundaries.
+    TestEngine e = MakeEngine(*model_, true, 256, 4096, CudaOptions{.graphs = graphs});
+    ASSERT_TRUE(e.backend);
+    logits[graphs] = RunSchedule(e, sequences, schedule, &replayed[graphs]);
+  }
+  EXPECT_EQ(std::count(replayed[0].begin(), replayed[0].end(), true), 0);
+  // Two steps with the same launches before the first capture; the same after the batch change.
+  const int replays = static_cast<int>(std::count(replayed[1].begin(), replayed[1].end(), true));
+  EXPECT_GE(replays, 20) << GetParam();
+  EXPECT_FALSE(replayed[1][0]);
+  EXPECT_FALSE(replayed[1][1]);
+  EXPECT_FALSE(replayed[1][21]);  // the first step of one sequence
+  EXPECT_TRUE(replayed[1].back());
+  for (size_t step = 0; step < schedule.size(); ++step) {
+    EXPECT_EQ(logits[1][step], logits[0][step]) << GetParam() << ": step " << step;
   }
 }
 
