@@ -1,6 +1,7 @@
 #include "memory/kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cassert>
 #include <cstring>
 
@@ -11,6 +12,11 @@ namespace {
 
 int32_t MostRows(const std::vector<int32_t>& head_rows) {
   return head_rows.empty() ? 0 : *std::max_element(head_rows.begin(), head_rows.end());
+}
+
+uint64_t NextSequenceId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -37,6 +43,7 @@ PageList KvCache::EmptyList(int32_t row_bytes) const {
 
 SequenceKv KvCache::NewSequence() const {
   SequenceKv seq;
+  seq.id = NextSequenceId();
   seq.keys.assign(shape_.n_layers, EmptyList(shape_.row_bytes()));
   seq.values.assign(shape_.n_layers, EmptyList(shape_.row_bytes()));
   return seq;
@@ -128,6 +135,7 @@ void KvCache::Release(SequenceKv& seq) {
   }
   seq.compressed.clear();
   seq.tokens = 0;
+  seq.id = NextSequenceId();  // what is filled in next is another sequence
 }
 
 void KvCache::EvictRow(SequenceKv& seq, int32_t layer, bool prompt, int32_t kv_head, int32_t slot) {

@@ -68,6 +68,9 @@ struct SequenceKv {
   std::vector<PageList> values;  // (n_layers) full-width value rows
   std::vector<CompressedLayer> compressed;  // (n_layers) when compressed, else empty
   int32_t tokens = 0;  // tokens the cache has seen: the position of the next one
+  // Set by KvCache::NewSequence and renewed by Release, never reused in the process: plans built
+  // for one step can tell the same sequence from another held at the same address later.
+  uint64_t id = 0;
 
   int32_t cached_tokens() const { return tokens; }
   bool is_compressed() const { return !compressed.empty(); }

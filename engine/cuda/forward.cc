@@ -238,6 +238,8 @@ absl::Status CudaBackend::SupportsCompression(
 absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutput& out) {
   const Clock::time_point began = Clock::now();
   profile_ = {};
+  // The device holds the last plan whole only if the last step ran to its end.
+  const void* const uploaded_to = std::exchange(plan_uploaded_to_, nullptr);
   for (const SequenceStep& step : steps) {
     if (step.compressed()) {
       KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
@@ -282,6 +284,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
+  keep_plan_tail_ = plan_.thin_kept && uploaded_to == plan_device_.as<void>();
   if (absl::Status status = Run(steps, splits, out, began); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
@@ -346,8 +349,11 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
+  // Where the plan kept the previous one's thin page lists and channel sets, so does the device
+  // copy (when that step ran whole, and into the same buffer): the upload stops before them.
+  const size_t upload = keep_plan_tail_ ? plan_.at.thin_key_pages * sizeof(int32_t) : plan_.bytes();
   KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(plan_device_.as<void>(), plan_staging_.as<void>(), plan_.bytes(),
+      CudaStatus(cudaMemcpyAsync(plan_device_.as<void>(), plan_staging_.as<void>(), upload,
                                  cudaMemcpyHostToDevice, stream_),
                  "cudaMemcpyAsync(step plan)"));
   // Which of the rows that want logits (in step order, as the plan lists them) want only their
@@ -396,6 +402,7 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_, stream_), "cudaEventRecord"));
   const Clock::time_point queued = Clock::now();
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "forward step"));
+  plan_uploaded_to_ = plan_device_.as<void>();
   const Clock::time_point synced = Clock::now();
   profile_.queue_ms = Ms(planned, queued);
   profile_.wait_ms = Ms(queued, synced);

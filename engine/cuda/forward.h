@@ -131,9 +131,11 @@ class CudaBackend : public Backend {
   cudaGraphExec_t graph_ = nullptr;    // the captured decode step
   PinnedBuffer plan_staging_;          // (plan bytes) the plan's arrays, built here for the upload
   DeviceBuffer plan_device_;           // (plan bytes) the plan on the device
-  int capacity_tokens_ = 0;            // T the buffers below hold
-  DeviceBuffer x_;                     // (T, hidden) fp32 residual stream
-  DeviceBuffer normed_;                // (T, hidden) bf16 normalised input of the next GEMMs
+  const void* plan_uploaded_to_ = nullptr;  // plan_device_ once a step has run to its end
+  bool keep_plan_tail_ = false;  // the device already holds this plan's thin lists and channels
+  int capacity_tokens_ = 0;      // T the buffers below hold
+  DeviceBuffer x_;               // (T, hidden) fp32 residual stream
+  DeviceBuffer normed_;          // (T, hidden) bf16 normalised input of the next GEMMs
   // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: each row's queries, keys, values
   DeviceBuffer qkv_;
   DeviceBuffer attention_;   // (T, n_heads * head_dim) bf16

@@ -96,6 +96,13 @@ void CopyPages(const memory::PageList& list, int32_t entries, int32_t* out) {
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
                            StepPlan& plan, const PlanStorage& storage, PlanCapacity capacity) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;
+  // What the previous plan left in its memory, for the thin lists and channel sets it may keep.
+  const StepPlan::Offsets previous_at = plan.at;
+  const int32_t* const previous_data = plan.data.data();
+  const size_t previous_size = plan.data.size();
+  const bool previous_decodes = plan.seqs > 0 && plan.decode_seqs == plan.seqs;
+  std::vector<uint64_t> previous_ids = std::move(plan.seq_ids);
+  std::vector<int32_t> previous_thin = std::move(plan.seq_thin_pages);
   // A fresh plan that keeps the vectors' capacity.
   std::vector<int32_t> own = std::move(plan.own), step_of_seq = std::move(plan.step_of_seq);
   std::vector<PromptJob> jobs = std::move(plan.prompts);
@@ -107,7 +114,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   plan.prompts = std::move(jobs);
 
   // Sizes first, so that the arrays can be laid out back to back.
-  std::vector<int32_t> seq_pages, seq_thin_pages;
+  std::vector<int32_t> seq_pages;
+  std::vector<int32_t>& seq_thin_pages = plan.seq_thin_pages;
   size_t channel_elements = 0;  // uint16 channel sets of the compressed decodes
   for (size_t i = 0; i < steps.size(); ++i) {
     const SequenceStep& step = steps[i];
@@ -122,6 +130,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const int n_new = static_cast<int>(step.tokens.size());
     const int32_t s = static_cast<int32_t>(plan.step_of_seq.size());
     plan.step_of_seq.push_back(static_cast<int32_t>(i));
+    plan.seq_ids.push_back(kv.id);
     if (step.compressed()) {
       const bool prompt = kv.tokens == 0;
       std::vector<mc::LayerPlan> layers;
@@ -221,12 +230,18 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     plan.own.resize(elements);
     plan.data = std::span<int32_t>(plan.own);
   }
+  // The decodes of the sequences the previous plan decoded, into the same memory: their thin page
+  // lists and channel sets are there already.
+  plan.thin_kept = thin && previous_decodes && plan.decode_seqs == plan.seqs &&
+                   plan.data.data() == previous_data && plan.data.size() == previous_size &&
+                   at == previous_at && plan.seq_ids == previous_ids &&
+                   plan.seq_thin_pages == previous_thin;
   // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
   // It fills each layer's first P (PT) page list entries, the scratch page ids and the channel
   // sets but for the half word that may pad them to an int32: up to 1 MB a step at the
   // Llama-3-8B shape, not cleared first. Entries of the page lists past P are never read.
   std::fill(plan.data.begin(), plan.data.begin() + at.key_pages, 0);
-  if (at.channels < elements) plan.data[elements - 1] = 0;
+  if (at.channels < elements && !plan.thin_kept) plan.data[elements - 1] = 0;
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);
@@ -264,7 +279,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       }
       d[at.key_width + layer * S + s] = c.key_width;
       d[at.channel_offset + layer * S + s] = static_cast<int32_t>(channel);
-      std::copy(c.channels.begin(), c.channels.end(), channels + channel);
+      if (!plan.thin_kept) std::copy(c.channels.begin(), c.channels.end(), channels + channel);
       channel += c.channels.size();
     }
     for (int i = 0; i < n_new; ++i, ++token) {
@@ -308,7 +323,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     for (size_t layer = 0; layer < L; ++layer) {
       CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * PS + page);
       CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * PS + page);
-      if (thin && n_thin > 0) {
+      if (thin && n_thin > 0 && !plan.thin_kept) {
         const memory::CompressedLayer& c = kv.compressed[layer];
         CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PTS + thin_page);
         CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PTS + thin_page);

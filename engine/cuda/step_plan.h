@@ -111,9 +111,15 @@ struct StepPlan {
 
     bool operator==(const Offsets&) const = default;
   } at;
-  std::span<int32_t> data;           // the arrays: in `own` or in the caller's PlanStorage
-  std::vector<int32_t> own;          // storage of `data` when BuildStepPlan got no PlanStorage
-  std::vector<int32_t> step_of_seq;  // (S) index in `steps` of each planned sequence
+  std::span<int32_t> data;              // the arrays: in `own` or in the caller's PlanStorage
+  std::vector<int32_t> own;             // storage of `data` when BuildStepPlan got no PlanStorage
+  std::vector<int32_t> step_of_seq;     // (S) index in `steps` of each planned sequence
+  std::vector<uint64_t> seq_ids;        // (S) SequenceKv::id of each planned sequence
+  std::vector<int32_t> seq_thin_pages;  // (S) thin page list entries of each
+  // The thin page lists and channel sets were not written: the previous plan, built into the same
+  // memory with the same offsets, holds them for the same decoding sequences (they change only
+  // when a prompt is compressed; the CUDA backend runs no decode-time eviction).
+  bool thin_kept = false;
 
   size_t bytes() const { return data.size_bytes(); }
 };

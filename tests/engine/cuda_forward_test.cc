@@ -61,6 +61,25 @@ class StepPlanTest : public ::testing::Test {
   std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {
     return {plan.data.begin() + at, plan.data.begin() + at + n};
   }
+  // The entries of `plan` its readers read: the arrays before the page lists, each layer's first
+  // P (PT) page list entries, the scratch page ids and the channel sets. The room after a
+  // layer's entries (PlanCapacity) is never read, nor written.
+  static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers) {
+    const StepPlan::Offsets& at = plan.at;
+    std::vector<int32_t> out(plan.data.begin(), plan.data.begin() + at.key_pages);
+    const auto lists = [&](size_t first, int32_t stride, int32_t used) {
+      for (int layer = 0; layer < n_layers; ++layer) {
+        const auto begin = plan.data.begin() + first + static_cast<size_t>(layer) * stride;
+        out.insert(out.end(), begin, begin + used);
+      }
+    };
+    lists(at.key_pages, plan.page_stride, plan.pages);
+    lists(at.value_pages, plan.page_stride, plan.pages);
+    lists(at.thin_key_pages, plan.thin_page_stride, plan.thin_pages);
+    lists(at.thin_value_pages, plan.thin_page_stride, plan.thin_pages);
+    out.insert(out.end(), plan.data.begin() + at.scratch_keys, plan.data.end());
+    return out;
+  }
   // The test cache's geometry; a vocabulary of 100; no window.
   static StepShape Shape(int query_tile, int window = 0) {
     return StepShape{.n_layers = 2,
@@ -322,6 +341,36 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
       }).ok());
   EXPECT_TRUE(
       std::equal(external.data.begin(), external.data.end(), plan.data.begin(), plan.data.end()));
+  EXPECT_FALSE(plan.thin_kept);  // after a prompt step
+
+  // With room for the page lists, so that the offsets hold, the next decode of the same sequences
+  // into the memory that holds this plan leaves the thin page lists and channel sets as they
+  // are, and is the plan built afresh.
+  const PlanCapacity room{.pages = 16, .thin_pages = 4};
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  EXPECT_FALSE(plan.thin_kept);  // the offsets moved
+  for (int layer = 0; layer < 2; ++layer) {
+    a.compressed[layer].recent_rows = {2, 2};
+    a.keys[layer].rows = a.values[layer].rows = 2;
+    b.keys[layer].rows = b.values[layer].rows = 4;
+  }
+  a.tokens = 11;
+  b.tokens = 4;
+  ASSERT_TRUE(cache_->Reserve(a, 1));
+  ASSERT_TRUE(cache_->Reserve(b, 1));
+  const int32_t* before = plan.data.data();
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  ASSERT_EQ(plan.data.data(), before);
+  EXPECT_TRUE(plan.thin_kept);
+  StepPlan fresh;
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), fresh, {}, room).ok());
+  EXPECT_FALSE(fresh.thin_kept);
+  EXPECT_EQ(ReadEntries(plan, 2), ReadEntries(fresh, 2));
+  // Another sequence (a new id) in a's place is planned whole.
+  a.id += 1000;
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  EXPECT_FALSE(plan.thin_kept);
+
   // A compressed sequence fed more than one token is a caller's bug.
   const std::vector<int32_t> two{11, 12};
   const SequenceStep wrong{&a, two, true, &*config};
