@@ -367,8 +367,7 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   const int n_argmax = static_cast<int>(std::count(argmax_only_.begin(), argmax_only_.end(), true));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
   const int argmax_rows = n_argmax > 0 ? wanting : 0;
-  if (options_.graphs && plan_.prompts.empty() && plan_.prefill_items == 0 &&
-      plan_.decode_seqs == plan_.seqs) {
+  if (options_.graphs && plan_.decodes_only()) {
     KVTRIM_RETURN_IF_ERROR(QueueDecodeStep(splits, argmax_rows));
   } else {
     last_key_.reset();

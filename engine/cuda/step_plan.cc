@@ -100,7 +100,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   const StepPlan::Offsets previous_at = plan.at;
   const int32_t* const previous_data = plan.data.data();
   const size_t previous_size = plan.data.size();
-  const bool previous_decodes = plan.seqs > 0 && plan.decode_seqs == plan.seqs;
+  const bool previous_decodes = plan.decodes_only();
   std::vector<uint64_t> previous_ids = std::move(plan.seq_ids);
   std::vector<int32_t> previous_thin = std::move(plan.seq_thin_pages);
   // A fresh plan that keeps the vectors' capacity.
@@ -232,7 +232,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   }
   // The decodes of the sequences the previous plan decoded, into the same memory: their thin page
   // lists and channel sets are there already.
-  plan.thin_kept = thin && previous_decodes && plan.decode_seqs == plan.seqs &&
+  plan.thin_kept = thin && previous_decodes && plan.decodes_only() &&
                    plan.data.data() == previous_data && plan.data.size() == previous_size &&
                    at == previous_at && plan.seq_ids == previous_ids &&
                    plan.seq_thin_pages == previous_thin;

@@ -122,6 +122,9 @@ struct StepPlan {
   bool thin_kept = false;
 
   size_t bytes() const { return data.size_bytes(); }
+  // Every sequence of the step decodes one token: no prompt, compressed or not, and no chunk of
+  // one (a compressed prompt is never counted in decode_seqs).
+  bool decodes_only() const { return seqs > 0 && decode_seqs == seqs; }
 };
 
 // Memory for the plan's arrays: `elements` int32 that stay valid and untouched until the next
