@@ -40,23 +40,23 @@ struct Merge {
   }
 };
 
-// The block's kWarps partial states of query heads g < n_heads, in shared memory (acc:
+// The block's kBlockWarps partial states of query heads g < n_heads, in shared memory (acc:
 // [warp][g][channel], m and l: [warp][g]), merged and written for query heads
 // [first_head, first_head + n_heads) of `token`: to out ((tokens, n_heads_all * kHeadDim) bf16)
 // when splits == 1, else as this split's (acc, m, l) record in workspace, indexed by the block's
 // sequence item (blockIdx.x) and split (blockIdx.z).
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void WriteMerged(const float (&acc)[kWarps][kRows][kHeadDim],
-                                            const float (&m)[kWarps][kRows],
-                                            const float (&l)[kWarps][kRows], int first_head,
+template <int kHeadDim, int kRows, int kBlockWarps = kWarps>
+__device__ __forceinline__ void WriteMerged(const float (&acc)[kBlockWarps][kRows][kHeadDim],
+                                            const float (&m)[kBlockWarps][kRows],
+                                            const float (&l)[kBlockWarps][kRows], int first_head,
                                             int n_heads, int token, int n_heads_all, int splits,
                                             __nv_bfloat16* __restrict__ out,
                                             float* __restrict__ workspace) {
-  for (int index = threadIdx.x; index < n_heads * kHeadDim; index += kThreads) {
+  for (int index = threadIdx.x; index < n_heads * kHeadDim; index += kBlockWarps * 32) {
     const int g = index / kHeadDim, d = index % kHeadDim;
     float m_all = -INFINITY, l_all = 0.0f, acc_all = 0.0f;
 #pragma unroll
-    for (int x = 0; x < kWarps; ++x) {
+    for (int x = 0; x < kBlockWarps; ++x) {
       const Merge merge(m_all, l_all, m[x][g], l[x][g]);
       acc_all = acc_all * merge.a + acc[x][g][d] * merge.b;
     }

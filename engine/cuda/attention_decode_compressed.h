@@ -29,12 +29,14 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
 // layouts (thin_rows = 0, key_width = head_dim). With splits > 1 each split covers a contiguous
 // part of a head's concatenated rows, merged through `workspace`
 // (DecodeAttentionWorkspaceBytes). shape.window must be 0 (compression refuses sliding windows).
-// q: rows of q_stride bf16 (at least n_heads * head_dim), the query heads first.
+// block_warps: the warps of a block, 4 or 6 (6 at head_dim 64 and 128 only, 4 elsewhere), or 0
+// for the kernel's choice: 6 where every block of the launch then runs at once with more warps
+// on each multiprocessor than 4 would give, else 4.
 cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedKv& ckv,
                                             const int32_t* token_indptr, const int32_t* seqs,
                                             int n_seqs, const __nv_bfloat16* q, int q_stride,
                                             const AttentionShape& shape, int splits,
                                             float* workspace, __nv_bfloat16* out,
-                                            cudaStream_t stream);
+                                            cudaStream_t stream, int block_warps = 0);
 
 }  // namespace kvtrim::engine::cuda

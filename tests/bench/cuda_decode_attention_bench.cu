@@ -18,7 +18,8 @@
 //      KV bytes are the rows each layout holds (keys at their width, values at full width), which
 //      the kernel reads once; time per byte is set against LaunchCompressedDecodeAttention's on
 //      the uncompressed layout. Splits are each kernel's heuristic for the device
-//      (DecodeAttentionSplits, CompressedDecodeAttentionSplits), or --splits.
+//      (DecodeAttentionSplits, CompressedDecodeAttentionSplits), or --splits; the compressed
+//      kernel's block size its own choice, or --block_warps.
 //
 // Every input is random (a hash of the index; zeros run faster and hide unwritten outputs). A
 // layout smaller than 4 x L2 is laid out several times over, and successive runs read successive
@@ -56,6 +57,8 @@ ABSL_FLAG(int, tokens, 8192, "cached tokens per sequence, the new one included")
 ABSL_FLAG(int, page_kib, 0,
           "page size, KiB; 0 = the shape's default (KvShape::default_page_bytes)");
 ABSL_FLAG(int, splits, 0, "split-K parts of every launch (0: each kernel's heuristic)");
+ABSL_FLAG(int, block_warps, 0,
+          "warps per block of the compressed kernel: 4 or 6 (0: the kernel's choice)");
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -212,7 +215,7 @@ class Step {
       CHECK_CUDA(LaunchCompressedDecodeAttention(
           kv_, ckv_, token_indptr_, seqs, batch_, q_.as<__nv_bfloat16>(),
           shape_.n_heads * shape_.head_dim, shape_, splits_, workspace_.as<float>(),
-          out_.as<__nv_bfloat16>(), stream));
+          out_.as<__nv_bfloat16>(), stream, absl::GetFlag(FLAGS_block_warps)));
     } else {
       CHECK_CUDA(LaunchDecodeAttention(kv_, token_indptr_, seqs, batch_, q_.as<__nv_bfloat16>(),
                                        shape_.n_heads * shape_.head_dim, shape_, splits_,
@@ -314,6 +317,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   const cudaDeviceProp device = bench::PrintDevice();
+  std::printf("compressed kernel's warps per block: %d (0: its own choice)\n",
+              absl::GetFlag(FLAGS_block_warps));
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   const double copy_gbs = CopyBandwidth(stream);

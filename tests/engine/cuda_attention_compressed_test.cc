@@ -141,25 +141,26 @@ class CompressedStep {
     return out;
   }
 
-  // The compressed kernel with `splits` (0: CompressedDecodeAttentionSplits' choice for 132 SMs).
-  std::vector<float> Run(int splits, cudaStream_t stream) {
+  // The compressed kernel with `splits` (0: CompressedDecodeAttentionSplits' choice for 132 SMs)
+  // and `block_warps` (0: its own choice).
+  std::vector<float> Run(int splits, cudaStream_t stream, int block_warps = 0) {
     if (splits == 0) splits = HeuristicSplits();
     DeviceBuffer d_out = Poisoned<uint16_t>(q_.size());
-    EXPECT_EQ(Launch(c_.shape, splits, d_out, stream), cudaSuccess);
+    EXPECT_EQ(Launch(c_.shape, splits, d_out, stream, block_warps), cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
     return testing::FromBf16(Download<uint16_t>(d_out, q_.size()));
   }
 
   cudaError_t Launch(const AttentionShape& shape, int splits, DeviceBuffer& d_out,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, int block_warps = 0) {
     workspace_ = Poisoned<float>(WorkspaceFloats(splits));
     PagedKv kv = paged_.kv;
     kv.kv_rows = nullptr;  // not read: null makes a read fault
     return LaunchCompressedDecodeAttention(
         kv, ckv_, d_token_indptr_.as<int32_t>(), d_listed_.as<int32_t>(), n_seqs_,
         d_q_.as<__nv_bfloat16>(), QueryStride(), shape, splits, workspace_.as<float>(),
-        d_out.as<__nv_bfloat16>(), stream);
+        d_out.as<__nv_bfloat16>(), stream, block_warps);
   }
 
   // The uncompressed kernel on the same step: every sequence must be uncompressed, every kv-head
@@ -348,10 +349,15 @@ class CudaAttentionCompressedTest : public testing::CudaTest {
   void Check(const CompressedCase& c) {
     CompressedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
+    // Every block size at every head dimension: 6 warps exist at 64 and 128 only, and elsewhere
+    // must run as 4.
     for (int splits : {1, 3, 0}) {
-      const std::vector<float> out = step.Run(splits, stream_);
-      ExpectClose("compressed decode", absl::StrCat(c.name, " ", step.Describe()), out, ref,
-                  kBf16Bound);
+      for (int block_warps : {0, 4, 6}) {
+        const std::vector<float> out = step.Run(splits, stream_, block_warps);
+        ExpectClose("compressed decode",
+                    absl::StrCat(c.name, " ", step.Describe(), " warps ", block_warps), out, ref,
+                    kBf16Bound);
+      }
     }
   }
 };
@@ -482,6 +488,7 @@ TEST_F(CudaAttentionCompressedTest, RefusesSlidingWindow) {
   AttentionShape windowed = c.shape;
   windowed.window = 100;
   EXPECT_EQ(step.Launch(windowed, 1, d_out, stream_), cudaErrorInvalidValue);
+  EXPECT_EQ(step.Launch(c.shape, 1, d_out, stream_, /*block_warps=*/5), cudaErrorInvalidValue);
   EXPECT_EQ(step.Launch(c.shape, 1, d_out, stream_), cudaSuccess);
   EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
 }
