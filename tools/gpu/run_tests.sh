@@ -85,7 +85,11 @@ for test in "${tests[@]}"; do
   name=$(basename "$test")
   run "$name" "${with_bundle[@]}" "$test" --gtest_color=no "--gtest_filter=$filter" || failed=1
   grep -E '^\[(parity|smollm2)\]|FAILED|SKIPPED \]|PASSED' "$out/$name.log" | sed 's/^/  /'
-  if [[ -z ${SKIP_SANITIZER:-} && ${ONLY:-} != smollm2 ]] && command -v compute-sanitizer >/dev/null; then
+  # cuda_cublas_api_test never calls the CUDA runtime: compute-sanitizer then ends with "Target
+  # application terminated before first instrumented API call" and exit status 255 though both
+  # of its tests pass, so it runs plainly only.
+  if [[ -z ${SKIP_SANITIZER:-} && ${ONLY:-} != smollm2 && $name != cuda_cublas_api_test ]] &&
+    command -v compute-sanitizer >/dev/null; then
     # GEMMs are cuBLAS's own kernels; memcheck covers ours (odd shapes, scalar tails, page
     # walks). The model-level tests run their small cases only: memcheck is slow.
     sanitizer_filter='-*Gemm*:*SmolLm2*:*GeneratorPromptLogits*:*ChunkedPrefill*'
