@@ -1,7 +1,8 @@
 // The CUDA forward pass, the GPU twin of engine/cpu/forward.cc. Per step:
 //
 //   host:   plan = BuildStepPlan(steps)              token ids, positions, CSR page tables, ...
-//           one async copy of the plan to the device
+//           its async copy to the device (of a decode step of the same sequences as the last,
+//           only the arrays before the page lists and the page ids gained, scattered)
 //   device: x = embed(tokens)                        fp32 residual stream (T, hidden)
 //           n = rmsnorm(x)                           bf16
 //           for each layer:
@@ -32,6 +33,7 @@
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/compress_prompt.h"
+#include "engine/cuda/plan_patch.h"
 #include "engine/cuda/status.h"
 #include "engine/rope.h"
 
@@ -285,6 +287,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
   keep_plan_tail_ = plan_.thin_kept && uploaded_to == plan_device_.as<void>();
+  patch_pages_ = plan_.pages_kept && uploaded_to == plan_device_.as<void>();
   if (absl::Status status = Run(steps, splits, out, began); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
@@ -349,13 +352,38 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
-  // Where the plan kept the previous one's thin page lists and channel sets, so does the device
-  // copy (when that step ran whole, and into the same buffer): the upload stops before them.
-  const size_t upload = keep_plan_tail_ ? plan_.at.thin_key_pages * sizeof(int32_t) : plan_.bytes();
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(plan_device_.as<void>(), plan_staging_.as<void>(), upload,
-                                 cudaMemcpyHostToDevice, stream_),
-                 "cudaMemcpyAsync(step plan)"));
+  // Where the plan kept the previous one's page lists, thin or full-width, or its channel sets,
+  // so does the device copy (when that step ran whole, and into the same buffer): those parts
+  // are not uploaded again, and the full-width lists get only the entries the plan changed.
+  const auto upload = [&](size_t from, size_t to) {
+    return CudaStatus(
+        cudaMemcpyAsync(plan_device_.as<int32_t>() + from, plan_staging_.as<int32_t>() + from,
+                        (to - from) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpyAsync(step plan)");
+  };
+  const size_t elements = plan_.data.size();
+  const size_t tail = keep_plan_tail_ ? plan_.at.thin_key_pages : elements;
+  if (patch_pages_) {
+    KVTRIM_RETURN_IF_ERROR(upload(0, plan_.at.key_pages));
+    if (tail < elements) KVTRIM_RETURN_IF_ERROR(upload(plan_.at.thin_key_pages, elements));
+    const std::vector<int32_t>& patches = plan_.page_patches;
+    if (!patches.empty()) {
+      const size_t bytes = patches.size() * sizeof(int32_t);
+      KVTRIM_RETURN_IF_ERROR(Grow(patch_staging_, bytes));
+      KVTRIM_RETURN_IF_ERROR(Grow(patch_device_, bytes));
+      std::copy(patches.begin(), patches.end(), patch_staging_.as<int32_t>());
+      KVTRIM_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(patch_device_.as<void>(), patch_staging_.as<void>(), bytes,
+                                     cudaMemcpyHostToDevice, stream_),
+                     "cudaMemcpyAsync(page list patches)"));
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchScatterPairs(patch_device_.as<int32_t>(), static_cast<int>(patches.size() / 2),
+                             plan_device_.as<int32_t>(), stream_),
+          "ScatterPairs(page list patches)"));
+    }
+  } else {
+    KVTRIM_RETURN_IF_ERROR(upload(0, tail));
+  }
   // Which of the rows that want logits (in step order, as the plan lists them) want only their
   // argmax:
   const int wanting = plan_.logit_rows;

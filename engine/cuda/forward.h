@@ -133,9 +133,13 @@ class CudaBackend : public Backend {
   DeviceBuffer plan_device_;           // (plan bytes) the plan on the device
   const void* plan_uploaded_to_ = nullptr;  // plan_device_ once a step has run to its end
   bool keep_plan_tail_ = false;  // the device already holds this plan's thin lists and channels
-  int capacity_tokens_ = 0;      // T the buffers below hold
-  DeviceBuffer x_;               // (T, hidden) fp32 residual stream
-  DeviceBuffer normed_;          // (T, hidden) bf16 normalised input of the next GEMMs
+  // The device holds the previous plan's full-width page lists: only plan_.page_patches go up.
+  bool patch_pages_ = false;
+  PinnedBuffer patch_staging_;  // plan_.page_patches, for their upload
+  DeviceBuffer patch_device_;   // the same on the device
+  int capacity_tokens_ = 0;     // T the buffers below hold
+  DeviceBuffer x_;              // (T, hidden) fp32 residual stream
+  DeviceBuffer normed_;         // (T, hidden) bf16 normalised input of the next GEMMs
   // (T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: each row's queries, keys, values
   DeviceBuffer qkv_;
   DeviceBuffer attention_;   // (T, n_heads * head_dim) bf16

@@ -84,12 +84,18 @@ int32_t MostPages(const memory::SequenceKv& kv, bool thin) {
   return static_cast<int32_t>(most);
 }
 
-// Copies `list`'s pages to `out`, padding to `entries` with -1.
-void CopyPages(const memory::PageList& list, int32_t entries, int32_t* out) {
+// Copies `list`'s pages to `out`, up to `entries` of them, and pads to `room` with -1. Returns
+// the page ids copied.
+int32_t CopyPages(const memory::PageList& list, int32_t entries, int32_t room, int32_t* out) {
   const int32_t n = std::min<int32_t>(entries, static_cast<int32_t>(list.pages.size()));
   std::copy_n(list.pages.begin(), n, out);
-  std::fill(out + n, out + entries, -1);
+  std::fill(out + n, out + room, -1);
+  return n;
 }
+
+// Entries of room a sequence's part of the full-width page lists gets past its `pages`: an
+// eighth more, and at least 4, so that its decodes go on for a while in the same part.
+int32_t PartRoom(int32_t pages) { return pages + pages / 8 + 4; }
 
 }  // namespace
 
@@ -103,6 +109,10 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   const bool previous_decodes = plan.decodes_only();
   std::vector<uint64_t> previous_ids = std::move(plan.seq_ids);
   std::vector<int32_t> previous_thin = std::move(plan.seq_thin_pages);
+  std::vector<int32_t> previous_starts = std::move(plan.part_starts);
+  std::vector<int32_t> previous_written = std::move(plan.written);
+  std::vector<int32_t> patches = std::move(plan.page_patches);
+  patches.clear();
   // A fresh plan that keeps the vectors' capacity.
   std::vector<int32_t> own = std::move(plan.own), step_of_seq = std::move(plan.step_of_seq);
   std::vector<PromptJob> jobs = std::move(plan.prompts);
@@ -112,9 +122,10 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   plan.own = std::move(own);
   plan.step_of_seq = std::move(step_of_seq);
   plan.prompts = std::move(jobs);
+  plan.page_patches = std::move(patches);
 
   // Sizes first, so that the arrays can be laid out back to back.
-  std::vector<int32_t> seq_pages;
+  std::vector<int32_t>& seq_pages = plan.seq_pages;
   std::vector<int32_t>& seq_thin_pages = plan.seq_thin_pages;
   size_t channel_elements = 0;  // uint16 channel sets of the compressed decodes
   for (size_t i = 0; i < steps.size(); ++i) {
@@ -178,11 +189,27 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       }
     }
     plan.tokens += n_new;
-    plan.pages += seq_pages.back();
     plan.thin_pages += seq_thin_pages.back();
     if (step.want_logits) ++plan.logit_rows;
   }
   plan.seqs = static_cast<int32_t>(plan.step_of_seq.size());
+  // Each sequence's part of the full-width page lists: where the previous plan put it when this
+  // step decodes the same sequences and every part still holds its pages, else afresh.
+  std::vector<int32_t>& starts = plan.part_starts;
+  bool same_parts = previous_decodes && plan.decodes_only() && plan.seq_ids == previous_ids &&
+                    previous_starts.size() == seq_pages.size() + 1;
+  for (size_t s = 0; same_parts && s < seq_pages.size(); ++s) {
+    same_parts = seq_pages[s] <= previous_starts[s + 1] - previous_starts[s];
+  }
+  if (same_parts) {
+    starts = std::move(previous_starts);
+  } else {
+    starts.assign(seq_pages.size() + 1, 0);
+    for (size_t s = 0; s < seq_pages.size(); ++s) {
+      starts[s + 1] = starts[s] + PartRoom(seq_pages[s]);
+    }
+  }
+  plan.pages = starts.back();
   const size_t T = plan.tokens, S = plan.seqs, P = plan.pages, L = n_layers;
   // Decodes run the compressed decode kernel (uncompressed sequences are its special case) unless
   // the model has a sliding window, which that kernel does not take.
@@ -236,6 +263,10 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
                    plan.data.data() == previous_data && plan.data.size() == previous_size &&
                    at == previous_at && plan.seq_ids == previous_ids &&
                    plan.seq_thin_pages == previous_thin;
+  // Likewise the full-width page lists, but for the entries the sequences gained.
+  plan.pages_kept = same_parts && plan.data.data() == previous_data &&
+                    plan.data.size() == previous_size && at == previous_at &&
+                    previous_written.size() == S * L * 2;
   // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
   // It fills each layer's first P (PT) page list entries, the scratch page ids and the channel
   // sets but for the half word that may pad them to an int32: up to 1 MB a step at the
@@ -245,7 +276,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);
-  int token = 0, page = 0, thin_page = 0, decode = 0, prefill = 0, logit = 0;
+  int token = 0, thin_page = 0, decode = 0, prefill = 0, logit = 0;
   int scratch = 0, scratch_item = 0;
   size_t channel = 0;
   for (int s = 0; s < plan.seqs; ++s) {
@@ -255,9 +286,9 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const int cached = kv.cached_tokens();
     const bool is_compressed = step.compressed();
     const bool prompt = is_compressed && kv.tokens == 0;
-    const int32_t n_pages = seq_pages[s], n_thin = seq_thin_pages[s];
+    const int32_t n_thin = seq_thin_pages[s];
     d[at.token_indptr + s] = token;
-    d[at.page_indptr + s] = page;
+    d[at.page_indptr + s] = starts[s];
     if (thin) d[at.thin_indptr + s] = thin_page;
     if (prompts) d[at.scratch_indptr + s] = scratch;
     for (size_t layer = 0; layer < L; ++layer) {
@@ -310,28 +341,57 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       }
     }
     if (step.want_logits) d[at.logits + logit++] = token - 1;
-    page += n_pages;
     thin_page += n_thin;
   }
-  // The page lists, most of the plan (32 sequences of 8k tokens at 8 rows a page: 8 MB), copied
-  // on every core: each sequence's place in them is set above.
-#pragma omp parallel for schedule(static) if (P * L > (1 << 16))
-  for (int s = 0; s < plan.seqs; ++s) {
+  // The page lists, most of the plan (32 sequences of 8k tokens at 16 rows a page: 4 MB), copied
+  // on every core; or, where the previous plan's are kept, only the entries the sequences gained.
+  plan.written.resize(S * L * 2);
+  if (plan.pages_kept) {
+    for (size_t s = 0; s < S; ++s) {
+      const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
+      for (size_t layer = 0; layer < L; ++layer) {
+        for (int v = 0; v < 2; ++v) {
+          const memory::PageList& list = v == 0 ? kv.keys[layer] : kv.values[layer];
+          const size_t first = (v == 0 ? at.key_pages : at.value_pages) + layer * PS + starts[s];
+          const size_t slot = (s * L + layer) * 2 + v;
+          const int32_t before = previous_written[slot];
+          const int32_t now =
+              std::min<int32_t>(seq_pages[s], static_cast<int32_t>(list.pages.size()));
+          for (int32_t j = std::min(before, now); j < std::max(before, now); ++j) {
+            d[first + j] = j < now ? list.pages[j] : -1;
+            plan.page_patches.push_back(static_cast<int32_t>(first + j));
+            plan.page_patches.push_back(d[first + j]);
+          }
+          plan.written[slot] = now;
+        }
+      }
+    }
+  }
+  // Only a fresh copy of the full-width lists is worth the threads: waking them costs more than
+  // the rest of a kept plan.
+  const bool copy_thin = thin && !plan.thin_kept;
+#pragma omp parallel for schedule(static) if (!plan.pages_kept && P * L > (1 << 16))
+  for (int s = 0; s < (plan.pages_kept && !copy_thin ? 0 : plan.seqs); ++s) {
     const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
-    const int32_t page = d[at.page_indptr + s], n_pages = seq_pages[s];
+    const int32_t n_pages = seq_pages[s], room = starts[s + 1] - starts[s];
     const int32_t thin_page = thin ? d[at.thin_indptr + s] : 0, n_thin = seq_thin_pages[s];
     for (size_t layer = 0; layer < L; ++layer) {
-      CopyPages(kv.keys[layer], n_pages, d + at.key_pages + layer * PS + page);
-      CopyPages(kv.values[layer], n_pages, d + at.value_pages + layer * PS + page);
-      if (thin && n_thin > 0 && !plan.thin_kept) {
+      if (!plan.pages_kept) {
+        int32_t* written = plan.written.data() + (s * L + layer) * 2;
+        written[0] =
+            CopyPages(kv.keys[layer], n_pages, room, d + at.key_pages + layer * PS + starts[s]);
+        written[1] =
+            CopyPages(kv.values[layer], n_pages, room, d + at.value_pages + layer * PS + starts[s]);
+      }
+      if (copy_thin && n_thin > 0) {
         const memory::CompressedLayer& c = kv.compressed[layer];
-        CopyPages(c.keys, n_thin, d + at.thin_key_pages + layer * PTS + thin_page);
-        CopyPages(c.values, n_thin, d + at.thin_value_pages + layer * PTS + thin_page);
+        CopyPages(c.keys, n_thin, n_thin, d + at.thin_key_pages + layer * PTS + thin_page);
+        CopyPages(c.values, n_thin, n_thin, d + at.thin_value_pages + layer * PTS + thin_page);
       }
     }
   }
   d[at.token_indptr + plan.seqs] = token;
-  d[at.page_indptr + plan.seqs] = page;
+  d[at.page_indptr + plan.seqs] = starts[S];
   if (thin) d[at.thin_indptr + plan.seqs] = thin_page;
   if (prompts) d[at.scratch_indptr + plan.seqs] = scratch;
   return absl::OkStatus();

@@ -63,7 +63,9 @@ struct StepPlan {
   int32_t max_decode_rows = 0;    // most rows a decode query sees (split-K heuristic)
   int32_t thin_pages = 0;         // PT: entries per layer of the thin page lists
   // The page lists as laid out, per layer: P (PT) entries, then room up to the PlanCapacity
-  // asked for (never read).
+  // asked for (never read). In the full-width lists each sequence's part is its pages, then -1
+  // over room for more (PartRoom): the decodes of the same sequences keep their parts where they
+  // are while they gain pages.
   int32_t page_stride = 0;       // PS >= P
   int32_t thin_page_stride = 0;  // PTS >= PT (0 without thin page lists)
   int32_t scratch_rows = 0;      // NS: scratch entries (the compressed prompts' tokens)
@@ -84,7 +86,8 @@ struct StepPlan {
     size_t token_indptr = 0;  // (S + 1) sequence s's tokens: [token_indptr[s], token_indptr[s+1])
     size_t kv_rows = 0;       // (n_layers, S) rows of the full-width lists once this step's are
                               // written (0 for a compressed prompt)
-    size_t page_indptr = 0;   // (S + 1) sequence s's pages: [page_indptr[s], page_indptr[s+1])
+    size_t page_indptr = 0;   // (S + 1) sequence s's part of the page lists: its pages from
+                              // page_indptr[s] on, then -1 up to page_indptr[s + 1]
     size_t decode = 0;        // (decode_seqs) sequence indices for the decode kernel
     size_t prefill = 0;       // (prefill_items, 2) (sequence, first new token) query tiles
     size_t logits = 0;        // (logit_rows) token rows whose logits are returned, in step order
@@ -99,7 +102,8 @@ struct StepPlan {
     size_t scratch_indptr = 0;  // (S + 1)
     size_t scratch_rows = 0;    // (S) rows each sequence holds there
     size_t scratch_items = 0;   // (scratch_items, 2) query tiles over the scratch
-    // The page lists, (n_layers, page_stride) each; -1 pads a sequence's part to its most pages.
+    // The page lists, (n_layers, page_stride) each; a sequence's part holds its pages (the most
+    // of any layer's, -1 past a shorter list's), then -1 over its room.
     size_t key_pages = 0;    // page ids of the keys, layer-major
     size_t value_pages = 0;  // page ids of the values
     // With compressed decodes or prompts: (n_layers, thin_page_stride) each.
@@ -120,6 +124,17 @@ struct StepPlan {
   // memory with the same offsets, holds them for the same decoding sequences (they change only
   // when a prompt is compressed; the CUDA backend runs no decode-time eviction).
   bool thin_kept = false;
+  // The full-width page lists were not rewritten: the previous plan, built into the same memory
+  // with the same offsets for decodes of the same sequences, holds them but for the entries in
+  // page_patches, which this plan wrote over. Each sequence's part starts where it did.
+  bool pages_kept = false;
+  // With pages_kept: (offset into data, value) of every page list entry written, flat.
+  std::vector<int32_t> page_patches;
+  std::vector<int32_t> seq_pages;    // (S) page list entries each sequence uses
+  std::vector<int32_t> part_starts;  // (S + 1) page_indptr
+  // (S, n_layers, 2) page ids written from each key (0) and value (1) list: the rest of the
+  // sequence's entries are -1.
+  std::vector<int32_t> written;
 
   size_t bytes() const { return data.size_bytes(); }
   // Every sequence of the step decodes one token: no prompt, compressed or not, and no chunk of

@@ -61,24 +61,55 @@ class StepPlanTest : public ::testing::Test {
   std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {
     return {plan.data.begin() + at, plan.data.begin() + at + n};
   }
-  // The entries of `plan` its readers read: the arrays before the page lists, each layer's first
-  // P (PT) page list entries, the scratch page ids and the channel sets. The room after a
-  // layer's entries (PlanCapacity) is never read, nor written.
-  static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers) {
+  // The entries of `plan` its readers read, from `data` (the plan's own by default): the arrays
+  // before the page lists but for page_indptr, each sequence's page ids in every layer's
+  // full-width lists (from its page_indptr on), each layer's first PT thin list entries, the
+  // scratch page ids and the channel sets. Where a sequence's part starts and the room after it
+  // depend on the plans before; the room after a layer's entries (PlanCapacity) is never read.
+  static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers,
+                                          std::span<const int32_t> data = {}) {
+    if (data.empty()) data = plan.data;
     const StepPlan::Offsets& at = plan.at;
-    std::vector<int32_t> out(plan.data.begin(), plan.data.begin() + at.key_pages);
-    const auto lists = [&](size_t first, int32_t stride, int32_t used) {
+    std::vector<int32_t> out(data.begin(), data.begin() + at.page_indptr);
+    out.insert(out.end(), data.begin() + at.page_indptr + plan.seqs + 1,
+               data.begin() + at.key_pages);
+    for (const size_t first : {at.key_pages, at.value_pages}) {
       for (int layer = 0; layer < n_layers; ++layer) {
-        const auto begin = plan.data.begin() + first + static_cast<size_t>(layer) * stride;
-        out.insert(out.end(), begin, begin + used);
+        for (int s = 0; s < plan.seqs; ++s) {
+          const auto begin = data.begin() + first + static_cast<size_t>(layer) * plan.page_stride +
+                             data[at.page_indptr + s];
+          out.insert(out.end(), begin, begin + plan.seq_pages[s]);
+        }
       }
-    };
-    lists(at.key_pages, plan.page_stride, plan.pages);
-    lists(at.value_pages, plan.page_stride, plan.pages);
-    lists(at.thin_key_pages, plan.thin_page_stride, plan.thin_pages);
-    lists(at.thin_value_pages, plan.thin_page_stride, plan.thin_pages);
-    out.insert(out.end(), plan.data.begin() + at.scratch_keys, plan.data.end());
+    }
+    for (const size_t first : {at.thin_key_pages, at.thin_value_pages}) {
+      for (int layer = 0; layer < n_layers; ++layer) {
+        const auto begin =
+            data.begin() + first + static_cast<size_t>(layer) * plan.thin_page_stride;
+        out.insert(out.end(), begin, begin + plan.thin_pages);
+      }
+    }
+    out.insert(out.end(), data.begin() + at.scratch_keys, data.begin() + plan.data.size());
     return out;
+  }
+  // What CudaBackend::Run leaves on the device after uploading `plan` over `device`, the upload
+  // of the plan before it (the backend's device copy).
+  static void Upload(const StepPlan& plan, std::vector<int32_t>& device) {
+    const size_t elements = plan.data.size();
+    if (device.size() < elements) device.resize(elements);
+    const auto copy = [&](size_t from, size_t to) {
+      std::copy(plan.data.begin() + from, plan.data.begin() + to, device.begin() + from);
+    };
+    const size_t tail = plan.thin_kept ? plan.at.thin_key_pages : elements;
+    if (plan.pages_kept) {
+      copy(0, plan.at.key_pages);
+      if (tail < elements) copy(plan.at.thin_key_pages, elements);
+      for (size_t i = 0; i < plan.page_patches.size(); i += 2) {
+        device[plan.page_patches[i]] = plan.page_patches[i + 1];
+      }
+    } else {
+      copy(0, tail);
+    }
   }
   // The test cache's geometry; a vocabulary of 100; no window.
   static StepShape Shape(int query_tile, int window = 0) {
@@ -110,16 +141,23 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   EXPECT_EQ(Slice(plan, plan.at.token_seq, 5), (std::vector<int32_t>{0, 0, 0, 1, 2}));
   EXPECT_EQ(Slice(plan, plan.at.token_indptr, 4), (std::vector<int32_t>{0, 3, 4, 5}));
   EXPECT_EQ(Slice(plan, plan.at.kv_rows, 6), (std::vector<int32_t>{8, 1, 10, 8, 1, 10}));
-  // Pages covering the rows after the step: 2, 1 and 3 of 4 rows each.
-  EXPECT_EQ(plan.pages, 6);
-  EXPECT_EQ(Slice(plan, plan.at.page_indptr, 4), (std::vector<int32_t>{0, 2, 3, 6}));
-  std::vector<int32_t> layer1_values = {a.values[1].pages[0], a.values[1].pages[1],
-                                        c.values[1].pages[0], d.values[1].pages[0],
-                                        d.values[1].pages[1], d.values[1].pages[2]};
-  EXPECT_EQ(plan.page_stride, 6);
-  EXPECT_EQ(Slice(plan, plan.at.value_pages + plan.page_stride, 6), layer1_values);
+  // Pages covering the rows after the step: 2, 1 and 3 of 4 rows each, each sequence's in a
+  // part with room for 4 more (PartRoom: an eighth more, at least 4), -1 there.
+  EXPECT_EQ(plan.seq_pages, (std::vector<int32_t>{2, 1, 3}));
+  EXPECT_EQ(plan.pages, 18);
+  EXPECT_EQ(Slice(plan, plan.at.page_indptr, 4), (std::vector<int32_t>{0, 6, 11, 18}));
+  EXPECT_EQ(plan.page_stride, 18);
+  const size_t values1 = plan.at.value_pages + plan.page_stride;
+  EXPECT_EQ(Slice(plan, values1, 6),
+            (std::vector<int32_t>{a.values[1].pages[0], a.values[1].pages[1], -1, -1, -1, -1}));
+  EXPECT_EQ(Slice(plan, values1 + 6, 5),
+            (std::vector<int32_t>{c.values[1].pages[0], -1, -1, -1, -1}));
+  EXPECT_EQ(
+      Slice(plan, values1 + 11, 3),
+      (std::vector<int32_t>{d.values[1].pages[0], d.values[1].pages[1], d.values[1].pages[2]}));
   EXPECT_EQ(Slice(plan, plan.at.key_pages, 2),
             (std::vector<int32_t>{a.keys[0].pages[0], a.keys[0].pages[1]}));
+  EXPECT_FALSE(plan.pages_kept);
   EXPECT_EQ(plan.decode_seqs, 2);
   EXPECT_EQ(Slice(plan, plan.at.decode, 2), (std::vector<int32_t>{1, 2}));
   EXPECT_EQ(plan.max_decode_rows, 10);
@@ -134,9 +172,10 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   EXPECT_EQ(Slice(plan, plan.at.key_width, 3), (std::vector<int32_t>{16, 16, 16}));
 }
 
-// With room asked for, the page lists keep their stride while the sequences grow into it, so
-// that consecutive decode steps of the same sequences have every array at the same offset.
-TEST_F(StepPlanTest, PageListsKeepTheirStrideWithinTheCapacity) {
+// With room asked for, the page lists keep their stride, and each sequence its part, while the
+// sequences grow into them, so that consecutive decode steps of the same sequences have every
+// array at the same offset and rewrite only the page ids they gained.
+TEST_F(StepPlanTest, PageListsKeepTheirPartsAndStrideWithinTheCapacity) {
   memory::SequenceKv a = Sequence(3, 12), d = Sequence(8, 12);
   const std::vector<int32_t> a_ids{11}, d_ids{15};
   const SequenceStep steps[] = {{&a, a_ids, true}, {&d, d_ids, true}};
@@ -148,29 +187,88 @@ TEST_F(StepPlanTest, PageListsKeepTheirStrideWithinTheCapacity) {
         at.recent_rows,    at.key_width,        at.channel_offset, at.key_pages,    at.value_pages,
         at.thin_key_pages, at.thin_value_pages, at.channels};
   };
-  StepPlan before, after;
-  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), before, {}, PlanCapacity{.pages = 8}).ok());
-  EXPECT_EQ(before.pages, 4);  // 1 + 3 pages of 4 rows
-  EXPECT_EQ(before.page_stride, 8);
-  EXPECT_EQ(Slice(before, before.at.value_pages + 8, 4),
-            (std::vector<int32_t>{a.values[1].pages[0], d.values[1].pages[0], d.values[1].pages[1],
-                                  d.values[1].pages[2]}));
-  // One token later a's new row opens its second page: 5 pages, the same stride and offsets.
+  StepPlan plan;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(plan.pages, 12);  // a: 1 page and 4 of room; d: 3 and 4
+  EXPECT_EQ(plan.page_stride, 16);
+  EXPECT_EQ(Slice(plan, plan.at.value_pages + 16, 8),
+            (std::vector<int32_t>{a.values[1].pages[0], -1, -1, -1, -1, d.values[1].pages[0],
+                                  d.values[1].pages[1], d.values[1].pages[2]}));
+  EXPECT_FALSE(plan.pages_kept);
+  const std::vector<size_t> before = offsets(plan);
+  std::vector<int32_t> device;
+  Upload(plan, device);
+  // One token later a's new row opens its second page: the same stride, parts and offsets, and
+  // the plan rewrote a's new entry in both lists of both layers, nothing else.
   for (memory::SequenceKv* kv : {&a, &d}) {
     for (memory::PageList& list : kv->keys) ++list.rows;
     for (memory::PageList& list : kv->values) ++list.rows;
     ++kv->tokens;
   }
-  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), after, {}, PlanCapacity{.pages = 8}).ok());
-  EXPECT_EQ(after.pages, 5);
-  EXPECT_EQ(after.page_stride, 8);
-  EXPECT_EQ(offsets(after), offsets(before));
-  EXPECT_EQ(Slice(after, after.at.key_pages + 8, 5),
-            (std::vector<int32_t>{a.keys[1].pages[0], a.keys[1].pages[1], d.keys[1].pages[0],
-                                  d.keys[1].pages[1], d.keys[1].pages[2]}));
-  // Past the capacity the stride is the pages themselves.
-  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), after, {}, PlanCapacity{.pages = 3}).ok());
-  EXPECT_EQ(after.page_stride, 5);
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(plan.pages, 12);
+  EXPECT_EQ(plan.page_stride, 16);
+  EXPECT_EQ(offsets(plan), before);
+  EXPECT_TRUE(plan.pages_kept);
+  EXPECT_EQ(Slice(plan, plan.at.key_pages + 16, 8),
+            (std::vector<int32_t>{a.keys[1].pages[0], a.keys[1].pages[1], -1, -1, -1,
+                                  d.keys[1].pages[0], d.keys[1].pages[1], d.keys[1].pages[2]}));
+  const size_t k0 = plan.at.key_pages + 1, v0 = plan.at.value_pages + 1;
+  EXPECT_EQ(
+      plan.page_patches,
+      (std::vector<int32_t>{static_cast<int32_t>(k0), a.keys[0].pages[1], static_cast<int32_t>(v0),
+                            a.values[0].pages[1], static_cast<int32_t>(k0 + 16), a.keys[1].pages[1],
+                            static_cast<int32_t>(v0 + 16), a.values[1].pages[1]}));
+  Upload(plan, device);
+  StepPlan fresh;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), fresh, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2));
+  // Past the capacity the stride is the parts themselves.
+  StepPlan small;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), small, {}, PlanCapacity{.pages = 3}).ok());
+  EXPECT_EQ(small.page_stride, 13);  // a: 2 pages and 4 of room; d: 3 and 4
+}
+
+// Decodes of the same sequences, step after step: each upload of a kept plan (the arrays before
+// the page lists and the patches) leaves the device copy reading as the plan built afresh, while
+// the sequences cross page boundaries, outgrow their parts (laid out anew) and the batch changes.
+TEST_F(StepPlanTest, DecodesPatchTheDeviceCopyUpToAFreshPlan) {
+  // A pool of its own, for 40 tokens more of each sequence.
+  pool_ = std::make_unique<memory::PagePool>(
+      *memory::PagePool::Create(256, 256, memory::PageStorage::kNone));
+  cache_ = std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  std::vector<memory::SequenceKv> kvs;
+  for (int cached : {1, 6, 13}) kvs.push_back(Sequence(cached, cached + 1));
+  const std::vector<int32_t> next{7};
+  std::vector<int32_t> device;
+  StepPlan plan;
+  int kept = 0, patched = 0;
+  for (int step = 0; step < 40; ++step) {
+    // From step 25 on, the first sequence is done: the batch changes.
+    std::vector<SequenceStep> steps;
+    for (size_t i = step < 25 ? 0 : 1; i < kvs.size(); ++i) steps.push_back({&kvs[i], next, true});
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 64}).ok());
+    kept += plan.pages_kept;
+    patched += !plan.page_patches.empty();
+    if (step == 0 || step == 25) EXPECT_FALSE(plan.pages_kept) << "step " << step;
+    Upload(plan, device);
+    StepPlan fresh;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(64), fresh, {}, PlanCapacity{.pages = 64}).ok());
+    ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2)) << "step " << step;
+    // The device wrote the new rows; the next token needs one more row.
+    for (const SequenceStep& s : steps) {
+      for (memory::PageList& list : s.kv->keys) ++list.rows;
+      for (memory::PageList& list : s.kv->values) ++list.rows;
+      ++s.kv->tokens;
+      ASSERT_TRUE(cache_->Reserve(*s.kv, 1));
+    }
+  }
+  // Most steps keep the lists; some of them gain pages; a part outgrown (the first sequence's 5
+  // entries hold 20 rows, it starts at 1 and grows by 25) is laid out anew.
+  EXPECT_GE(kept, 30);
+  EXPECT_GE(patched, 8);
+  EXPECT_LT(kept, 38);
+  for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
 }
 
 TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
@@ -544,7 +642,7 @@ TEST_P(CudaTinyModelTest, DecodeTokenByTokenMatchesCpu) {
 // Decode steps whose launches repeat are captured as a CUDA graph and replayed; a replayed step's
 // logits are the eager step's to the bit (the same kernels in the same order), across page
 // boundaries (the plan's room keeps its offsets) and a change of batch, after which the graph is
-// captured again.
+// captured again; the eager ones are the CPU engine's.
 TEST_P(CudaTinyModelTest, DecodeGraphsGiveTheEagerLogits) {
   const std::vector<int32_t>& longest =
       *std::max_element(sequences_.begin(), sequences_.end(),
@@ -574,6 +672,19 @@ TEST_P(CudaTinyModelTest, DecodeGraphsGiveTheEagerLogits) {
   for (size_t step = 0; step < schedule.size(); ++step) {
     EXPECT_EQ(logits[1][step], logits[0][step]) << GetParam() << ": step " << step;
   }
+  // And the eager steps are the CPU engine's on the same pages: the decode plans patched into
+  // the device copy of the last one (each sequence's part of the page lists kept while it gains
+  // pages) read the pages they should.
+  TestEngine cpu = MakeEngine(*model_, false, 256, 4096);
+  ASSERT_TRUE(cpu.backend);
+  const std::vector<std::vector<float>> want = RunSchedule(cpu, sequences, schedule);
+  std::vector<float> want_all, got_all;
+  for (size_t step = 0; step < schedule.size(); ++step) {
+    want_all.insert(want_all.end(), want[step].begin(), want[step].end());
+    got_all.insert(got_all.end(), logits[0][step].begin(), logits[0][step].end());
+  }
+  testing::ExpectClose(absl::StrCat("logits ", GetParam()), "decodes across pages, eager", got_all,
+                       want_all, kLogitBound);
 }
 
 TEST_P(CudaTinyModelTest, ChunkedPrefillMatchesCpu) {

@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/gemm.h"
+#include "engine/cuda/plan_patch.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/rope.h"
 #include "engine/cuda/rows.h"
@@ -418,6 +420,34 @@ TEST_F(CudaKernelsTest, RowArgmaxMatchesHostArgmax) {
     EXPECT_EQ(got[3], std::min(first, second)) << "width " << width;
     EXPECT_EQ(got[n - 1], 0) << "width " << width;
   }
+}
+
+// The page list patches of a kept step plan: each pair's value lands at its offset, every other
+// entry is left as it was; no pairs is no launch, not an error; bad arguments are refused.
+TEST_F(CudaKernelsTest, ScatterPairsWritesOnlyTheirEntries) {
+  for (const int n_pairs : {1, 255, 256, 257, 5000}) {
+    const int size = 3 * n_pairs + 11;
+    std::vector<int32_t> before(size);
+    for (int i = 0; i < size; ++i) before[i] = -1000 - i;
+    std::vector<int32_t> offsets(size);
+    for (int i = 0; i < size; ++i) offsets[i] = i;
+    std::shuffle(offsets.begin(), offsets.end(), rng_);
+    std::vector<int32_t> pairs, expected = before;
+    for (int i = 0; i < n_pairs; ++i) {
+      const int32_t value = static_cast<int32_t>(rng_() % 100000);
+      pairs.push_back(offsets[i]);
+      pairs.push_back(value);
+      expected[offsets[i]] = value;
+    }
+    DeviceBuffer d_out = Upload(before);
+    DeviceBuffer d_pairs = Upload(pairs);
+    ASSERT_CUDA(LaunchScatterPairs(d_pairs.as<int32_t>(), n_pairs, d_out.as<int32_t>(), stream_));
+    Sync();
+    EXPECT_EQ(Download<int32_t>(d_out, size), expected) << n_pairs << " pairs";
+  }
+  EXPECT_EQ(LaunchScatterPairs(nullptr, 0, nullptr, stream_), cudaSuccess);
+  EXPECT_EQ(LaunchScatterPairs(nullptr, 1, nullptr, stream_), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchScatterPairs(nullptr, -1, nullptr, stream_), cudaErrorInvalidValue);
 }
 
 // The check itself: rows a kernel leaves unwritten stay NaN and fail the comparison, so a kernel
