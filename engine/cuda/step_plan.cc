@@ -97,6 +97,36 @@ int32_t CopyPages(const memory::PageList& list, int32_t entries, int32_t room, i
 // eighth more, and at least 4, so that its decodes go on for a while in the same part.
 int32_t PartRoom(int32_t pages) { return pages + pages / 8 + 4; }
 
+// A kept plan's full-width page lists (StepPlan::pages_kept): writes, in plan.data, the entries
+// each list gained or lost since `previous_written` (the previous plan's StepPlan::written) and
+// lists them in plan.page_patches; sets plan.written.
+void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
+                    std::span<const int32_t> previous_written, StepPlan& plan) {
+  const StepPlan::Offsets& at = plan.at;
+  const size_t L = n_layers;
+  int32_t* d = plan.data.data();
+  for (size_t s = 0; s < static_cast<size_t>(plan.seqs); ++s) {
+    const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
+    for (size_t layer = 0; layer < L; ++layer) {
+      for (int v = 0; v < 2; ++v) {
+        const memory::PageList& list = v == 0 ? kv.keys[layer] : kv.values[layer];
+        const size_t first = (v == 0 ? at.key_pages : at.value_pages) + layer * plan.page_stride +
+                             plan.part_starts[s];
+        const size_t slot = (s * L + layer) * 2 + v;
+        const int32_t before = previous_written[slot];
+        const int32_t now =
+            std::min<int32_t>(plan.seq_pages[s], static_cast<int32_t>(list.pages.size()));
+        for (int32_t j = std::min(before, now); j < std::max(before, now); ++j) {
+          d[first + j] = j < now ? list.pages[j] : -1;
+          plan.page_patches.push_back(static_cast<int32_t>(first + j));
+          plan.page_patches.push_back(d[first + j]);
+        }
+        plan.written[slot] = now;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
@@ -346,27 +376,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // The page lists, most of the plan (32 sequences of 8k tokens at 16 rows a page: 4 MB), copied
   // on every core; or, where the previous plan's are kept, only the entries the sequences gained.
   plan.written.resize(S * L * 2);
-  if (plan.pages_kept) {
-    for (size_t s = 0; s < S; ++s) {
-      const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
-      for (size_t layer = 0; layer < L; ++layer) {
-        for (int v = 0; v < 2; ++v) {
-          const memory::PageList& list = v == 0 ? kv.keys[layer] : kv.values[layer];
-          const size_t first = (v == 0 ? at.key_pages : at.value_pages) + layer * PS + starts[s];
-          const size_t slot = (s * L + layer) * 2 + v;
-          const int32_t before = previous_written[slot];
-          const int32_t now =
-              std::min<int32_t>(seq_pages[s], static_cast<int32_t>(list.pages.size()));
-          for (int32_t j = std::min(before, now); j < std::max(before, now); ++j) {
-            d[first + j] = j < now ? list.pages[j] : -1;
-            plan.page_patches.push_back(static_cast<int32_t>(first + j));
-            plan.page_patches.push_back(d[first + j]);
-          }
-          plan.written[slot] = now;
-        }
-      }
-    }
-  }
+  if (plan.pages_kept) PatchPageLists(steps, L, previous_written, plan);
   // Only a fresh copy of the full-width lists is worth the threads: waking them costs more than
   // the rest of a kept plan.
   const bool copy_thin = thin && !plan.thin_kept;

@@ -1,0 +1,459 @@
+// The host half of a CUDA step (engine/cuda/step_plan.cc), without a GPU: what BuildStepPlan
+// packs for the kernels (tokens, positions, page tables, decode and prefill work, compressed
+// prompts and decodes), where it builds it, what it keeps from the plan before, and what a kept
+// plan's upload leaves in the device copy (simulated as CudaBackend::Run uploads it).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/cuda/step_plan.h"
+#include "memory/compress/compression.h"
+#include "memory/kv_cache.h"
+#include "memory/page_pool.h"
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+class StepPlanTest : public ::testing::Test {
+ protected:
+  // 2 layers, 2 kv-heads of 16, bf16: 64-byte rows, 4 per 256-byte page.
+  void SetUp() override {
+    pool_ = std::make_unique<memory::PagePool>(
+        *memory::PagePool::Create(256, 64, memory::PageStorage::kNone));
+    cache_ =
+        std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  }
+  memory::SequenceKv Sequence(int cached, int capacity) {
+    memory::SequenceKv kv = cache_->NewSequence();
+    EXPECT_TRUE(cache_->Reserve(kv, capacity));
+    for (memory::PageList& list : kv.keys) list.rows = cached;
+    for (memory::PageList& list : kv.values) list.rows = cached;
+    kv.tokens = cached;
+    return kv;
+  }
+  std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {
+    return {plan.data.begin() + at, plan.data.begin() + at + n};
+  }
+  // The entries of `plan` its readers read, from `data` (the plan's own by default): the arrays
+  // before the page lists but for page_indptr, each sequence's page ids in every layer's
+  // full-width lists (from its page_indptr on), each layer's first PT thin list entries, the
+  // scratch page ids and the channel sets. Where a sequence's part starts and the room after it
+  // depend on the plans before; the room after a layer's entries (PlanCapacity) is never read.
+  static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers,
+                                          std::span<const int32_t> data = {}) {
+    if (data.empty()) data = plan.data;
+    const StepPlan::Offsets& at = plan.at;
+    std::vector<int32_t> out(data.begin(), data.begin() + at.page_indptr);
+    out.insert(out.end(), data.begin() + at.page_indptr + plan.seqs + 1,
+               data.begin() + at.key_pages);
+    for (const size_t first : {at.key_pages, at.value_pages}) {
+      for (int layer = 0; layer < n_layers; ++layer) {
+        for (int s = 0; s < plan.seqs; ++s) {
+          const auto begin = data.begin() + first + static_cast<size_t>(layer) * plan.page_stride +
+                             data[at.page_indptr + s];
+          out.insert(out.end(), begin, begin + plan.seq_pages[s]);
+        }
+      }
+    }
+    for (const size_t first : {at.thin_key_pages, at.thin_value_pages}) {
+      for (int layer = 0; layer < n_layers; ++layer) {
+        const auto begin =
+            data.begin() + first + static_cast<size_t>(layer) * plan.thin_page_stride;
+        out.insert(out.end(), begin, begin + plan.thin_pages);
+      }
+    }
+    out.insert(out.end(), data.begin() + at.scratch_keys, data.begin() + plan.data.size());
+    return out;
+  }
+  // What CudaBackend::Run leaves on the device after uploading `plan` over `device`, the upload
+  // of the plan before it (the backend's device copy).
+  static void Upload(const StepPlan& plan, std::vector<int32_t>& device) {
+    const size_t elements = plan.data.size();
+    if (device.size() < elements) device.resize(elements);
+    const auto copy = [&](size_t from, size_t to) {
+      std::copy(plan.data.begin() + from, plan.data.begin() + to, device.begin() + from);
+    };
+    const size_t tail = plan.thin_kept ? plan.at.thin_key_pages : elements;
+    if (plan.pages_kept) {
+      copy(0, plan.at.key_pages);
+      if (tail < elements) copy(plan.at.thin_key_pages, elements);
+      for (size_t i = 0; i < plan.page_patches.size(); i += 2) {
+        device[plan.page_patches[i]] = plan.page_patches[i + 1];
+      }
+    } else {
+      copy(0, tail);
+    }
+  }
+  // The test cache's geometry; a vocabulary of 100; no window.
+  static StepShape Shape(int query_tile, int window = 0) {
+    return StepShape{.n_layers = 2,
+                     .n_heads = 4,
+                     .n_kv_heads = 2,
+                     .head_dim = 16,
+                     .vocab_size = 100,
+                     .window = window,
+                     .query_tile = query_tile};
+  }
+  std::unique_ptr<memory::PagePool> pool_;
+  std::unique_ptr<memory::KvCache> cache_;
+};
+
+TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
+  memory::SequenceKv a = Sequence(5, 8), b = Sequence(0, 4), c = Sequence(0, 1),
+                     d = Sequence(9, 10);
+  const std::vector<int32_t> a_ids{11, 12, 13}, c_ids{14}, d_ids{15};
+  const SequenceStep steps[] = {
+      {&a, a_ids, true}, {&b, {}, true}, {&c, c_ids, false}, {&d, d_ids, true}};
+  StepPlan plan;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(/*query_tile=*/2), plan).ok());
+  EXPECT_EQ(plan.tokens, 5);
+  EXPECT_EQ(plan.seqs, 3);
+  EXPECT_EQ(plan.step_of_seq, (std::vector<int32_t>{0, 2, 3}));
+  EXPECT_EQ(Slice(plan, plan.at.token_ids, 5), (std::vector<int32_t>{11, 12, 13, 14, 15}));
+  EXPECT_EQ(Slice(plan, plan.at.positions, 5), (std::vector<int32_t>{5, 6, 7, 0, 9}));
+  EXPECT_EQ(Slice(plan, plan.at.token_seq, 5), (std::vector<int32_t>{0, 0, 0, 1, 2}));
+  EXPECT_EQ(Slice(plan, plan.at.token_indptr, 4), (std::vector<int32_t>{0, 3, 4, 5}));
+  EXPECT_EQ(Slice(plan, plan.at.kv_rows, 6), (std::vector<int32_t>{8, 1, 10, 8, 1, 10}));
+  // Pages covering the rows after the step: 2, 1 and 3 of 4 rows each, each sequence's in a
+  // part with room for 4 more (PartRoom: an eighth more, at least 4), -1 there.
+  EXPECT_EQ(plan.seq_pages, (std::vector<int32_t>{2, 1, 3}));
+  EXPECT_EQ(plan.pages, 18);
+  EXPECT_EQ(Slice(plan, plan.at.page_indptr, 4), (std::vector<int32_t>{0, 6, 11, 18}));
+  EXPECT_EQ(plan.page_stride, 18);
+  const size_t values1 = plan.at.value_pages + plan.page_stride;
+  EXPECT_EQ(Slice(plan, values1, 6),
+            (std::vector<int32_t>{a.values[1].pages[0], a.values[1].pages[1], -1, -1, -1, -1}));
+  EXPECT_EQ(Slice(plan, values1 + 6, 5),
+            (std::vector<int32_t>{c.values[1].pages[0], -1, -1, -1, -1}));
+  EXPECT_EQ(
+      Slice(plan, values1 + 11, 3),
+      (std::vector<int32_t>{d.values[1].pages[0], d.values[1].pages[1], d.values[1].pages[2]}));
+  EXPECT_EQ(Slice(plan, plan.at.key_pages, 2),
+            (std::vector<int32_t>{a.keys[0].pages[0], a.keys[0].pages[1]}));
+  EXPECT_FALSE(plan.pages_kept);
+  EXPECT_EQ(plan.decode_seqs, 2);
+  EXPECT_EQ(Slice(plan, plan.at.decode, 2), (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(plan.max_decode_rows, 10);
+  EXPECT_EQ(plan.prefill_items, 2);  // 3 tokens in tiles of 2
+  EXPECT_EQ(Slice(plan, plan.at.prefill, 4), (std::vector<int32_t>{0, 0, 0, 2}));
+  EXPECT_EQ(plan.logit_rows, 2);
+  EXPECT_EQ(Slice(plan, plan.at.logits, 2), (std::vector<int32_t>{2, 4}));
+  // The decodes' CompressedKv arrays follow: no thin rows, every row recent, full key width.
+  EXPECT_EQ(plan.at.thin_indptr, plan.at.logits + 2);
+  EXPECT_EQ(Slice(plan, plan.at.thin_rows, 6), (std::vector<int32_t>(6, 0)));
+  EXPECT_EQ(Slice(plan, plan.at.recent_rows, 6), (std::vector<int32_t>{8, 8, 1, 1, 10, 10}));
+  EXPECT_EQ(Slice(plan, plan.at.key_width, 3), (std::vector<int32_t>{16, 16, 16}));
+}
+
+// With room asked for, the page lists keep their stride, and each sequence its part, while the
+// sequences grow into them, so that consecutive decode steps of the same sequences have every
+// array at the same offset and rewrite only the page ids they gained.
+TEST_F(StepPlanTest, PageListsKeepTheirPartsAndStrideWithinTheCapacity) {
+  memory::SequenceKv a = Sequence(3, 12), d = Sequence(8, 12);
+  const std::vector<int32_t> a_ids{11}, d_ids{15};
+  const SequenceStep steps[] = {{&a, a_ids, true}, {&d, d_ids, true}};
+  const auto offsets = [](const StepPlan& plan) {
+    const StepPlan::Offsets& at = plan.at;
+    return std::vector<size_t>{
+        at.token_ids,      at.positions,        at.token_seq,      at.token_indptr, at.kv_rows,
+        at.page_indptr,    at.decode,           at.logits,         at.thin_indptr,  at.thin_rows,
+        at.recent_rows,    at.key_width,        at.channel_offset, at.key_pages,    at.value_pages,
+        at.thin_key_pages, at.thin_value_pages, at.channels};
+  };
+  StepPlan plan;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(plan.pages, 12);  // a: 1 page and 4 of room; d: 3 and 4
+  EXPECT_EQ(plan.page_stride, 16);
+  EXPECT_EQ(Slice(plan, plan.at.value_pages + 16, 8),
+            (std::vector<int32_t>{a.values[1].pages[0], -1, -1, -1, -1, d.values[1].pages[0],
+                                  d.values[1].pages[1], d.values[1].pages[2]}));
+  EXPECT_FALSE(plan.pages_kept);
+  const std::vector<size_t> before = offsets(plan);
+  std::vector<int32_t> device;
+  Upload(plan, device);
+  // One token later a's new row opens its second page: the same stride, parts and offsets, and
+  // the plan rewrote a's new entry in both lists of both layers, nothing else.
+  for (memory::SequenceKv* kv : {&a, &d}) {
+    for (memory::PageList& list : kv->keys) ++list.rows;
+    for (memory::PageList& list : kv->values) ++list.rows;
+    ++kv->tokens;
+  }
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(plan.pages, 12);
+  EXPECT_EQ(plan.page_stride, 16);
+  EXPECT_EQ(offsets(plan), before);
+  EXPECT_TRUE(plan.pages_kept);
+  EXPECT_EQ(Slice(plan, plan.at.key_pages + 16, 8),
+            (std::vector<int32_t>{a.keys[1].pages[0], a.keys[1].pages[1], -1, -1, -1,
+                                  d.keys[1].pages[0], d.keys[1].pages[1], d.keys[1].pages[2]}));
+  const size_t k0 = plan.at.key_pages + 1, v0 = plan.at.value_pages + 1;
+  EXPECT_EQ(
+      plan.page_patches,
+      (std::vector<int32_t>{static_cast<int32_t>(k0), a.keys[0].pages[1], static_cast<int32_t>(v0),
+                            a.values[0].pages[1], static_cast<int32_t>(k0 + 16), a.keys[1].pages[1],
+                            static_cast<int32_t>(v0 + 16), a.values[1].pages[1]}));
+  Upload(plan, device);
+  StepPlan fresh;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), fresh, {}, PlanCapacity{.pages = 16}).ok());
+  EXPECT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2));
+  // Past the capacity the stride is the parts themselves.
+  StepPlan small;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(64), small, {}, PlanCapacity{.pages = 3}).ok());
+  EXPECT_EQ(small.page_stride, 13);  // a: 2 pages and 4 of room; d: 3 and 4
+}
+
+// Decodes of the same sequences, step after step: each upload of a kept plan (the arrays before
+// the page lists and the patches) leaves the device copy reading as the plan built afresh, while
+// the sequences cross page boundaries, outgrow their parts (laid out anew) and the batch changes.
+TEST_F(StepPlanTest, DecodesPatchTheDeviceCopyUpToAFreshPlan) {
+  // A pool of its own, for 40 tokens more of each sequence.
+  pool_ = std::make_unique<memory::PagePool>(
+      *memory::PagePool::Create(256, 256, memory::PageStorage::kNone));
+  cache_ = std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  std::vector<memory::SequenceKv> kvs;
+  for (int cached : {1, 6, 13}) kvs.push_back(Sequence(cached, cached + 1));
+  const std::vector<int32_t> next{7};
+  std::vector<int32_t> device;
+  StepPlan plan;
+  int kept = 0, patched = 0;
+  for (int step = 0; step < 40; ++step) {
+    // From step 25 on, the first sequence is done: the batch changes.
+    std::vector<SequenceStep> steps;
+    for (size_t i = step < 25 ? 0 : 1; i < kvs.size(); ++i) steps.push_back({&kvs[i], next, true});
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(64), plan, {}, PlanCapacity{.pages = 64}).ok());
+    kept += plan.pages_kept;
+    patched += !plan.page_patches.empty();
+    if (step == 0 || step == 25) {
+      EXPECT_FALSE(plan.pages_kept) << "step " << step;
+    }
+    Upload(plan, device);
+    StepPlan fresh;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(64), fresh, {}, PlanCapacity{.pages = 64}).ok());
+    ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2)) << "step " << step;
+    // The device wrote the new rows; the next token needs one more row.
+    for (const SequenceStep& s : steps) {
+      for (memory::PageList& list : s.kv->keys) ++list.rows;
+      for (memory::PageList& list : s.kv->values) ++list.rows;
+      ++s.kv->tokens;
+      ASSERT_TRUE(cache_->Reserve(*s.kv, 1));
+    }
+  }
+  // Most steps keep the lists; some of them gain pages; a part outgrown (the first sequence's 5
+  // entries hold 20 rows, it starts at 1 and grows by 25) is laid out anew.
+  EXPECT_GE(kept, 30);
+  EXPECT_GE(patched, 8);
+  EXPECT_LT(kept, 38);
+  for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
+}
+
+TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
+  memory::SequenceKv a = Sequence(3, 4);
+  const std::vector<int32_t> one{7}, two{7, 8}, bad{100};
+  StepPlan plan;
+  const SequenceStep fits{&a, one, true}, overflows{&a, two, true}, out_of_vocab{&a, bad, true};
+  EXPECT_TRUE(BuildStepPlan({&fits, 1}, Shape(64), plan).ok());
+  EXPECT_EQ(BuildStepPlan({&overflows, 1}, Shape(64), plan).code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(BuildStepPlan({&out_of_vocab, 1}, Shape(64), plan).code(),
+            absl::StatusCode::kInvalidArgument);
+  // The sliding window bounds what a decode query sees.
+  EXPECT_TRUE(BuildStepPlan({&fits, 1}, Shape(64, /*window=*/2), plan).ok());
+  EXPECT_EQ(plan.max_decode_rows, 2);
+}
+
+// The plan goes where PlanStorage says, every entry written (the buffer starts as garbage), the
+// same as in the plan's own vector; page lists large enough to be copied on every core are whole;
+// the storage's error comes back as it is.
+TEST(StepPlanStorageTest, BuildsIntoTheCallersBufferWhole) {
+  // 17 sequences decoding at 8192 rows, 4 rows a page: 2048 pages per list, 34816 entries per
+  // layer, past the size where the lists are copied in parallel.
+  constexpr int kSeqs = 17, kRows = 8192;
+  memory::PagePool pool =
+      *memory::PagePool::Create(256, kSeqs * 2 * 2 * (kRows / 4 + 1), memory::PageStorage::kNone);
+  memory::KvCache cache = *memory::KvCache::Create(&pool, {2, 2, 16, 2});
+  std::vector<memory::SequenceKv> kvs;
+  std::vector<SequenceStep> steps;
+  const std::vector<int32_t> next{42};
+  for (int s = 0; s < kSeqs; ++s) {
+    kvs.push_back(cache.NewSequence());
+    ASSERT_TRUE(cache.Reserve(kvs.back(), kRows + 1));
+    for (memory::PageList& list : kvs.back().keys) list.rows = kRows;
+    for (memory::PageList& list : kvs.back().values) list.rows = kRows;
+    kvs.back().tokens = kRows;
+  }
+  for (memory::SequenceKv& kv : kvs) steps.push_back({&kv, next, true});
+  const StepShape shape{.n_layers = 2,
+                        .n_heads = 4,
+                        .n_kv_heads = 2,
+                        .head_dim = 16,
+                        .vocab_size = 100,
+                        .window = 0,
+                        .query_tile = 64};
+  StepPlan own, external;
+  ASSERT_TRUE(BuildStepPlan(steps, shape, own).ok());
+  std::vector<int32_t> buffer;
+  ASSERT_TRUE(
+      BuildStepPlan(steps, shape, external, [&](size_t elements) -> absl::StatusOr<int32_t*> {
+        buffer.assign(elements, 0x7f7f7f7f);
+        return buffer.data();
+      }).ok());
+  EXPECT_EQ(external.data.data(), buffer.data());
+  ASSERT_EQ(external.data.size(), own.data.size());
+  EXPECT_TRUE(std::equal(external.data.begin(), external.data.end(), own.data.begin()));
+  ASSERT_GT(static_cast<int64_t>(external.pages) * shape.n_layers, 1 << 16);
+  for (int s : {0, 8, kSeqs - 1}) {
+    for (int layer = 0; layer < 2; ++layer) {
+      const size_t at = external.at.key_pages + layer * external.page_stride +
+                        external.data[external.at.page_indptr + s];
+      const std::vector<int32_t>& pages = kvs[s].keys[layer].pages;
+      EXPECT_TRUE(std::equal(pages.begin(), pages.end(), external.data.begin() + at))
+          << "sequence " << s << " layer " << layer;
+    }
+  }
+  StepPlan failed;
+  EXPECT_EQ(BuildStepPlan(steps, shape, failed,
+                          [](size_t) -> absl::StatusOr<int32_t*> {
+                            return absl::ResourceExhaustedError("no pinned memory");
+                          })
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+  for (memory::SequenceKv& kv : kvs) cache.Release(kv);
+}
+
+// A compressed prompt stays in the scratch and gets a compression job; once compressed, it
+// decodes over thin and recent segments next to an uncompressed sequence.
+TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
+  // 10 prompt tokens keep 4 per kv-head (1 sink + 3 recent): 3 thin rows at 8 of 16 channels
+  // (32-byte rows, 8 per page) and ThinK's last row at full width.
+  const absl::StatusOr<memory::compress::CompressionConfig> config =
+      memory::compress::ParseCompressionSpec(
+          "policy=streamingllm,budget_tokens=4,sinks=1,think.keep_ratio=0.5,think.recent=1");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::vector<memory::compress::LayerPlan> layers =
+      memory::compress::PlanPrompt(*config, 10, 2, 16);
+  ASSERT_EQ(layers[0].thin_rows, 3);
+  ASSERT_EQ(layers[0].full_rows, 1);
+  ASSERT_EQ(layers[0].key_width, 8);
+  memory::SequenceKv a = cache_->NewSequence();
+  ASSERT_TRUE(cache_->ReserveCompressed(a, layers, /*extra_rows=*/1));
+  memory::SequenceKv b = Sequence(2, 3);
+  const std::vector<int32_t> prompt{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, next{11}, b_next{12};
+
+  StepPlan plan;
+  const SequenceStep prefill[] = {{&b, b_next, true}, {&a, prompt, true, &*config}};
+  ASSERT_TRUE(BuildStepPlan(prefill, Shape(/*query_tile=*/4), plan).ok());
+  EXPECT_EQ(plan.tokens, 11);
+  ASSERT_EQ(plan.prompts.size(), 1u);
+  EXPECT_EQ(plan.prompts[0].seq, 1);
+  EXPECT_EQ(plan.prompts[0].first_token, 1);
+  EXPECT_EQ(plan.prompts[0].n, 10);
+  EXPECT_EQ(plan.prompts[0].channel_count, 2 * 2 * 8);  // two layers of 2 heads x 8 channels
+  EXPECT_EQ(plan.channel_out, 32u);
+  EXPECT_EQ(plan.prompts[0].channels_at, (std::vector<int64_t>{0, 16}));
+  EXPECT_EQ(plan.decode_seqs, 1);
+  EXPECT_EQ(plan.compressed_decode, 0);
+  EXPECT_EQ(plan.prefill_items, 0);
+  // The prompt's rows are not written to pages; its keys and values are scratch rows 1..10, each
+  // a q|k|v row of 4 pages (2 query heads per kv-head, keys, values).
+  EXPECT_EQ(Slice(plan, plan.at.token_seq, 11),
+            (std::vector<int32_t>{0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}));
+  EXPECT_EQ(Slice(plan, plan.at.kv_rows, 4), (std::vector<int32_t>{3, 0, 3, 0}));
+  EXPECT_EQ(plan.scratch_rows, 10);
+  EXPECT_EQ(Slice(plan, plan.at.scratch_indptr, 3), (std::vector<int32_t>{0, 0, 10}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_keys, 3), (std::vector<int32_t>{6, 10, 14}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_values, 3), (std::vector<int32_t>{7, 11, 15}));
+  EXPECT_EQ(Slice(plan, plan.at.scratch_rows, 2), (std::vector<int32_t>{0, 10}));
+  EXPECT_EQ(plan.scratch_items, 3);
+  EXPECT_EQ(Slice(plan, plan.at.scratch_items, 6), (std::vector<int32_t>{1, 0, 1, 4, 1, 8}));
+  // Where the kept rows go: one thin key page and one thin value page per layer.
+  EXPECT_EQ(plan.thin_pages, 1);
+  EXPECT_EQ(Slice(plan, plan.at.thin_key_pages + 1, 1),
+            (std::vector<int32_t>{a.compressed[1].keys.pages[0]}));
+  EXPECT_EQ(Slice(plan, plan.at.thin_value_pages, 1),
+            (std::vector<int32_t>{a.compressed[0].values.pages[0]}));
+
+  // The host state the device leaves after the prompt (CudaBackend::UpdateSequences).
+  for (int layer = 0; layer < 2; ++layer) {
+    memory::CompressedLayer& c = a.compressed[layer];
+    c.prompt_rows = {3, 2};  // heads may differ (decode-time eviction)
+    c.recent_rows = {1, 1};
+    c.keys.rows = c.values.rows = 3;
+    a.keys[layer].rows = a.values[layer].rows = 1;
+    c.channels.clear();
+    for (int i = 0; i < 16; ++i) c.channels.push_back(static_cast<uint16_t>(100 * layer + i));
+  }
+  a.tokens = 10;
+  b.tokens = 3;
+  for (int layer = 0; layer < 2; ++layer) b.keys[layer].rows = b.values[layer].rows = 3;
+  ASSERT_TRUE(cache_->Reserve(b, 1));
+  const SequenceStep decode[] = {{&a, next, true, &*config}, {&b, b_next, true}};
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan).ok());
+  EXPECT_TRUE(plan.prompts.empty());
+  EXPECT_EQ(plan.decode_seqs, 2);
+  EXPECT_EQ(plan.compressed_decode, 1);
+  EXPECT_EQ(plan.max_decode_rows, 5);  // 3 thin + 1 recent + the new token
+  EXPECT_EQ(Slice(plan, plan.at.token_seq, 2), (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(Slice(plan, plan.at.kv_rows, 4), (std::vector<int32_t>{2, 4, 2, 4}));
+  // (layer, sequence, kv-head)
+  EXPECT_EQ(Slice(plan, plan.at.thin_rows, 8), (std::vector<int32_t>{3, 2, 0, 0, 3, 2, 0, 0}));
+  EXPECT_EQ(Slice(plan, plan.at.recent_rows, 8), (std::vector<int32_t>{2, 2, 4, 4, 2, 2, 4, 4}));
+  EXPECT_EQ(Slice(plan, plan.at.key_width, 4), (std::vector<int32_t>{8, 16, 8, 16}));
+  const std::vector<int32_t> offsets = Slice(plan, plan.at.channel_offset, 4);
+  EXPECT_EQ(offsets[0], 0);
+  EXPECT_EQ(offsets[2], 16);
+  const auto* channels = reinterpret_cast<const uint16_t*>(plan.data.data() + plan.at.channels);
+  EXPECT_EQ(channels[offsets[2] + 5], 105);
+  EXPECT_EQ(Slice(plan, plan.at.thin_indptr, 3), (std::vector<int32_t>{0, 1, 1}));
+  // Built into a caller's buffer that starts as garbage: the same plan, every entry written (the
+  // channel sets are not cleared before they are copied).
+  StepPlan external;
+  std::vector<int32_t> buffer;
+  ASSERT_TRUE(
+      BuildStepPlan(decode, Shape(4), external, [&](size_t elements) -> absl::StatusOr<int32_t*> {
+        buffer.assign(elements, 0x7f7f7f7f);
+        return buffer.data();
+      }).ok());
+  EXPECT_TRUE(
+      std::equal(external.data.begin(), external.data.end(), plan.data.begin(), plan.data.end()));
+  EXPECT_FALSE(plan.thin_kept);  // after a prompt step
+
+  // With room for the page lists, so that the offsets hold, the next decode of the same sequences
+  // into the memory that holds this plan leaves the thin page lists and channel sets as they
+  // are, and is the plan built afresh.
+  const PlanCapacity room{.pages = 16, .thin_pages = 4};
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  EXPECT_FALSE(plan.thin_kept);  // the offsets moved
+  for (int layer = 0; layer < 2; ++layer) {
+    a.compressed[layer].recent_rows = {2, 2};
+    a.keys[layer].rows = a.values[layer].rows = 2;
+    b.keys[layer].rows = b.values[layer].rows = 4;
+  }
+  a.tokens = 11;
+  b.tokens = 4;
+  ASSERT_TRUE(cache_->Reserve(a, 1));
+  ASSERT_TRUE(cache_->Reserve(b, 1));
+  const int32_t* before = plan.data.data();
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  ASSERT_EQ(plan.data.data(), before);
+  EXPECT_TRUE(plan.thin_kept);
+  StepPlan fresh;
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), fresh, {}, room).ok());
+  EXPECT_FALSE(fresh.thin_kept);
+  EXPECT_EQ(ReadEntries(plan, 2), ReadEntries(fresh, 2));
+  // Another sequence (a new id) in a's place is planned whole.
+  a.id += 1000;
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
+  EXPECT_FALSE(plan.thin_kept);
+
+  // A compressed sequence fed more than one token is a caller's bug.
+  const std::vector<int32_t> two{11, 12};
+  const SequenceStep wrong{&a, two, true, &*config};
+  EXPECT_EQ(BuildStepPlan({&wrong, 1}, Shape(4), plan).code(), absl::StatusCode::kInternal);
+}
+
+}  // namespace
+}  // namespace kvtrim::engine::cuda
