@@ -226,8 +226,9 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // Each sequence's part of the full-width page lists: where the previous plan put it when this
   // step decodes the same sequences and every part still holds its pages, else afresh.
   std::vector<int32_t>& starts = plan.part_starts;
-  bool same_parts = previous_decodes && plan.decodes_only() && plan.seq_ids == previous_ids &&
-                    previous_starts.size() == seq_pages.size() + 1;
+  // This step decodes the sequences the previous one decoded, in the same order.
+  const bool same_decodes = previous_decodes && plan.decodes_only() && plan.seq_ids == previous_ids;
+  bool same_parts = same_decodes && previous_starts.size() == seq_pages.size() + 1;
   for (size_t s = 0; same_parts && s < seq_pages.size(); ++s) {
     same_parts = seq_pages[s] <= previous_starts[s + 1] - previous_starts[s];
   }
@@ -289,14 +290,11 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   }
   // The decodes of the sequences the previous plan decoded, into the same memory: their thin page
   // lists and channel sets are there already.
-  plan.thin_kept = thin && previous_decodes && plan.decodes_only() &&
-                   plan.data.data() == previous_data && plan.data.size() == previous_size &&
-                   at == previous_at && plan.seq_ids == previous_ids &&
-                   plan.seq_thin_pages == previous_thin;
+  const bool same_memory =
+      plan.data.data() == previous_data && plan.data.size() == previous_size && at == previous_at;
+  plan.thin_kept = thin && same_decodes && same_memory && plan.seq_thin_pages == previous_thin;
   // Likewise the full-width page lists, but for the entries the sequences gained.
-  plan.pages_kept = same_parts && plan.data.data() == previous_data &&
-                    plan.data.size() == previous_size && at == previous_at &&
-                    previous_written.size() == S * L * 2;
+  plan.pages_kept = same_parts && same_memory && previous_written.size() == S * L * 2;
   // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
   // It fills each layer's first P (PT) page list entries, the scratch page ids and the channel
   // sets but for the half word that may pad them to an int32: up to 1 MB a step at the
