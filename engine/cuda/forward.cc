@@ -271,23 +271,14 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
         return plan_staging_.as<int32_t>();
       },
       plan_capacity_));
-  // Room for the page lists to grow into, a quarter more than they hold, so that the decode
-  // steps of the same sequences keep their plan's offsets (and replay their graph) while the
-  // sequences gain pages; renewed once outgrown, or once under half what it would be renewed to.
-  const auto room = [](int32_t used, int32_t& capacity) {
-    const int32_t fresh = used + used / 4 + 16;
-    if (used > capacity || fresh < capacity / 2) capacity = fresh;
-  };
-  room(plan_.pages, plan_capacity_.pages);
-  room(plan_.thin_pages, plan_capacity_.thin_pages);
+  plan_capacity_.Fit(plan_);
   const int splits =
       config_.sliding_window > 0
           ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
-  keep_plan_tail_ = plan_.thin_kept && uploaded_to == plan_device_.as<void>();
-  patch_pages_ = plan_.pages_kept && uploaded_to == plan_device_.as<void>();
+  device_holds_last_ = uploaded_to == plan_device_.as<void>();
   if (absl::Status status = Run(steps, splits, out, began); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
@@ -355,34 +346,28 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   // Where the plan kept the previous one's page lists, thin or full-width, or its channel sets,
   // so does the device copy (when that step ran whole, and into the same buffer): those parts
   // are not uploaded again, and the full-width lists get only the entries the plan changed.
-  const auto upload = [&](size_t from, size_t to) {
-    return CudaStatus(
+  const StepPlan::Upload upload = plan_.UploadOver(device_holds_last_);
+  for (int r = 0; r < upload.n_ranges; ++r) {
+    const size_t from = upload.ranges[r][0], to = upload.ranges[r][1];
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(plan_device_.as<int32_t>() + from, plan_staging_.as<int32_t>() + from,
                         (to - from) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-        "cudaMemcpyAsync(step plan)");
-  };
-  const size_t elements = plan_.data.size();
-  const size_t tail = keep_plan_tail_ ? plan_.at.thin_key_pages : elements;
-  if (patch_pages_) {
-    KVTRIM_RETURN_IF_ERROR(upload(0, plan_.at.key_pages));
-    if (tail < elements) KVTRIM_RETURN_IF_ERROR(upload(plan_.at.thin_key_pages, elements));
+        "cudaMemcpyAsync(step plan)"));
+  }
+  if (upload.patches) {
     const std::vector<int32_t>& patches = plan_.page_patches;
-    if (!patches.empty()) {
-      const size_t bytes = patches.size() * sizeof(int32_t);
-      KVTRIM_RETURN_IF_ERROR(Grow(patch_staging_, bytes));
-      KVTRIM_RETURN_IF_ERROR(Grow(patch_device_, bytes));
-      std::copy(patches.begin(), patches.end(), patch_staging_.as<int32_t>());
-      KVTRIM_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(patch_device_.as<void>(), patch_staging_.as<void>(), bytes,
-                                     cudaMemcpyHostToDevice, stream_),
-                     "cudaMemcpyAsync(page list patches)"));
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchScatterPairs(patch_device_.as<int32_t>(), static_cast<int>(patches.size() / 2),
-                             plan_device_.as<int32_t>(), stream_),
-          "ScatterPairs(page list patches)"));
-    }
-  } else {
-    KVTRIM_RETURN_IF_ERROR(upload(0, tail));
+    const size_t bytes = patches.size() * sizeof(int32_t);
+    KVTRIM_RETURN_IF_ERROR(Grow(patch_staging_, bytes));
+    KVTRIM_RETURN_IF_ERROR(Grow(patch_device_, bytes));
+    std::copy(patches.begin(), patches.end(), patch_staging_.as<int32_t>());
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(patch_device_.as<void>(), patch_staging_.as<void>(), bytes,
+                                   cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync(page list patches)"));
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
+        LaunchScatterPairs(patch_device_.as<int32_t>(), static_cast<int>(patches.size() / 2),
+                           plan_device_.as<int32_t>(), stream_),
+        "ScatterPairs(page list patches)"));
   }
   // Which of the rows that want logits (in step order, as the plan lists them) want only their
   // argmax:

@@ -132,9 +132,9 @@ class CudaBackend : public Backend {
   PinnedBuffer plan_staging_;          // (plan bytes) the plan's arrays, built here for the upload
   DeviceBuffer plan_device_;           // (plan bytes) the plan on the device
   const void* plan_uploaded_to_ = nullptr;  // plan_device_ once a step has run to its end
-  bool keep_plan_tail_ = false;  // the device already holds this plan's thin lists and channels
-  // The device holds the previous plan's full-width page lists: only plan_.page_patches go up.
-  bool patch_pages_ = false;
+  // plan_device_ holds the previous step's plan whole: what this plan kept of it is not uploaded
+  // again (StepPlan::UploadOver).
+  bool device_holds_last_ = false;
   PinnedBuffer patch_staging_;  // plan_.page_patches, for their upload
   DeviceBuffer patch_device_;   // the same on the device
   int capacity_tokens_ = 0;     // T the buffers below hold

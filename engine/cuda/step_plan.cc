@@ -129,6 +129,36 @@ void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
 
 }  // namespace
 
+StepPlan::Upload StepPlan::UploadOver(bool device_holds_previous) const {
+  Upload upload;
+  const size_t elements = data.size();
+  const auto add = [&](size_t from, size_t to) {
+    if (from < to) {
+      upload.ranges[upload.n_ranges][0] = from;
+      upload.ranges[upload.n_ranges][1] = to;
+      ++upload.n_ranges;
+    }
+  };
+  const size_t tail = device_holds_previous && thin_kept ? at.thin_key_pages : elements;
+  if (device_holds_previous && pages_kept) {
+    add(0, at.key_pages);
+    if (tail < elements) add(at.thin_key_pages, elements);
+    upload.patches = !page_patches.empty();
+  } else {
+    add(0, tail);
+  }
+  return upload;
+}
+
+void PlanCapacity::Fit(const StepPlan& plan) {
+  const auto fit = [](int32_t used, int32_t& capacity) {
+    const int32_t fresh = used + used / 4 + 16;
+    if (used > capacity || fresh < capacity / 2) capacity = fresh;
+  };
+  fit(plan.pages, pages);
+  fit(plan.thin_pages, thin_pages);
+}
+
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
                            StepPlan& plan, const PlanStorage& storage, PlanCapacity capacity) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;

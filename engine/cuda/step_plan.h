@@ -137,6 +137,16 @@ struct StepPlan {
   std::vector<int32_t> written;
 
   size_t bytes() const { return data.size_bytes(); }
+  // What to copy of `data` to a device copy, [from, to) element ranges: everything, unless the
+  // device holds the previous plan whole (`device_holds_previous`); then not the kept thin lists
+  // and channel sets, and of kept full-width page lists only page_patches (`patches`), which go
+  // up separately and are written into the device copy.
+  struct Upload {
+    size_t ranges[2][2] = {};
+    int n_ranges = 0;
+    bool patches = false;
+  };
+  Upload UploadOver(bool device_holds_previous) const;
   // Every sequence of the step decodes one token: no prompt, compressed or not, and no chunk of
   // one (a compressed prompt is never counted in decode_seqs).
   bool decodes_only() const { return seqs > 0 && decode_seqs == seqs; }
@@ -151,6 +161,11 @@ using PlanStorage = std::function<absl::StatusOr<int32_t*>(size_t elements)>;
 struct PlanCapacity {
   int32_t pages = 0;
   int32_t thin_pages = 0;
+
+  // Room for the next plan after `plan`: a quarter more than it holds and 16, so that decode
+  // steps of the same sequences keep their offsets (and replay their graph) while the sequences
+  // gain pages; renewed once outgrown, or once under half what it would be renewed to.
+  void Fit(const StepPlan& plan);
 };
 
 // Plans `steps` (steps without new tokens are skipped). INVALID_ARGUMENT for a token id outside

@@ -128,13 +128,12 @@ void HostCosts(int batch, int tokens) {
     step_ms.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
             .count());
-    const int32_t used = plan.pages, fresh = used + used / 4 + 16;
-    if (used > capacity.pages || fresh < capacity.pages / 2) capacity.pages = fresh;
+    capacity.Fit(plan);
     kept += plan.pages_kept;
-    uploaded_mb +=
-        static_cast<double>(plan.pages_kept ? plan.at.key_pages + plan.page_patches.size()
-                                            : plan.data.size()) *
-        sizeof(int32_t) / 1e6;
+    const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
+    size_t elements = upload.patches ? plan.page_patches.size() : 0;
+    for (int r = 0; r < upload.n_ranges; ++r) elements += upload.ranges[r][1] - upload.ranges[r][0];
+    uploaded_mb += static_cast<double>(elements) * sizeof(int32_t) / 1e6;
     for (memory::SequenceKv& kv : kvs) {
       for (memory::PageList& list : kv.keys) ++list.rows;
       for (memory::PageList& list : kv.values) ++list.rows;

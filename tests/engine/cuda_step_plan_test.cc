@@ -70,23 +70,17 @@ class StepPlanTest : public ::testing::Test {
     out.insert(out.end(), data.begin() + at.scratch_keys, data.begin() + plan.data.size());
     return out;
   }
-  // What CudaBackend::Run leaves on the device after uploading `plan` over `device`, the upload
-  // of the plan before it (the backend's device copy).
+  // What CudaBackend::Run leaves on the device after uploading `plan` (StepPlan::UploadOver)
+  // over `device`, the upload of the plan before it (the backend's device copy).
   static void Upload(const StepPlan& plan, std::vector<int32_t>& device) {
-    const size_t elements = plan.data.size();
-    if (device.size() < elements) device.resize(elements);
-    const auto copy = [&](size_t from, size_t to) {
-      std::copy(plan.data.begin() + from, plan.data.begin() + to, device.begin() + from);
-    };
-    const size_t tail = plan.thin_kept ? plan.at.thin_key_pages : elements;
-    if (plan.pages_kept) {
-      copy(0, plan.at.key_pages);
-      if (tail < elements) copy(plan.at.thin_key_pages, elements);
-      for (size_t i = 0; i < plan.page_patches.size(); i += 2) {
-        device[plan.page_patches[i]] = plan.page_patches[i + 1];
-      }
-    } else {
-      copy(0, tail);
+    if (device.size() < plan.data.size()) device.resize(plan.data.size());
+    const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
+    for (int r = 0; r < upload.n_ranges; ++r) {
+      std::copy(plan.data.begin() + upload.ranges[r][0], plan.data.begin() + upload.ranges[r][1],
+                device.begin() + upload.ranges[r][0]);
+    }
+    for (size_t i = 0; upload.patches && i < plan.page_patches.size(); i += 2) {
+      device[plan.page_patches[i]] = plan.page_patches[i + 1];
     }
   }
   // The test cache's geometry; a vocabulary of 100; no window.
