@@ -229,6 +229,12 @@ KvBytes KvCache::Bytes(const SequenceKv& seq) const {
         bytes.metadata += static_cast<int64_t>(head.size()) * sizeof(compress::CormKeyState);
       }
     }
+    if (c.device_states) {
+      for (int32_t head = 0; head < shape_.n_kv_heads; ++head) {
+        bytes.metadata += static_cast<int64_t>(c.prompt_rows[head] + c.recent_rows[head]) *
+                          sizeof(compress::CormKeyState);
+      }
+    }
   }
   bytes.stored = bytes.pages + bytes.metadata;
   return bytes;

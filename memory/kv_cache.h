@@ -61,6 +61,9 @@ struct CompressedLayer {
   // a decode-time policy.
   std::vector<std::vector<compress::CormKeyState>> prompt_states;  // (n_kv_heads)(prompt_rows[h])
   std::vector<std::vector<compress::CormKeyState>> recent_states;  // (n_kv_heads)(recent_rows[h])
+  // The decode-time policy state is kept by the backend beside the pages (the CUDA backend's
+  // device array), one CormKeyState per row in use and kv-head, not in the two vectors above.
+  bool device_states = false;
 };
 
 struct SequenceKv {

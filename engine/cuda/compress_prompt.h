@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "engine/cuda/attention_decode.h"
+#include "engine/cuda/decode_eviction.h"
 #include "engine/cuda/paged_kv.h"
 
 namespace kvtrim::engine::cuda {
@@ -49,6 +50,19 @@ cudaError_t LaunchTopWithWindow(const float* scores, int n, int w, int n_kv_head
 // every token (KeepAll).
 cudaError_t LaunchRangeKept(int n, int n_kv_heads, int kept_tokens, int sinks, int32_t* kept,
                             cudaStream_t stream);
+
+// fp32 scratch LaunchCormPromptStates needs for a prompt of n tokens and w observation queries.
+size_t CormPromptWorkspaceBytes(int n, int w, const AttentionShape& shape);
+
+// states (n_kv_heads, n), exactly memory::compress::CormPromptStates over ObservationAttention:
+// each of the last w queries (position p = n - w + i) attends causally over keys 0 .. p, softmax
+// in fp32; key j of kv-head h gets position j, last_important = the latest p whose weight on it,
+// the largest over the group's query heads, is >= alpha / (p + 1) (compared in double; -1 if
+// none), recent_attention = the last query's (largest over the group). 1 <= w <= n.
+cudaError_t LaunchCormPromptStates(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k,
+                                   int kv_stride, int n, int w, const AttentionShape& shape,
+                                   double alpha, float* workspace, KeyState* states,
+                                   cudaStream_t stream);
 
 // fp32 scratch LaunchThinkChannels needs.
 size_t ThinkWorkspaceBytes(const AttentionShape& shape);

@@ -33,4 +33,13 @@ struct CompressedKv {
   const uint16_t* channels = nullptr;       // the channel sets, (n_kv_heads, key_width[s]) each
 };
 
+// A sequence's decode-time policy as the step plan carries it (decode_eviction.h), kEvictionParams
+// int32 per sequence of the step:
+//   [0] kEvictNone | kEvictCorm | kEvictWindow
+//   [1] corm.window, or window.sinks
+//   [2] corm.recent, or window.recent
+//   [3] [4] corm.alpha, a double: its low word, then its high word
+inline constexpr int kEvictionParams = 5;
+inline constexpr int32_t kEvictNone = 0, kEvictCorm = 1, kEvictWindow = 2;
+
 }  // namespace kvtrim::engine::cuda

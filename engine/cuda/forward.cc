@@ -18,7 +18,10 @@
 // k / v buffers instead of pages, and after each layer's attention the prompt compression
 // kernels (compress_prompt.h) select its kept tokens and ThinK channels and write only those rows
 // to its pages; compressed sequences then decode over their thin and recent segments
-// (attention_decode_compressed.h).
+// (attention_decode_compressed.h). Under a decode-time policy (corm, window) each layer's
+// attention is followed by the eviction kernel (decode_eviction.h), which observes, evicts and
+// closes up the rows on the device; only the rows each head kept come back, for the host to
+// return emptied pages to the pool.
 //
 // The projections that end a block (Wo, Wdown) add their fp32 product straight into x, so the
 // residual stream never goes through bf16. Everything runs on one stream; the step ends with one
@@ -203,8 +206,16 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
     KVTRIM_RETURN_IF_ERROR(Grow(argmax_host_, N * sizeof(int32_t)));
     capacity_logits_ = static_cast<int>(N);
   }
-  size_t scratch = 0, scores = 0, kept = 0;
+  size_t scratch = 0, scores = 0, kept = 0, prompt_states = 0;
+  bool tracked = plan_.evicting > 0;
   for (const PromptJob& job : plan_.prompts) {
+    const memory::compress::CompressionConfig& config = *job.config;
+    if (config.eviction != memory::compress::EvictionPolicy::kNone) tracked = true;
+    if (config.eviction == memory::compress::EvictionPolicy::kCorm) {
+      const int w = std::min(config.corm.window, job.n);
+      scratch = std::max(scratch, CormPromptWorkspaceBytes(job.n, w, shape_));
+      prompt_states = std::max(prompt_states, static_cast<size_t>(config_.n_kv_heads) * job.n);
+    }
     const memory::compress::SnapKvConfig* snap = job.config->scoring();
     if (snap != nullptr && snap->window < job.n) {
       const int w = snap->window;
@@ -218,21 +229,66 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
   KVTRIM_RETURN_IF_ERROR(Grow(scores_, scores * sizeof(float)));
   KVTRIM_RETURN_IF_ERROR(Grow(kept_, kept * sizeof(int32_t)));
   KVTRIM_RETURN_IF_ERROR(Grow(channels_, plan_.channel_out * sizeof(uint16_t)));
+  KVTRIM_RETURN_IF_ERROR(Grow(prompt_states_, prompt_states * sizeof(KeyState)));
+  if (tracked) KVTRIM_RETURN_IF_ERROR(ReserveDecodeStates());
+  if (plan_.evicting > 0) {
+    const size_t counts = static_cast<size_t>(config_.n_layers) * plan_.seqs * config_.n_kv_heads *
+                          2 * sizeof(int32_t);
+    if (plan_.max_decode_rows > evict_rows_) {
+      evict_rows_ = plan_.max_decode_rows + plan_.max_decode_rows / 4 + 64;
+    }
+    KVTRIM_RETURN_IF_ERROR(
+        Grow(evict_scratch_,
+             DecodeEvictionWorkspaceBytes(plan_.decode_seqs, evict_rows_, config_.n_kv_heads)));
+    KVTRIM_RETURN_IF_ERROR(Grow(counts_, counts));
+    KVTRIM_RETURN_IF_ERROR(Grow(counts_host_, counts));
+  }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReserveDecodeStates() {
+  if (states_.bytes() > 0) return absl::OkStatus();
+  const memory::PagePool& pool = cache_.pool();
+  const int rows_per_page = static_cast<int>(pool.page_bytes() / cache_.shape().row_bytes());
+  const size_t bytes =
+      DecodeStateCount(pool.total_pages(), rows_per_page, config_.n_kv_heads) * sizeof(KeyState);
+  absl::StatusOr<DeviceBuffer> states = DeviceBuffer::Allocate(bytes);
+  if (!states.ok()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "decode-time eviction keeps a state per cached row beside the KV pool and its ",
+        bytes >> 20, " MiB of device memory could not be allocated: ", states.status().message()));
+  }
+  states_ = *std::move(states);
+  return absl::OkStatus();
+}
+
+DecodeStates CudaBackend::States() const {
+  return DecodeStates{
+      .states = states_.as<KeyState>(),
+      .rows_per_page =
+          static_cast<int32_t>(cache_.pool().page_bytes() / cache_.shape().row_bytes()),
+  };
 }
 
 absl::Status CudaBackend::SupportsCompression(
     const memory::compress::CompressionConfig& compression) const {
-  if (compression.eviction != memory::compress::EvictionPolicy::kNone) {
+  namespace mc = memory::compress;
+  if (compression.eviction == mc::EvictionPolicy::kCorm && compression.corm.max_tokens > 0) {
+    return absl::InvalidArgumentError(
+        "compression: corm.max_tokens runs on the CPU backend only; the CUDA backend runs CORM "
+        "without a cap");
+  }
+  if (compression.eviction != mc::EvictionPolicy::kNone &&
+      config_.n_heads / config_.n_kv_heads > kMaxEvictionGroup) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "compression: eviction=", memory::compress::EvictionPolicyName(compression.eviction),
-        " runs on the CPU backend only; the CUDA backend runs prompt selection "
-        "(snapkv, pyramidkv, streamingllm) and ThinK"));
+        "compression: eviction=", mc::EvictionPolicyName(compression.eviction),
+        " on the CUDA backend takes at most ", kMaxEvictionGroup, " query heads per kv-head; ",
+        config_.name, " has ", config_.n_heads / config_.n_kv_heads));
   }
   if (compression.think.enabled() && compression.think.rethin) {
     return absl::InvalidArgumentError(
         "compression: think.rethin runs on the CPU backend only; the CUDA backend runs prompt "
-        "selection (snapkv, pyramidkv, streamingllm) and ThinK");
+        "selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction");
   }
   return absl::OkStatus();
 }
@@ -315,6 +371,7 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
       for (int layer = 0; layer < config_.n_layers; ++layer) {
         const memory::compress::LayerPlan& p = prompt.layers[layer];
         memory::CompressedLayer& c = kv.compressed[layer];
+        c.device_states = step.compression->eviction != memory::compress::EvictionPolicy::kNone;
         c.prompt_rows.assign(config_.n_kv_heads, p.thin_rows);
         c.recent_rows.assign(config_.n_kv_heads, p.full_rows);
         c.keys.rows = c.values.rows = p.thin_rows;
@@ -325,6 +382,23 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
           c.channels.assign(channels_host_.begin() + at, channels_host_.begin() + at + count);
         }
       }
+    } else if (step.compression->eviction != memory::compress::EvictionPolicy::kNone) {
+      // The rows each head kept (the new one included), as the eviction kernel counted them;
+      // pages past the most any head keeps go back to the pool.
+      const int H = config_.n_kv_heads;
+      for (int layer = 0; layer < config_.n_layers; ++layer) {
+        memory::CompressedLayer& c = kv.compressed[layer];
+        const int32_t* counts =
+            counts_host_.as<int32_t>() + (static_cast<size_t>(layer) * plan_.seqs + s) * H * 2;
+        for (int h = 0; h < H; ++h) {
+          c.prompt_rows[h] = counts[2 * h];
+          c.recent_rows[h] = counts[2 * h + 1];
+        }
+        c.keys.rows = c.values.rows = *std::max_element(c.prompt_rows.begin(), c.prompt_rows.end());
+        kv.keys[layer].rows = kv.values[layer].rows =
+            *std::max_element(c.recent_rows.begin(), c.recent_rows.end());
+      }
+      cache_.TrimPages(kv);
     } else {
       for (int layer = 0; layer < config_.n_layers; ++layer) {
         memory::CompressedLayer& c = kv.compressed[layer];
@@ -410,6 +484,13 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
       packed += end - row;
       row = end;
     }
+  }
+  if (plan_.evicting > 0) {
+    const size_t bytes = static_cast<size_t>(config_.n_layers) * plan_.seqs * config_.n_kv_heads *
+                         2 * sizeof(int32_t);
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(counts_host_.as<void>(), counts_.as<void>(),
+                                                      bytes, cudaMemcpyDeviceToHost, stream_),
+                                      "cudaMemcpyAsync(rows kept by eviction)"));
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_, stream_), "cudaEventRecord"));
   const Clock::time_point queued = Clock::now();

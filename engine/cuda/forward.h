@@ -17,6 +17,7 @@
 #include "engine/backend.h"
 #include "engine/cuda/attention_decode.h"
 #include "engine/cuda/compressed_kv.h"
+#include "engine/cuda/decode_eviction.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/paged_kv.h"
@@ -62,8 +63,9 @@ class CudaBackend : public Backend {
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   // Host phases timed with a steady clock, the device span with two CUDA events.
   std::optional<StepProfile> LastStepProfile() const override { return profile_; }
-  // Prompt selection (snapkv, pyramidkv, streamingllm) and ThinK run on the device; decode-time
-  // eviction and re-thinning are refused.
+  // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm
+  // without max_tokens, window) run on the device; ThinK re-thinning and CORM's max_tokens are
+  // refused.
   absl::Status SupportsCompression(
       const memory::compress::CompressionConfig& compression) const override;
 
@@ -75,8 +77,9 @@ class CudaBackend : public Backend {
   struct GraphKey {
     StepPlan::Offsets at;
     int32_t tokens = 0, seqs = 0, decode_seqs = 0, logit_rows = 0;
-    int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0;
-    const void* buffers[12] = {};  // the device buffers the launches take
+    int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0, evicting = 0;
+    int32_t evict_rows = 0;
+    const void* buffers[15] = {};  // the device buffers the launches take
     bool operator==(const GraphKey&) const = default;
   };
 
@@ -103,8 +106,12 @@ class CudaBackend : public Backend {
   CompressedKv CompressedOf(int layer) const;
   // The compressed prompts' K/V in the step's scratch, as pages of one row.
   PagedKv ScratchPages() const;
-  // Selection, ThinK channels and the kept rows' writes of every compressed prompt of the step.
+  // Selection, ThinK channels and the kept rows' writes of every compressed prompt of the step,
+  // with their decode state where a decode-time policy runs.
   absl::Status CompressPrompts(int layer);
+  // Allocates the decode state array (decode_eviction.h) once a step needs it.
+  absl::Status ReserveDecodeStates();
+  DecodeStates States() const;
   // The host side of the step's rows once the device has written them.
   absl::Status UpdateSequences(std::span<const SequenceStep> steps);
   const int32_t* Plan(size_t offset) const { return plan_device_.as<int32_t>() + offset; }
@@ -159,6 +166,13 @@ class CudaBackend : public Backend {
   DeviceBuffer argmax_;            // (N) int32
   PinnedBuffer argmax_host_;       // (N) int32
   std::vector<bool> argmax_only_;  // per wanting row of the step
+  // Decode-time eviction (decode_eviction.h):
+  DeviceBuffer states_;         // the rows' decode states, over the whole pool
+  DeviceBuffer prompt_states_;  // (n_kv_heads, n) KeyState of one compressed prompt under corm
+  DeviceBuffer evict_scratch_;  // the eviction kernel's workspace, for evict_rows_ rows a head
+  int evict_rows_ = 0;          // grows ahead of the rows, so that a decode graph replays
+  DeviceBuffer counts_;         // (n_layers, S, n_kv_heads, 2) rows kept per head and segment
+  PinnedBuffer counts_host_;    // the same, copied back
 };
 
 }  // namespace kvtrim::engine::cuda

@@ -15,6 +15,7 @@
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/compress_prompt.h"
+#include "engine/cuda/decode_eviction.h"
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/forward.h"
 #include "engine/cuda/rmsnorm.h"
@@ -65,10 +66,13 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
       .thin_page_stride = plan_.thin_page_stride,
       .splits = splits,
       .argmax_rows = argmax_rows,
+      .evicting = plan_.evicting,
+      .evict_rows = plan_.evicting > 0 ? evict_rows_ : 0,
       .buffers = {plan_device_.as<void>(), x_.as<void>(), normed_.as<void>(), qkv_.as<void>(),
                   attention_.as<void>(), gate_up_.as<void>(), activation_.as<void>(),
                   workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), argmax_.as<void>(),
-                  pages_.as<void>()},
+                  pages_.as<void>(), states_.as<void>(), evict_scratch_.as<void>(),
+                  counts_.as<void>()},
   };
 }
 
@@ -232,6 +236,22 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
         CudaStatus(LaunchWriteKeptRows(k_seq, v_seq, stride, kept, p.kept_tokens, p.thin_rows,
                                        p.key_width, channels, shape_, pages, rows, stream_),
                    "WriteKeptRows"));
+
+    // The kept rows' decode state, for the decode-time policies.
+    if (config.eviction == mc::EvictionPolicy::kNone) continue;
+    KeyState* prompt_states = nullptr;
+    if (config.eviction == mc::EvictionPolicy::kCorm) {
+      prompt_states = prompt_states_.as<KeyState>();
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchCormPromptStates(q_seq, stride, k_seq, stride, n, std::min(config.corm.window, n),
+                                 shape_, config.corm.alpha, compress_scratch_.as<float>(),
+                                 prompt_states, stream_),
+          "CormPromptStates"));
+    }
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchWriteKeptStates(kept, p.kept_tokens, p.thin_rows, n, H, prompt_states,
+                                         rows.thin_values, rows.recent_values, States(), stream_),
+                   "WriteKeptStates"));
   }
   return absl::OkStatus();
 }
@@ -259,20 +279,34 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
         CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
   }
   const PagedKv pages = PagesOf(layer);
+  // Under decode-time eviction each kv-head of a sequence appends at its own row.
+  const CompressedKv compressed =
+      config_.sliding_window == 0 ? CompressedOf(layer) : CompressedKv{};
   const RopeKvAppend append{.kv = pages,
                             .token_seq = Plan(at.token_seq),
                             .token_indptr = Plan(at.token_indptr),
-                            .values = v};
+                            .values = v,
+                            .head_rows = plan_.evicting > 0 ? compressed.recent_rows : nullptr};
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens, head_dim,
                  Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_, &append),
       "Rope"));
   if (config_.sliding_window == 0) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
-        LaunchCompressedDecodeAttention(pages, CompressedOf(layer), Plan(at.token_indptr),
-                                        Plan(at.decode), plan_.decode_seqs, q, stride, shape_,
-                                        splits, workspace_.as<float>(), attention, stream_),
+        LaunchCompressedDecodeAttention(pages, compressed, Plan(at.token_indptr), Plan(at.decode),
+                                        plan_.decode_seqs, q, stride, shape_, splits,
+                                        workspace_.as<float>(), attention, stream_),
         "CompressedDecodeAttention"));
+    if (plan_.evicting > 0) {
+      int32_t* counts =
+          counts_.as<int32_t>() + static_cast<size_t>(layer) * plan_.seqs * config_.n_kv_heads * 2;
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchDecodeEviction(pages, compressed, Plan(at.token_indptr), Plan(at.positions),
+                               Plan(at.decode), plan_.decode_seqs, Plan(at.eviction), q, stride,
+                               shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(), counts,
+                               stream_),
+          "DecodeEviction"));
+    }
   } else {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,

@@ -27,17 +27,35 @@ namespace {
 // elements per thread and pass.
 template <int kVec>
 __device__ __forceinline__ void AppendRows(const RopeKvAppend& append, int token,
-                                           const __nv_bfloat16* key, int row_stride) {
+                                           const __nv_bfloat16* key, int row_stride, int head_dim) {
   const PagedKv& kv = append.kv;
   const int seq = append.token_seq[token];
   if (seq < 0) return;  // a row that stays in the step's scratch
   const int first_token = append.token_indptr[seq];
   const int n_new = append.token_indptr[seq + 1] - first_token;
-  const int row = kv.kv_rows[seq] - n_new + (token - first_token);
   const int first_page = kv.page_indptr[seq];
+  const __nv_bfloat16* value = append.values + static_cast<int64_t>(token) * row_stride;
+  if (append.head_rows != nullptr) {
+    // Each kv-head at its own row: head_dim is a multiple of kVec, so a piece is in one head.
+    const int n_kv_heads = kv.row_elements / head_dim;
+    for (int i = threadIdx.x * kVec; i < kv.row_elements; i += blockDim.x * kVec) {
+      const int head = i / head_dim;
+      const int row = append.head_rows[seq * n_kv_heads + head] - n_new + (token - first_token);
+      const int64_t key_at = PagedRowOffset(kv, kv.key_pages + first_page, row) + i;
+      const int64_t value_at = PagedRowOffset(kv, kv.value_pages + first_page, row) + i;
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint4*>(kv.pool + key_at) = *reinterpret_cast<const uint4*>(key + i);
+        *reinterpret_cast<uint4*>(kv.pool + value_at) = *reinterpret_cast<const uint4*>(value + i);
+      } else {
+        kv.pool[key_at] = key[i];
+        kv.pool[value_at] = value[i];
+      }
+    }
+    return;
+  }
+  const int row = kv.kv_rows[seq] - n_new + (token - first_token);
   const int64_t key_at = PagedRowOffset(kv, kv.key_pages + first_page, row);
   const int64_t value_at = PagedRowOffset(kv, kv.value_pages + first_page, row);
-  const __nv_bfloat16* value = append.values + static_cast<int64_t>(token) * row_stride;
   for (int i = threadIdx.x * kVec; i < kv.row_elements; i += blockDim.x * kVec) {
     if constexpr (kVec == 8) {
       *reinterpret_cast<uint4*>(kv.pool + key_at + i) = *reinterpret_cast<const uint4*>(key + i);
@@ -114,7 +132,7 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
   if constexpr (kAppendVec > 0) {
     __syncthreads();  // the block's rotated keys are written
     AppendRows<kAppendVec>(append, token, k + static_cast<size_t>(token) * k_row_stride,
-                           k_row_stride);
+                           k_row_stride, head_dim);
   }
 }
 
@@ -150,8 +168,8 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
   const int quad_threads = std::min(threads, std::max(32, (pairs / 2 + 31) / 32 * 32));
   // 16-byte copies where rows, strides and pages keep every piece aligned.
   const int append_vec = append == nullptr ? 0
-                         : append->kv.row_elements % 8 == 0 && k_row_stride % 8 == 0 &&
-                                 append->kv.page_elements % 8 == 0 &&
+                         : append->kv.row_elements % 8 == 0 && head_dim % 8 == 0 &&
+                                 k_row_stride % 8 == 0 && append->kv.page_elements % 8 == 0 &&
                                  Aligned(append->kv.pool, 16) && Aligned(k, 16) &&
                                  Aligned(append->values, 16)
                              ? 8

@@ -23,6 +23,9 @@ struct RopeKvAppend {
   const int32_t* token_seq = nullptr;     // (tokens)
   const int32_t* token_indptr = nullptr;  // (n_seqs + 1)
   const __nv_bfloat16* values = nullptr;  // (tokens, k_row_stride)
+  // When given, (n_seqs, n_kv_heads): kv-head h of sequence s takes row head_rows[s, h] - n_new
+  // + i instead (the heads of a sequence under decode-time eviction hold their own row counts).
+  const int32_t* head_rows = nullptr;
 };
 
 // Rotates, in place, every head of q and k of each token t by positions[t], as engine/rope.h's

@@ -32,6 +32,7 @@
 #include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/check.h"
 #include "engine/cuda/compress_prompt.h"
+#include "engine/cuda/decode_eviction.h"
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -255,6 +256,32 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) stats[row] = make_float2(m, 1.0f / l);
 }
 
+// One query tile of the sum and CORM passes: rows [r0, r0 + kTileRows) of the kv-head's R rows
+// into the Q tile, their (max, 1 / sum) into row_max / row_inv, and S = Q Kᵀ against the K tile
+// already in shared memory into s_tile. Returns the tile's rows (the rest of s_tile is stale).
+template <int kHeadDim>
+__device__ int ScoreQueryTile(const __nv_bfloat16* q, int q_stride, int n, int w, int group,
+                              int kv_head, int r0, bool vector, const float2* stats,
+                              __nv_bfloat16* q_tile, const __nv_bfloat16* k_tile, float* s_tile,
+                              float* row_max, float* row_inv) {
+  using L = Layout<kHeadDim>;
+  const int rows = group * w, warp = threadIdx.x / 32;
+  __syncthreads();  // every thread is done with the previous tile
+  LoadQueryTile<kHeadDim>(q, q_stride, n, w, group, kv_head, r0, vector, q_tile);
+  const int tile_rows = min(kTileRows, rows - r0);
+  for (int r = threadIdx.x; r < tile_rows; r += kThreads) {
+    const float2 stat = stats[static_cast<int64_t>(kv_head) * rows + r0 + r];
+    row_max[r] = stat.x;
+    row_inv[r] = stat.y;
+  }
+  __syncthreads();
+  if (r0 + warp * kRowsPerWarp < rows) {
+    ScoreRows<kHeadDim>(q_tile, k_tile, warp, s_tile + warp * kRowsPerWarp * L::kLdS);
+  }
+  __syncthreads();
+  return tile_rows;
+}
+
 template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     SnapKvSumKernel(const __nv_bfloat16* __restrict__ q, int q_stride,
@@ -269,7 +296,6 @@ __global__ void __launch_bounds__(kThreads)
   float* row_max = reinterpret_cast<float*>(shared + L::kRowMax);
   float* row_inv = reinterpret_cast<float*>(shared + L::kRowInv);
   float* head_sums = reinterpret_cast<float*>(shared + L::kBytes);  // (2, group, kTileKeys)
-  const int warp = threadIdx.x / 32;
   const int prefix = n - w, k0 = blockIdx.x * kTileKeys, kv_head = blockIdx.y;
   const int rows = group * w;
   // Thread: column `column` of the tile, rows [half * 32, half * 32 + 32) of each query tile.
@@ -282,19 +308,8 @@ __global__ void __launch_bounds__(kThreads)
   int g = 0, next_head_row = w;
   float sum = 0.0f;
   for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-    __syncthreads();  // every thread is done with the previous tile
-    LoadQueryTile<kHeadDim>(q, q_stride, n, w, group, kv_head, r0, vector, q_tile);
-    const int tile_rows = min(kTileRows, rows - r0);
-    for (int r = threadIdx.x; r < tile_rows; r += kThreads) {
-      const float2 stat = stats[static_cast<int64_t>(kv_head) * rows + r0 + r];
-      row_max[r] = stat.x;
-      row_inv[r] = stat.y;
-    }
-    __syncthreads();
-    if (r0 + warp * kRowsPerWarp < rows) {
-      ScoreRows<kHeadDim>(q_tile, k_tile, warp, s_tile + warp * kRowsPerWarp * L::kLdS);
-    }
-    __syncthreads();
+    const int tile_rows = ScoreQueryTile<kHeadDim>(q, q_stride, n, w, group, kv_head, r0, vector,
+                                                   stats, q_tile, k_tile, s_tile, row_max, row_inv);
     for (int r = half * 32; r < min(tile_rows, half * 32 + 32); ++r) {
       if (r0 + r >= next_head_row) {
         head_sums[(half * group + g) * kTileKeys + column] += sum;
@@ -340,35 +355,48 @@ __global__ void SnapKvPoolKernel(const float* __restrict__ summed, int prefix, i
   scores[static_cast<int64_t>(kv_head) * prefix + j] = score;
 }
 
+// Passes 1 and 2: every window row's (max, 1 / sum) into the workspace's stats.
+template <int kHeadDim>
+cudaError_t LaunchWindowStats(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k,
+                              int kv_stride, int n, int w, const AttentionShape& shape,
+                              const SnapKvPlan& plan, float* workspace, bool vector,
+                              cudaStream_t stream) {
+  using L = Layout<kHeadDim>;
+  // Above the default 48 KB for head_dim >= 128: the limit is raised once per process.
+  static const cudaError_t raised = cudaFuncSetAttribute(
+      SnapKvStatsKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+  KVTRIM_CUDA_RETURN_IF_ERROR(raised);
+  float2* partial = reinterpret_cast<float2*>(workspace + plan.partial);
+  float2* stats = reinterpret_cast<float2*>(workspace + plan.stats);
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(kHeadDim));
+  SnapKvStatsKernel<kHeadDim>
+      <<<dim3(plan.n_chunks, shape.n_kv_heads), kThreads, L::kBytes, stream>>>(
+          q, q_stride, k, kv_stride, n, w, shape.n_heads / shape.n_kv_heads, plan.tiles_per_chunk,
+          plan.n_chunks, scale_log2, vector, partial);
+  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
+  const int rows = shape.n_heads * w;
+  SnapKvMergeKernel<<<(rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(partial, rows,
+                                                                           plan.n_chunks, stats);
+  return LaunchError();
+}
+
 template <int kHeadDim>
 cudaError_t LaunchSnapKv(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k,
                          int kv_stride, int n, int w, const AttentionShape& shape, int kernel_size,
                          bool avg_pooling, float* workspace, float* scores, bool vector,
                          cudaStream_t stream) {
   using L = Layout<kHeadDim>;
-  // Above the default 48 KB for head_dim >= 128: the limits are raised once per process.
-  static const cudaError_t raised_stats = cudaFuncSetAttribute(
-      SnapKvStatsKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   static const cudaError_t raised_sum = cudaFuncSetAttribute(
       SnapKvSumKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kMaxBytes);
-  KVTRIM_CUDA_RETURN_IF_ERROR(raised_stats);
   KVTRIM_CUDA_RETURN_IF_ERROR(raised_sum);
   const SnapKvPlan plan = PlanSnapKv(n, w, shape);
-  float2* partial = reinterpret_cast<float2*>(workspace + plan.partial);
   float2* stats = reinterpret_cast<float2*>(workspace + plan.stats);
   float* summed = workspace + plan.summed;
   const int group = shape.n_heads / shape.n_kv_heads, prefix = n - w;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(kHeadDim));
 
-  SnapKvStatsKernel<kHeadDim>
-      <<<dim3(plan.n_chunks, shape.n_kv_heads), kThreads, L::kBytes, stream>>>(
-          q, q_stride, k, kv_stride, n, w, group, plan.tiles_per_chunk, plan.n_chunks, scale_log2,
-          vector, partial);
-  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
-  const int rows = shape.n_heads * w;
-  SnapKvMergeKernel<<<(rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(partial, rows,
-                                                                           plan.n_chunks, stats);
-  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
+  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchWindowStats<kHeadDim>(q, q_stride, k, kv_stride, n, w, shape,
+                                                          plan, workspace, vector, stream));
   const int prefix_tiles = (prefix + kTileKeys - 1) / kTileKeys;
   const size_t sum_bytes = L::kBytes + sizeof(float) * 2 * group * kTileKeys;
   SnapKvSumKernel<kHeadDim><<<dim3(prefix_tiles, shape.n_kv_heads), kThreads, sum_bytes, stream>>>(
@@ -380,6 +408,79 @@ cudaError_t LaunchSnapKv(const __nv_bfloat16* q, int q_stride, const __nv_bfloat
                                                 scores);
   return LaunchError();
 }
+
+// CORM's prompt states (LaunchCormPromptStates): grid (key tiles of all n keys, kv-heads). As
+// the sum pass, the K tile stays and S is recomputed tile by tile, but masked causally (window
+// query i sees keys <= n - w + i), and each column keeps the latest query position whose weight
+// reached alpha / (position + 1) and the last query's largest weight over the group; the two
+// halves of the rows meet in shared memory.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+    CormStatesKernel(const __nv_bfloat16* __restrict__ q, int q_stride,
+                     const __nv_bfloat16* __restrict__ k, int kv_stride, int n, int w, int group,
+                     float scale_log2, bool vector, const float2* __restrict__ stats, double alpha,
+                     KeyState* __restrict__ states) {
+  using L = Layout<kHeadDim>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared + L::kQ);
+  __nv_bfloat16* k_tile = reinterpret_cast<__nv_bfloat16*>(shared + L::kK);
+  float* s_tile = reinterpret_cast<float*>(shared + L::kS);
+  float* row_max = reinterpret_cast<float*>(shared + L::kRowMax);
+  float* row_inv = reinterpret_cast<float*>(shared + L::kRowInv);
+  int* half_last = reinterpret_cast<int*>(shared + L::kBytes);               // (2, kTileKeys)
+  float* half_recent = reinterpret_cast<float*>(half_last + 2 * kTileKeys);  // (2, kTileKeys)
+  const int k0 = blockIdx.x * kTileKeys, kv_head = blockIdx.y;
+  const int rows = group * w;
+  const int column = threadIdx.x % kTileKeys, half = threadIdx.x / kTileKeys;
+  const int key = k0 + column;
+  LoadTile<kHeadDim>(k + static_cast<int64_t>(kv_head) * kHeadDim, kv_stride, k0,
+                     min(kTileKeys, n - k0), vector, k_tile);
+  int last = -1;
+  float recent = 0.0f;
+  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int tile_rows = ScoreQueryTile<kHeadDim>(q, q_stride, n, w, group, kv_head, r0, vector,
+                                                   stats, q_tile, k_tile, s_tile, row_max, row_inv);
+    for (int r = half * 32; r < min(tile_rows, half * 32 + 32); ++r) {
+      const int i = (r0 + r) % w, position = n - w + i;
+      if (key > position || key >= n) continue;
+      const float p = exp2f(s_tile[r * L::kLdS + column] * scale_log2 - row_max[r]) * row_inv[r];
+      if (static_cast<double>(p) >= alpha / static_cast<double>(position + 1)) {
+        last = max(last, position);
+      }
+      if (i == w - 1) recent = fmaxf(recent, p);
+    }
+  }
+  half_last[half * kTileKeys + column] = last;
+  half_recent[half * kTileKeys + column] = recent;
+  __syncthreads();
+  if (half == 0 && key < n) {
+    states[static_cast<int64_t>(kv_head) * n + key] =
+        KeyState{key, max(half_last[column], half_last[kTileKeys + column]),
+                 fmaxf(half_recent[column], half_recent[kTileKeys + column])};
+  }
+}
+
+template <int kHeadDim>
+cudaError_t LaunchCorm(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k, int kv_stride,
+                       int n, int w, const AttentionShape& shape, double alpha, float* workspace,
+                       KeyState* states, bool vector, cudaStream_t stream) {
+  using L = Layout<kHeadDim>;
+  constexpr size_t kCormBytes = L::kBytes + 2 * kTileKeys * (sizeof(int) + sizeof(float));
+  static const cudaError_t raised_corm = cudaFuncSetAttribute(
+      CormStatesKernel<kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, kCormBytes);
+  KVTRIM_CUDA_RETURN_IF_ERROR(raised_corm);
+  const SnapKvPlan plan = PlanSnapKv(n, w, shape);
+  float2* stats = reinterpret_cast<float2*>(workspace + plan.stats);
+  const int group = shape.n_heads / shape.n_kv_heads;
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(kHeadDim));
+  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchWindowStats<kHeadDim>(q, q_stride, k, kv_stride, n, w, shape,
+                                                          plan, workspace, vector, stream));
+  const int tiles = (n + kTileKeys - 1) / kTileKeys;
+  CormStatesKernel<kHeadDim><<<dim3(tiles, shape.n_kv_heads), kThreads, kCormBytes, stream>>>(
+      q, q_stride, k, kv_stride, n, w, group, scale_log2, vector, stats, alpha, states);
+  return LaunchError();
+}
+
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 bool ValidShape(const AttentionShape& shape) {
@@ -424,4 +525,39 @@ cudaError_t LaunchSnapKvScores(const __nv_bfloat16* q, int q_stride, const __nv_
                                workspace, scores, vector, stream);
   }
 }
+size_t CormPromptWorkspaceBytes(int n, int w, const AttentionShape& shape) {
+  if (w < 1 || w > n || shape.n_heads <= 0) return 0;
+  return PlanSnapKv(n, w, shape).summed * sizeof(float);
+}
+
+cudaError_t LaunchCormPromptStates(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k,
+                                   int kv_stride, int n, int w, const AttentionShape& shape,
+                                   double alpha, float* workspace, KeyState* states,
+                                   cudaStream_t stream) {
+  if (!ValidShape(shape) || shape.n_heads / shape.n_kv_heads > kMaxGroup || w < 1 || w > n ||
+      q_stride < shape.n_heads * shape.head_dim || kv_stride < shape.n_kv_heads * shape.head_dim ||
+      q == nullptr || k == nullptr || states == nullptr || workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(workspace) % alignof(float2) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const bool vector = Aligned16(q) && Aligned16(k) && q_stride % 8 == 0 && kv_stride % 8 == 0;
+  switch (shape.head_dim) {
+    case 16:
+      return LaunchCorm<16>(q, q_stride, k, kv_stride, n, w, shape, alpha, workspace, states,
+                            vector, stream);
+    case 32:
+      return LaunchCorm<32>(q, q_stride, k, kv_stride, n, w, shape, alpha, workspace, states,
+                            vector, stream);
+    case 64:
+      return LaunchCorm<64>(q, q_stride, k, kv_stride, n, w, shape, alpha, workspace, states,
+                            vector, stream);
+    case 128:
+      return LaunchCorm<128>(q, q_stride, k, kv_stride, n, w, shape, alpha, workspace, states,
+                             vector, stream);
+    default:
+      return LaunchCorm<256>(q, q_stride, k, kv_stride, n, w, shape, alpha, workspace, states,
+                             vector, stream);
+  }
+}
+
 }  // namespace kvtrim::engine::cuda

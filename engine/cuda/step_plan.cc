@@ -1,8 +1,10 @@
 #include "engine/cuda/step_plan.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/compressed_kv.h"
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -98,15 +100,18 @@ int32_t CopyPages(const memory::PageList& list, int32_t entries, int32_t room, i
 int32_t PartRoom(int32_t pages) { return pages + pages / 8 + 4; }
 
 // A kept plan's full-width page lists (StepPlan::pages_kept): writes, in plan.data, the entries
-// each list gained or lost since `previous_written` (the previous plan's StepPlan::written) and
-// lists them in plan.page_patches; sets plan.written.
+// each list gained or lost since `previous_written` (the previous plan's StepPlan::written), or
+// changed (decode-time eviction), and lists them in plan.page_patches; sets plan.written.
 void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
                     std::span<const int32_t> previous_written, StepPlan& plan) {
   const StepPlan::Offsets& at = plan.at;
   const size_t L = n_layers;
   int32_t* d = plan.data.data();
   for (size_t s = 0; s < static_cast<size_t>(plan.seqs); ++s) {
-    const memory::SequenceKv& kv = *steps[plan.step_of_seq[s]].kv;
+    const SequenceStep& step = steps[plan.step_of_seq[s]];
+    const memory::SequenceKv& kv = *step.kv;
+    const bool evicting =
+        step.compressed() && step.compression->eviction != mc::EvictionPolicy::kNone;
     for (size_t layer = 0; layer < L; ++layer) {
       for (int v = 0; v < 2; ++v) {
         const memory::PageList& list = v == 0 ? kv.keys[layer] : kv.values[layer];
@@ -116,14 +121,45 @@ void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
         const int32_t before = previous_written[slot];
         const int32_t now =
             std::min<int32_t>(plan.seq_pages[s], static_cast<int32_t>(list.pages.size()));
-        for (int32_t j = std::min(before, now); j < std::max(before, now); ++j) {
-          d[first + j] = j < now ? list.pages[j] : -1;
+        // Under decode-time eviction a list may have lost pages at its end and gained others
+        // since: every entry is compared with the previous plan's (a compressed sequence's lists
+        // are short). Elsewhere lists only grow, and the entries past `before` are the new ones.
+        const int32_t from = evicting ? 0 : std::min(before, now);
+        for (int32_t j = from; j < std::max(before, now); ++j) {
+          const int32_t page = j < now ? list.pages[j] : -1;
+          if (j < std::min(before, now) && d[first + j] == page) continue;
+          d[first + j] = page;
           plan.page_patches.push_back(static_cast<int32_t>(first + j));
-          plan.page_patches.push_back(d[first + j]);
+          plan.page_patches.push_back(page);
         }
         plan.written[slot] = now;
       }
     }
+  }
+}
+
+// A compressed decode's decode-time policy as the eviction kernel reads it (compressed_kv.h).
+void WriteEviction(const mc::CompressionConfig& config, int32_t* params) {
+  switch (config.eviction) {
+    case mc::EvictionPolicy::kNone:
+      params[0] = kEvictNone;
+      return;
+    case mc::EvictionPolicy::kCorm: {
+      params[0] = kEvictCorm;
+      params[1] = config.corm.window;
+      params[2] = config.corm.recent;
+      uint64_t alpha;
+      static_assert(sizeof(alpha) == sizeof(config.corm.alpha));
+      std::memcpy(&alpha, &config.corm.alpha, sizeof(alpha));
+      params[3] = static_cast<int32_t>(static_cast<uint32_t>(alpha));
+      params[4] = static_cast<int32_t>(static_cast<uint32_t>(alpha >> 32));
+      return;
+    }
+    case mc::EvictionPolicy::kWindow:
+      params[0] = kEvictWindow;
+      params[1] = config.window.sinks;
+      params[2] = config.window.recent;
+      return;
   }
 }
 
@@ -142,7 +178,8 @@ StepPlan::Upload StepPlan::UploadOver(bool device_holds_previous) const {
   const size_t tail = device_holds_previous && thin_kept ? at.thin_key_pages : elements;
   if (device_holds_previous && pages_kept) {
     add(0, at.key_pages);
-    if (tail < elements) add(at.thin_key_pages, elements);
+    // Thin page lists rewritten (decode-time eviction emptied pages at their end) go up whole.
+    if (!thin_kept) add(at.thin_key_pages, elements);
     upload.patches = !page_patches.empty();
   } else {
     add(0, tail);
@@ -227,6 +264,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       } else {
         ++plan.decode_seqs;
         ++plan.compressed_decode;
+        if (step.compression->eviction != mc::EvictionPolicy::kNone) ++plan.evicting;
         for (const memory::CompressedLayer& c : kv.compressed) {
           channel_elements += c.channels.size();
           for (int h = 0; h < H; ++h) {
@@ -299,7 +337,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   at.recent_rows = at.thin_rows + (compressed ? L * S * H : 0);
   at.key_width = at.recent_rows + (compressed ? L * S * H : 0);
   at.channel_offset = at.key_width + (compressed ? L * S : 0);
-  at.scratch_indptr = at.channel_offset + (compressed ? L * S : 0);
+  at.eviction = at.channel_offset + (compressed ? L * S : 0);
+  at.scratch_indptr = at.eviction + (plan.evicting > 0 ? S * kEvictionParams : 0);
   at.scratch_rows = at.scratch_indptr + (prompts ? S + 1 : 0);
   at.scratch_items = at.scratch_rows + (prompts ? S : 0);
   at.key_pages = at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items);
@@ -361,6 +400,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
         continue;
       }
       if (prompt) continue;  // not read: the prompt is not decoded in this step
+      if (layer == 0 && plan.evicting > 0)
+        WriteEviction(*step.compression, d + at.eviction + s * kEvictionParams);
       const memory::CompressedLayer& c = kv.compressed[layer];
       for (int h = 0; h < H; ++h) {
         thin_rows[h] = c.prompt_rows[h];

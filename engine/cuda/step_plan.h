@@ -58,6 +58,7 @@ struct StepPlan {
   int32_t pages = 0;              // P: entries per layer of the page lists (page_indptr[S])
   int32_t decode_seqs = 0;        // sequences with exactly one new token: the decode kernel's
   int32_t compressed_decode = 0;  // of them, compressed
+  int32_t evicting = 0;           // of them, with a decode-time policy (corm, window)
   int32_t prefill_items = 0;      // query tiles of the other sequences: the prefill kernel's
   int32_t logit_rows = 0;         // tokens whose logits the step returns
   int32_t max_decode_rows = 0;    // most rows a decode query sees (split-K heuristic)
@@ -98,6 +99,8 @@ struct StepPlan {
     size_t recent_rows = 0;     // (n_layers, S, n_kv_heads)
     size_t key_width = 0;       // (n_layers, S)
     size_t channel_offset = 0;  // (n_layers, S) in uint16 elements from `channels`
+    // With evicting decodes (sized 0 otherwise): each sequence's policy, zeros for none.
+    size_t eviction = 0;  // (S, kEvictionParams) compressed_kv.h
     // With prompts (sized 0 otherwise): the scratch as pages of one row.
     size_t scratch_indptr = 0;  // (S + 1)
     size_t scratch_rows = 0;    // (S) rows each sequence holds there
@@ -122,11 +125,14 @@ struct StepPlan {
   std::vector<int32_t> seq_thin_pages;  // (S) thin page list entries of each
   // The thin page lists and channel sets were not written: the previous plan, built into the same
   // memory with the same offsets, holds them for the same decoding sequences (they change only
-  // when a prompt is compressed; the CUDA backend runs no decode-time eviction).
+  // when a prompt is compressed, or lose pages at their end to decode-time eviction: entries
+  // past a list's rows are never read).
   bool thin_kept = false;
   // The full-width page lists were not rewritten: the previous plan, built into the same memory
   // with the same offsets for decodes of the same sequences, holds them but for the entries in
-  // page_patches, which this plan wrote over. Each sequence's part starts where it did.
+  // page_patches, which this plan wrote over (entries gained or lost, and under decode-time
+  // eviction entries whose page changed: a list that lost its last page to eviction and gained
+  // another back). Each sequence's part starts where it did.
   bool pages_kept = false;
   // With pages_kept: (offset into data, value) of every page list entry written, flat.
   std::vector<int32_t> page_patches;

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -29,6 +30,7 @@
 #include "engine/cuda/attention_decode.h"
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/compressed_kv.h"
+#include "engine/cuda/decode_eviction.h"
 #include "engine/cuda/paged_kv.h"
 #include "tests/engine/cuda_test_util.h"
 
@@ -322,6 +324,7 @@ class CompressedStep {
                         .channels = d_channels_.as<uint16_t>()};
   }
 
+  friend class EvictionCheck;
   const CompressedCase& c_;
   int row_elements_ = 0, rows_per_page_ = 0, n_seqs_ = 0, last_splits_ = 1;
   int64_t page_elements_ = 0;
@@ -478,6 +481,303 @@ TEST_F(CudaAttentionCompressedTest, UncompressedMatchesDecodeAttention) {
                   kBf16Rounding);
     }
   }
+}
+
+// ---- decode-time eviction (decode_eviction.cu) over the same layouts ----
+
+struct EvictionSpec {
+  int32_t kind;
+  int window_or_sinks, recent;
+  double alpha;
+};
+
+// One launch of LaunchDecodeEviction over a CompressedStep, sequence i under specs[i % size],
+// every row with a random prior state (distinct positions below the step's, last_important -1 or
+// among the last 16 positions), against a host model: CORM's weights in double, the survivors,
+// and each segment closed up as memory::KvCache::EvictRow does it, highest evicted slot first.
+// Rows kept, their keys, values (bit for bit) and states must match; recent_attention to fp32
+// rounding. A head where a CORM weight within 0.01% of alpha / t decides a row's fate is left out
+// (and counted: the kernel's fp32 weights are within ~1e-6 of the double ones).
+class EvictionCheck {
+ public:
+  EvictionCheck(CompressedStep& step, std::vector<EvictionSpec> specs)
+      : step_(step), specs_(std::move(specs)) {}
+
+  void Run(std::mt19937& rng, cudaStream_t stream) {
+    CompressedStep& st = step_;
+    const AttentionShape& shape = st.c_.shape;
+    const int H = shape.n_kv_heads, n = st.n_seqs_, rpp = st.rows_per_page_;
+    const int64_t pages = static_cast<int64_t>(st.pool_.size()) / st.page_elements_;
+    std::vector<KeyState> states(static_cast<size_t>(pages) * rpp * H,
+                                 KeyState{-7, -7, std::nanf("")});
+    std::vector<int32_t> params(static_cast<size_t>(n) * kEvictionParams, 0), positions(n);
+    prior_.assign(n, std::vector<Segments>(H));
+    int max_rows = 1;
+    for (int i = 0; i < n; ++i) {
+      const EvictionSpec& spec = specs_[i % specs_.size()];
+      int32_t* p = &params[static_cast<size_t>(i) * kEvictionParams];
+      p[0] = spec.kind;
+      p[1] = spec.window_or_sinks;
+      p[2] = spec.recent;
+      uint64_t bits;
+      std::memcpy(&bits, &spec.alpha, sizeof(bits));
+      p[3] = static_cast<int32_t>(bits);
+      p[4] = static_cast<int32_t>(bits >> 32);
+      positions[i] = 10000 + i;
+      for (int h = 0; h < H; ++h) {
+        const int thin = st.thin_[i][h], recent = st.recent_[i][h];
+        max_rows = std::max({max_rows, thin, recent});
+        std::vector<int32_t> order(positions[i]);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        std::bernoulli_distribution none(0.4);
+        std::uniform_int_distribution<int> latest(positions[i] - 16, positions[i] - 1);
+        std::uniform_real_distribution<float> attention(0.0f, 1.0f);
+        Segments& prior = prior_[i][h];
+        for (int r = 0; r < thin + recent; ++r) {
+          const KeyState state{order[r], none(rng) ? -1 : latest(rng), attention(rng)};
+          (r < thin ? prior.thin : prior.recent).push_back(state);
+        }
+        for (int seg = 0; seg < 2; ++seg) {
+          const std::vector<KeyState>& rows = seg == 0 ? prior.thin : prior.recent;
+          for (int r = 0; r < static_cast<int>(rows.size()); ++r) {
+            states[StateIndex(i, seg, r, h)] = rows[r];
+          }
+        }
+      }
+    }
+    DeviceBuffer d_states = testing::Upload(states);
+    DeviceBuffer d_params = testing::Upload(params);
+    DeviceBuffer d_positions = testing::Upload(positions);
+    DeviceBuffer d_counts = Poisoned<int32_t>(static_cast<size_t>(n) * H * 2);
+    DeviceBuffer d_workspace =
+        Poisoned<int32_t>(DecodeEvictionWorkspaceBytes(n, max_rows, H) / sizeof(int32_t));
+    ASSERT_EQ(
+        LaunchDecodeEviction(st.paged_.kv, st.ckv_, st.d_token_indptr_.as<int32_t>(),
+                             d_positions.as<int32_t>(), st.d_listed_.as<int32_t>(), n,
+                             d_params.as<int32_t>(), st.d_q_.as<__nv_bfloat16>(), st.QueryStride(),
+                             shape, DecodeStates{d_states.as<KeyState>(), rpp}, max_rows,
+                             d_workspace.as<int32_t>(), d_counts.as<int32_t>(), stream),
+        cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const std::vector<uint16_t> pool = Download<uint16_t>(st.paged_.pool, st.pool_.size());
+    const std::vector<KeyState> got_states = Download<KeyState>(d_states, states.size());
+    const std::vector<int32_t> counts = Download<int32_t>(d_counts, static_cast<size_t>(n) * H * 2);
+
+    for (int i = 0; i < n; ++i) {
+      for (int h = 0; h < H; ++h) CheckHead(i, h, positions[i], pool, got_states, counts);
+    }
+  }
+
+  int heads = 0, ambiguous = 0, evicted = 0, moved = 0;
+
+ private:
+  struct Segments {
+    std::vector<KeyState> thin, recent;
+  };
+  // One segment's rows of one head on the host: key (its width), value, state.
+  struct Row {
+    std::vector<float> key, value;
+    KeyState state;
+  };
+
+  size_t StateIndex(int i, int seg, int row, int h) const {
+    const CompressedStep& st = step_;
+    const int32_t* pages = seg == 0 ? st.thin_value_pages_.data() + st.thin_indptr_[i]
+                                    : st.value_pages_.data() + st.page_indptr_[i];
+    const int rpp = st.rows_per_page_;
+    return (static_cast<size_t>(pages[row / rpp]) * rpp + row % rpp) * st.c_.shape.n_kv_heads + h;
+  }
+
+  // Element offset of head h's key (seg 0: thin) or value of `row`.
+  size_t At(int i, int seg, bool value, int row, int h) const {
+    const CompressedStep& st = step_;
+    const int D = st.c_.shape.head_dim, H = st.c_.shape.n_kv_heads;
+    const int kw = st.c_.seqs[i].key_width;
+    const int32_t* pages =
+        seg == 0 ? (value ? st.thin_value_pages_ : st.thin_key_pages_).data() + st.thin_indptr_[i]
+                 : (value ? st.value_pages_ : st.key_pages_).data() + st.page_indptr_[i];
+    const bool thin_key = seg == 0 && !value;
+    const int rows_per_page = thin_key ? st.KeyRowsPerPage(kw) : st.rows_per_page_;
+    const int row_elements = thin_key ? H * kw : st.row_elements_;
+    return static_cast<size_t>(pages[row / rows_per_page]) * st.page_elements_ +
+           static_cast<size_t>(row % rows_per_page) * row_elements + h * (thin_key ? kw : D);
+  }
+
+  void CheckHead(int i, int h, int position, const std::vector<uint16_t>& pool,
+                 const std::vector<KeyState>& got_states, const std::vector<int32_t>& counts) {
+    const CompressedStep& st = step_;
+    const AttentionShape& shape = st.c_.shape;
+    const int D = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+    const int kw = st.c_.seqs[i].key_width;
+    const EvictionSpec& spec = specs_[i % specs_.size()];
+    if (spec.kind == kEvictNone) return;
+    ++heads;
+    const HeadRows& head = st.rows_[i][h];
+    const int thin = st.thin_[i][h], recent = st.recent_[i][h], t = thin + recent;
+    std::vector<Row> rows[2];
+    for (int r = 0; r < t; ++r) {
+      const bool is_thin = r < thin;
+      const int k = is_thin ? r : r - thin;
+      Row row;
+      row.key = is_thin
+                    ? std::vector<float>(&head.thin_keys[k * kw], &head.thin_keys[k * kw] + kw)
+                    : std::vector<float>(&head.recent_keys[k * D], &head.recent_keys[k * D] + D);
+      row.value =
+          is_thin ? std::vector<float>(&head.thin_values[k * D], &head.thin_values[k * D] + D)
+                  : std::vector<float>(&head.recent_values[k * D], &head.recent_values[k * D] + D);
+      row.state = (is_thin ? prior_[i][h].thin : prior_[i][h].recent)[k];
+      rows[is_thin ? 0 : 1].push_back(std::move(row));
+    }
+    rows[1].back().state = KeyState{position, -1, 0.0f};  // the step's token
+    // CORM: the group's weights in double; a row is decided under alpha / t and under 0.01% above
+    // and below it.
+    std::vector<int> fate(t, 0);  // 0: the same either way; else which way the band goes
+    std::vector<bool> important(t, false), strict(t, false), loose(t, false);
+    if (spec.kind == kEvictCorm) {
+      std::vector<double> weight(t, 0.0);
+      for (int g = 0; g < group; ++g) {
+        const float* query = &st.q_[(static_cast<size_t>(i) * shape.n_heads + h * group + g) * D];
+        std::vector<double> p(t);
+        for (int r = 0; r < t; ++r) {
+          const Row& row = rows[r < thin ? 0 : 1][r < thin ? r : r - thin];
+          double dot = 0.0;
+          for (int c = 0; c < static_cast<int>(row.key.size()); ++c) {
+            dot += static_cast<double>(query[r < thin ? head.channels[c] : c]) * row.key[c];
+          }
+          p[r] = dot / std::sqrt(static_cast<double>(D));
+        }
+        const double most = *std::max_element(p.begin(), p.end());
+        double sum = 0.0;
+        for (double& x : p) sum += (x = std::exp(x - most));
+        for (int r = 0; r < t; ++r) weight[r] = std::max(weight[r], p[r] / sum);
+      }
+      const double threshold = spec.alpha / t;
+      for (int r = 0; r < t; ++r) {
+        KeyState& state = rows[r < thin ? 0 : 1][r < thin ? r : r - thin].state;
+        state.recent_attention = static_cast<float>(weight[r]);
+        important[r] = weight[r] >= threshold;
+        strict[r] = weight[r] >= threshold * 1.0001;
+        loose[r] = weight[r] >= threshold * 0.9999;
+        if (important[r]) state.last_important = position;
+      }
+    }
+    const auto survives = [&](const KeyState& s, bool newly_important) {
+      const bool recent_token = s.position > position - spec.recent;
+      if (spec.kind == kEvictCorm) {
+        const bool kept = newly_important || (s.last_important >= 0 &&
+                                              s.last_important > position - spec.window_or_sinks);
+        return recent_token || kept;
+      }
+      return recent_token || s.position < spec.window_or_sinks;
+    };
+    bool unsure = false;
+    std::vector<bool> keep(t);
+    for (int r = 0; r < t; ++r) {
+      KeyState before = (r < thin     ? prior_[i][h].thin[r]
+                         : r == t - 1 ? KeyState{position, -1, 0.0f}
+                                      : prior_[i][h].recent[r - thin]);
+      keep[r] = survives(before, important[r]);
+      if (spec.kind == kEvictCorm && survives(before, strict[r]) != survives(before, loose[r])) {
+        unsure = true;
+      }
+    }
+    if (unsure) {
+      ++ambiguous;
+      return;
+    }
+    // Each segment closed up as KvCache::EvictRow leaves it.
+    for (int seg = 0; seg < 2; ++seg) {
+      std::vector<Row>& list = rows[seg];
+      const int first = seg == 0 ? 0 : thin;
+      for (int r = static_cast<int>(list.size()) - 1; r >= 0; --r) {
+        if (keep[first + r]) continue;
+        ++evicted;
+        if (r != static_cast<int>(list.size()) - 1) {
+          list[r] = list.back();
+          ++moved;
+        }
+        list.pop_back();
+      }
+      const std::string where =
+          absl::StrCat("sequence ", i, " head ", h, seg == 0 ? " thin" : " recent");
+      const int count = counts[(static_cast<size_t>(i) * shape.n_kv_heads + h) * 2 + seg];
+      ASSERT_EQ(count, static_cast<int>(list.size())) << where;
+      for (int r = 0; r < count; ++r) {
+        const Row& want = list[r];
+        const size_t key_at = At(i, seg, false, r, h), value_at = At(i, seg, true, r, h);
+        for (size_t c = 0; c < want.key.size(); ++c) {
+          ASSERT_EQ(pool[key_at + c], FloatToBf16Bits(want.key[c])) << where << " row " << r;
+        }
+        for (int c = 0; c < D; ++c) {
+          ASSERT_EQ(pool[value_at + c], FloatToBf16Bits(want.value[c])) << where << " row " << r;
+        }
+        const KeyState& got = got_states[StateIndex(i, seg, r, h)];
+        EXPECT_EQ(got.position, want.state.position) << where << " row " << r;
+        EXPECT_EQ(got.last_important, want.state.last_important) << where << " row " << r;
+        EXPECT_NEAR(got.recent_attention, want.state.recent_attention,
+                    1e-6 + 1e-4 * want.state.recent_attention)
+            << where << " row " << r;
+      }
+    }
+  }
+
+  CompressedStep& step_;
+  std::vector<EvictionSpec> specs_;
+  std::vector<std::vector<Segments>> prior_;  // (n_seqs)(n_kv_heads)
+};
+
+// CORM and the window policy over the layouts of the attention tests: thin keys at half, odd and
+// full width, uncompressed neighbours (their params none), per-head counts across page
+// boundaries, every group size the kernel takes.
+TEST_F(CudaAttentionCompressedTest, DecodeEvictionMatchesHostModel) {
+  const CompressedCase cases[] = {
+      {"smollm2",
+       {9, 3, 64, 0},
+       16 << 10,
+       {Uncompressed(64, 301),
+        {32, {951, 900, 1000}, {33, 1, 40}},
+        {32, {0, 1, 85}, {300, 42, 43}},
+        {20, {84, 86, 170}, {41, 1, 84}},
+        {64, {41, 42, 43}, {1, 2, 300}}}},
+      {"llama3",
+       {32, 8, 128, 0},
+       16 << 10,
+       {{64, {4100, 15, 16, 17, 31, 32, 33, 0}, {1, 8, 9, 100, 300, 7, 2, 64}},
+        {44, {22, 23, 24, 46, 47, 1, 0, 410}, {1, 2, 3, 4, 5, 6, 7, 8}},
+        {128, {951}, {33}}}},
+      {"tiny",
+       {4, 2, 16, 0},
+       256,
+       {{8, {0, 7}, {5, 1}}, {5, {11, 12}, {1, 2}}, {16, {4, 5}, {3, 4}}}},
+      {"group8", {16, 2, 64, 0}, 2048, {{32, {50, 3}, {1, 6}}, {24, {17, 9}, {2, 30}}}},
+      {"dim256", {8, 2, 256, 0}, 4096, {{128, {5, 300}, {3, 1}}, {100, {10, 11}, {1, 5}}}},
+  };
+  // CORM with a window short of the prior states' spread (some rows important, some not), and
+  // the window policy; both with recent rows that always stay.
+  const std::vector<std::vector<EvictionSpec>> spec_sets = {
+      {{kEvictCorm, 8, 4, 1.0}, {kEvictWindow, 3, 8, 0.0}},
+      {{kEvictWindow, 0, 2, 0.0}, {kEvictCorm, 4, 1, 0.5}, {kEvictNone, 0, 0, 0.0}},
+      {{kEvictCorm, 12, 2, 2.0}}};
+  int heads = 0, ambiguous = 0, evicted = 0, moved = 0;
+  for (const CompressedCase& c : cases) {
+    for (const std::vector<EvictionSpec>& specs : spec_sets) {
+      CompressedStep step(c, rng_);
+      EvictionCheck check(step, specs);
+      check.Run(rng_, stream_);
+      if (HasFatalFailure()) return;
+      heads += check.heads;
+      ambiguous += check.ambiguous;
+      evicted += check.evicted;
+      moved += check.moved;
+    }
+  }
+  std::printf(
+      "[parity] decode eviction: %d heads checked, %d left out (a weight within 0.01%% of "
+      "alpha / t), %d rows evicted, %d moved\n",
+      heads - ambiguous, ambiguous, evicted, moved);
+  EXPECT_GT(moved, 0);
+  EXPECT_LE(ambiguous * 4, heads);
 }
 
 // Compression refuses sliding windows, and so does the kernel.

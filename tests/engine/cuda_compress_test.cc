@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/compress_prompt.h"
 #include "memory/compress/channel_pruning.h"
+#include "memory/compress/decode_eviction.h"
 #include "memory/compress/observation.h"
 #include "memory/compress/token_selection.h"
 #include "tests/engine/cuda_test_util.h"
@@ -184,6 +185,76 @@ TEST_F(CudaCompressTest, SnapKvScoresMatchCpu) {
       }
     }
   }
+}
+
+// ---- CORM prompt states ----
+
+// recent_attention is one probability per key, made as the SnapKV sums' terms are: kScoresBound.
+// last_important compares each window query's weight with alpha / t; where a weight lies within
+// rounding of that line the engines may decide either way, so the kernel's answer must lie
+// between the reference's with alpha 0.1% higher (fewer important, an earlier or no position)
+// and 0.1% lower (more, a later one); for every other key the two agree and so must the kernel.
+TEST_F(CudaCompressTest, CormPromptStatesMatchCpu) {
+  struct Case {
+    Heads heads;
+    int n, w, pad;
+    double alpha;
+  };
+  std::vector<Case> cases;
+  const double alphas[] = {1.0, 0.5, 2.0};
+  int index = 0;
+  for (const Heads& heads : kHeads) {
+    for (int n : {40, 300, 1000}) {
+      for (int w : kWindows) {
+        cases.push_back({heads, n, w, kPads[index % 3], alphas[index % 3]});
+        ++index;
+      }
+    }
+  }
+  cases.push_back({kHeads[2], 40, 40, 3, 1.0});  // the whole prompt observed
+  cases.push_back({kHeads[0], 4109, 32, 0, 1.0});
+  cases.push_back({kHeads[1], 1000, 100, 8, 1.0});  // several query tiles per head
+  int ambiguous = 0, total = 0;
+  for (const Case& c : cases) {
+    const Prompt prompt(c.heads.shape, c.n, c.pad, rng_);
+    const mc::HeadShape heads = prompt.heads();
+    std::vector<float> probs(static_cast<size_t>(heads.n_heads) * c.w * c.n);
+    mc::ObservationAttention(prompt.Queries(c.w), prompt.k, c.n, c.w, heads, probs);
+    auto reference = [&](double alpha) {
+      mc::CormConfig config;
+      config.alpha = alpha;
+      return mc::CormPromptStates(config, probs, c.n, c.w, heads);
+    };
+    const std::vector<mc::CormKeyState> ref = reference(c.alpha);
+    const std::vector<mc::CormKeyState> strict = reference(c.alpha * 1.001);
+    const std::vector<mc::CormKeyState> loose = reference(c.alpha * 0.999);
+    const size_t count = static_cast<size_t>(heads.n_kv_heads) * c.n;
+    DeviceBuffer d_workspace =
+        Poisoned<float>(CormPromptWorkspaceBytes(c.n, c.w, c.heads.shape) / sizeof(float));
+    DeviceBuffer d_states = Poisoned<KeyState>(count);
+    ASSERT_CUDA(LaunchCormPromptStates(prompt.d_q(), prompt.q_stride(), prompt.d_k(),
+                                       prompt.kv_stride(), c.n, c.w, c.heads.shape, c.alpha,
+                                       d_workspace.as<float>(), d_states.as<KeyState>(), stream_));
+    Sync();
+    const std::vector<KeyState> out = Download<KeyState>(d_states, count);
+    const std::string name = absl::StrCat(ShapeName(c.heads), " n ", c.n, " w ", c.w, " alpha ",
+                                          c.alpha, " pad ", c.pad);
+    std::vector<float> got_attention, want_attention;
+    int wrong = 0;
+    for (size_t i = 0; i < count; ++i) {
+      EXPECT_EQ(out[i].position, ref[i].position) << name << " key " << i;
+      got_attention.push_back(out[i].recent_attention);
+      want_attention.push_back(ref[i].recent_attention);
+      const int got = out[i].last_important;
+      if (got < strict[i].last_important || got > loose[i].last_important) ++wrong;
+      if (strict[i].last_important != loose[i].last_important) ++ambiguous;
+    }
+    total += static_cast<int>(count);
+    EXPECT_EQ(wrong, 0) << name << ": last_important outside the reference's rounding band";
+    ExpectClose("corm recent attention", name, got_attention, want_attention, kScoresBound);
+  }
+  std::printf("[parity] corm last_important: %d of %d keys within rounding of a threshold\n",
+              ambiguous, total);
 }
 
 // ---- top-k with the window ----

@@ -386,16 +386,149 @@ TEST_P(CudaTinyModelTest, ArgmaxOnlyRowsMatchTheirLogits) {
   CheckArgmaxOnlyRows(*model_, sequences_.back(), true);  // the longest
 }
 
-TEST_P(CudaTinyModelTest, RefusesDecodeTimeEviction) {
+// Compressed sequences decoding together, some under a decode-time policy, with an
+// uncompressed one: the logits of every step and the rows each kv-head holds after it, per layer
+// and segment. The prompts go one per step; then `steps` decode steps of all the sequences (the
+// same batch each step: from the third on, a replayed graph).
+struct BatchRun {
+  std::vector<float> logits;
+  std::vector<int32_t> rows;  // per decode step, sequence, layer, kv-head: thin, then recent
+  int replayed = 0;           // decode steps that replayed a graph
+};
+BatchRun RunEvictingBatch(TestEngine& e,
+                          std::span<const memory::compress::CompressionConfig* const> configs,
+                          std::span<const int32_t> ids, int prompt_tokens, int steps) {
+  const memory::KvShape& shape = e.cache->shape();
+  BatchRun run;
+  std::vector<memory::SequenceKv> kvs;
+  for (size_t s = 0; s < configs.size(); ++s) kvs.push_back(e.cache->NewSequence());
+  StepOutput out;
+  for (size_t s = 0; s < configs.size(); ++s) {
+    const std::span<const int32_t> prompt = ids.subspan(s, prompt_tokens);
+    if (configs[s] != nullptr) {
+      EXPECT_TRUE(e.cache->ReserveCompressed(
+          kvs[s],
+          memory::compress::PlanPrompt(*configs[s], prompt_tokens, shape.n_layers, shape.head_dim),
+          1));
+    } else {
+      EXPECT_TRUE(e.cache->Reserve(kvs[s], prompt_tokens));
+    }
+    const SequenceStep step{&kvs[s], prompt, true, configs[s]};
+    const absl::Status status = e.backend->Forward({&step, 1}, out);
+    EXPECT_TRUE(status.ok()) << status;
+    run.logits.insert(run.logits.end(), out.logits.begin(), out.logits.end());
+  }
+  for (int i = 0; i < steps; ++i) {
+    std::vector<SequenceStep> batch;
+    for (size_t s = 0; s < configs.size(); ++s) {
+      EXPECT_TRUE(e.cache->Reserve(kvs[s], 1));
+      batch.push_back({&kvs[s], ids.subspan(s + prompt_tokens + i, 1), true, configs[s]});
+    }
+    const absl::Status status = e.backend->Forward(batch, out);
+    EXPECT_TRUE(status.ok()) << status;
+    if (!status.ok()) break;
+    run.logits.insert(run.logits.end(), out.logits.begin(), out.logits.end());
+    if (e.backend->LastStepProfile() && e.backend->LastStepProfile()->graph) ++run.replayed;
+    for (const memory::SequenceKv& kv : kvs) {
+      for (const memory::CompressedLayer& c : kv.compressed) {
+        for (int h = 0; h < shape.n_kv_heads; ++h) {
+          run.rows.push_back(c.prompt_rows[h]);
+          run.rows.push_back(c.recent_rows[h]);
+        }
+      }
+    }
+  }
+  for (memory::SequenceKv& kv : kvs) e.cache->Release(kv);
+  EXPECT_EQ(e.pool->free_pages(), e.pool->total_pages());
+  return run;
+}
+
+// Decode-time eviction on the GPU (decode_eviction.cu) against the CPU reference's, four
+// sequences decoding together (one of them uncompressed, one under no decode-time policy) over
+// 12 steps. The window policy keeps fixed positions: every head's thin and recent row counts
+// must equal the CPU's after every step, and the logits differ by bf16 rounding only. CORM
+// decides on attention weights compared with alpha / t, and the tiny random models attend almost
+// uniformly, so that many weights lie within bf16 rounding (the GPU's K/V) of that line: one row
+// kept on one engine and evicted on the other changes that head's counts for every step after.
+// Its counts are compared and the differing ones printed (up to 39 of 432 on an H200,
+// 2026-11-30), bounded at a quarter of them, and its logits take kSelectionBound; the kernel's
+// decisions and moves are held exact against a host model in cuda_attention_compressed_test.
+TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
+  if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences_.begin(), sequences_.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  constexpr int kPrompt = 24, kSteps = 12;
+  ASSERT_GE(longest.size(), static_cast<size_t>(kPrompt + kSteps + 4));
+  const auto parse = [](const char* spec) {
+    absl::StatusOr<memory::compress::CompressionConfig> config =
+        memory::compress::ParseCompressionSpec(spec);
+    EXPECT_TRUE(config.ok()) << spec << ": " << config.status();
+    return config.value_or(memory::compress::CompressionConfig{});
+  };
+  const memory::compress::CompressionConfig plain = parse("policy=streamingllm,budget_ratio=0.5");
+  const std::pair<const char*, bool> specs[] = {
+      {"eviction=window,window.sinks=2,window.recent=8", true},
+      {"policy=streamingllm,budget_ratio=0.75,sinks=2,think.lambda=0.5,think.recent=4,"
+       "eviction=window,window.sinks=3,window.recent=10",
+       true},
+      {"eviction=corm,corm.window=4,corm.recent=4", false},
+      {"policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=4,"
+       "think.observation=8,eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.8",
+       false}};
+  constexpr double kSelectionBound = 0.4;
+  for (const auto& [spec, fixed_rows] : specs) {
+    const memory::compress::CompressionConfig config = parse(spec);
+    TestEngine cpu = MakeEngine(*model_, false, 4096, 256);
+    TestEngine gpu = MakeEngine(*model_, true, 4096, 256);
+    ASSERT_TRUE(cpu.backend && gpu.backend);
+    ASSERT_TRUE(gpu.backend->SupportsCompression(config).ok()) << spec;
+    const memory::compress::CompressionConfig* configs[] = {&config, nullptr, &plain, &config};
+    const BatchRun want = RunEvictingBatch(cpu, configs, longest, kPrompt, kSteps);
+    const BatchRun got = RunEvictingBatch(gpu, configs, longest, kPrompt, kSteps);
+    ASSERT_EQ(got.rows.size(), want.rows.size()) << spec;
+    int differing = 0;
+    for (size_t i = 0; i < want.rows.size(); ++i) differing += got.rows[i] != want.rows[i];
+    // The rows sequence 0 holds after the last step on the CPU, against every token it saw.
+    const memory::KvShape& shape = cpu.cache->shape();
+    const size_t per_seq = static_cast<size_t>(shape.n_layers) * shape.n_kv_heads * 2;
+    const size_t last = want.rows.size() - want.rows.size() / kSteps;
+    int held = 0;
+    for (size_t i = 0; i < per_seq; ++i) held += want.rows[last + i];
+    const int seen = shape.n_layers * shape.n_kv_heads * (kPrompt + kSteps);
+    std::printf(
+        "[parity] eviction %-12s %-100s row counts differing %d of %zu, sequence 0 holds %d of "
+        "%d rows, graph steps %d\n",
+        GetParam().c_str(), spec, differing, want.rows.size(), held, seen, got.replayed);
+    EXPECT_LT(held, seen) << spec << ": nothing was evicted";
+    EXPECT_GT(got.replayed, 0) << spec;
+    if (fixed_rows) {
+      EXPECT_EQ(got.rows, want.rows) << spec;
+    } else {
+      EXPECT_LE(differing, static_cast<int>(want.rows.size() / 4)) << spec;
+    }
+    testing::ExpectClose(absl::StrCat("eviction logits ", GetParam()),
+                         absl::StrCat(spec, ", 4 x (24 + 12)"), got.logits, want.logits,
+                         fixed_rows ? kLogitBound : kSelectionBound);
+  }
+}
+
+TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
   TestEngine gpu = MakeEngine(*model_, true, 4096, 16);
   ASSERT_TRUE(gpu.backend);
-  for (const char* spec : {"eviction=corm", "eviction=window", "think.lambda=0.5,think.rethin=1"}) {
+  for (const char* spec : {"eviction=corm,corm.max_tokens=64", "think.lambda=0.5,think.rethin=1"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
     const absl::Status status = gpu.backend->SupportsCompression(*config);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
     EXPECT_NE(status.message().find("CPU backend"), std::string::npos) << status;
+  }
+  for (const char* spec : {"eviction=corm", "eviction=window"}) {
+    const absl::StatusOr<memory::compress::CompressionConfig> config =
+        memory::compress::ParseCompressionSpec(spec);
+    ASSERT_TRUE(config.ok()) << config.status();
+    EXPECT_TRUE(gpu.backend->SupportsCompression(*config).ok()) << spec;
   }
 }
 
@@ -560,13 +693,21 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
   absl::StatusOr<std::unique_ptr<Generator>> gpu = Generator::Create(model_, OnCuda(options));
   absl::StatusOr<std::unique_ptr<Generator>> cpu = Generator::Create(model_, options);
   ASSERT_TRUE(gpu.ok() && cpu.ok()) << gpu.status() << cpu.status();
-  const std::pair<const char*, bool> specs[] = {
-      {"policy=streamingllm,budget_ratio=0.5", true},
-      {"policy=streamingllm,budget_ratio=0.12,sinks=8", true},
-      {"policy=snapkv,budget_ratio=0.25", false},
-      {"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5", false},
-      {"think.lambda=0.5", false}};
-  for (const auto& [spec, fixed_rows] : specs) {
+  // fixed_rows: the policy keeps positions, not scores; fixed_counts: it keeps as many tokens
+  // per layer on both engines (CORM's counts follow its attention decisions).
+  struct Spec {
+    const char* spec;
+    bool fixed_rows, fixed_counts;
+  };
+  const Spec specs[] = {{"policy=streamingllm,budget_ratio=0.5", true, true},
+                        {"policy=streamingllm,budget_ratio=0.12,sinks=8", true, true},
+                        {"policy=snapkv,budget_ratio=0.25", false, true},
+                        {"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5", false, true},
+                        {"think.lambda=0.5", false, true},
+                        {"eviction=window,window.sinks=4,window.recent=200", true, true},
+                        {"eviction=corm", false, false},
+                        {"policy=snapkv,budget_ratio=0.25,eviction=corm", false, false}};
+  for (const auto& [spec, fixed_rows, fixed_counts] : specs) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
@@ -588,8 +729,10 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
     for (size_t i = 0; i < requests.size(); ++i) {
       const GenerationResult &a = (*got)[i], &b = (*want)[i];
       ASSERT_EQ(a.tokens.size(), b.tokens.size());
-      EXPECT_EQ(a.finish.kv_layout.layer_tokens, b.finish.kv_layout.layer_tokens)
-          << names[i] << " " << spec;
+      if (fixed_counts) {
+        EXPECT_EQ(a.finish.kv_layout.layer_tokens, b.finish.kv_layout.layer_tokens)
+            << names[i] << " " << spec;
+      }
       EXPECT_EQ(a.finish.kv_layout.key_channels, b.finish.kv_layout.key_channels)
           << names[i] << " " << spec;
       int equal = 0, first_divergence = -1;

@@ -5,12 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/cuda/compressed_kv.h"
 #include "engine/cuda/step_plan.h"
 #include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
@@ -34,6 +36,25 @@ class StepPlanTest : public ::testing::Test {
     for (memory::PageList& list : kv.keys) list.rows = cached;
     for (memory::PageList& list : kv.values) list.rows = cached;
     kv.tokens = cached;
+    return kv;
+  }
+  // A sequence whose prompt of `tokens` was compressed as `config` plans it, with room for one
+  // more recent row, as CudaBackend::UpdateSequences leaves it.
+  memory::SequenceKv CompressedSequence(const memory::compress::CompressionConfig& config,
+                                        int tokens) {
+    const std::vector<memory::compress::LayerPlan> layers =
+        memory::compress::PlanPrompt(config, tokens, 2, 16);
+    memory::SequenceKv kv = cache_->NewSequence();
+    EXPECT_TRUE(cache_->ReserveCompressed(kv, layers, 1));
+    for (int layer = 0; layer < 2; ++layer) {
+      memory::CompressedLayer& c = kv.compressed[layer];
+      c.prompt_rows.assign(2, layers[layer].thin_rows);
+      c.recent_rows.assign(2, layers[layer].full_rows);
+      c.keys.rows = c.values.rows = layers[layer].thin_rows;
+      kv.keys[layer].rows = kv.values[layer].rows = layers[layer].full_rows;
+      c.device_states = config.eviction != memory::compress::EvictionPolicy::kNone;
+    }
+    kv.tokens = tokens;
     return kv;
   }
   std::vector<int32_t> Slice(const StepPlan& plan, size_t at, size_t n) {
@@ -447,6 +468,119 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   const std::vector<int32_t> two{11, 12};
   const SequenceStep wrong{&a, two, true, &*config};
   EXPECT_EQ(BuildStepPlan({&wrong, 1}, Shape(4), plan).code(), absl::StatusCode::kInternal);
+}
+
+// Decodes under a decode-time policy carry it, (policy, window or sinks, recent, alpha's two
+// words) per sequence, zeros for the others; without one the plan has no such array.
+TEST_F(StepPlanTest, CarriesEachDecodesEvictionPolicy) {
+  namespace mc = memory::compress;
+  const absl::StatusOr<mc::CompressionConfig> corm =
+      mc::ParseCompressionSpec("eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.75");
+  const absl::StatusOr<mc::CompressionConfig> window =
+      mc::ParseCompressionSpec("eviction=window,window.sinks=2,window.recent=9");
+  const absl::StatusOr<mc::CompressionConfig> none =
+      mc::ParseCompressionSpec("policy=streamingllm,budget_tokens=4,sinks=1");
+  ASSERT_TRUE(corm.ok() && window.ok() && none.ok());
+  const std::vector<int32_t> next{7};
+  std::vector<memory::SequenceKv> kvs;
+  std::vector<SequenceStep> steps;
+  const mc::CompressionConfig* configs[] = {&*corm, &*none, &*window};
+  for (const mc::CompressionConfig* config : configs) kvs.push_back(CompressedSequence(*config, 6));
+  memory::SequenceKv plain = Sequence(3, 4);
+  for (size_t i = 0; i < kvs.size(); ++i) steps.push_back({&kvs[i], next, true, configs[i]});
+  steps.push_back({&plain, next, true});
+  StepPlan plan;
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan).ok());
+  EXPECT_EQ(plan.evicting, 2);
+  double alpha = 0.75;
+  uint64_t bits;
+  std::memcpy(&bits, &alpha, sizeof(bits));
+  EXPECT_EQ(Slice(plan, plan.at.eviction, 4 * kEvictionParams),
+            (std::vector<int32_t>{kEvictCorm,
+                                  6,
+                                  3,
+                                  static_cast<int32_t>(bits),
+                                  static_cast<int32_t>(bits >> 32),
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  kEvictWindow,
+                                  2,
+                                  9,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0}));
+  EXPECT_EQ(plan.at.scratch_indptr, plan.at.eviction + 4 * kEvictionParams);
+
+  steps.erase(steps.begin());
+  steps.erase(steps.begin() + 1);
+  ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan).ok());
+  EXPECT_EQ(plan.evicting, 0);
+  EXPECT_EQ(plan.at.scratch_indptr, plan.at.eviction);
+}
+
+// Decode-time eviction empties pages at the end of a sequence's lists, thin and full-width, and
+// the pool may hand them to another sequence before the list grows again. Decodes of the same
+// sequences, each simulated upload over the last, must still leave the device copy reading as a
+// fresh plan: thin lists that changed go up whole, and a full-width entry whose page changed is
+// patched.
+TEST_F(StepPlanTest, EvictionKeepsTheDeviceCopyUpToAFreshPlan) {
+  namespace mc = memory::compress;
+  const absl::StatusOr<mc::CompressionConfig> config =
+      mc::ParseCompressionSpec("eviction=window,window.sinks=1,window.recent=4");
+  ASSERT_TRUE(config.ok()) << config.status();
+  // 12 prompt rows kept, thin at full width: 3 pages of each thin list.
+  std::vector<memory::SequenceKv> kvs;
+  for (int i = 0; i < 2; ++i) kvs.push_back(CompressedSequence(*config, 12));
+  ASSERT_EQ(kvs[0].compressed[0].keys.pages.size(), 3u);
+  memory::SequenceKv hog = cache_->NewSequence();  // takes pages the others empty
+  const std::vector<int32_t> next{7};
+  const PlanCapacity room{.pages = 64, .thin_pages = 64};
+  StepPlan plan;
+  std::vector<int32_t> device;
+  int kept_steps = 0;
+  for (int step = 0; step < 8; ++step) {
+    std::vector<SequenceStep> steps;
+    for (memory::SequenceKv& kv : kvs) {
+      ASSERT_TRUE(cache_->Reserve(kv, 1));
+      steps.push_back({&kv, next, true, &*config});
+    }
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan, {}, room).ok());
+    Upload(plan, device);
+    StepPlan fresh;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), fresh, {}, room).ok());
+    ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2)) << "step " << step;
+    if (plan.pages_kept) ++kept_steps;
+
+    // What the device leaves: every head gains the new row; then eviction's row counts.
+    for (size_t i = 0; i < kvs.size(); ++i) {
+      for (int layer = 0; layer < 2; ++layer) {
+        memory::CompressedLayer& c = kvs[i].compressed[layer];
+        for (int32_t& rows : c.recent_rows) ++rows;
+        if (step == 1 && i == 0) c.prompt_rows = {2, 1};  // thin lists: 3 pages to 1
+        if (step == 3 && i == 1) c.prompt_rows = {5, 1};  // 3 to 2
+        if (step == 5 && i == 0) c.recent_rows = {4, 3};  // 2 full-width pages to 1
+        c.keys.rows = c.values.rows = *std::max_element(c.prompt_rows.begin(), c.prompt_rows.end());
+        kvs[i].keys[layer].rows = kvs[i].values[layer].rows =
+            *std::max_element(c.recent_rows.begin(), c.recent_rows.end());
+      }
+      cache_->TrimPages(kvs[i]);
+      ++kvs[i].tokens;
+    }
+    // The pages sequence 0 emptied go to another before it grows again.
+    if (step == 5) {
+      ASSERT_TRUE(cache_->Reserve(hog, 16));
+    }
+  }
+  EXPECT_GE(kept_steps, 5);
+  for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
+  cache_->Release(hog);
 }
 
 }  // namespace
