@@ -1,17 +1,20 @@
 // Decode-time eviction on the GPU (decode_eviction.h).
 //
 // One block of 4 warps per (sequence, kv-head) of the decode list; blocks of sequences without a
-// policy return at once. CORM's observation re-reads the head's keys twice: once for the online
-// softmax state (max, sum) of each query head of the group, once for the weights, one key per
-// thread, fp32 throughout. Eviction then runs one warp per segment (warp 0 the thin rows, warp 1
-// the recent rows): the evicted slots are found by ballots, highest first, and one lane follows
-// KvCache::EvictRow's chain of moves on row indices in the workspace; then the rows move, one per
-// lane (every source lies at or above the new row count, every destination below it).
+// policy return at once. CORM's observation reads the head's keys once (ScoreSegment: each key
+// row split into 8-element pieces over adjacent lanes, so that loads are contiguous), keeping
+// the group's scores in the workspace and each thread's online softmax state; the weights then
+// come from the stored scores, fp32 throughout. Eviction runs one warp per segment (warp 0 the
+// thin rows, warp 1 the recent rows): the evicted slots are found by ballots, highest first, and
+// one lane follows KvCache::EvictRow's chain of moves on row indices in the workspace; then the
+// rows move, one per lane (every source lies at or above the new row count, every destination
+// below it).
 #include <cuda_bf16.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/check.h"
 #include "engine/cuda/decode_eviction.h"
 
@@ -77,12 +80,78 @@ __device__ __forceinline__ bool Survives(const Policy& policy, const KeyState& s
   return recent || s.position < policy.window_or_sinks;
 }
 
+// Where the scores start in the workspace, in int32 elements: after the eviction's row indices.
+__host__ __device__ __forceinline__ int64_t ScoresAt(int n_seqs, int n_kv_heads, int max_rows) {
+  return static_cast<int64_t>(n_seqs) * n_kv_heads * 2 * max_rows;
+}
+
+// The scores of one segment's rows, slot_base + row of `scores` (rows of `group`), scaled, with
+// each thread's online softmax state (m, l) of those it writes. A key row is split into 8-element
+// pieces over `lanes` adjacent lanes (the least power of two that covers it), 32 / lanes keys a
+// warp at a time: loads are contiguous across the lanes of a key, the query pieces stay in
+// registers, and each key's partial products meet by shuffles.
+//   query: (group, head_dim) fp32 in shared memory, its first seg.key_width columns the key's
+__device__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_heads, int kv_head,
+                             int head_dim, int group, const float* query, float scale,
+                             int slot_base, float* scores, float (&m)[kMaxGroup],
+                             float (&l)[kMaxGroup]) {
+  const int width = seg.key_width, pieces = (width + 7) / 8;
+  int lanes = 1;
+  while (lanes < pieces) lanes *= 2;
+  const int keys_per_warp = 32 / lanes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int piece = lane % lanes, sub = lane / lanes, first = piece * 8;
+  const bool vector = width % 8 == 0;
+  float qr[kMaxGroup][8];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      qr[g][e] = g < group && first + e < width ? query[g * head_dim + first + e] : 0.0f;
+    }
+  }
+  for (int base = warp * keys_per_warp; base < seg.rows; base += kWarps * keys_per_warp) {
+    const int row = base + sub;
+    float k[8] = {};
+    if (row < seg.rows && first < width) {
+      const __nv_bfloat16* key = kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row) + first;
+      if (vector) {
+        Unpack8(*reinterpret_cast<const uint4*>(key), k);
+      } else {
+        for (int e = 0; e < 8 && first + e < width; ++e) k[e] = __bfloat162float(key[e]);
+      }
+    }
+    float dot[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      dot[g] = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dot[g] += qr[g][e] * k[e];
+    }
+    for (int offset = lanes / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < group) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], offset);
+      }
+    }
+    if (piece == 0 && row < seg.rows) {
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= group) continue;
+        const float score = dot[g] * scale;
+        scores[static_cast<int64_t>(slot_base + row) * group + g] = score;
+        Merge(m[g], l[g], score, 1.0f);
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     DecodeEvictionKernel(PagedKv kv, CompressedKv ckv, const int32_t* __restrict__ token_indptr,
                          const int32_t* __restrict__ positions, const int32_t* __restrict__ seqs,
                          const int32_t* __restrict__ params, const __nv_bfloat16* __restrict__ q,
                          int q_stride, int n_kv_heads, int group, int head_dim, DecodeStates states,
-                         int max_rows, int32_t* __restrict__ workspace,
+                         int n_seqs, int max_rows, int32_t* __restrict__ workspace,
                          int32_t* __restrict__ counts) {
   __shared__ float query[kMaxGroup * kMaxHeadDim];  // (group, head_dim): thin columns gathered
   __shared__ float full_query[kMaxGroup * kMaxHeadDim];
@@ -123,39 +192,21 @@ __global__ void __launch_bounds__(kThreads)
       if (c < key_width) query[i] = __bfloat162float(q_head[channels != nullptr ? channels[c] : c]);
     }
     __syncthreads();
+    // Pass 1: every slot's scores into the block's (t, group) part of the workspace, and each
+    // thread's online softmax state of the ones it wrote.
+    float* scores = reinterpret_cast<float*>(workspace + ScoresAt(n_seqs, n_kv_heads, max_rows)) +
+                    static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
     const float scale = rsqrtf(static_cast<float>(head_dim));
-    // The scores of slot `slot` (thin rows first, then recent) for every query head.
-    const auto scores = [&](int slot, float(&s)[kMaxGroup]) {
-      const bool thin = slot < n_thin;
-      const Segment& seg = segments[thin ? 0 : 1];
-      const int row = thin ? slot : slot - n_thin;
-      const __nv_bfloat16* key = kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row);
-      const float* qs = thin ? query : full_query;
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) s[g] = 0.0f;
-      for (int c = 0; c < seg.key_width; ++c) {
-        const float k = __bfloat162float(key[c]);
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-          if (g < group) s[g] += qs[g * head_dim + c] * k;
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) s[g] *= scale;
-    };
-
     float m[kMaxGroup], l[kMaxGroup];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
       m[g] = -INFINITY;
       l[g] = 0.0f;
     }
-    for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-      float s[kMaxGroup];
-      scores(slot, s);
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) Merge(m[g], l[g], s[g], 1.0f);
-    }
+    ScoreSegment(kv, segments[0], n_kv_heads, kv_head, head_dim, group, query, scale, 0, scores, m,
+                 l);
+    ScoreSegment(kv, segments[1], n_kv_heads, kv_head, head_dim, group, full_query, scale, n_thin,
+                 scores, m, l);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
@@ -181,11 +232,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const double threshold = policy.alpha / static_cast<double>(t);
     for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-      float s[kMaxGroup];
-      scores(slot, s);
       float weight = 0.0f;
       for (int g = 0; g < group; ++g) {
-        weight = fmaxf(weight, expf(s[g] - softmax_m[g]) / softmax_l[g]);
+        weight = fmaxf(weight, expf(scores[slot * group + g] - softmax_m[g]) / softmax_l[g]);
       }
       const bool thin = slot < n_thin;
       KeyState* state =
@@ -266,8 +315,12 @@ __global__ void WriteKeptStatesKernel(const int32_t* __restrict__ kept, int kept
 
 }  // namespace
 
-size_t DecodeEvictionWorkspaceBytes(int n_seqs, int max_rows, int n_kv_heads) {
-  return static_cast<size_t>(n_seqs) * n_kv_heads * 2 * max_rows * sizeof(int32_t);
+size_t DecodeEvictionWorkspaceBytes(int n_seqs, int max_rows, const AttentionShape& shape) {
+  // Row indices of both segments, then CORM's scores: (2 max_rows, group) fp32 per block.
+  const int group = shape.n_kv_heads > 0 ? shape.n_heads / shape.n_kv_heads : 0;
+  return (static_cast<size_t>(ScoresAt(n_seqs, shape.n_kv_heads, max_rows)) +
+          static_cast<size_t>(n_seqs) * shape.n_kv_heads * 2 * max_rows * group) *
+         sizeof(int32_t);
 }
 
 cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
@@ -289,7 +342,7 @@ cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
   }
   DecodeEvictionKernel<<<dim3(n_seqs, shape.n_kv_heads), kThreads, 0, stream>>>(
       kv, ckv, token_indptr, positions, seqs, params, q, q_stride, shape.n_kv_heads, group,
-      shape.head_dim, states, max_rows, workspace, counts);
+      shape.head_dim, states, n_seqs, max_rows, workspace, counts);
   return LaunchError();
 }
 

@@ -44,8 +44,8 @@ inline size_t DecodeStateCount(int64_t pages, int rows_per_page, int n_kv_heads)
 // The most query heads per kv-head LaunchDecodeEviction takes.
 inline constexpr int kMaxEvictionGroup = 8;
 
-// Bytes of int32 scratch LaunchDecodeEviction needs.
-size_t DecodeEvictionWorkspaceBytes(int n_seqs, int max_rows, int n_kv_heads);
+// Bytes of scratch LaunchDecodeEviction needs.
+size_t DecodeEvictionWorkspaceBytes(int n_seqs, int max_rows, const AttentionShape& shape);
 
 // For each sequence s = seqs[i] (i < n_seqs) whose params[s] name a policy, and each kv-head h,
 // on layer `kv` / `ckv` after the step's attention (the new token is the last recent row of

@@ -238,8 +238,7 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
       evict_rows_ = plan_.max_decode_rows + plan_.max_decode_rows / 4 + 64;
     }
     KVTRIM_RETURN_IF_ERROR(
-        Grow(evict_scratch_,
-             DecodeEvictionWorkspaceBytes(plan_.decode_seqs, evict_rows_, config_.n_kv_heads)));
+        Grow(evict_scratch_, DecodeEvictionWorkspaceBytes(plan_.decode_seqs, evict_rows_, shape_)));
     KVTRIM_RETURN_IF_ERROR(Grow(counts_, counts));
     KVTRIM_RETURN_IF_ERROR(Grow(counts_host_, counts));
   }

@@ -551,7 +551,7 @@ class EvictionCheck {
     DeviceBuffer d_positions = testing::Upload(positions);
     DeviceBuffer d_counts = Poisoned<int32_t>(static_cast<size_t>(n) * H * 2);
     DeviceBuffer d_workspace =
-        Poisoned<int32_t>(DecodeEvictionWorkspaceBytes(n, max_rows, H) / sizeof(int32_t));
+        Poisoned<int32_t>(DecodeEvictionWorkspaceBytes(n, max_rows, shape) / sizeof(int32_t));
     ASSERT_EQ(
         LaunchDecodeEviction(st.paged_.kv, st.ckv_, st.d_token_indptr_.as<int32_t>(),
                              d_positions.as<int32_t>(), st.d_listed_.as<int32_t>(), n,
