@@ -1,6 +1,6 @@
 // Decode-time eviction on the GPU (decode_eviction.h).
 //
-// One block of 4 warps per (sequence, kv-head) of the decode list; blocks of sequences without a
+// One block of 16 warps per (sequence, kv-head) of the decode list; blocks of sequences without a
 // policy return at once. CORM's observation reads the head's keys once (ScoreSegment: each key
 // row split into 8-element pieces over adjacent lanes, so that loads are contiguous), keeping
 // the group's scores in the workspace and each thread's online softmax state; the weights then
@@ -21,7 +21,7 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGroup = kMaxEvictionGroup;
 constexpr int kMaxHeadDim = 256;
