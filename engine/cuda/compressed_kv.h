@@ -39,7 +39,8 @@ struct CompressedKv {
 //   [1] corm.window, or window.sinks
 //   [2] corm.recent, or window.recent
 //   [3] [4] corm.alpha, a double: its low word, then its high word
-inline constexpr int kEvictionParams = 5;
+//   [5] corm.max_tokens (0: no cap)
+inline constexpr int kEvictionParams = 6;
 inline constexpr int32_t kEvictNone = 0, kEvictCorm = 1, kEvictWindow = 2;
 
 }  // namespace kvtrim::engine::cuda

@@ -69,6 +69,7 @@ __device__ __forceinline__ void Merge(float& m, float& l, float m_other, float l
 struct Policy {
   int32_t kind, window_or_sinks, recent;
   double alpha;
+  int32_t max_tokens;  // CORM's cap, 0 none
 };
 
 __device__ __forceinline__ bool Survives(const Policy& policy, const KeyState& s, int position) {
@@ -146,6 +147,93 @@ __device__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_hea
   }
 }
 
+// The sum of every thread's `value` over the block, to every thread. `partial`: kWarps ints of
+// shared memory, free on entry and on return.
+__device__ int BlockSum(int value, int* partial) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  int sum = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += partial[w];
+  __syncthreads();
+  return sum;
+}
+
+// CORM's cap (memory::compress's ApplyCap) over the head's t slots, thin rows first, every thread
+// of the block: where more than max_tokens rows survive, the weakest survivors outside the recent
+// rows (lowest recent_attention, then last_important, then position: a key unique per row) go
+// too, as many as the excess. capped[slot] becomes 1 for those, else 0. The cut is found part by
+// part of the key, each by bisection over its 32 bits with a block-wide count per step.
+template <class StateOf>
+__device__ void CapSurvivors(const Policy& policy, int position, int t, const StateOf& state_of,
+                             int32_t* capped, int* partial) {
+  // capped[slot] = 2 marks a candidate: a survivor outside the recent rows.
+  int kept = 0, candidates = 0;
+  for (int slot = threadIdx.x; slot < t; slot += kThreads) {
+    const KeyState s = state_of(slot);
+    const bool survives = Survives(policy, s, position);
+    const bool candidate = survives && s.position <= position - policy.recent;
+    capped[slot] = candidate ? 2 : 0;
+    kept += survives;
+    candidates += candidate;
+  }
+  kept = BlockSum(kept, partial);
+  candidates = BlockSum(candidates, partial);
+  int remaining = min(kept - policy.max_tokens, candidates);
+  // The key's parts, compared as unsigned: recent_attention >= 0 orders as its bits.
+  const auto part = [](const KeyState& s, int k) -> uint32_t {
+    return k == 0   ? __float_as_uint(s.recent_attention)
+           : k == 1 ? static_cast<uint32_t>(s.last_important + 1)
+                    : static_cast<uint32_t>(s.position);
+  };
+  uint32_t prefix[2] = {0, 0};
+  for (int k = 0; k < 3 && remaining > 0; ++k) {
+    // Candidates matching the cut's parts so far, with part k at most `bound`.
+    const auto count = [&](uint32_t bound, bool inclusive) {
+      int n = 0;
+      for (int slot = threadIdx.x; slot < t; slot += kThreads) {
+        if (capped[slot] != 2) continue;
+        const KeyState s = state_of(slot);
+        bool match = true;
+        for (int j = 0; j < k; ++j) match = match && part(s, j) == prefix[j];
+        const uint32_t v = part(s, k);
+        n += match && (inclusive ? v <= bound : v < bound);
+      }
+      return BlockSum(n, partial);
+    };
+    uint32_t lo = 0, hi = 0xffffffffu;
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (count(mid, true) >= remaining) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    // Everything below the cut's part k goes; at it, the next part decides (the position, unique,
+    // decides at last: all of those up to it go).
+    const bool last = k == 2;
+    const int below = last ? remaining : count(lo, false);
+    for (int slot = threadIdx.x; slot < t; slot += kThreads) {
+      if (capped[slot] != 2) continue;
+      const KeyState s = state_of(slot);
+      bool match = true;
+      for (int j = 0; j < k; ++j) match = match && part(s, j) == prefix[j];
+      const uint32_t v = part(s, k);
+      if (match && (last ? v <= lo : v < lo)) capped[slot] = 1;
+    }
+    __syncthreads();
+    remaining -= below;
+    if (k < 2) prefix[k] = lo;
+  }
+  for (int slot = threadIdx.x; slot < t; slot += kThreads) {
+    if (capped[slot] == 2) capped[slot] = 0;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     DecodeEvictionKernel(PagedKv kv, CompressedKv ckv, const int32_t* __restrict__ token_indptr,
                          const int32_t* __restrict__ positions, const int32_t* __restrict__ seqs,
@@ -161,7 +249,7 @@ __global__ void __launch_bounds__(kThreads)
   const int seq = seqs[blockIdx.x], kv_head = blockIdx.y;
   const int32_t* p = params + static_cast<int64_t>(seq) * kEvictionParams;
   if (p[0] == kEvictNone) return;
-  const Policy policy{p[0], p[1], p[2], __hiloint2double(p[4], p[3])};
+  const Policy policy{p[0], p[1], p[2], __hiloint2double(p[4], p[3]), p[5]};
   const int token = token_indptr[seq];
   const int position = positions[token];
   const int head_at = seq * n_kv_heads + kv_head;
@@ -245,6 +333,24 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();  // every state of the head is written
 
+  // CORM's cap, flagged per slot in the block's part of the workspace past the row indices (the
+  // scores' place, free again).
+  int32_t* capped = workspace + ScoresAt(n_seqs, n_kv_heads, max_rows) +
+                    static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
+  const bool cap = policy.kind == kEvictCorm && policy.max_tokens > 0;
+  if (cap) {
+    __shared__ int partial[kWarps];
+    CapSurvivors(
+        policy, position, t,
+        [&](int slot) {
+          const bool thin = slot < n_thin;
+          return *StateAt(states, segments[thin ? 0 : 1], n_kv_heads, kv_head,
+                          thin ? slot : slot - n_thin);
+        },
+        capped, partial);
+    __syncthreads();
+  }
+
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp >= 2) return;
   const Segment& seg = segments[warp];
@@ -253,8 +359,10 @@ __global__ void __launch_bounds__(kThreads)
   // it (evicted slots from the highest down, each filled by the segment's current last row).
   int32_t* src =
       workspace + (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + warp) * max_rows;
+  const int first_slot = warp == 0 ? 0 : n_thin;  // the segment's first in the head's slots
   const auto survives = [&](int slot) {
-    return Survives(policy, *StateAt(states, seg, n_kv_heads, kv_head, slot), position);
+    return Survives(policy, *StateAt(states, seg, n_kv_heads, kv_head, slot), position) &&
+           !(cap && capped[first_slot + slot] == 1);
   };
   for (int slot = lane; slot < rows; slot += 32) src[slot] = slot;
   __syncwarp();

@@ -55,10 +55,10 @@ size_t DecodeEvictionWorkspaceBytes(int n_seqs, int max_rows, const AttentionSha
 //     (thin keys on their channels, scale 1 / sqrt(head_dim), softmax in fp32), and every key's
 //     state becomes recent_attention = the group's largest weight, last_important = p where that
 //     weight >= alpha / t (compared in double), as CormObserve;
-//  3. the survivors (CormSurvivors without max_tokens, or WindowSurvivors) stay, and each
-//     segment closes up as KvCache::EvictRow leaves it: an evicted slot below the segment's new
-//     row count takes a surviving row from above it, the k-th such slot the k-th such row in
-//     slot order (key on the segment's width, value, state);
+//  3. the survivors (CormSurvivors, its max_tokens cap included, or WindowSurvivors) stay, and
+//     each segment closes up as KvCache::EvictRow leaves it: from the highest evicted slot down,
+//     each is filled by the segment's last row at that point (key on the segment's width,
+//     value, state);
 //  4. counts[(s * n_kv_heads + h) * 2] and [... + 1] = the thin and recent rows now in use
 //     (sequences without a policy are not written).
 // max_rows bounds each head's thin and recent rows (the workspace's size). head_dim 16..256, a

@@ -272,11 +272,6 @@ DecodeStates CudaBackend::States() const {
 absl::Status CudaBackend::SupportsCompression(
     const memory::compress::CompressionConfig& compression) const {
   namespace mc = memory::compress;
-  if (compression.eviction == mc::EvictionPolicy::kCorm && compression.corm.max_tokens > 0) {
-    return absl::InvalidArgumentError(
-        "compression: corm.max_tokens runs on the CPU backend only; the CUDA backend runs CORM "
-        "without a cap");
-  }
   if (compression.eviction != mc::EvictionPolicy::kNone &&
       config_.n_heads / config_.n_kv_heads > kMaxEvictionGroup) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -63,9 +63,8 @@ class CudaBackend : public Backend {
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   // Host phases timed with a steady clock, the device span with two CUDA events.
   std::optional<StepProfile> LastStepProfile() const override { return profile_; }
-  // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm
-  // without max_tokens, window) run on the device; ThinK re-thinning and CORM's max_tokens are
-  // refused.
+  // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm,
+  // window) run on the device; ThinK re-thinning is refused.
   absl::Status SupportsCompression(
       const memory::compress::CompressionConfig& compression) const override;
 

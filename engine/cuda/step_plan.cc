@@ -153,6 +153,7 @@ void WriteEviction(const mc::CompressionConfig& config, int32_t* params) {
       std::memcpy(&alpha, &config.corm.alpha, sizeof(alpha));
       params[3] = static_cast<int32_t>(static_cast<uint32_t>(alpha));
       params[4] = static_cast<int32_t>(static_cast<uint32_t>(alpha >> 32));
+      params[5] = config.corm.max_tokens;
       return;
     }
     case mc::EvictionPolicy::kWindow:

@@ -489,6 +489,7 @@ struct EvictionSpec {
   int32_t kind;
   int window_or_sinks, recent;
   double alpha;
+  int max_tokens;  // CORM's cap, 0 none
 };
 
 // One launch of LaunchDecodeEviction over a CompressedStep, sequence i under specs[i % size],
@@ -523,6 +524,7 @@ class EvictionCheck {
       std::memcpy(&bits, &spec.alpha, sizeof(bits));
       p[3] = static_cast<int32_t>(bits);
       p[4] = static_cast<int32_t>(bits >> 32);
+      p[5] = spec.max_tokens;
       positions[i] = 10000 + i;
       for (int h = 0; h < H; ++h) {
         const int thin = st.thin_[i][h], recent = st.recent_[i][h];
@@ -569,7 +571,7 @@ class EvictionCheck {
     }
   }
 
-  int heads = 0, ambiguous = 0, evicted = 0, moved = 0;
+  int heads = 0, ambiguous = 0, evicted = 0, moved = 0, capped = 0;
 
  private:
   struct Segments {
@@ -682,6 +684,32 @@ class EvictionCheck {
         unsure = true;
       }
     }
+    // The cap (ApplyCap): the weakest survivors outside the recent rows, by the new states.
+    const int survivors = static_cast<int>(std::count(keep.begin(), keep.end(), true));
+    if (spec.kind == kEvictCorm && spec.max_tokens > 0 && survivors > spec.max_tokens) {
+      std::vector<std::pair<KeyState, int>> candidates;  // (state, slot)
+      for (int r = 0; r < t; ++r) {
+        const KeyState& state = rows[r < thin ? 0 : 1][r < thin ? r : r - thin].state;
+        if (keep[r] && state.position <= position - spec.recent) candidates.push_back({state, r});
+      }
+      std::sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
+        const KeyState &x = a.first, &y = b.first;
+        if (x.recent_attention != y.recent_attention)
+          return x.recent_attention < y.recent_attention;
+        if (x.last_important != y.last_important) return x.last_important < y.last_important;
+        return x.position < y.position;
+      });
+      const size_t evict =
+          std::min(static_cast<size_t>(survivors - spec.max_tokens), candidates.size());
+      for (size_t j = 0; j < evict; ++j) keep[candidates[j].second] = false;
+      // Weights within fp32 rounding of each other across the cut may order either way.
+      if (evict > 0 && evict < candidates.size()) {
+        const float below = candidates[evict - 1].first.recent_attention;
+        const float above = candidates[evict].first.recent_attention;
+        if (above - below <= 1e-4f * above) unsure = true;
+      }
+      ++capped;
+    }
     if (unsure) {
       ++ambiguous;
       return;
@@ -727,9 +755,9 @@ class EvictionCheck {
   std::vector<std::vector<Segments>> prior_;  // (n_seqs)(n_kv_heads)
 };
 
-// CORM and the window policy over the layouts of the attention tests: thin keys at half, odd and
-// full width, uncompressed neighbours (their params none), per-head counts across page
-// boundaries, every group size the kernel takes.
+// CORM (with its cap above, at and below what survives) and the window policy over the layouts
+// of the attention tests: thin keys at half, odd and full width, uncompressed neighbours (their
+// params none), per-head counts across page boundaries, every group size the kernel takes.
 TEST_F(CudaAttentionCompressedTest, DecodeEvictionMatchesHostModel) {
   const CompressedCase cases[] = {
       {"smollm2",
@@ -755,11 +783,13 @@ TEST_F(CudaAttentionCompressedTest, DecodeEvictionMatchesHostModel) {
   };
   // CORM with a window short of the prior states' spread (some rows important, some not), and
   // the window policy; both with recent rows that always stay.
+  // CORM with a cap above, at and below what survives.
   const std::vector<std::vector<EvictionSpec>> spec_sets = {
-      {{kEvictCorm, 8, 4, 1.0}, {kEvictWindow, 3, 8, 0.0}},
-      {{kEvictWindow, 0, 2, 0.0}, {kEvictCorm, 4, 1, 0.5}, {kEvictNone, 0, 0, 0.0}},
-      {{kEvictCorm, 12, 2, 2.0}}};
-  int heads = 0, ambiguous = 0, evicted = 0, moved = 0;
+      {{kEvictCorm, 8, 4, 1.0, 0}, {kEvictWindow, 3, 8, 0.0, 0}},
+      {{kEvictWindow, 0, 2, 0.0, 0}, {kEvictCorm, 4, 1, 0.5, 0}, {kEvictNone, 0, 0, 0.0, 0}},
+      {{kEvictCorm, 12, 2, 2.0, 0}},
+      {{kEvictCorm, 8, 4, 1.0, 40}, {kEvictCorm, 16, 8, 0.5, 8}, {kEvictCorm, 4, 2, 1.0, 300}}};
+  int heads = 0, ambiguous = 0, evicted = 0, moved = 0, capped = 0;
   for (const CompressedCase& c : cases) {
     for (const std::vector<EvictionSpec>& specs : spec_sets) {
       CompressedStep step(c, rng_);
@@ -770,13 +800,16 @@ TEST_F(CudaAttentionCompressedTest, DecodeEvictionMatchesHostModel) {
       ambiguous += check.ambiguous;
       evicted += check.evicted;
       moved += check.moved;
+      capped += check.capped;
     }
   }
   std::printf(
       "[parity] decode eviction: %d heads checked, %d left out (a weight within 0.01%% of "
       "alpha / t), %d rows evicted, %d moved\n",
       heads - ambiguous, ambiguous, evicted, moved);
+  std::printf("[parity] decode eviction: %d heads over CORM's cap\n", capped);
   EXPECT_GT(moved, 0);
+  EXPECT_GT(capped, 0);
   EXPECT_LE(ambiguous * 4, heads);
 }
 

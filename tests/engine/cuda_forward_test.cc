@@ -473,6 +473,7 @@ TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
        "eviction=window,window.sinks=3,window.recent=10",
        true},
       {"eviction=corm,corm.window=4,corm.recent=4", false},
+      {"eviction=corm,corm.window=8,corm.recent=4,corm.max_tokens=14", false},
       {"policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=4,"
        "think.observation=8,eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.8",
        false}};
@@ -516,7 +517,7 @@ TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
 TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
   TestEngine gpu = MakeEngine(*model_, true, 4096, 16);
   ASSERT_TRUE(gpu.backend);
-  for (const char* spec : {"eviction=corm,corm.max_tokens=64", "think.lambda=0.5,think.rethin=1"}) {
+  for (const char* spec : {"think.lambda=0.5,think.rethin=1"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
@@ -524,7 +525,8 @@ TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
     EXPECT_NE(status.message().find("CPU backend"), std::string::npos) << status;
   }
-  for (const char* spec : {"eviction=corm", "eviction=window"}) {
+  for (const char* spec :
+       {"eviction=corm", "eviction=corm,corm.max_tokens=64", "eviction=window"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
@@ -706,7 +708,8 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
                         {"think.lambda=0.5", false, true},
                         {"eviction=window,window.sinks=4,window.recent=200", true, true},
                         {"eviction=corm", false, false},
-                        {"policy=snapkv,budget_ratio=0.25,eviction=corm", false, false}};
+                        {"policy=snapkv,budget_ratio=0.25,eviction=corm", false, false},
+                        {"eviction=corm,corm.max_tokens=256", false, false}};
   for (const auto& [spec, fixed_rows, fixed_counts] : specs) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);

@@ -471,11 +471,11 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
 }
 
 // Decodes under a decode-time policy carry it, (policy, window or sinks, recent, alpha's two
-// words) per sequence, zeros for the others; without one the plan has no such array.
+// words, cap) per sequence, zeros for the others; without one the plan has no such array.
 TEST_F(StepPlanTest, CarriesEachDecodesEvictionPolicy) {
   namespace mc = memory::compress;
-  const absl::StatusOr<mc::CompressionConfig> corm =
-      mc::ParseCompressionSpec("eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.75");
+  const absl::StatusOr<mc::CompressionConfig> corm = mc::ParseCompressionSpec(
+      "eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.75,corm.max_tokens=40");
   const absl::StatusOr<mc::CompressionConfig> window =
       mc::ParseCompressionSpec("eviction=window,window.sinks=2,window.recent=9");
   const absl::StatusOr<mc::CompressionConfig> none =
@@ -495,27 +495,12 @@ TEST_F(StepPlanTest, CarriesEachDecodesEvictionPolicy) {
   double alpha = 0.75;
   uint64_t bits;
   std::memcpy(&bits, &alpha, sizeof(bits));
-  EXPECT_EQ(Slice(plan, plan.at.eviction, 4 * kEvictionParams),
-            (std::vector<int32_t>{kEvictCorm,
-                                  6,
-                                  3,
-                                  static_cast<int32_t>(bits),
-                                  static_cast<int32_t>(bits >> 32),
-                                  0,
-                                  0,
-                                  0,
-                                  0,
-                                  0,
-                                  kEvictWindow,
-                                  2,
-                                  9,
-                                  0,
-                                  0,
-                                  0,
-                                  0,
-                                  0,
-                                  0,
-                                  0}));
+  std::vector<int32_t> want = {
+      kEvictCorm, 6, 3, static_cast<int32_t>(bits), static_cast<int32_t>(bits >> 32), 40};
+  want.resize(2 * kEvictionParams, 0);  // no policy
+  for (int32_t v : {kEvictWindow, 2, 9, 0, 0, 0}) want.push_back(v);
+  want.resize(4 * kEvictionParams, 0);  // uncompressed
+  EXPECT_EQ(Slice(plan, plan.at.eviction, 4 * kEvictionParams), want);
   EXPECT_EQ(plan.at.scratch_indptr, plan.at.eviction + 4 * kEvictionParams);
 
   steps.erase(steps.begin());
