@@ -378,6 +378,17 @@ TEST(KvCacheCompressedTest, BytesAndLayoutOfACompressedSequence) {
   EXPECT_EQ(cache.Bytes(m.kv).pages, 17 * 256);
   EXPECT_EQ(cache.Bytes(m.kv).rows, bytes.rows);
   ASSERT_NO_FATAL_FAILURE(CheckModel(cache, m));
+  // The same rows with their decode state kept by the backend (the CUDA backend's device array)
+  // instead of the host vectors: the same bytes.
+  for (CompressedLayer& c : m.kv.compressed) {
+    c.prompt_states.clear();
+    c.recent_states.clear();
+    c.device_states = true;
+  }
+  EXPECT_EQ(cache.Bytes(m.kv).metadata, bytes.metadata);
+  m.kv.compressed[1].device_states = false;  // layer 1: 6 recent rows per head, 2 heads
+  EXPECT_EQ(cache.Bytes(m.kv).metadata,
+            bytes.metadata - 12 * static_cast<int64_t>(sizeof(compress::CormKeyState)));
   cache.Release(m.kv);
 
   // Uncompressed: every layer holds its rows at full width.
