@@ -1,5 +1,5 @@
 // Decode-time eviction on the GPU (decode_eviction.cu): the device twins of
-// memory/compress/decode_eviction.h (CormObserve, CormSurvivors without the cap, WindowSurvivors)
+// memory/compress/decode_eviction.h (CormObserve, CormSurvivors with its cap, WindowSurvivors)
 // and of memory::KvCache::EvictRow, for every compressed sequence of a decode step that runs a
 // decode-time policy, in one launch per layer.
 //
