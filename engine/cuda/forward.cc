@@ -232,8 +232,7 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
   KVTRIM_RETURN_IF_ERROR(Grow(prompt_states_, prompt_states * sizeof(KeyState)));
   if (tracked) KVTRIM_RETURN_IF_ERROR(ReserveDecodeStates());
   if (plan_.evicting > 0) {
-    const size_t counts = static_cast<size_t>(config_.n_layers) * plan_.seqs * config_.n_kv_heads *
-                          2 * sizeof(int32_t);
+    const size_t counts = CountsAt(config_.n_layers) * sizeof(int32_t);
     if (plan_.max_decode_rows > evict_rows_) {
       evict_rows_ = plan_.max_decode_rows + plan_.max_decode_rows / 4 + 64;
     }
@@ -383,7 +382,7 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
       for (int layer = 0; layer < config_.n_layers; ++layer) {
         memory::CompressedLayer& c = kv.compressed[layer];
         const int32_t* counts =
-            counts_host_.as<int32_t>() + (static_cast<size_t>(layer) * plan_.seqs + s) * H * 2;
+            counts_host_.as<int32_t>() + CountsAt(layer) + static_cast<size_t>(s) * H * 2;
         for (int h = 0; h < H; ++h) {
           c.prompt_rows[h] = counts[2 * h];
           c.recent_rows[h] = counts[2 * h + 1];
@@ -480,10 +479,9 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
     }
   }
   if (plan_.evicting > 0) {
-    const size_t bytes = static_cast<size_t>(config_.n_layers) * plan_.seqs * config_.n_kv_heads *
-                         2 * sizeof(int32_t);
     KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(counts_host_.as<void>(), counts_.as<void>(),
-                                                      bytes, cudaMemcpyDeviceToHost, stream_),
+                                                      CountsAt(config_.n_layers) * sizeof(int32_t),
+                                                      cudaMemcpyDeviceToHost, stream_),
                                       "cudaMemcpyAsync(rows kept by eviction)"));
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_, stream_), "cudaEventRecord"));

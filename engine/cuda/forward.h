@@ -114,6 +114,11 @@ class CudaBackend : public Backend {
   // The host side of the step's rows once the device has written them.
   absl::Status UpdateSequences(std::span<const SequenceStep> steps);
   const int32_t* Plan(size_t offset) const { return plan_device_.as<int32_t>() + offset; }
+  // Where layer `layer`'s row counts start in counts_ / counts_host_ ((S, n_kv_heads, 2) each);
+  // layer n_layers: the elements of all of them.
+  size_t CountsAt(int layer) const {
+    return static_cast<size_t>(layer) * plan_.seqs * config_.n_kv_heads * 2;
+  }
 
   const Model& model_;
   const ModelConfig& config_;

@@ -298,8 +298,7 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
                                         workspace_.as<float>(), attention, stream_),
         "CompressedDecodeAttention"));
     if (plan_.evicting > 0) {
-      int32_t* counts =
-          counts_.as<int32_t>() + static_cast<size_t>(layer) * plan_.seqs * config_.n_kv_heads * 2;
+      int32_t* counts = counts_.as<int32_t>() + CountsAt(layer);
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           LaunchDecodeEviction(pages, compressed, Plan(at.token_indptr), Plan(at.positions),
                                Plan(at.decode), plan_.decode_seqs, Plan(at.eviction), q, stride,
