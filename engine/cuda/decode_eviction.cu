@@ -1,22 +1,28 @@
 // Decode-time eviction on the GPU (decode_eviction.h).
 //
 // One block of 16 warps per (sequence, kv-head) of the decode list; blocks of sequences without a
-// policy return at once. CORM's observation reads the head's keys once (ScoreSegment: each key
-// row split into 8-element pieces over adjacent lanes, so that loads are contiguous), keeping
-// the group's scores in the workspace and each thread's online softmax state; the weights then
-// come from the stored scores, fp32 throughout. Eviction runs one warp per segment (warp 0 the
-// thin rows, warp 1 the recent rows): the evicted slots are found by ballots, highest first, and
-// one lane follows KvCache::EvictRow's chain of moves on row indices in the workspace; then the
-// rows move, one per lane (every source lies at or above the new row count, every destination
-// below it).
+// policy return at once.
+//  - CORM's observation scores the head's keys on the tensor cores (ScoreSegment: 16 rows a warp
+//    at a time, each lane loading 16 bytes of two rows per 32 channels), keeping the group's
+//    scores in the workspace and each lane's online softmax state; the weights then come from the
+//    stored scores, fp32 throughout.
+//  - CORM's cap finds its cut by radix selection over the survivors' keys (CapCut).
+//  - Every warp marks evicted slots by ballot, a 32-slot word at a time in shared memory (the
+//    observation's state update in the same pass when there is no cap).
+//  - One warp per segment (warp 0 the thin rows, warp 1 the recent rows) closes it up: one lane
+//    follows KvCache::EvictRow's chain of moves (highest evicted slot first) on row indices in
+//    the workspace; then the rows move, every lane a word of destinations (every source lies at
+//    or above the new row count, every destination below it).
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
 #include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/check.h"
 #include "engine/cuda/decode_eviction.h"
+#include "engine/cuda/tensor_core.cuh"
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -58,12 +64,54 @@ __device__ __forceinline__ KeyState* StateAt(const DecodeStates& st, const Segme
          kv_head;
 }
 
+// pool[to, to + elements) = pool[from, ...), the two ranges apart; 16-byte pieces when `vector`
+// (both 16-byte aligned, elements a multiple of 8), a chunk's loads issued before its stores.
+__device__ __forceinline__ void CopyRow(__nv_bfloat16* pool, int64_t to, int64_t from, int elements,
+                                        bool vector) {
+  if (vector) {
+    for (int c0 = 0; c0 < elements; c0 += 32) {
+      uint4 piece[4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        if (c0 + 8 * p < elements)
+          piece[p] = *reinterpret_cast<const uint4*>(pool + from + c0 + 8 * p);
+      }
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        if (c0 + 8 * p < elements) *reinterpret_cast<uint4*>(pool + to + c0 + 8 * p) = piece[p];
+      }
+    }
+    return;
+  }
+  for (int c0 = 0; c0 < elements; c0 += 8) {
+    __nv_bfloat16 piece[8];
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+      if (c0 + p < elements) piece[p] = pool[from + c0 + p];
+    }
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+      if (c0 + p < elements) pool[to + c0 + p] = piece[p];
+    }
+  }
+}
+
 // (m, l) <- the online-softmax state of both (natural log domain; empty: (-inf, 0)).
 __device__ __forceinline__ void Merge(float& m, float& l, float m_other, float l_other) {
   const float m_new = fmaxf(m, m_other);
   if (m_new == -INFINITY) return;
   l = l * expf(m - m_new) + l_other * expf(m_other - m_new);
   m = m_new;
+}
+
+// (m, l) <- the online-softmax state with one more score of weight 1 (as Merge(m, l, score, 1)).
+__device__ __forceinline__ void Add(float& m, float& l, float score) {
+  if (score > m) {
+    l = l * expf(m - score) + 1.0f;
+    m = score;
+  } else if (m != -INFINITY) {
+    l += expf(score - m);
+  }
 }
 
 struct Policy {
@@ -86,63 +134,105 @@ __host__ __device__ __forceinline__ int64_t ScoresAt(int n_seqs, int n_kv_heads,
   return static_cast<int64_t>(n_seqs) * n_kv_heads * 2 * max_rows;
 }
 
-// The scores of one segment's rows, slot_base + row of `scores` (rows of `group`), scaled, with
-// each thread's online softmax state (m, l) of those it writes. A key row is split into 8-element
-// pieces over `lanes` adjacent lanes (the least power of two that covers it), 32 / lanes keys a
-// warp at a time: loads are contiguous across the lanes of a key, the query pieces stay in
-// registers, and each key's partial products meet by shuffles.
-//   query: (group, head_dim) fp32 in shared memory, its first seg.key_width columns the key's
-__device__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_heads, int kv_head,
-                             int head_dim, int group, const float* query, float scale,
-                             int slot_base, float* scores, float (&m)[kMaxGroup],
-                             float (&l)[kMaxGroup]) {
-  const int width = seg.key_width, pieces = (width + 7) / 8;
-  int lanes = 1;
-  while (lanes < pieces) lanes *= 2;
-  const int keys_per_warp = 32 / lanes;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int piece = lane % lanes, sub = lane / lanes, first = piece * 8;
-  const bool vector = width % 8 == 0;
-  float qr[kMaxGroup][8];
+// Up to 8 bf16 of a key row from element `first` on, zeros past `width`; 16-byte aligned when
+// `vector` (every row's width a multiple of 8).
+__device__ __forceinline__ uint4 KeyPiece(const __nv_bfloat16* row, int first, int width,
+                                          bool vector) {
+  if (first + 8 <= width) return Load8(row + first, vector);
+  const unsigned short* bits = reinterpret_cast<const unsigned short*>(row + first);
+  uint32_t words[4];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t low = first + 2 * i < width ? bits[2 * i] : 0u;
+    const uint32_t high = first + 2 * i + 1 < width ? bits[2 * i + 1] : 0u;
+    words[i] = low | (high << 16);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// 32-channel blocks of the widest key.
+constexpr int kMaxBlocks = kMaxHeadDim / 32;
+
+// The query heads of one kv-head as the B operand of mma.sync m16n8k16 (k: channels, n: the
+// group's heads) in shared memory: lane l's register pair of 32-channel block j, half u is
+// fragments[(2 j + u) * 32 + l]. Channels are permuted within each block so that a lane's part of
+// a key row is 8 adjacent elements: logical k of a 16-step maps to block channel
+// 8 (k % 8 / 2) + 4 u + 2 (k / 8) + k % 2, which for lane l (l % 4 = i) is channels
+// 8 i + 4 u + {0, 1} (k = 2i, 2i + 1) and + {2, 3} (k = 2i + 8, 2i + 9). Element c of the key is
+// the query's channel channels[c] (identity when null); past `width` zero. One warp fills it.
+__device__ __forceinline__ void StoreQueryFragments(uint2* fragments, const __nv_bfloat16* q_heads,
+                                                    int head_dim, int group, int width,
+                                                    const uint16_t* channels) {
+  const int lane = threadIdx.x % 32, n = lane / 4, i = lane % 4;
+  const __nv_bfloat16* head = q_heads + static_cast<int64_t>(n) * head_dim;
+  for (int j = 0; j < (width + 31) / 32; ++j) {
+    for (int u = 0; u < 2; ++u) {
+      float v[4];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      qr[g][e] = g < group && first + e < width ? query[g * head_dim + first + e] : 0.0f;
+      for (int e = 0; e < 4; ++e) {
+        const int c = 32 * j + 8 * i + 4 * u + e;
+        v[e] = n < group && c < width
+                   ? __bfloat162float(head[channels != nullptr ? channels[c] : c])
+                   : 0.0f;
+      }
+      fragments[(2 * j + u) * 32 + lane] = make_uint2(PackBf16(v[0], v[1]), PackBf16(v[2], v[3]));
     }
   }
-  for (int base = warp * keys_per_warp; base < seg.rows; base += kWarps * keys_per_warp) {
-    const int row = base + sub;
-    float k[8] = {};
-    if (row < seg.rows && first < width) {
-      const __nv_bfloat16* key = kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row) + first;
-      if (vector) {
-        Unpack8(*reinterpret_cast<const uint4*>(key), k);
-      } else {
-        for (int e = 0; e < 8 && first + e < width; ++e) k[e] = __bfloat162float(key[e]);
+}
+
+// The scores of one segment's rows, slot_base + row of `scores` (rows of `group`), scaled, with
+// this lane's online softmax state (m, l) of heads 2 (lane % 4) and 2 (lane % 4) + 1. A warp
+// scores 16 rows at a time on the tensor cores: lane l loads 8 adjacent elements of rows l / 4
+// and l / 4 + 8 per 32-channel block (16-byte loads), the A operand in the query's permuted
+// channel order (StoreQueryFragments).
+__device__ __forceinline__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_heads,
+                                             int kv_head, int group, const uint2* query,
+                                             float scale, int slot_base, float* scores,
+                                             float (&m)[2], float (&l)[2]) {
+  const int width = seg.key_width, blocks = (width + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, i = lane % 4;
+  const bool vector = width % 8 == 0;
+  const int tiles = (seg.rows + 15) / 16;
+  for (int tile = warp; tile < tiles; tile += kWarps) {
+    const int row0 = tile * 16 + r, row1 = row0 + 8;
+    const __nv_bfloat16* key0 =
+        row0 < seg.rows ? kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row0) : nullptr;
+    const __nv_bfloat16* key1 =
+        row1 < seg.rows ? kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row1) : nullptr;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Four blocks (128 channels) loaded ahead of their products at a time.
+#pragma unroll
+    for (int j0 = 0; j0 < kMaxBlocks; j0 += 4) {
+      if (j0 >= blocks) continue;
+      uint4 k0[4], k1[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int first = 32 * (j0 + j) + 8 * i;
+        const bool in = j0 + j < blocks && first < width;
+        k0[j] =
+            in && key0 != nullptr ? KeyPiece(key0, first, width, vector) : make_uint4(0, 0, 0, 0);
+        k1[j] =
+            in && key1 != nullptr ? KeyPiece(key1, first, width, vector) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j0 + j >= blocks) continue;
+        const uint32_t a0[4] = {k0[j].x, k1[j].x, k0[j].y, k1[j].y};
+        const uint32_t a1[4] = {k0[j].z, k1[j].z, k0[j].w, k1[j].w};
+        const uint2 b0 = query[(2 * (j0 + j)) * 32 + lane],
+                    b1 = query[(2 * (j0 + j) + 1) * 32 + lane];
+        Mma(c, a0, b0.x, b0.y);
+        Mma(c, a1, b1.x, b1.y);
       }
     }
-    float dot[kMaxGroup];
+    // c: rows row0 (c[0], c[1]) and row1 (c[2], c[3]), heads 2i and 2i + 1.
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      dot[g] = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dot[g] += qr[g][e] * k[e];
-    }
-    for (int offset = lanes / 2; offset > 0; offset /= 2) {
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < group) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], offset);
-      }
-    }
-    if (piece == 0 && row < seg.rows) {
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= group) continue;
-        const float score = dot[g] * scale;
-        scores[static_cast<int64_t>(slot_base + row) * group + g] = score;
-        Merge(m[g], l[g], score, 1.0f);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int row = e < 2 ? row0 : row1, g = 2 * i + e % 2;
+      if (row >= seg.rows || g >= group) continue;
+      const float score = c[e] * scale;
+      scores[static_cast<int64_t>(slot_base + row) * group + g] = score;
+      Add(m[e % 2], l[e % 2], score);
     }
   }
 }
@@ -162,89 +252,134 @@ __device__ int BlockSum(int value, int* partial) {
   return sum;
 }
 
-// CORM's cap (memory::compress's ApplyCap) over the head's t slots, thin rows first, every thread
-// of the block: where more than max_tokens rows survive, the weakest survivors outside the recent
-// rows (lowest recent_attention, then last_important, then position: a key unique per row) go
-// too, as many as the excess. capped[slot] becomes 1 for those, else 0. The cut is found part by
-// part of the key, each by bisection over its 32 bits with a block-wide count per step.
+// CORM's cap (memory::compress's ApplyCap) orders survivors outside the recent rows by
+// (recent_attention, last_important, position), weakest first; compared as unsigned, each part
+// orders as its bits (recent_attention >= 0, last_important >= -1). Position is unique to a row,
+// so the key is too.
+struct CapKey {
+  uint32_t part[3];
+};
+
+__device__ __forceinline__ CapKey CapKeyOf(const KeyState& s) {
+  return CapKey{{__float_as_uint(s.recent_attention), static_cast<uint32_t>(s.last_important + 1),
+                 static_cast<uint32_t>(s.position)}};
+}
+
+__device__ __forceinline__ bool AtMost(const CapKey& a, const CapKey& b) {
+  for (int k = 0; k < 3; ++k) {
+    if (a.part[k] != b.part[k]) return a.part[k] < b.part[k];
+  }
+  return true;
+}
+
+// Slots of the head whose cap keys a thread keeps in registers: heads of up to this many times
+// kThreads rows read their states once for the whole selection.
+constexpr int kCachedSlots = 4;
+
+// CORM's cap over the head's t slots (thin rows first), every thread of the block: where more
+// than max_tokens rows survive, the weakest survivors outside the recent rows go too, as many as
+// the excess. Returns the cut: a candidate goes when its key is AtMost the cut; *capping says
+// whether any does. The cut is found by radix selection, 8 bits of the 96-bit key a pass, with
+// a block-wide histogram in shared memory.
 template <class StateOf>
-__device__ void CapSurvivors(const Policy& policy, int position, int t, const StateOf& state_of,
-                             int32_t* capped, int* partial) {
-  // capped[slot] = 2 marks a candidate: a survivor outside the recent rows.
+__device__ CapKey CapCut(const Policy& policy, int position, int t, const StateOf& state_of,
+                         int* partial, bool* capping) {
+  __shared__ int histogram[256];
+  __shared__ int chosen[2];  // the pass's digit and the candidates below it
+  const auto candidate = [&](const KeyState& s) {
+    return Survives(policy, s, position) && s.position <= position - policy.recent;
+  };
+  CapKey cached[kCachedSlots];
+  unsigned cached_candidates = 0;
   int kept = 0, candidates = 0;
-  for (int slot = threadIdx.x; slot < t; slot += kThreads) {
+#pragma unroll
+  for (int k = 0; k < kCachedSlots; ++k) {
+    const int slot = threadIdx.x + k * kThreads;
+    if (slot >= t) continue;
     const KeyState s = state_of(slot);
-    const bool survives = Survives(policy, s, position);
-    const bool candidate = survives && s.position <= position - policy.recent;
-    capped[slot] = candidate ? 2 : 0;
-    kept += survives;
-    candidates += candidate;
+    kept += Survives(policy, s, position);
+    if (candidate(s)) {
+      cached[k] = CapKeyOf(s);
+      cached_candidates |= 1u << k;
+      ++candidates;
+    }
+  }
+  for (int slot = threadIdx.x + kCachedSlots * kThreads; slot < t; slot += kThreads) {
+    const KeyState s = state_of(slot);
+    kept += Survives(policy, s, position);
+    candidates += candidate(s);
   }
   kept = BlockSum(kept, partial);
   candidates = BlockSum(candidates, partial);
-  int remaining = min(kept - policy.max_tokens, candidates);
-  // The key's parts, compared as unsigned: recent_attention >= 0 orders as its bits.
-  const auto part = [](const KeyState& s, int k) -> uint32_t {
-    return k == 0   ? __float_as_uint(s.recent_attention)
-           : k == 1 ? static_cast<uint32_t>(s.last_important + 1)
-                    : static_cast<uint32_t>(s.position);
-  };
-  uint32_t prefix[2] = {0, 0};
-  for (int k = 0; k < 3 && remaining > 0; ++k) {
-    // Candidates matching the cut's parts so far, with part k at most `bound`.
-    const auto count = [&](uint32_t bound, bool inclusive) {
-      int n = 0;
-      for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-        if (capped[slot] != 2) continue;
-        const KeyState s = state_of(slot);
-        bool match = true;
-        for (int j = 0; j < k; ++j) match = match && part(s, j) == prefix[j];
-        const uint32_t v = part(s, k);
-        n += match && (inclusive ? v <= bound : v < bound);
-      }
-      return BlockSum(n, partial);
-    };
-    uint32_t lo = 0, hi = 0xffffffffu;
-    while (lo < hi) {
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (count(mid, true) >= remaining) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
+  int remaining = min(kept - policy.max_tokens, candidates);  // rank of the cut, from 1
+  *capping = remaining > 0;
+  CapKey cut{{0, 0, 0}};
+  if (remaining <= 0) return cut;
+  const auto for_each_candidate = [&](auto&& visit) {
+#pragma unroll
+    for (int k = 0; k < kCachedSlots; ++k) {
+      if (cached_candidates & (1u << k)) visit(cached[k]);
     }
-    // Everything below the cut's part k goes; at it, the next part decides (the position, unique,
-    // decides at last: all of those up to it go).
-    const bool last = k == 2;
-    const int below = last ? remaining : count(lo, false);
-    for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-      if (capped[slot] != 2) continue;
+    for (int slot = threadIdx.x + kCachedSlots * kThreads; slot < t; slot += kThreads) {
       const KeyState s = state_of(slot);
-      bool match = true;
-      for (int j = 0; j < k; ++j) match = match && part(s, j) == prefix[j];
-      const uint32_t v = part(s, k);
-      if (match && (last ? v <= lo : v < lo)) capped[slot] = 1;
+      if (candidate(s)) visit(CapKeyOf(s));
+    }
+  };
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int pass = 0; pass < 12; ++pass) {
+    const int part = pass / 4, shift = 24 - 8 * (pass % 4);
+    const uint32_t high = shift == 24 ? 0u : 0xffffffffu << (shift + 8);  // bits chosen so far
+    for (int i = threadIdx.x; i < 256; i += kThreads) histogram[i] = 0;
+    __syncthreads();
+    for_each_candidate([&](const CapKey& key) {
+      bool match = (key.part[part] & high) == cut.part[part];
+      for (int k = 0; k < part; ++k) match = match && key.part[k] == cut.part[k];
+      if (match) atomicAdd(&histogram[(key.part[part] >> shift) & 255], 1);
+    });
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l sums bins 8 l .. 8 l + 7; the first bin where the running count reaches
+      // `remaining` is the digit.
+      int bins[8], sum = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        bins[i] = histogram[8 * lane + i];
+        sum += bins[i];
+      }
+      int before = sum;  // inclusive scan over the lanes, then made exclusive
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, before, offset);
+        if (lane >= offset) before += other;
+      }
+      before -= sum;
+      const unsigned reaches =
+          __ballot_sync(0xffffffffu, before < remaining && before + sum >= remaining);
+      if (lane == __ffs(reaches) - 1) {
+        int i = 0;
+        while (before + bins[i] < remaining) before += bins[i++];
+        chosen[0] = 8 * lane + i;
+        chosen[1] = before;
+      }
     }
     __syncthreads();
-    remaining -= below;
-    if (k < 2) prefix[k] = lo;
+    cut.part[part] |= static_cast<uint32_t>(chosen[0]) << shift;
+    remaining -= chosen[1];
   }
-  for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-    if (capped[slot] == 2) capped[slot] = 0;
-  }
+  return cut;
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     DecodeEvictionKernel(PagedKv kv, CompressedKv ckv, const int32_t* __restrict__ token_indptr,
                          const int32_t* __restrict__ positions, const int32_t* __restrict__ seqs,
                          const int32_t* __restrict__ params, const __nv_bfloat16* __restrict__ q,
                          int q_stride, int n_kv_heads, int group, int head_dim, DecodeStates states,
                          int n_seqs, int max_rows, int32_t* __restrict__ workspace,
                          int32_t* __restrict__ counts) {
-  __shared__ float query[kMaxGroup * kMaxHeadDim];  // (group, head_dim): thin columns gathered
-  __shared__ float full_query[kMaxGroup * kMaxHeadDim];
+  __shared__ uint2 thin_query[2 * kMaxBlocks * 32], full_query[2 * kMaxBlocks * 32];
   __shared__ float reduce_m[kWarps][kMaxGroup], reduce_l[kWarps][kMaxGroup];
   __shared__ float softmax_m[kMaxGroup], softmax_l[kMaxGroup];
+  extern __shared__ uint32_t evicted[];  // 2 ((max_rows + 31) / 32) words
 
   const int seq = seqs[blockIdx.x], kv_head = blockIdx.y;
   const int32_t* p = params + static_cast<int64_t>(seq) * kEvictionParams;
@@ -262,51 +397,62 @@ __global__ void __launch_bounds__(kThreads)
               ckv.recent_rows[head_at], kv.rows_per_page, head_dim},
   };
   const int n_thin = segments[0].rows, n_recent = segments[1].rows, t = n_thin + n_recent;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const KeyState fresh{position, -1, 0.0f};  // the new row's state
+  const auto state_at = [&](int slot) {      // the head's slot: thin rows first
+    const bool thin = slot < n_thin;
+    return StateAt(states, segments[thin ? 0 : 1], n_kv_heads, kv_head,
+                   thin ? slot : slot - n_thin);
+  };
+  const auto state_of = [&](int slot) { return slot == t - 1 ? fresh : *state_at(slot); };
 
-  if (threadIdx.x == 0) {
-    *StateAt(states, segments[1], n_kv_heads, kv_head, n_recent - 1) = KeyState{position, -1, 0.0f};
-  }
+  // The evicted slots: bit b of evicted[word] is slot 32 word + b of its segment, the thin
+  // segment's words first, every warp a word at a time; `visit` says whether the slot goes.
+  const int thin_words = (n_thin + 31) / 32, words = thin_words + (n_recent + 31) / 32;
+  const auto for_each_word = [&](auto&& visit) {
+    for (int word = warp; word < words; word += kWarps) {
+      const bool thin = word < thin_words;
+      const int slot = (thin ? word * 32 : n_thin + (word - thin_words) * 32) + lane;
+      const bool in = slot < (thin ? n_thin : t);
+      const bool gone = visit(slot, in);
+      const unsigned bits = __ballot_sync(0xffffffffu, in && gone);
+      if (lane == 0) evicted[word] = bits;
+    }
+  };
 
+  const float* scores = nullptr;
   if (policy.kind == kEvictCorm) {
     // A layer whose kept rows are all recent may have a key width and no channel set.
     const uint16_t* channels = key_width < head_dim && n_thin > 0
                                    ? ckv.channels + ckv.channel_offset[seq] + kv_head * key_width
                                    : nullptr;
-    const __nv_bfloat16* q_token = q + static_cast<int64_t>(token) * q_stride;
-    for (int i = threadIdx.x; i < group * head_dim; i += kThreads) {
-      const int g = i / head_dim, c = i % head_dim;
-      const __nv_bfloat16* q_head = q_token + static_cast<int64_t>(kv_head * group + g) * head_dim;
-      full_query[i] = __bfloat162float(q_head[c]);
-      if (c < key_width) query[i] = __bfloat162float(q_head[channels != nullptr ? channels[c] : c]);
-    }
-    __syncthreads();
+    const __nv_bfloat16* q_heads = q + static_cast<int64_t>(token) * q_stride +
+                                   static_cast<int64_t>(kv_head) * group * head_dim;
     // Pass 1: every slot's scores into the block's (t, group) part of the workspace, and each
-    // thread's online softmax state of the ones it wrote.
-    float* scores = reinterpret_cast<float*>(workspace + ScoresAt(n_seqs, n_kv_heads, max_rows)) +
-                    static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
+    // lane's online softmax state of the ones it wrote.
+    float* written = reinterpret_cast<float*>(workspace + ScoresAt(n_seqs, n_kv_heads, max_rows)) +
+                     static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
     const float scale = rsqrtf(static_cast<float>(head_dim));
-    float m[kMaxGroup], l[kMaxGroup];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      m[g] = -INFINITY;
-      l[g] = 0.0f;
-    }
-    ScoreSegment(kv, segments[0], n_kv_heads, kv_head, head_dim, group, query, scale, 0, scores, m,
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    if (warp == 0) StoreQueryFragments(thin_query, q_heads, head_dim, group, key_width, channels);
+    if (warp == 1) StoreQueryFragments(full_query, q_heads, head_dim, group, head_dim, nullptr);
+    __syncthreads();
+    ScoreSegment(kv, segments[0], n_kv_heads, kv_head, group, thin_query, scale, 0, written, m, l);
+    ScoreSegment(kv, segments[1], n_kv_heads, kv_head, group, full_query, scale, n_thin, written, m,
                  l);
-    ScoreSegment(kv, segments[1], n_kv_heads, kv_head, head_dim, group, full_query, scale, n_thin,
-                 scores, m, l);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // Lanes i, i + 4, ... hold heads 2i and 2i + 1.
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int e = 0; e < 2; ++e) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) {
-        const float m_other = __shfl_xor_sync(0xffffffffu, m[g], offset);
-        const float l_other = __shfl_xor_sync(0xffffffffu, l[g], offset);
-        Merge(m[g], l[g], m_other, l_other);
+      for (int offset = 4; offset < 32; offset *= 2) {
+        const float m_other = __shfl_xor_sync(0xffffffffu, m[e], offset);
+        const float l_other = __shfl_xor_sync(0xffffffffu, l[e], offset);
+        Merge(m[e], l[e], m_other, l_other);
       }
-      if (lane == 0) {
-        reduce_m[warp][g] = m[g];
-        reduce_l[warp][g] = l[g];
+      const int g = 2 * lane + e;
+      if (lane < 4 && g < group) {
+        reduce_m[warp][g] = m[e];
+        reduce_l[warp][g] = l[e];
       }
     }
     __syncthreads();
@@ -318,87 +464,102 @@ __global__ void __launch_bounds__(kThreads)
       softmax_l[threadIdx.x] = ll;
     }
     __syncthreads();
-    const double threshold = policy.alpha / static_cast<double>(t);
-    for (int slot = threadIdx.x; slot < t; slot += kThreads) {
-      float weight = 0.0f;
-      for (int g = 0; g < group; ++g) {
-        weight = fmaxf(weight, expf(scores[slot * group + g] - softmax_m[g]) / softmax_l[g]);
-      }
-      const bool thin = slot < n_thin;
-      KeyState* state =
-          StateAt(states, segments[thin ? 0 : 1], n_kv_heads, kv_head, thin ? slot : slot - n_thin);
-      state->recent_attention = weight;
-      if (static_cast<double>(weight) >= threshold) state->last_important = position;
-    }
+    scores = written;
   }
-  __syncthreads();  // every state of the head is written
 
-  // CORM's cap, flagged per slot in the block's part of the workspace past the row indices (the
-  // scores' place, free again).
-  int32_t* capped = workspace + ScoresAt(n_seqs, n_kv_heads, max_rows) +
-                    static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
   const bool cap = policy.kind == kEvictCorm && policy.max_tokens > 0;
-  if (cap) {
-    __shared__ int partial[kWarps];
-    CapSurvivors(
-        policy, position, t,
-        [&](int slot) {
-          const bool thin = slot < n_thin;
-          return *StateAt(states, segments[thin ? 0 : 1], n_kv_heads, kv_head,
-                          thin ? slot : slot - n_thin);
-        },
-        capped, partial);
-    __syncthreads();
+  const double threshold = policy.alpha / static_cast<double>(t);
+  // The slot's state with CORM's observation (the group's largest weight) taken in, stored.
+  const auto observe = [&](int slot) {
+    KeyState s = state_of(slot);
+    float weight = 0.0f;
+    for (int g = 0; g < group; ++g) {
+      weight = fmaxf(weight, expf(scores[slot * group + g] - softmax_m[g]) / softmax_l[g]);
+    }
+    s.recent_attention = weight;
+    if (static_cast<double>(weight) >= threshold) s.last_important = position;
+    *state_at(slot) = s;
+    return s;
+  };
+  if (scores != nullptr && !cap) {
+    for_each_word(
+        [&](int slot, bool in) { return in && !Survives(policy, observe(slot), position); });
+  } else {
+    if (scores != nullptr) {
+      for_each_word([&](int slot, bool in) {
+        if (in) observe(slot);
+        return false;
+      });
+    } else if (threadIdx.x == 0) {
+      *state_at(t - 1) = fresh;
+    }
+    __syncthreads();  // every state of the head is written (and the weights' scores read)
+    CapKey cut{{0, 0, 0}};
+    bool capping = false;
+    if (cap) {
+      __shared__ int partial[kWarps];
+      cut = CapCut(
+          policy, position, t, [&](int slot) { return *state_at(slot); }, partial, &capping);
+    }
+    for_each_word([&](int slot, bool in) {
+      if (!in) return false;
+      const KeyState s = *state_at(slot);
+      if (!Survives(policy, s, position)) return true;
+      return capping && s.position <= position - policy.recent && AtMost(CapKeyOf(s), cut);
+    });
   }
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
   if (warp >= 2) return;
   const Segment& seg = segments[warp];
   const int rows = seg.rows;
+  const uint32_t* gone = evicted + (warp == 0 ? 0 : thin_words);
+  const int n_words = (rows + 31) / 32;
+  int n_gone = 0;
+  for (int w = lane; w < n_words; w += 32) n_gone += __popc(gone[w]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    n_gone += __shfl_xor_sync(0xffffffffu, n_gone, offset);
+  const int length = rows - n_gone;
+  if (lane == 0) counts[head_at * 2 + warp] = length;
+  if (n_gone == 0) return;
   // src[p]: the row slot p holds once the segment is closed up, as KvCache::EvictRow leaves
   // it (evicted slots from the highest down, each filled by the segment's current last row).
+  // Only slots at or above the final count are read before they are written.
   int32_t* src =
       workspace + (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + warp) * max_rows;
-  const int first_slot = warp == 0 ? 0 : n_thin;  // the segment's first in the head's slots
-  const auto survives = [&](int slot) {
-    return Survives(policy, *StateAt(states, seg, n_kv_heads, kv_head, slot), position) &&
-           !(cap && capped[first_slot + slot] == 1);
-  };
-  for (int slot = lane; slot < rows; slot += 32) src[slot] = slot;
+  for (int slot = length + lane; slot < rows; slot += 32) src[slot] = slot;
   __syncwarp();
-  // The evicted slots, highest first, 32 at a time by ballot; the chain of moves in lane 0 (in
-  // a steady decode one or two a step). A row that survives below the final count stays put, so
-  // every row moved comes from at or above it and is read before anything is written there.
-  int length = rows;
-  for (int top = rows - 1; top >= 0; top -= 32) {
-    const int slot = top - lane;
-    const unsigned evicted = __ballot_sync(0xffffffffu, slot >= 0 && !survives(slot));
-    if (lane == 0) {
-      for (unsigned bits = evicted; bits != 0; bits &= bits - 1) {
-        const int r = top - (__ffs(bits) - 1);  // lowest lane first: the highest slot
-        if (r < length - 1) src[r] = src[length - 1];
-        --length;
+  // The chain of moves in lane 0 (in a steady decode one or two a step). A row that survives
+  // below the final count stays put, so every row moved comes from at or above it and is read
+  // before anything is written there.
+  if (lane == 0) {
+    int end = rows;
+    for (int w = n_words - 1; w >= 0; --w) {
+      for (uint32_t bits = gone[w]; bits != 0;) {
+        const int bit = 31 - __clz(bits);  // the highest slot first
+        bits &= ~(1u << bit);
+        const int r = w * 32 + bit;
+        if (r < end - 1) src[r] = src[end - 1];
+        --end;
       }
     }
-    length = __shfl_sync(0xffffffffu, length, 0);
   }
   __syncwarp();
-  if (lane == 0) counts[head_at * 2 + warp] = length;
+  // The moves: every evicted slot below the final count takes its row, a word per lane.
   __nv_bfloat16* pool = kv.pool;
-  for (int to = lane; to < length; to += 32) {
-    const int from = src[to];
-    if (from == to) continue;
-    const int64_t key_from = KeyAt(kv, seg, n_kv_heads, kv_head, from);
-    const int64_t key_to = KeyAt(kv, seg, n_kv_heads, kv_head, to);
-    for (int c = 0; c < seg.key_width; ++c) pool[key_to + c] = pool[key_from + c];
-    const int64_t value_from = ValueAt(kv, seg, head_dim, kv_head, from);
-    const int64_t value_to = ValueAt(kv, seg, head_dim, kv_head, to);
-    for (int c = 0; c < head_dim; c += 8) {
-      *reinterpret_cast<uint4*>(pool + value_to + c) =
-          *reinterpret_cast<const uint4*>(pool + value_from + c);
+  for (int w = lane; w * 32 < length; w += 32) {
+    uint32_t bits = gone[w];
+    if (w * 32 + 32 > length) bits &= (1u << (length - w * 32)) - 1;
+    for (; bits != 0; bits &= bits - 1) {
+      const int to = w * 32 + __ffs(bits) - 1, from = src[to];
+      const int64_t key_from = KeyAt(kv, seg, n_kv_heads, kv_head, from);
+      const int64_t key_to = KeyAt(kv, seg, n_kv_heads, kv_head, to);
+      CopyRow(pool, key_to, key_from, seg.key_width, seg.key_width % 8 == 0);
+      CopyRow(pool, ValueAt(kv, seg, head_dim, kv_head, to),
+              ValueAt(kv, seg, head_dim, kv_head, from), head_dim, true);
+      *StateAt(states, seg, n_kv_heads, kv_head, to) =
+          *StateAt(states, seg, n_kv_heads, kv_head, from);
     }
-    *StateAt(states, seg, n_kv_heads, kv_head, to) =
-        *StateAt(states, seg, n_kv_heads, kv_head, from);
   }
 }
 
@@ -448,7 +609,17 @@ cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
       kv.row_elements % 8 != 0) {
     return cudaErrorInvalidValue;
   }
-  DecodeEvictionKernel<<<dim3(n_seqs, shape.n_kv_heads), kThreads, 0, stream>>>(
+  // The evicted-slot words of both segments, in dynamic shared memory.
+  const size_t shared = static_cast<size_t>(2 * ((max_rows + 31) / 32)) * sizeof(uint32_t);
+  static std::atomic<size_t> opted{0};  // the most dynamic shared memory the kernel is set for
+  if (shared > 16 * 1024 && shared > opted.load()) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(DecodeEvictionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(shared));
+    if (error != cudaSuccess) return error;
+    opted.store(shared);
+  }
+  DecodeEvictionKernel<<<dim3(n_seqs, shape.n_kv_heads), kThreads, shared, stream>>>(
       kv, ckv, token_indptr, positions, seqs, params, q, q_stride, shape.n_kv_heads, group,
       shape.head_dim, states, n_seqs, max_rows, workspace, counts);
   return LaunchError();
