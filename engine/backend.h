@@ -55,6 +55,13 @@ class Backend {
   virtual std::optional<StepProfile> LastStepProfile() const { return std::nullopt; }
   // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
   // else INVALID_ARGUMENT naming what this backend does not run.
+  // Called on the engine's thread before a request compressed as `compression` joins its first
+  // step: allocates what such requests need beyond their pages (the CUDA backend's decode state
+  // array, for the decode-time policies). An error fails that request alone.
+  virtual absl::Status Prepare(const memory::compress::CompressionConfig& compression) {
+    (void)compression;
+    return absl::OkStatus();
+  }
   virtual absl::Status SupportsCompression(
       const memory::compress::CompressionConfig& compression) const {
     (void)compression;

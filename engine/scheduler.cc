@@ -400,6 +400,13 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
         static_cast<int32_t>(head.tokens.size()) > budget) {
       return;
     }
+    if (head.request.compression.enabled()) {
+      if (absl::Status s = backend_->Prepare(head.request.compression); !s.ok()) {
+        head.finish_reason = FinishReason::kError;
+        head.error = std::string(s.message());
+        return;
+      }
+    }
     if (!ReservePrompt(head)) {
       // With nothing running every page is free: only a preempted request that outgrew the
       // whole pool can fail here.

@@ -268,6 +268,13 @@ DecodeStates CudaBackend::States() const {
   };
 }
 
+absl::Status CudaBackend::Prepare(const memory::compress::CompressionConfig& compression) {
+  if (!compression.enabled() || compression.eviction == memory::compress::EvictionPolicy::kNone) {
+    return absl::OkStatus();
+  }
+  return ReserveDecodeStates();
+}
+
 absl::Status CudaBackend::SupportsCompression(
     const memory::compress::CompressionConfig& compression) const {
   namespace mc = memory::compress;

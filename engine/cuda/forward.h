@@ -63,6 +63,8 @@ class CudaBackend : public Backend {
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   // Host phases timed with a steady clock, the device span with two CUDA events.
   std::optional<StepProfile> LastStepProfile() const override { return profile_; }
+  // Allocates the decode state array for a request under a decode-time policy.
+  absl::Status Prepare(const memory::compress::CompressionConfig& compression) override;
   // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm,
   // window) run on the device; ThinK re-thinning is refused.
   absl::Status SupportsCompression(

@@ -306,5 +306,56 @@ TEST_F(CompressionTest, PreemptedCompressedRequestsFinish) {
   EXPECT_EQ(scheduler->pool().used_pages(), 0);
 }
 
+// A backend that cannot allocate what decode-time eviction needs beside the pages
+// (Backend::Prepare), otherwise the CPU backend.
+class NoDecodeStatesBackend : public Backend {
+ public:
+  explicit NoDecodeStatesBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    return cpu_->Forward(steps, out);
+  }
+  absl::Status SupportsCompression(const mc::CompressionConfig& compression) const override {
+    return cpu_->SupportsCompression(compression);
+  }
+  absl::Status Prepare(const mc::CompressionConfig& compression) override {
+    if (compression.eviction == mc::EvictionPolicy::kNone) return absl::OkStatus();
+    return absl::ResourceExhaustedError("decode states: out of device memory");
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+};
+
+// A request whose backend preparation fails ends with that error before it takes any pages; the
+// requests around it are served as if it had never come.
+TEST_F(CompressionTest, APreparationFailureEndsThatRequestOnly) {
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model_, tokenizer_, kTinyOptions,
+      [](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
+        if (!cpu.ok()) return cpu.status();
+        return std::make_unique<NoDecodeStatesBackend>(*std::move(cpu));
+      });
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  const GenerationRequest before =
+      Compressed(RandomPrompt(40, 30), 8, "policy=streamingllm,budget_ratio=0.5,sinks=4");
+  const GenerationRequest after = Greedy(RandomPrompt(30, 31), 8);
+  std::shared_ptr<RecordingSink> first = Submit(**scheduler, before);
+  std::shared_ptr<RecordingSink> failing =
+      Submit(**scheduler,
+             Compressed(RandomPrompt(40, 32), 8, "eviction=window,window.sinks=2,window.recent=8"));
+  std::shared_ptr<RecordingSink> last = Submit(**scheduler, after);
+  (*scheduler)->RunUntilIdle();
+  EXPECT_EQ(failing->finish_calls, 1);
+  EXPECT_EQ(failing->finish.reason, FinishReason::kError);
+  EXPECT_EQ(failing->finish.error, "decode states: out of device memory");
+  EXPECT_TRUE(failing->outputs.empty());
+  EXPECT_EQ(first->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(first->ids(), RunAlone(before)->ids());
+  EXPECT_EQ(last->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(last->ids(), RunAlone(after)->ids());
+  EXPECT_EQ((*scheduler)->pool().used_pages(), 0);
+}
+
 }  // namespace
 }  // namespace kvtrim::engine
