@@ -191,6 +191,14 @@ bool KvCache::MoveToPrompt(SequenceKv& seq, int32_t layer, int32_t kv_head, int3
   return true;
 }
 
+bool KvCache::ReservePromptRows(SequenceKv& seq, int32_t layer, int32_t rows) {
+  CompressedLayer& c = seq.compressed[layer];
+  if (Missing(c.keys, rows) + Missing(c.values, rows) > pool_->free_pages()) return false;
+  Grow(c.keys, rows);
+  Grow(c.values, rows);
+  return true;
+}
+
 void KvCache::TrimPages(SequenceKv& seq) {
   for (int32_t layer = 0; layer < static_cast<int32_t>(seq.compressed.size()); ++layer) {
     CompressedLayer& c = seq.compressed[layer];

@@ -129,6 +129,10 @@ class KvCache {
   // slot is then filled as EvictRow fills it. False (nothing changed) when the prompt segment
   // needs a page and the pool has none.
   bool MoveToPrompt(SequenceKv& seq, int32_t layer, int32_t kv_head, int32_t slot);
+  // Makes room for `rows` rows in a compressed layer's prompt segment (keys and values), for a
+  // backend that moves rows there itself. All or nothing: false (nothing allocated) when the
+  // pool lacks the pages.
+  bool ReservePromptRows(SequenceKv& seq, int32_t layer, int32_t rows);
   // Sets each list's rows to the most any head uses and frees the pages past them.
   void TrimPages(SequenceKv& seq);
 

@@ -285,10 +285,12 @@ absl::Status CudaBackend::SupportsCompression(
         " on the CUDA backend takes at most ", kMaxEvictionGroup, " query heads per kv-head; ",
         config_.name, " has ", config_.n_heads / config_.n_kv_heads));
   }
-  if (compression.think.enabled() && compression.think.rethin) {
+  if (compression.think.enabled() && compression.think.rethin &&
+      compression.eviction != mc::EvictionPolicy::kNone) {
     return absl::InvalidArgumentError(
-        "compression: think.rethin runs on the CPU backend only; the CUDA backend runs prompt "
-        "selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction");
+        absl::StrCat("compression: think.rethin together with eviction=",
+                     mc::EvictionPolicyName(compression.eviction),
+                     " runs on the CPU backend only; the CUDA backend runs either of them alone"));
   }
   return absl::OkStatus();
 }
@@ -311,6 +313,18 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
     return absl::OkStatus();
   }
   KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
+  // Pages for the rows ThinK re-thinning moves to the thin segments in this step; a layer that
+  // cannot have them keeps its rows at full width until a later step (as the CPU engine does).
+  for (const SequenceStep& step : steps) {
+    if (!step.compressed() || step.kv->tokens == 0) continue;
+    const int n_new = static_cast<int>(step.tokens.size());
+    for (int layer = 0; layer < config_.n_layers; ++layer) {
+      const memory::CompressedLayer& c = step.kv->compressed[layer];
+      if (const int32_t moved = RethinRows(c, *step.compression, n_new); moved > 0) {
+        cache_.ReservePromptRows(*step.kv, layer, c.prompt_rows[0] + moved);
+      }
+    }
+  }
   const StepShape shape{.n_layers = config_.n_layers,
                         .n_heads = config_.n_heads,
                         .n_kv_heads = config_.n_kv_heads,
@@ -400,12 +414,24 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
       }
       cache_.TrimPages(kv);
     } else {
+      // Under re-thinning, the rows each layer moved to its thin segment (rethin.h).
+      const int32_t* moved =
+          plan_.rethinning > 0 ? plan_.data.data() + plan_.at.rethin + s : nullptr;
+      bool trim = false;
       for (int layer = 0; layer < config_.n_layers; ++layer) {
         memory::CompressedLayer& c = kv.compressed[layer];
-        for (int32_t& rows : c.recent_rows) rows += n_new;
+        const int32_t n = moved != nullptr ? moved[static_cast<size_t>(layer) * plan_.seqs] : 0;
+        for (int32_t& rows : c.prompt_rows) rows += n;
+        for (int32_t& rows : c.recent_rows) rows += n_new - n;
+        if (n > 0) {
+          c.keys.rows = c.values.rows =
+              *std::max_element(c.prompt_rows.begin(), c.prompt_rows.end());
+          trim = true;
+        }
         kv.keys[layer].rows = kv.values[layer].rows =
             *std::max_element(c.recent_rows.begin(), c.recent_rows.end());
       }
+      if (trim) cache_.TrimPages(kv);
     }
     kv.tokens += n_new;
   }

@@ -79,7 +79,7 @@ class CudaBackend : public Backend {
     StepPlan::Offsets at;
     int32_t tokens = 0, seqs = 0, decode_seqs = 0, logit_rows = 0;
     int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0, evicting = 0;
-    int32_t evict_rows = 0;
+    int32_t evict_rows = 0, rethinning = 0;
     const void* buffers[15] = {};  // the device buffers the launches take
     bool operator==(const GraphKey&) const = default;
   };

@@ -18,6 +18,7 @@
 #include "engine/cuda/decode_eviction.h"
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/forward.h"
+#include "engine/cuda/rethin.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/rope.h"
 #include "engine/cuda/rows.h"
@@ -68,6 +69,7 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
       .argmax_rows = argmax_rows,
       .evicting = plan_.evicting,
       .evict_rows = plan_.evicting > 0 ? evict_rows_ : 0,
+      .rethinning = plan_.rethinning,
       .buffers = {plan_device_.as<void>(), x_.as<void>(), normed_.as<void>(), qkv_.as<void>(),
                   attention_.as<void>(), gate_up_.as<void>(), activation_.as<void>(),
                   workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), argmax_.as<void>(),
@@ -305,6 +307,12 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
                                shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(), counts,
                                stream_),
           "DecodeEviction"));
+    }
+    if (plan_.rethinning > 0) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchRethin(pages, compressed, Plan(at.decode), plan_.decode_seqs,
+                       Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs), shape_, stream_),
+          "Rethin"));
     }
   } else {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(

@@ -110,8 +110,10 @@ void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
   for (size_t s = 0; s < static_cast<size_t>(plan.seqs); ++s) {
     const SequenceStep& step = steps[plan.step_of_seq[s]];
     const memory::SequenceKv& kv = *step.kv;
-    const bool evicting =
-        step.compressed() && step.compression->eviction != mc::EvictionPolicy::kNone;
+    // Lists that lose rows on the device: under decode-time eviction or ThinK re-thinning.
+    const bool shrinking = step.compressed() &&
+                           (step.compression->eviction != mc::EvictionPolicy::kNone ||
+                            (step.compression->think.enabled() && step.compression->think.rethin));
     for (size_t layer = 0; layer < L; ++layer) {
       for (int v = 0; v < 2; ++v) {
         const memory::PageList& list = v == 0 ? kv.keys[layer] : kv.values[layer];
@@ -121,10 +123,11 @@ void PatchPageLists(std::span<const SequenceStep> steps, size_t n_layers,
         const int32_t before = previous_written[slot];
         const int32_t now =
             std::min<int32_t>(plan.seq_pages[s], static_cast<int32_t>(list.pages.size()));
-        // Under decode-time eviction a list may have lost pages at its end and gained others
-        // since: every entry is compared with the previous plan's (a compressed sequence's lists
-        // are short). Elsewhere lists only grow, and the entries past `before` are the new ones.
-        const int32_t from = evicting ? 0 : std::min(before, now);
+        // Under decode-time eviction or re-thinning a list may have lost pages at its end and
+        // gained others since: every entry is compared with the previous plan's (a compressed
+        // sequence's lists are short). Elsewhere lists only grow, and the entries past `before`
+        // are the new ones.
+        const int32_t from = shrinking ? 0 : std::min(before, now);
         for (int32_t j = from; j < std::max(before, now); ++j) {
           const int32_t page = j < now ? list.pages[j] : -1;
           if (j < std::min(before, now) && d[first + j] == page) continue;
@@ -197,6 +200,17 @@ void PlanCapacity::Fit(const StepPlan& plan) {
   fit(plan.thin_pages, thin_pages);
 }
 
+int32_t RethinRows(const memory::CompressedLayer& c, const mc::CompressionConfig& config,
+                   int n_new) {
+  const mc::ThinkConfig& think = config.think;
+  if (!think.enabled() || !think.rethin || config.eviction != mc::EvictionPolicy::kNone ||
+      c.channels.empty() || c.recent_rows.empty()) {
+    return 0;
+  }
+  const int32_t rows = c.recent_rows[0] + n_new;
+  return rows >= 2 * std::max(think.recent, 1) ? rows - think.recent : 0;
+}
+
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
                            StepPlan& plan, const PlanStorage& storage, PlanCapacity capacity) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;
@@ -226,6 +240,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   std::vector<int32_t>& seq_pages = plan.seq_pages;
   std::vector<int32_t>& seq_thin_pages = plan.seq_thin_pages;
   size_t channel_elements = 0;  // uint16 channel sets of the compressed decodes
+  bool thin_grows = false;      // some thin list may have gained pages since the last plan
   for (size_t i = 0; i < steps.size(); ++i) {
     const SequenceStep& step = steps[i];
     if (step.tokens.empty()) continue;
@@ -266,7 +281,13 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
         ++plan.decode_seqs;
         ++plan.compressed_decode;
         if (step.compression->eviction != mc::EvictionPolicy::kNone) ++plan.evicting;
+        if (step.compression->think.enabled() && step.compression->think.rethin) {
+          ++plan.rethinning;
+        }
         for (const memory::CompressedLayer& c : kv.compressed) {
+          // Rows moved to a thin segment this step may have given its lists a page that a
+          // shorter list's padding hid from the sequence's page count.
+          thin_grows = thin_grows || RethinRows(c, *step.compression, n_new) > 0;
           channel_elements += c.channels.size();
           for (int h = 0; h < H; ++h) {
             plan.max_decode_rows =
@@ -339,7 +360,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   at.key_width = at.recent_rows + (compressed ? L * S * H : 0);
   at.channel_offset = at.key_width + (compressed ? L * S : 0);
   at.eviction = at.channel_offset + (compressed ? L * S : 0);
-  at.scratch_indptr = at.eviction + (plan.evicting > 0 ? S * kEvictionParams : 0);
+  at.rethin = at.eviction + (plan.evicting > 0 ? S * kEvictionParams : 0);
+  at.scratch_indptr = at.rethin + (plan.rethinning > 0 ? L * S : 0);
   at.scratch_rows = at.scratch_indptr + (prompts ? S + 1 : 0);
   at.scratch_items = at.scratch_rows + (prompts ? S : 0);
   at.key_pages = at.scratch_items + 2 * static_cast<size_t>(plan.scratch_items);
@@ -362,7 +384,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // lists and channel sets are there already.
   const bool same_memory =
       plan.data.data() == previous_data && plan.data.size() == previous_size && at == previous_at;
-  plan.thin_kept = thin && same_decodes && same_memory && plan.seq_thin_pages == previous_thin;
+  plan.thin_kept =
+      thin && same_decodes && same_memory && !thin_grows && plan.seq_thin_pages == previous_thin;
   // Likewise the full-width page lists, but for the entries the sequences gained.
   plan.pages_kept = same_parts && same_memory && previous_written.size() == S * L * 2;
   // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
@@ -404,6 +427,11 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       if (layer == 0 && plan.evicting > 0)
         WriteEviction(*step.compression, d + at.eviction + s * kEvictionParams);
       const memory::CompressedLayer& c = kv.compressed[layer];
+      if (plan.rethinning > 0) {
+        const int32_t moved = RethinRows(c, *step.compression, n_new);
+        const int32_t room = std::min(c.keys.capacity(), c.values.capacity()) - c.prompt_rows[0];
+        d[at.rethin + layer * S + s] = moved <= room ? moved : 0;
+      }
       for (int h = 0; h < H; ++h) {
         thin_rows[h] = c.prompt_rows[h];
         recent_rows[h] = c.recent_rows[h] + n_new;

@@ -59,6 +59,7 @@ struct StepPlan {
   int32_t decode_seqs = 0;        // sequences with exactly one new token: the decode kernel's
   int32_t compressed_decode = 0;  // of them, compressed
   int32_t evicting = 0;           // of them, with a decode-time policy (corm, window)
+  int32_t rethinning = 0;         // of them, with ThinK re-thinning (think.rethin)
   int32_t prefill_items = 0;      // query tiles of the other sequences: the prefill kernel's
   int32_t logit_rows = 0;         // tokens whose logits the step returns
   int32_t max_decode_rows = 0;    // most rows a decode query sees (split-K heuristic)
@@ -101,6 +102,9 @@ struct StepPlan {
     size_t channel_offset = 0;  // (n_layers, S) in uint16 elements from `channels`
     // With evicting decodes (sized 0 otherwise): each sequence's policy, zeros for none.
     size_t eviction = 0;  // (S, kEvictionParams) compressed_kv.h
+    // With re-thinning decodes (sized 0 otherwise): the rows each sequence's layer moves from its
+    // recent segment to its thin one after the step's attention (RethinRows; 0 none).
+    size_t rethin = 0;  // (n_layers, S)
     // With prompts (sized 0 otherwise): the scratch as pages of one row.
     size_t scratch_indptr = 0;  // (S + 1)
     size_t scratch_rows = 0;    // (S) rows each sequence holds there
@@ -157,6 +161,16 @@ struct StepPlan {
   // one (a compressed prompt is never counted in decode_seqs).
   bool decodes_only() const { return seqs > 0 && decode_seqs == seqs; }
 };
+
+// Rows ThinK re-thinning (ThinkConfig::rethin) moves in a decode step of `n_new` tokens of a
+// sequence compressed as `config`, from layer `c`'s recent segment to its thin one: once the
+// recent rows (the new ones counted) reach 2 max(think.recent, 1), all but the think.recent
+// newest; else 0, and 0 for a layer without a channel set. Every kv-head holds the same rows
+// (re-thinning runs without a decode-time policy on the CUDA backend), so head 0 speaks for all.
+// The plan moves them only where the thin lists have the pages for them
+// (KvCache::ReservePromptRows).
+int32_t RethinRows(const memory::CompressedLayer& c,
+                   const memory::compress::CompressionConfig& config, int n_new);
 
 // Memory for the plan's arrays: `elements` int32 that stay valid and untouched until the next
 // BuildStepPlan (the CUDA backend's pinned upload buffer, so that the plan is built where the

@@ -443,6 +443,37 @@ BatchRun RunEvictingBatch(TestEngine& e,
   return run;
 }
 
+memory::compress::CompressionConfig ParseSpec(const char* spec) {
+  absl::StatusOr<memory::compress::CompressionConfig> config =
+      memory::compress::ParseCompressionSpec(spec);
+  EXPECT_TRUE(config.ok()) << spec << ": " << config.status();
+  return config.value_or(memory::compress::CompressionConfig{});
+}
+
+constexpr int kBatchPrompt = 24, kBatchSteps = 12;
+
+// RunEvictingBatch on the CPU engine (first) and the GPU's: two sequences compressed as
+// `config`, one uncompressed and one compressed with nothing to do while decoding (StreamingLLM
+// at 50%), prompts of kBatchPrompt tokens from the longest of `sequences`, kBatchSteps steps.
+std::pair<BatchRun, BatchRun> RunBatchOnBoth(const Model& model,
+                                             const std::vector<std::vector<int32_t>>& sequences,
+                                             const memory::compress::CompressionConfig& config) {
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences.begin(), sequences.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  EXPECT_GE(longest.size(), static_cast<size_t>(kBatchPrompt + kBatchSteps + 4));
+  const memory::compress::CompressionConfig plain =
+      ParseSpec("policy=streamingllm,budget_ratio=0.5");
+  TestEngine cpu = MakeEngine(model, false, 4096, 256);
+  TestEngine gpu = MakeEngine(model, true, 4096, 256);
+  EXPECT_TRUE(cpu.backend && gpu.backend);
+  if (!cpu.backend || !gpu.backend) return {};
+  EXPECT_TRUE(gpu.backend->SupportsCompression(config).ok());
+  const memory::compress::CompressionConfig* configs[] = {&config, nullptr, &plain, &config};
+  return {RunEvictingBatch(cpu, configs, longest, kBatchPrompt, kBatchSteps),
+          RunEvictingBatch(gpu, configs, longest, kBatchPrompt, kBatchSteps)};
+}
+
 // Decode-time eviction on the GPU (decode_eviction.cu) against the CPU reference's, four
 // sequences decoding together (one of them uncompressed, one under no decode-time policy) over
 // 12 steps. The window policy keeps fixed positions: every head's thin and recent row counts
@@ -455,18 +486,7 @@ BatchRun RunEvictingBatch(TestEngine& e,
 // decisions and moves are held exact against a host model in cuda_attention_compressed_test.
 TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
   if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
-  constexpr int kPrompt = 24, kSteps = 12;
-  ASSERT_GE(longest.size(), static_cast<size_t>(kPrompt + kSteps + 4));
-  const auto parse = [](const char* spec) {
-    absl::StatusOr<memory::compress::CompressionConfig> config =
-        memory::compress::ParseCompressionSpec(spec);
-    EXPECT_TRUE(config.ok()) << spec << ": " << config.status();
-    return config.value_or(memory::compress::CompressionConfig{});
-  };
-  const memory::compress::CompressionConfig plain = parse("policy=streamingllm,budget_ratio=0.5");
+  constexpr int kPrompt = kBatchPrompt, kSteps = kBatchSteps;
   const std::pair<const char*, bool> specs[] = {
       {"eviction=window,window.sinks=2,window.recent=8", true},
       {"policy=streamingllm,budget_ratio=0.75,sinks=2,think.lambda=0.5,think.recent=4,"
@@ -479,24 +499,17 @@ TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
        false}};
   constexpr double kSelectionBound = 0.4;
   for (const auto& [spec, fixed_rows] : specs) {
-    const memory::compress::CompressionConfig config = parse(spec);
-    TestEngine cpu = MakeEngine(*model_, false, 4096, 256);
-    TestEngine gpu = MakeEngine(*model_, true, 4096, 256);
-    ASSERT_TRUE(cpu.backend && gpu.backend);
-    ASSERT_TRUE(gpu.backend->SupportsCompression(config).ok()) << spec;
-    const memory::compress::CompressionConfig* configs[] = {&config, nullptr, &plain, &config};
-    const BatchRun want = RunEvictingBatch(cpu, configs, longest, kPrompt, kSteps);
-    const BatchRun got = RunEvictingBatch(gpu, configs, longest, kPrompt, kSteps);
+    const auto [want, got] = RunBatchOnBoth(*model_, sequences_, ParseSpec(spec));
     ASSERT_EQ(got.rows.size(), want.rows.size()) << spec;
     int differing = 0;
     for (size_t i = 0; i < want.rows.size(); ++i) differing += got.rows[i] != want.rows[i];
     // The rows sequence 0 holds after the last step on the CPU, against every token it saw.
-    const memory::KvShape& shape = cpu.cache->shape();
-    const size_t per_seq = static_cast<size_t>(shape.n_layers) * shape.n_kv_heads * 2;
+    const size_t per_seq =
+        static_cast<size_t>(model_->config.n_layers) * model_->config.n_kv_heads * 2;
     const size_t last = want.rows.size() - want.rows.size() / kSteps;
     int held = 0;
     for (size_t i = 0; i < per_seq; ++i) held += want.rows[last + i];
-    const int seen = shape.n_layers * shape.n_kv_heads * (kPrompt + kSteps);
+    const int seen = model_->config.n_layers * model_->config.n_kv_heads * (kPrompt + kSteps);
     std::printf(
         "[parity] eviction %-12s %-100s row counts differing %d of %zu, sequence 0 holds %d of "
         "%d rows, graph steps %d\n",
@@ -514,10 +527,47 @@ TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
   }
 }
 
+// ThinK re-thinning on the GPU (rethin.cu) against the CPU reference's, four sequences decoding
+// together as above over 12 steps: every few steps a layer's recent rows reach twice
+// think.recent and all but those move to the thin segment on the layer's channels. The moves
+// depend on row counts only, so every head's thin and recent counts must equal the CPU's after
+// every step, and the logits differ by bf16 rounding only.
+TEST_P(CudaTinyModelTest, RethinningMatchesCpu) {
+  if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
+  constexpr int kSteps = kBatchSteps;
+  for (const char* spec :
+       {"think.lambda=0.5,think.recent=2,think.rethin=1",
+        "policy=streamingllm,budget_ratio=0.75,sinks=2,think.lambda=0.5,think.recent=4,"
+        "think.rethin=1",
+        "policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.25,think.recent=3,"
+        "think.observation=8,think.rethin=1"}) {
+    const auto [want, got] = RunBatchOnBoth(*model_, sequences_, ParseSpec(spec));
+    ASSERT_EQ(got.rows.size(), want.rows.size()) << spec;
+    // Sequence 0's thin rows after the first step and after the last, over every layer and head.
+    const size_t per_step = want.rows.size() / kSteps;
+    const size_t per_seq =
+        static_cast<size_t>(model_->config.n_layers) * model_->config.n_kv_heads * 2;
+    int first = 0, last = 0;
+    for (size_t i = 0; i < per_seq; i += 2) {
+      first += want.rows[i];
+      last += want.rows[(kSteps - 1) * per_step + i];
+    }
+    std::printf("[parity] rethin %-12s %-100s sequence 0 thin rows %d -> %d, graph steps %d\n",
+                GetParam().c_str(), spec, first, last, got.replayed);
+    EXPECT_GT(last, first) << spec << ": nothing was re-thinned";
+    EXPECT_GT(got.replayed, 0) << spec;
+    EXPECT_EQ(got.rows, want.rows) << spec;
+    testing::ExpectClose(absl::StrCat("rethin logits ", GetParam()),
+                         absl::StrCat(spec, ", 4 x (24 + 12)"), got.logits, want.logits,
+                         kLogitBound);
+  }
+}
+
 TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
   TestEngine gpu = MakeEngine(*model_, true, 4096, 16);
   ASSERT_TRUE(gpu.backend);
-  for (const char* spec : {"think.lambda=0.5,think.rethin=1"}) {
+  for (const char* spec : {"think.lambda=0.5,think.rethin=1,eviction=corm",
+                           "think.lambda=0.5,think.rethin=1,eviction=window"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
@@ -525,8 +575,8 @@ TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
     EXPECT_NE(status.message().find("CPU backend"), std::string::npos) << status;
   }
-  for (const char* spec :
-       {"eviction=corm", "eviction=corm,corm.max_tokens=64", "eviction=window"}) {
+  for (const char* spec : {"eviction=corm", "eviction=corm,corm.max_tokens=64", "eviction=window",
+                           "think.lambda=0.5,think.rethin=1"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();
@@ -701,15 +751,17 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
     const char* spec;
     bool fixed_rows, fixed_counts;
   };
-  const Spec specs[] = {{"policy=streamingllm,budget_ratio=0.5", true, true},
-                        {"policy=streamingllm,budget_ratio=0.12,sinks=8", true, true},
-                        {"policy=snapkv,budget_ratio=0.25", false, true},
-                        {"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5", false, true},
-                        {"think.lambda=0.5", false, true},
-                        {"eviction=window,window.sinks=4,window.recent=200", true, true},
-                        {"eviction=corm", false, false},
-                        {"policy=snapkv,budget_ratio=0.25,eviction=corm", false, false},
-                        {"eviction=corm,corm.max_tokens=256", false, false}};
+  const Spec specs[] = {
+      {"policy=streamingllm,budget_ratio=0.5", true, true},
+      {"policy=streamingllm,budget_ratio=0.12,sinks=8", true, true},
+      {"policy=snapkv,budget_ratio=0.25", false, true},
+      {"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5", false, true},
+      {"think.lambda=0.5", false, true},
+      {"eviction=window,window.sinks=4,window.recent=200", true, true},
+      {"eviction=corm", false, false},
+      {"policy=snapkv,budget_ratio=0.25,eviction=corm", false, false},
+      {"eviction=corm,corm.max_tokens=256", false, false},
+      {"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5,think.rethin=1", false, true}};
   for (const auto& [spec, fixed_rows, fixed_counts] : specs) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);

@@ -104,6 +104,16 @@ class StepPlanTest : public ::testing::Test {
       device[plan.page_patches[i]] = plan.page_patches[i + 1];
     }
   }
+  // Builds `steps` into `plan` (holding the last plan), uploads it over `device` (the last
+  // upload) as the backend does, and checks that the device copy reads as a plan built afresh.
+  static void PlanOverTheLast(std::span<const SequenceStep> steps, PlanCapacity room,
+                              StepPlan& plan, std::vector<int32_t>& device, int step) {
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan, {}, room).ok());
+    Upload(plan, device);
+    StepPlan fresh;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), fresh, {}, room).ok());
+    ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2)) << "step " << step;
+  }
   // The test cache's geometry; a vocabulary of 100; no window.
   static StepShape Shape(int query_tile, int window = 0) {
     return StepShape{.n_layers = 2,
@@ -536,11 +546,7 @@ TEST_F(StepPlanTest, EvictionKeepsTheDeviceCopyUpToAFreshPlan) {
       ASSERT_TRUE(cache_->Reserve(kv, 1));
       steps.push_back({&kv, next, true, &*config});
     }
-    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan, {}, room).ok());
-    Upload(plan, device);
-    StepPlan fresh;
-    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), fresh, {}, room).ok());
-    ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2)) << "step " << step;
+    ASSERT_NO_FATAL_FAILURE(PlanOverTheLast(steps, room, plan, device, step));
     if (plan.pages_kept) ++kept_steps;
 
     // What the device leaves: every head gains the new row; then eviction's row counts.
@@ -564,6 +570,117 @@ TEST_F(StepPlanTest, EvictionKeepsTheDeviceCopyUpToAFreshPlan) {
     }
   }
   EXPECT_GE(kept_steps, 5);
+  for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
+  cache_->Release(hog);
+}
+
+// ThinK re-thinning: once a layer's recent rows (the new one counted) reach twice think.recent,
+// the plan moves all but think.recent of them, where the thin lists have the pages for them; a
+// layer without a channel set, a sequence without re-thinning and an uncompressed one move none.
+TEST_F(StepPlanTest, PlansEachLayersRethinMoves) {
+  namespace mc = memory::compress;
+  const absl::StatusOr<mc::CompressionConfig> rethin = mc::ParseCompressionSpec(
+      "policy=streamingllm,budget_tokens=6,sinks=1,think.lambda=0.5,think.recent=2,"
+      "think.rethin=1");
+  const absl::StatusOr<mc::CompressionConfig> thin =
+      mc::ParseCompressionSpec("policy=streamingllm,budget_tokens=6,sinks=1,think.lambda=0.5");
+  ASSERT_TRUE(rethin.ok() && thin.ok());
+  memory::SequenceKv a = CompressedSequence(*rethin, 10), b = CompressedSequence(*thin, 10);
+  for (memory::SequenceKv* kv : {&a, &b}) {
+    // Layer 0 has a channel set; layer 1 keeps none (as a layer of recent rows only would).
+    memory::CompressedLayer& c = kv->compressed[0];
+    ASSERT_LT(c.key_width, 16);
+    c.channels.assign(2 * c.key_width, 3);
+    for (memory::CompressedLayer& layer : kv->compressed) {
+      layer.recent_rows.assign(2, 3);
+      kv->keys[&layer - kv->compressed.data()].rows = 3;
+    }
+  }
+  memory::SequenceKv plain = Sequence(3, 4);
+  const std::vector<int32_t> next{7};
+  const memory::CompressedLayer& c = a.compressed[0];
+  EXPECT_EQ(RethinRows(c, *rethin, 1), 2);  // 3 + 1 rows reach 2 * 2: all but 2 move
+  EXPECT_EQ(RethinRows(a.compressed[1], *rethin, 1), 0);
+  EXPECT_EQ(RethinRows(b.compressed[0], *thin, 1), 0);
+  const int32_t room = std::min(c.keys.capacity(), c.values.capacity()) - c.prompt_rows[0];
+  for (int round = 0; round < 2; ++round) {
+    std::vector<SequenceStep> steps;
+    for (memory::SequenceKv* kv : {&a, &b, &plain}) ASSERT_TRUE(cache_->Reserve(*kv, 1));
+    steps.push_back({&a, next, true, &*rethin});
+    steps.push_back({&b, next, true, &*thin});
+    steps.push_back({&plain, next, true});
+    StepPlan plan;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan).ok());
+    EXPECT_EQ(plan.rethinning, 1);
+    const int32_t moved = round == 1 || room >= 2 ? 2 : 0;
+    // (n_layers, S): layer 0 of sequence a moves, nothing else.
+    EXPECT_EQ(Slice(plan, plan.at.rethin, 6), (std::vector<int32_t>{moved, 0, 0, 0, 0, 0}))
+        << "round " << round << ", room " << room;
+    EXPECT_EQ(plan.at.scratch_indptr, plan.at.rethin + 6);
+    ASSERT_TRUE(cache_->ReservePromptRows(a, 0, c.prompt_rows[0] + 2));
+    EXPECT_GE(std::min(c.keys.capacity(), c.values.capacity()), c.prompt_rows[0] + 2);
+  }
+  for (memory::SequenceKv* kv : {&a, &b, &plain}) cache_->Release(*kv);
+}
+
+// Re-thinning grows a layer's thin lists (pages reserved before the plan) and empties pages of
+// its full-width lists, which the pool may hand to another sequence before they grow again.
+// Layer 1 holds more thin pages than layer 0, so layer 0's new pages hide in its padding. Each
+// simulated upload over the last must still leave the device copy reading as a fresh plan.
+TEST_F(StepPlanTest, RethinKeepsTheDeviceCopyUpToAFreshPlan) {
+  namespace mc = memory::compress;
+  const absl::StatusOr<mc::CompressionConfig> config = mc::ParseCompressionSpec(
+      "policy=streamingllm,budget_tokens=8,sinks=1,think.lambda=0.5,think.recent=4,"
+      "think.rethin=1");
+  ASSERT_TRUE(config.ok()) << config.status();
+  std::vector<memory::SequenceKv> kvs;
+  for (int i = 0; i < 2; ++i) {
+    kvs.push_back(CompressedSequence(*config, 10));
+    memory::CompressedLayer& c = kvs.back().compressed[0];
+    c.channels.assign(2 * c.key_width, 1);
+    // Layer 1 keeps 16 more thin rows (as PyramidKV's lower layers do), without a channel set.
+    memory::CompressedLayer& wide = kvs.back().compressed[1];
+    ASSERT_TRUE(cache_->ReservePromptRows(kvs.back(), 1, wide.prompt_rows[0] + 16));
+    for (int32_t& rows : wide.prompt_rows) rows += 16;
+    wide.keys.rows = wide.values.rows = wide.prompt_rows[0];
+  }
+  memory::SequenceKv hog = cache_->NewSequence();
+  const std::vector<int32_t> next{7};
+  const PlanCapacity room{.pages = 64, .thin_pages = 64};
+  StepPlan plan;
+  std::vector<int32_t> device;
+  int moves = 0, kept_steps = 0;
+  for (int step = 0; step < 12; ++step) {
+    std::vector<SequenceStep> steps;
+    for (memory::SequenceKv& kv : kvs) {
+      ASSERT_TRUE(cache_->Reserve(kv, 1));
+      // As CudaBackend::Forward reserves before planning.
+      const memory::CompressedLayer& c = kv.compressed[0];
+      if (const int32_t moved = RethinRows(c, *config, 1); moved > 0) {
+        ASSERT_TRUE(cache_->ReservePromptRows(kv, 0, c.prompt_rows[0] + moved));
+      }
+      steps.push_back({&kv, next, true, &*config});
+    }
+    ASSERT_NO_FATAL_FAILURE(PlanOverTheLast(steps, room, plan, device, step));
+    if (plan.pages_kept) ++kept_steps;
+    // What the device leaves (CudaBackend::UpdateSequences).
+    for (size_t i = 0; i < kvs.size(); ++i) {
+      for (int layer = 0; layer < 2; ++layer) {
+        memory::CompressedLayer& c = kvs[i].compressed[layer];
+        const int32_t moved = plan.data[plan.at.rethin + layer * plan.seqs + i];
+        moves += moved > 0;
+        for (int32_t& rows : c.prompt_rows) rows += moved;
+        for (int32_t& rows : c.recent_rows) rows += 1 - moved;
+        c.keys.rows = c.values.rows = c.prompt_rows[0];
+        kvs[i].keys[layer].rows = kvs[i].values[layer].rows = c.recent_rows[0];
+      }
+      cache_->TrimPages(kvs[i]);
+      ++kvs[i].tokens;
+    }
+    ASSERT_TRUE(cache_->Reserve(hog, 1));  // takes the pages the others emptied
+  }
+  EXPECT_GE(moves, 4);
+  EXPECT_GE(kept_steps, 3);
   for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
   cache_->Release(hog);
 }
