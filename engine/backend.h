@@ -53,8 +53,6 @@ class Backend {
   virtual absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) = 0;
   // The last Forward's profile; none where the backend does not measure it.
   virtual std::optional<StepProfile> LastStepProfile() const { return std::nullopt; }
-  // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
-  // else INVALID_ARGUMENT naming what this backend does not run.
   // Called on the engine's thread before a request compressed as `compression` joins its first
   // step: allocates what such requests need beyond their pages (the CUDA backend's decode state
   // array, for the decode-time policies). An error fails that request alone.
@@ -62,6 +60,8 @@ class Backend {
     (void)compression;
     return absl::OkStatus();
   }
+  // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
+  // else INVALID_ARGUMENT naming what this backend does not run.
   virtual absl::Status SupportsCompression(
       const memory::compress::CompressionConfig& compression) const {
     (void)compression;
