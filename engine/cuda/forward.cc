@@ -316,7 +316,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
   // Pages for the rows ThinK re-thinning moves to the thin segments in this step; a layer that
   // cannot have them keeps its rows at full width until a later step (as the CPU engine does).
   for (const SequenceStep& step : steps) {
-    if (!step.compressed() || step.kv->tokens == 0) continue;
+    if (!step.compressed() || step.kv->tokens == 0 || step.tokens.empty()) continue;
     const int n_new = static_cast<int>(step.tokens.size());
     for (int layer = 0; layer < config_.n_layers; ++layer) {
       const memory::CompressedLayer& c = step.kv->compressed[layer];
