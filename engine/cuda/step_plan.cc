@@ -179,11 +179,14 @@ StepPlan::Upload StepPlan::UploadOver(bool device_holds_previous) const {
       ++upload.n_ranges;
     }
   };
-  const size_t tail = device_holds_previous && thin_kept ? at.thin_key_pages : elements;
+  // The kept channel sets end the plan; kept thin lists come before the scratch ids and them.
+  const size_t end = device_holds_previous && channels_kept ? at.channels : elements;
+  const size_t tail = device_holds_previous && thin_kept ? at.thin_key_pages : end;
   if (device_holds_previous && pages_kept) {
     add(0, at.key_pages);
-    // Thin page lists rewritten (decode-time eviction emptied pages at their end) go up whole.
-    if (!thin_kept) add(at.thin_key_pages, elements);
+    // Thin page lists rewritten (eviction emptied pages at their end, re-thinning added some) go
+    // up whole.
+    if (!thin_kept) add(at.thin_key_pages, end);
     upload.patches = !page_patches.empty();
   } else {
     add(0, tail);
@@ -384,8 +387,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // lists and channel sets are there already.
   const bool same_memory =
       plan.data.data() == previous_data && plan.data.size() == previous_size && at == previous_at;
-  plan.thin_kept =
-      thin && same_decodes && same_memory && !thin_grows && plan.seq_thin_pages == previous_thin;
+  plan.channels_kept = thin && same_decodes && same_memory;
+  plan.thin_kept = plan.channels_kept && !thin_grows && plan.seq_thin_pages == previous_thin;
   // Likewise the full-width page lists, but for the entries the sequences gained.
   plan.pages_kept = same_parts && same_memory && previous_written.size() == S * L * 2;
   // Zeros in the arrays before the page lists, where the loop below may leave entries unwritten.
@@ -393,7 +396,7 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // sets but for the half word that may pad them to an int32: up to 1 MB a step at the
   // Llama-3-8B shape, not cleared first. Entries of the page lists past P are never read.
   std::fill(plan.data.begin(), plan.data.begin() + at.key_pages, 0);
-  if (at.channels < elements && !plan.thin_kept) plan.data[elements - 1] = 0;
+  if (at.channels < elements && !plan.channels_kept) plan.data[elements - 1] = 0;
 
   int32_t* d = plan.data.data();
   auto* channels = reinterpret_cast<uint16_t*>(d + at.channels);
@@ -438,7 +441,9 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       }
       d[at.key_width + layer * S + s] = c.key_width;
       d[at.channel_offset + layer * S + s] = static_cast<int32_t>(channel);
-      if (!plan.thin_kept) std::copy(c.channels.begin(), c.channels.end(), channels + channel);
+      if (!plan.channels_kept) {
+        std::copy(c.channels.begin(), c.channels.end(), channels + channel);
+      }
       channel += c.channels.size();
     }
     for (int i = 0; i < n_new; ++i, ++token) {

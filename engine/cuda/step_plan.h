@@ -127,10 +127,14 @@ struct StepPlan {
   std::vector<int32_t> step_of_seq;     // (S) index in `steps` of each planned sequence
   std::vector<uint64_t> seq_ids;        // (S) SequenceKv::id of each planned sequence
   std::vector<int32_t> seq_thin_pages;  // (S) thin page list entries of each
-  // The thin page lists and channel sets were not written: the previous plan, built into the same
-  // memory with the same offsets, holds them for the same decoding sequences (they change only
-  // when a prompt is compressed, or lose pages at their end to decode-time eviction: entries
-  // past a list's rows are never read).
+  // The channel sets were not written: the previous plan, built into the same memory with the
+  // same offsets, holds them for the same decoding sequences (they change only when a prompt is
+  // compressed).
+  bool channels_kept = false;
+  // The thin page lists were not written either, on the same terms (with channels_kept). They
+  // change when a prompt is compressed, lose pages at their end to decode-time eviction (entries
+  // past a list's rows are never read) and gain pages under ThinK re-thinning, which rewrites
+  // them.
   bool thin_kept = false;
   // The full-width page lists were not rewritten: the previous plan, built into the same memory
   // with the same offsets for decodes of the same sequences, holds them but for the entries in

@@ -16,8 +16,11 @@
 //   plan, compressed  BuildStepPlan for the same batch compressed by pyramidkv 12% + ThinK 0.5
 //                   (a --tokens prompt, one token decoded): thin and recent page lists, per-head
 //                   row counts and channel sets
-// The last two are the cost of rows sampled on the host (temperature, repetition penalty,
-// logprobs); a greedy row's argmax is taken on the device and only its index comes back.
+//   plan, rethinning  the compressed batch with ThinK re-thinning over 64 decode steps, recent
+//                   segments at staggered lengths: the thin rows reserved and the step planned,
+//                   as CudaBackend::Forward does (MB: what is uploaded per step)
+// Logits copy and sampling are the cost of rows sampled on the host (temperature, repetition
+// penalty, logprobs); a greedy row's argmax is taken on the device and only its index comes back.
 //
 // Pages are accounting only (memory::PageStorage::kNone), so the 8B shape's 40 GB of KV need no
 // memory. Each row is the median of --repeats runs after one warm-up, timed with
@@ -203,6 +206,77 @@ void HostCosts(int batch, int tokens) {
     }
   });
   Row("plan, compressed", tokens, compressed_ms, plan.bytes() / 1e6);
+
+  // The same, with ThinK re-thinning: 64 decode steps in a row, the sequences' recent segments at
+  // staggered lengths, so that some sequence moves rows in most steps. Each step reserves the
+  // rows moved and plans as CudaBackend::Forward does, then takes the row counts the device
+  // leaves (CudaBackend::UpdateSequences).
+  const memory::compress::CompressionConfig rethin = *memory::compress::ParseCompressionSpec(
+      "policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5,think.rethin=1");
+  const int32_t keep = rethin.think.recent;
+  for (size_t s = 0; s < kvs.size(); ++s) {
+    for (memory::CompressedLayer& c : kvs[s].compressed) {
+      const int32_t rows = keep + static_cast<int32_t>(s) % keep;
+      c.recent_rows.assign(kKvHeads, rows);
+      kvs[s].keys[&c - kvs[s].compressed.data()].rows = rows;
+      kvs[s].values[&c - kvs[s].compressed.data()].rows = rows;
+    }
+    steps[s].compression = &rethin;
+  }
+  PlanCapacity room;
+  std::vector<double> rethin_ms;
+  double rethin_mb = 0.0;
+  int moving_steps = 0;
+  for (int step = 0; step < 64; ++step) {
+    for (memory::SequenceKv& kv : kvs) {
+      if (!cache.Reserve(kv, 1)) {
+        std::fprintf(stderr, "the pool holds no more rows\n");
+        std::exit(1);
+      }
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (memory::SequenceKv& kv : kvs) {
+      for (int layer = 0; layer < kLayers; ++layer) {
+        const memory::CompressedLayer& c = kv.compressed[layer];
+        if (const int32_t moved = RethinRows(c, rethin, 1); moved > 0) {
+          cache.ReservePromptRows(kv, layer, c.prompt_rows[0] + moved);
+        }
+      }
+    }
+    if (const absl::Status status = BuildStepPlan(steps, shape, plan, storage, room);
+        !status.ok()) {
+      std::fprintf(stderr, "BuildStepPlan (re-thinning): %s\n", status.ToString().c_str());
+      std::exit(1);
+    }
+    rethin_ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+            .count());
+    room.Fit(plan);
+    const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
+    size_t elements = upload.patches ? plan.page_patches.size() : 0;
+    for (int r = 0; r < upload.n_ranges; ++r) elements += upload.ranges[r][1] - upload.ranges[r][0];
+    rethin_mb += static_cast<double>(elements) * sizeof(int32_t) / 1e6;
+    bool moving = false;
+    for (size_t s = 0; s < kvs.size(); ++s) {
+      memory::SequenceKv& kv = kvs[s];
+      for (int layer = 0; layer < kLayers; ++layer) {
+        memory::CompressedLayer& c = kv.compressed[layer];
+        const int32_t n = plan.data[plan.at.rethin + static_cast<size_t>(layer) * plan.seqs + s];
+        moving = moving || n > 0;
+        for (int32_t& rows : c.prompt_rows) rows += n;
+        for (int32_t& rows : c.recent_rows) rows += 1 - n;
+        c.keys.rows = c.values.rows = c.prompt_rows[0];
+        kv.keys[layer].rows = kv.values[layer].rows = c.recent_rows[0];
+      }
+      cache.TrimPages(kv);
+      ++kv.tokens;
+    }
+    moving_steps += moving;
+  }
+  std::nth_element(rethin_ms.begin(), rethin_ms.begin() + rethin_ms.size() / 2, rethin_ms.end());
+  Row("plan, rethinning", tokens, rethin_ms[rethin_ms.size() / 2], rethin_mb / 64);
+  std::printf("|   %2d of 64 steps moved rows      |        |           |          |\n",
+              moving_steps);
   for (memory::SequenceKv& kv : kvs) cache.Release(kv);
 }
 
