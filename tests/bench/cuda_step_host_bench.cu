@@ -66,6 +66,15 @@ double MedianMs(const std::function<void()>& run) {
   return ms[ms.size() / 2];
 }
 
+// MB the backend uploads for `plan` when the device holds the previous plan whole: its ranges
+// and the page list patches.
+double UploadedMb(const StepPlan& plan) {
+  const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
+  size_t elements = upload.patches ? plan.page_patches.size() : 0;
+  for (int r = 0; r < upload.n_ranges; ++r) elements += upload.ranges[r][1] - upload.ranges[r][0];
+  return static_cast<double>(elements) * sizeof(int32_t) / 1e6;
+}
+
 void Row(const char* what, int tokens, double ms, double mb) {
   std::printf("| %-16s | %6d | %9.3f | %8.1f |\n", what, tokens, ms, mb);
 }
@@ -133,10 +142,7 @@ void HostCosts(int batch, int tokens) {
             .count());
     capacity.Fit(plan);
     kept += plan.pages_kept;
-    const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
-    size_t elements = upload.patches ? plan.page_patches.size() : 0;
-    for (int r = 0; r < upload.n_ranges; ++r) elements += upload.ranges[r][1] - upload.ranges[r][0];
-    uploaded_mb += static_cast<double>(elements) * sizeof(int32_t) / 1e6;
+    uploaded_mb += UploadedMb(plan);
     for (memory::SequenceKv& kv : kvs) {
       for (memory::PageList& list : kv.keys) ++list.rows;
       for (memory::PageList& list : kv.values) ++list.rows;
@@ -252,10 +258,7 @@ void HostCosts(int batch, int tokens) {
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
             .count());
     room.Fit(plan);
-    const StepPlan::Upload upload = plan.UploadOver(/*device_holds_previous=*/true);
-    size_t elements = upload.patches ? plan.page_patches.size() : 0;
-    for (int r = 0; r < upload.n_ranges; ++r) elements += upload.ranges[r][1] - upload.ranges[r][0];
-    rethin_mb += static_cast<double>(elements) * sizeof(int32_t) / 1e6;
+    rethin_mb += UploadedMb(plan);
     bool moving = false;
     for (size_t s = 0; s < kvs.size(); ++s) {
       memory::SequenceKv& kv = kvs[s];
