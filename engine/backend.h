@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/sampler.h"
 #include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 
@@ -23,16 +24,25 @@ struct SequenceStep {
   // the kept rows. Later steps decode one token each and apply the decode-time policy.
   const memory::compress::CompressionConfig* compression = nullptr;
   bool argmax_only = false;  // with want_logits: only the row's Argmax is needed (greedy sampling)
+  // With want_logits, set when only the sampled token is needed: the backend applies the
+  // repetition penalty over `penalized` (distinct ids) to the row and returns
+  // SampleTempered(row, *sampling, draw) (sampler.h) instead of the row.
+  const SamplingParams* sampling = nullptr;
+  uint64_t draw = 0;
+  std::span<const int32_t> penalized = {};
 
   bool compressed() const { return compression != nullptr && compression->enabled(); }
+  // The backend returns this step's token, not its logits row.
+  bool token_only() const { return argmax_only || sampling != nullptr; }
 };
 
 // What one Forward returns for the steps with want_logits, in step order.
 struct StepOutput {
-  std::vector<float> logits;    // (steps not argmax_only, vocab_size): their logits rows
-  std::vector<int32_t> argmax;  // (argmax_only steps): the index of the row's largest logit, as
-                                // engine::Argmax (sampler.h) gives it: NaNs never win, ties
-                                // and an all-NaN row go to the lowest index
+  std::vector<float> logits;    // (steps not token_only, vocab_size): their logits rows
+  std::vector<int32_t> tokens;  // (token_only steps): argmax_only's index of the row's largest
+                                // logit, as engine::Argmax (sampler.h) gives it (NaNs never
+                                // win, ties and an all-NaN row go to the lowest index), or the
+                                // sampled token
 };
 
 // Where a Forward's time went, in milliseconds, for the backends that measure it.

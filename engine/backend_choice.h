@@ -30,7 +30,8 @@ struct BackendChoice {
 
 // How the chosen backend runs, where it has a choice.
 struct BackendOptions {
-  bool cuda_graphs = true;  // CudaOptions::graphs
+  bool cuda_graphs = true;       // CudaOptions::graphs
+  bool sample_on_device = true;  // CudaOptions::sample_on_device
 };
 
 // `binary` names the program in the error when it lacks CUDA.
@@ -49,11 +50,13 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
     if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
     return cpu;
   }
-  return BackendChoice{.name = "cuda",
-                       .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs}),
-                       .kv_element_bytes = cuda::kKvElementBytes,
-                       .kv_storage = cuda::kKvStorage,
-                       .step_tokens = 8192};
+  return BackendChoice{
+      .name = "cuda",
+      .make_backend = cuda::CudaBackend::Factory(
+          {.graphs = options.cuda_graphs, .sample_on_device = options.sample_on_device}),
+      .kv_element_bytes = cuda::kKvElementBytes,
+      .kv_storage = cuda::kKvStorage,
+      .step_tokens = 8192};
 #else
   (void)options;
   if (device == "cuda") {

@@ -53,51 +53,78 @@ int32_t Argmax(std::span<const float> logits) {
   return 0;
 }
 
+void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> distinct,
+                            float penalty) {
+  for (int32_t id : distinct) {
+    if (id < 0 || static_cast<size_t>(id) >= logits.size()) continue;
+    float& l = logits[id];
+    l = l > 0 ? l / penalty : l * penalty;
+  }
+}
+
+int32_t SampleTempered(std::span<const float> logits, const SamplingParams& params, uint64_t draw) {
+  namespace rule = sampling;
+  if (params.temperature == 0.0f) return Argmax(logits);
+  float max = -std::numeric_limits<float>::infinity();
+  for (float l : logits) max = l > max ? l : max;
+  if (!(max > -std::numeric_limits<float>::infinity())) return Argmax(logits);
+
+  // The candidates of non-zero weight, in order (the others can be neither cut nor drawn).
+  struct Candidate {
+    uint64_t key;
+    uint64_t weight;
+  };
+  const float scale = rule::ExponentScale(params.temperature);
+  std::vector<Candidate> candidates;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const uint64_t weight = rule::WeightOf(logits[i], max, scale);
+    if (weight > 0) {
+      candidates.push_back({rule::OrderKey(logits[i], static_cast<int32_t>(i)), weight});
+    }
+  }
+  size_t keep = candidates.size();
+  if (params.top_k > 0) keep = std::min(keep, static_cast<size_t>(params.top_k));
+  auto first = [](const Candidate& a, const Candidate& b) { return a.key > b.key; };
+  std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), first);
+  uint64_t total = 0;
+  for (size_t i = 0; i < keep; ++i) total += candidates[i].weight;
+  if (params.top_p < 1.0f) {
+    const uint64_t need = rule::NucleusWeight(params.top_p, total);
+    size_t n = 0;
+    for (total = 0; total < need;) total += candidates[n++].weight;
+    keep = n;
+  }
+  const uint64_t min_weight = params.min_p > 0.0f ? rule::MinWeight(params.min_p) : 0;
+  if (min_weight > 0) {
+    total = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      if (candidates[i].weight >= min_weight) total += candidates[i].weight;
+    }
+  }
+  const uint64_t point = rule::DrawPoint(draw, total);
+  uint64_t running = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    if (candidates[i].weight < min_weight) continue;
+    running += candidates[i].weight;
+    if (running > point) return rule::IdOfKey(candidates[i].key);
+  }
+  return rule::IdOfKey(candidates[0].key);  // not reached: point < total
+}
+
 int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> history) {
   if (params_.repetition_penalty != 1.0f) {
-    // As in Hugging Face / CTRL: a seen token's positive logit is divided, a negative one
-    // multiplied, once per distinct token.
+    // Once per distinct token.
     std::vector<bool> seen(logits.size(), false);
+    std::vector<int32_t> distinct;
     for (int32_t id : history) {
       if (id < 0 || static_cast<size_t>(id) >= logits.size() || seen[id]) continue;
       seen[id] = true;
-      float& l = logits[id];
-      l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
+      distinct.push_back(id);
     }
+    ApplyRepetitionPenalty(logits, distinct, params_.repetition_penalty);
   }
   if (params_.temperature == 0.0f) return Argmax(logits);
-
-  // Candidates sorted by logit, then narrowed: top-k, then top-p, then min-p.
-  std::vector<int32_t> order(logits.size());
-  std::iota(order.begin(), order.end(), 0);
-  size_t keep = order.size();
-  if (params_.top_k > 0) keep = std::min(keep, static_cast<size_t>(params_.top_k));
-  std::partial_sort(order.begin(), order.begin() + keep, order.end(),
-                    [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  order.resize(keep);
-
-  std::vector<double> probs(keep);
-  const double max_logit = logits[order[0]];
-  double sum = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    probs[i] = std::exp((logits[order[i]] - max_logit) / params_.temperature);
-    sum += probs[i];
-  }
-  for (double& p : probs) p /= sum;
-  if (params_.top_p < 1.0f) {
-    double cumulative = 0.0;
-    size_t n = 0;
-    while (n < keep && cumulative < params_.top_p) cumulative += probs[n++];
-    keep = std::max<size_t>(n, 1);
-  }
-  if (params_.min_p > 0.0f) {
-    const double threshold = params_.min_p * probs[0];
-    size_t n = 1;
-    while (n < keep && probs[n] >= threshold) ++n;
-    keep = n;
-  }
-  std::discrete_distribution<size_t> pick(probs.begin(), probs.begin() + keep);
-  return order[pick(rng_)];
+  return SampleTempered(logits, params_, NextDraw());
 }
 
 }  // namespace kvtrim::engine

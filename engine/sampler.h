@@ -1,5 +1,7 @@
 // Turns a logits row into the next token: greedy, or temperature sampling narrowed by
-// top-k, top-p and min-p, after a repetition penalty. Seeded for reproducibility.
+// top-k, top-p and min-p, after a repetition penalty. Seeded for reproducibility: a request's
+// Sampler draws 53 random bits per sampled token, and SampleTempered turns a row and a draw into
+// the token, the same on the host and on the CUDA backend (sampling_rule.h).
 #pragma once
 
 #include <cstdint>
@@ -7,6 +9,7 @@
 #include <span>
 
 #include "absl/status/status.h"
+#include "engine/sampling_rule.h"
 
 namespace kvtrim::engine {
 
@@ -27,10 +30,13 @@ class Sampler {
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
 
   // `logits` (vocab_size) is modified in place; `history` is the prompt and generated tokens
-  // the repetition penalty applies to.
+  // the repetition penalty applies to. With a temperature, takes the next draw.
   int32_t Sample(std::span<float> logits, std::span<const int32_t> history);
   // True when Sample() is Argmax(logits) alone: no temperature, no repetition penalty.
   bool greedy() const { return params_.temperature == 0.0f && params_.repetition_penalty == 1.0f; }
+  // The random bits of the next sampled token (sampling::kDrawBits of them), for a backend that
+  // samples the row itself with SampleTempered.
+  uint64_t NextDraw() { return rng_() >> (64 - sampling::kDrawBits); }
 
  private:
   SamplingParams params_;
@@ -39,5 +45,19 @@ class Sampler {
 
 // Index of the largest logit (lowest index on ties).
 int32_t Argmax(std::span<const float> logits);
+
+// The repetition penalty, as in Hugging Face / CTRL: the logit of each id of `distinct` (no id
+// twice) is divided by `penalty` when positive, multiplied when not. Ids outside the row are
+// skipped.
+void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> distinct,
+                            float penalty);
+
+// The token temperature sampling picks from `logits` (penalty applied) for `draw`
+// (sampling::kDrawBits random bits). The candidates, largest logit first (lower id on ties),
+// weighted as sampling_rule.h says, are narrowed to the first top_k, then to the shortest prefix
+// holding top_p of their weight, then to those weighing at least min_p of the first; the draw
+// picks among what is left in proportion to weight. Temperature 0, or a row without a logit
+// above -inf: Argmax.
+int32_t SampleTempered(std::span<const float> logits, const SamplingParams& params, uint64_t draw);
 
 }  // namespace kvtrim::engine

@@ -117,9 +117,14 @@ struct Scheduler::Active {
   RequestState state = RequestState::kQueued;
   int32_t preemptions = 0;
   Clock::time_point submitted;
-  Clock::time_point admitted;                 // first admission; epoch until then
-  Clock::time_point first_token;              // first sampled token; epoch until then
-  std::vector<TokenOutput> outputs;           // this step's, published at its end
+  Clock::time_point admitted;        // first admission; epoch until then
+  Clock::time_point first_token;     // first sampled token; epoch until then
+  std::vector<TokenOutput> outputs;  // this step's, published at its end
+  // Under a repetition penalty, the distinct ids of tokens[0, penalized_upto), first seen first,
+  // for the backend that samples the row (SequenceStep::penalized); `seen` is (vocab_size).
+  std::vector<int32_t> penalized;
+  std::vector<bool> seen;
+  size_t penalized_upto = 0;
   std::optional<FinishReason> finish_reason;  // set when it ends; retired at the end of the step
   std::string error;
 };
@@ -423,16 +428,25 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
 
 void Scheduler::Execute(std::span<const Planned> plan) {
   if (plan.empty()) return;
+  // A row's token is chosen by the backend unless the request wants log-probabilities: greedy
+  // rows by their argmax, the others by SampleTempered with the request's next draw.
   std::vector<SequenceStep> steps;
   steps.reserve(plan.size());
   for (const Planned& p : plan) {
     Active& r = *p.request;
-    steps.push_back(
-        {.kv = &r.kv,
-         .tokens = std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
-         .want_logits = p.want_logits,
-         .compression = r.request.compression.enabled() ? &r.request.compression : nullptr,
-         .argmax_only = p.want_logits && ArgmaxSuffices(r)});
+    SequenceStep& step = steps.emplace_back(SequenceStep{
+        .kv = &r.kv,
+        .tokens = std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
+        .want_logits = p.want_logits,
+        .compression = r.request.compression.enabled() ? &r.request.compression : nullptr});
+    if (!p.want_logits || r.request.want_logprobs || r.request.top_logprobs > 0) continue;
+    if (r.sampler.greedy()) {
+      step.argmax_only = true;
+    } else {
+      step.sampling = &r.request.sampling;
+      step.draw = r.sampler.NextDraw();
+      if (r.request.sampling.repetition_penalty != 1.0f) step.penalized = Penalized(r);
+    }
   }
   const Clock::time_point forward_began = Clock::now();
   const absl::Status forward = backend_->Forward(steps, output_);
@@ -447,30 +461,30 @@ void Scheduler::Execute(std::span<const Planned> plan) {
     }
     return;
   }
-  // The rows the backend reduced to their argmax are the tokens; every other row is sampled on
-  // its own thread (its sampler, tokens and logits row are its own; a batch's rows over a 128k
-  // vocabulary take milliseconds on one core), then the tokens are taken in order.
+  // The backend's tokens are taken as they are; every other row (log-probabilities wanted) is
+  // sampled on its own thread (its sampler, tokens and logits row are its own; a row over a 128k
+  // vocabulary takes milliseconds on one core), then the tokens are taken in order.
   struct Row {
     Active* request;
-    int64_t logits_row;  // -1: the backend's argmax
-    int32_t argmax;
+    int64_t logits_row;  // -1: the backend's token
+    int32_t token;
   };
   std::vector<Row> rows;
-  size_t logits_rows = 0, argmaxes = 0;
+  size_t logits_rows = 0, tokens = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     if (!steps[i].want_logits) continue;
-    if (steps[i].argmax_only) {
-      rows.push_back({plan[i].request, -1, output_.argmax[argmaxes++]});
+    if (steps[i].token_only()) {
+      rows.push_back({plan[i].request, -1, output_.tokens[tokens++]});
     } else {
       rows.push_back({plan[i].request, static_cast<int64_t>(logits_rows++), 0});
     }
   }
   const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
   std::vector<TokenOutput> sampled(rows.size());
-#pragma omp parallel for schedule(static) if (rows.size() - argmaxes > 1)
+#pragma omp parallel for schedule(static) if (logits_rows > 1)
   for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i].logits_row < 0) {
-      sampled[i].id = rows[i].argmax;
+      sampled[i].id = rows[i].token;
     } else {
       sampled[i] = Sample(*rows[i].request,
                           std::span(output_.logits).subspan(rows[i].logits_row * vocab, vocab));
@@ -482,9 +496,16 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   }
 }
 
-// True when the next token of `r` is its logits row's argmax and nothing else of the row is read.
-bool Scheduler::ArgmaxSuffices(const Active& r) {
-  return r.sampler.greedy() && !r.request.want_logprobs && r.request.top_logprobs == 0;
+std::span<const int32_t> Scheduler::Penalized(Active& r) const {
+  const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
+  r.seen.resize(vocab);
+  for (; r.penalized_upto < r.tokens.size(); ++r.penalized_upto) {
+    const int32_t id = r.tokens[r.penalized_upto];
+    if (id < 0 || static_cast<size_t>(id) >= vocab || r.seen[id]) continue;
+    r.seen[id] = true;
+    r.penalized.push_back(id);
+  }
+  return r.penalized;
 }
 
 // The next token from `logits` (vocab_size, modified in place), with its log-probabilities when

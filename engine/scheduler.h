@@ -15,7 +15,10 @@
 //      prompt): it joins when the rest of the step's budget holds it or no other prompt is in
 //      the step, which may then exceed step_tokens;
 //   4. one Backend::Forward over all of it (decode tokens and prefill chunks packed together);
-//   5. sampling, detokenization, stop checks; outputs go to each request's RequestSink.
+//      the backend picks each row's token (argmax, or SampleTempered with the request's next
+//      draw), except for requests wanting log-probabilities, whose rows come back whole;
+//   5. sampling of those rows, detokenization, stop checks; outputs go to each request's
+//      RequestSink.
 // Generation ends with kLength at max_tokens or when prompt + generated tokens reach the model's
 // max_context. If Forward fails, the requests of that step finish as kError with its message.
 // A request's greedy output does not depend on what it was batched with: every sequence's
@@ -146,7 +149,8 @@ class Scheduler {
   // One Backend::Forward over the plan, then sampling and stop checks.
   void Execute(std::span<const Planned> plan);
   TokenOutput Sample(Active& request, std::span<float> logits);
-  static bool ArgmaxSuffices(const Active& request);
+  // The distinct ids of the request's tokens so far, which its repetition penalty applies to.
+  std::span<const int32_t> Penalized(Active& request) const;
   void Accept(Active& request, TokenOutput sampled);
   // Publishes every request's step outputs and retires the finished ones (pages freed).
   void Publish();

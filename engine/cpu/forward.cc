@@ -164,16 +164,31 @@ absl::Status CpuBackend::Forward(std::span<const SequenceStep> steps, StepOutput
   logits.resize(wanting * vocab);
   Linear(normed.data(), wanting, model_.weights.lm_head(config_.tied_embeddings), {},
          logits.data());
-  // The argmax_only rows leave the logits for their index; the others close up in order.
-  out.argmax.clear();
-  size_t row = 0, kept = 0;
+  // The token_only rows leave the logits for their token (sampled rows in parallel: a 128k
+  // vocabulary takes milliseconds); the others close up in order.
+  std::vector<const SequenceStep*> wanting_steps;
   for (const SequenceStep& step : steps) {
-    if (!step.want_logits || step.tokens.empty()) continue;
-    const std::span<const float> logits_row(logits.data() + row++ * vocab, vocab);
+    if (step.want_logits && !step.tokens.empty()) wanting_steps.push_back(&step);
+  }
+  std::vector<int32_t> chosen(wanting);
+#pragma omp parallel for schedule(dynamic)
+  for (int row = 0; row < wanting; ++row) {
+    const SequenceStep& step = *wanting_steps[row];
+    const std::span<float> logits_row(logits.data() + row * vocab, vocab);
     if (step.argmax_only) {
-      out.argmax.push_back(Argmax(logits_row));
-    } else if (kept++ != row - 1) {
-      std::copy(logits_row.begin(), logits_row.end(), logits.begin() + (kept - 1) * vocab);
+      chosen[row] = Argmax(logits_row);
+    } else if (step.sampling != nullptr) {
+      ApplyRepetitionPenalty(logits_row, step.penalized, step.sampling->repetition_penalty);
+      chosen[row] = SampleTempered(logits_row, *step.sampling, step.draw);
+    }
+  }
+  out.tokens.clear();
+  size_t kept = 0;
+  for (int row = 0; row < wanting; ++row) {
+    if (wanting_steps[row]->token_only()) {
+      out.tokens.push_back(chosen[row]);
+    } else if (kept++ != static_cast<size_t>(row)) {
+      std::copy_n(logits.begin() + row * vocab, vocab, logits.begin() + (kept - 1) * vocab);
     }
   }
   logits.resize(kept * vocab);

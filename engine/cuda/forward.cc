@@ -30,6 +30,7 @@
 #include "engine/cuda/forward.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -202,8 +203,8 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
     KVTRIM_RETURN_IF_ERROR(Grow(last_, N * config_.hidden * sizeof(__nv_bfloat16)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_, N * config_.vocab_size * sizeof(float)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_host_, N * config_.vocab_size * sizeof(float)));
-    KVTRIM_RETURN_IF_ERROR(Grow(argmax_, N * sizeof(int32_t)));
-    KVTRIM_RETURN_IF_ERROR(Grow(argmax_host_, N * sizeof(int32_t)));
+    KVTRIM_RETURN_IF_ERROR(Grow(tokens_, N * sizeof(int32_t)));
+    KVTRIM_RETURN_IF_ERROR(Grow(tokens_host_, N * sizeof(int32_t)));
     capacity_logits_ = static_cast<int>(N);
   }
   size_t scratch = 0, scores = 0, kept = 0, prompt_states = 0;
@@ -309,7 +310,7 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
   for (const SequenceStep& step : steps) tokens += static_cast<int>(step.tokens.size());
   if (tokens == 0) {
     out.logits.clear();
-    out.argmax.clear();
+    out.tokens.clear();
     return absl::OkStatus();
   }
   KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
@@ -348,8 +349,9 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
   KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
+  KVTRIM_RETURN_IF_ERROR(PlanOutputs(steps));
   device_holds_last_ = uploaded_to == plan_device_.as<void>();
-  if (absl::Status status = Run(steps, splits, out, began); !status.ok()) {
+  if (absl::Status status = Run(splits, out, began); !status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
     cudaStreamSynchronize(stream_);
@@ -438,8 +440,7 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
-                              Clock::time_point began) {
+absl::Status CudaBackend::Run(int splits, StepOutput& out, Clock::time_point began) {
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
@@ -469,15 +470,10 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
                            plan_device_.as<int32_t>(), stream_),
         "ScatterPairs(page list patches)"));
   }
-  // Which of the rows that want logits (in step order, as the plan lists them) want only their
-  // argmax:
   const int wanting = plan_.logit_rows;
-  argmax_only_.clear();
-  for (int s = 0; s < plan_.seqs; ++s) {
-    const SequenceStep& step = steps[plan_.step_of_seq[s]];
-    if (step.want_logits) argmax_only_.push_back(step.argmax_only);
-  }
-  const int n_argmax = static_cast<int>(std::count(argmax_only_.begin(), argmax_only_.end(), true));
+  int n_argmax = 0;
+  for (const SequenceStep* step : wanting_steps_) n_argmax += step->argmax_only;
+  const int n_tokens = static_cast<int>(std::count(token_only_.begin(), token_only_.end(), true));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
   const int argmax_rows = n_argmax > 0 ? wanting : 0;
   if (options_.graphs && plan_.decodes_only()) {
@@ -486,22 +482,23 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
     last_key_.reset();
     KVTRIM_RETURN_IF_ERROR(QueueStep(splits, argmax_rows));
   }
+  KVTRIM_RETURN_IF_ERROR(QueueSampling());
   if (wanting > 0) {
-    if (n_argmax > 0) {
+    if (n_tokens > 0) {
       KVTRIM_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(argmax_host_.as<void>(), argmax_.as<void>(),
+          CudaStatus(cudaMemcpyAsync(tokens_host_.as<void>(), tokens_.as<void>(),
                                      wanting * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
-                     "cudaMemcpyAsync(argmax)"));
+                     "cudaMemcpyAsync(tokens)"));
     }
     // The other rows, packed: one copy per run of consecutive ones.
     size_t packed = 0;
     for (int row = 0; row < wanting;) {
-      if (argmax_only_[row]) {
+      if (token_only_[row]) {
         ++row;
         continue;
       }
       int end = row;
-      while (end < wanting && !argmax_only_[end]) ++end;
+      while (end < wanting && !token_only_[end]) ++end;
       KVTRIM_RETURN_IF_ERROR(
           CudaStatus(cudaMemcpyAsync(logits_host_.as<float>() + packed * vocab,
                                      logits_.as<float>() + row * vocab, (end - row) * row_bytes,
@@ -528,14 +525,104 @@ absl::Status CudaBackend::Run(std::span<const SequenceStep> steps, int splits, S
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(cudaEventElapsedTime(&device_ms, step_begin_, step_end_), "cudaEventElapsedTime"));
   profile_.device_ms = device_ms;
-  out.logits.assign(logits_host_.as<float>(),
-                    logits_host_.as<float>() + (wanting - n_argmax) * vocab);
-  out.argmax.clear();
-  for (int row = 0; row < wanting; ++row) {
-    if (argmax_only_[row]) out.argmax.push_back(argmax_host_.as<int32_t>()[row]);
-  }
+  TakeResults(out);
   profile_.finish_ms = Ms(synced, Clock::now());
   return absl::OkStatus();
+}
+
+void CudaBackend::TakeResults(StepOutput& out) {
+  const size_t vocab = config_.vocab_size;
+  const int wanting = static_cast<int>(wanting_steps_.size());
+  // The sampled rows that came back whole (CudaOptions::sample_on_device off): sampled here.
+  std::vector<int> packed_row(wanting, -1);
+  std::vector<int> host_sampled;
+  int packed = 0;
+  for (int row = 0; row < wanting; ++row) {
+    if (token_only_[row]) continue;
+    packed_row[row] = packed++;
+    if (wanting_steps_[row]->sampling != nullptr) host_sampled.push_back(row);
+  }
+#pragma omp parallel for schedule(dynamic) if (host_sampled.size() > 1)
+  for (size_t i = 0; i < host_sampled.size(); ++i) {
+    const int row = host_sampled[i];
+    const SequenceStep& step = *wanting_steps_[row];
+    const std::span<float> logits(logits_host_.as<float>() + packed_row[row] * vocab, vocab);
+    ApplyRepetitionPenalty(logits, step.penalized, step.sampling->repetition_penalty);
+    tokens_host_.as<int32_t>()[row] = SampleTempered(logits, *step.sampling, step.draw);
+  }
+  out.logits.clear();
+  out.tokens.clear();
+  for (int row = 0; row < wanting; ++row) {
+    if (wanting_steps_[row]->token_only()) {
+      out.tokens.push_back(tokens_host_.as<int32_t>()[row]);
+    } else {
+      const float* from = logits_host_.as<float>() + packed_row[row] * vocab;
+      out.logits.insert(out.logits.end(), from, from + vocab);
+    }
+  }
+}
+
+absl::Status CudaBackend::PlanOutputs(std::span<const SequenceStep> steps) {
+  // The rows that want logits, in step order as the plan lists them, and which of them want only
+  // their token (argmax or sampled on the device):
+  wanting_steps_.clear();
+  token_only_.clear();
+  sample_jobs_.clear();
+  penalized_.clear();
+  for (int s = 0; s < plan_.seqs; ++s) {
+    const SequenceStep& step = steps[plan_.step_of_seq[s]];
+    if (!step.want_logits) continue;
+    const int row = static_cast<int>(wanting_steps_.size());
+    const bool sampled_here =
+        step.sampling != nullptr && !step.argmax_only && options_.sample_on_device;
+    wanting_steps_.push_back(&step);
+    token_only_.push_back(step.argmax_only || sampled_here);
+    if (sampled_here) {
+      const SamplingParams& p = *step.sampling;
+      const int32_t begin = static_cast<int32_t>(penalized_.size());
+      if (p.repetition_penalty != 1.0f) {
+        penalized_.insert(penalized_.end(), step.penalized.begin(), step.penalized.end());
+      }
+      sample_jobs_.push_back({.row = row,
+                              .top_k = p.top_k,
+                              .temperature = p.temperature,
+                              .top_p = p.top_p,
+                              .min_p = p.min_p,
+                              .repetition_penalty = p.repetition_penalty,
+                              .penalized_begin = begin,
+                              .penalized_end = static_cast<int32_t>(penalized_.size()),
+                              .draw = step.draw});
+    }
+  }
+  if (sample_jobs_.empty()) return absl::OkStatus();
+  const size_t job_bytes = sample_jobs_.size() * sizeof(SampleJob);
+  const size_t bytes = job_bytes + penalized_.size() * sizeof(int32_t);
+  KVTRIM_RETURN_IF_ERROR(Grow(sample_staging_, bytes));
+  KVTRIM_RETURN_IF_ERROR(Grow(sample_device_, bytes));
+  KVTRIM_RETURN_IF_ERROR(
+      Grow(sample_workspace_,
+           SampleWorkspaceBytes(static_cast<int>(sample_jobs_.size()), config_.vocab_size)));
+  char* staging = sample_staging_.as<char>();
+  std::memcpy(staging, sample_jobs_.data(), job_bytes);
+  std::memcpy(staging + job_bytes, penalized_.data(), penalized_.size() * sizeof(int32_t));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::QueueSampling() {
+  if (sample_jobs_.empty()) return absl::OkStatus();
+  const size_t job_bytes = sample_jobs_.size() * sizeof(SampleJob);
+  const size_t bytes = job_bytes + penalized_.size() * sizeof(int32_t);
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(sample_device_.as<void>(), sample_staging_.as<void>(), bytes,
+                                 cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpyAsync(sampling jobs)"));
+  const char* device = sample_device_.as<char>();
+  return CudaStatus(LaunchSampleRows(logits_.as<float>(), config_.vocab_size,
+                                     reinterpret_cast<const SampleJob*>(device),
+                                     static_cast<int>(sample_jobs_.size()),
+                                     reinterpret_cast<const int32_t*>(device + job_bytes),
+                                     tokens_.as<int32_t>(), sample_workspace_.as<void>(), stream_),
+                    "SampleRows");
 }
 
 }  // namespace kvtrim::engine::cuda

@@ -21,6 +21,7 @@
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/paged_kv.h"
+#include "engine/cuda/sample.h"
 #include "engine/cuda/step_plan.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
@@ -41,6 +42,10 @@ struct CudaOptions {
   // Decode steps whose launches repeat those of the step before (the same sequences, the plan's
   // arrays at the same offsets) are captured once as a CUDA graph and replayed.
   bool graphs = true;
+  // Rows the scheduler wants sampled (SequenceStep::sampling) are sampled on the device and only
+  // their tokens come back; false copies them back whole and samples them on the host (for
+  // comparison).
+  bool sample_on_device = true;
 };
 
 class CudaBackend : public Backend {
@@ -58,8 +63,8 @@ class CudaBackend : public Backend {
 
   ~CudaBackend() override;
 
-  // As Backend::Forward. Synchronous: returns once the logits are on the host. The argmax_only
-  // rows are reduced on the device; only their indices are copied back.
+  // As Backend::Forward. Synchronous: returns once the logits are on the host. The token_only
+  // rows are reduced (argmax) or sampled on the device; only their tokens are copied back.
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
   // Host phases timed with a steady clock, the device span with two CUDA events.
   std::optional<StepProfile> LastStepProfile() const override { return profile_; }
@@ -91,11 +96,18 @@ class CudaBackend : public Backend {
   absl::Status Reserve(size_t workspace_bytes);
   // Queues the whole step on stream_ and copies the logits back.
   // `began`: when Forward was entered (the start of profile_.plan_ms).
-  absl::Status Run(std::span<const SequenceStep> steps, int splits, StepOutput& out,
-                   std::chrono::steady_clock::time_point began);
+  absl::Status Run(int splits, StepOutput& out, std::chrono::steady_clock::time_point began);
   // Queues the step's device work after the plan's upload: the embedding, the layers, the
   // logits of the rows that want them and, with argmax_rows, their argmax.
   absl::Status QueueStep(int splits, int argmax_rows);
+  // What comes back of the step's rows that want logits (wanting_steps_, token_only_), and for
+  // those sampled on the device (SequenceStep::sampling) their jobs and penalised ids, staged for
+  // the upload, with the buffers grown (before any of the step's work is queued).
+  absl::Status PlanOutputs(std::span<const SequenceStep> steps);
+  // After the logits: the upload of the staged jobs, then one LaunchSampleRows.
+  absl::Status QueueSampling();
+  // The step's tokens and whole logits rows, once on the host, into `out`.
+  void TakeResults(StepOutput& out);
   // QueueStep for a decode step: replays the captured graph when the key is its key, captures
   // one (and replays it) when the previous decode step had the same key, else queues eagerly.
   absl::Status QueueDecodeStep(int splits, int argmax_rows);
@@ -165,13 +177,21 @@ class CudaBackend : public Backend {
   DeviceBuffer kept_;              // (n_kv_heads, kept) int32 kept token indices
   DeviceBuffer channels_;          // (plan_.channel_out) uint16 channel sets chosen this step
   std::vector<uint16_t> channels_host_;
-  int capacity_logits_ = 0;        // N the buffers below hold
-  DeviceBuffer last_;              // (N, hidden) bf16 final-normed rows that want logits
-  DeviceBuffer logits_;            // (N, vocab_size) fp32
-  PinnedBuffer logits_host_;       // (N, vocab_size) fp32, the rows not argmax_only, packed
-  DeviceBuffer argmax_;            // (N) int32
-  PinnedBuffer argmax_host_;       // (N) int32
-  std::vector<bool> argmax_only_;  // per wanting row of the step
+  int capacity_logits_ = 0;       // N the buffers below hold
+  DeviceBuffer last_;             // (N, hidden) bf16 final-normed rows that want logits
+  DeviceBuffer logits_;           // (N, vocab_size) fp32
+  PinnedBuffer logits_host_;      // (N, vocab_size) fp32, the rows not token_only_, packed
+  DeviceBuffer tokens_;           // (N) int32 each wanting row's argmax, or its sampled token
+  PinnedBuffer tokens_host_;      // (N) int32
+  std::vector<bool> token_only_;  // per wanting row of the step: only its token comes back
+  std::vector<const SequenceStep*> wanting_steps_;  // the step's rows that want logits
+  // The rows sampled on the device (sample.h): this step's jobs, then the ids their repetition
+  // penalties apply to, staged and uploaded together.
+  std::vector<SampleJob> sample_jobs_;
+  std::vector<int32_t> penalized_;
+  PinnedBuffer sample_staging_;
+  DeviceBuffer sample_device_;
+  DeviceBuffer sample_workspace_;  // SampleWorkspaceBytes of the step's jobs
   // Decode-time eviction (decode_eviction.h):
   DeviceBuffer states_;         // the rows' decode states, over the whole pool
   DeviceBuffer prompt_states_;  // (n_kv_heads, n) KeyState of one compressed prompt under corm

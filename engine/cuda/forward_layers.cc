@@ -52,7 +52,7 @@ absl::Status CudaBackend::QueueStep(int splits, int argmax_rows) {
                                        logits_.as<void>(), GemmOutput::kFloat));
   if (argmax_rows == 0) return absl::OkStatus();
   return CudaStatus(LaunchRowArgmax(logits_.as<float>(), config_.vocab_size, argmax_rows,
-                                    argmax_.as<int32_t>(), stream_),
+                                    tokens_.as<int32_t>(), stream_),
                     "RowArgmax");
 }
 
@@ -72,7 +72,7 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
       .rethinning = plan_.rethinning,
       .buffers = {plan_device_.as<void>(), x_.as<void>(), normed_.as<void>(), qkv_.as<void>(),
                   attention_.as<void>(), gate_up_.as<void>(), activation_.as<void>(),
-                  workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), argmax_.as<void>(),
+                  workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), tokens_.as<void>(),
                   pages_.as<void>(), states_.as<void>(), evict_scratch_.as<void>(),
                   counts_.as<void>()},
   };

@@ -2,12 +2,12 @@
 // them (a few rows of a few thousand to a few hundred thousand elements), so they are plain
 // strided loops, one block per row.
 #include <cuda_bf16.h>
-#include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/row_best.cuh"
 #include "engine/cuda/rows.h"
 
 namespace kvtrim::engine::cuda {
@@ -32,36 +32,12 @@ __global__ void GatherRowsKernel(const __nv_bfloat16* __restrict__ src, int widt
 }
 
 constexpr int kArgmaxThreads = 1024;
-constexpr int32_t kNoIndex = INT32_MAX;
-
-// A candidate of the argmax: larger values win, equal ones go to the lower index. (-inf, INT_MAX)
-// loses to everything but NaN, which never compares larger.
-struct Best {
-  float value;
-  int32_t index;
-};
-
-__device__ __forceinline__ Best Better(Best a, Best b) {
-  return b.value > a.value || (b.value == a.value && b.index < a.index) ? b : a;
-}
 
 __global__ void RowArgmaxKernel(const float* __restrict__ logits, int width,
                                 int32_t* __restrict__ argmax) {
-  const float* row = logits + static_cast<int64_t>(blockIdx.x) * width;
-  Best best{-CUDART_INF_F, kNoIndex};
-  for (int i = threadIdx.x; i < width; i += blockDim.x) best = Better(best, Best{row[i], i});
-  for (int offset = 16; offset > 0; offset /= 2) {
-    best = Better(best, Best{__shfl_xor_sync(0xffffffffu, best.value, offset),
-                             __shfl_xor_sync(0xffffffffu, best.index, offset)});
-  }
   __shared__ Best warp_best[kArgmaxThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_best[warp] = best;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) best = Better(best, warp_best[w]);
-    argmax[blockIdx.x] = best.index == kNoIndex ? 0 : best.index;
-  }
+  const Best best = BlockBest(logits + static_cast<int64_t>(blockIdx.x) * width, width, warp_best);
+  if (threadIdx.x == 0) argmax[blockIdx.x] = ArgmaxIndex(best);
 }
 
 }  // namespace

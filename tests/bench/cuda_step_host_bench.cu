@@ -13,14 +13,18 @@
 //                   uploaded, the arrays before the page lists and the patches, per step)
 //   logits copy     the step's fp32 logits from the pinned buffer into the caller's vector
 //   sampling        a greedy Sampler over each sequence's logits row (engine/sampler.h)
+//   sampling, tempered  SampleTempered at temperature 0.7, top-p 0.9 over each row (normal
+//                   logits of deviation 3: nearly every token keeps a weight), on one thread
 //   plan, compressed  BuildStepPlan for the same batch compressed by pyramidkv 12% + ThinK 0.5
 //                   (a --tokens prompt, one token decoded): thin and recent page lists, per-head
 //                   row counts and channel sets
 //   plan, rethinning  the compressed batch with ThinK re-thinning over 64 decode steps, recent
 //                   segments at staggered lengths: the thin rows reserved and the step planned,
 //                   as CudaBackend::Forward does (MB: what is uploaded per step)
-// Logits copy and sampling are the cost of rows sampled on the host (temperature, repetition
-// penalty, logprobs); a greedy row's argmax is taken on the device and only its index comes back.
+// Logits copy and sampling are the cost of rows sampled on the host: those of requests wanting
+// log-probabilities, and every sampled row with CudaOptions::sample_on_device off. Otherwise a
+// greedy row's argmax and a sampled row's token are taken on the device (engine/cuda/sample.h)
+// and only the index comes back.
 //
 // Pages are accounting only (memory::PageStorage::kNone), so the 8B shape's 40 GB of KV need no
 // memory. Each row is the median of --repeats runs after one warm-up, timed with
@@ -170,12 +174,21 @@ void HostCosts(int batch, int tokens) {
     }
   });
 
+  const SamplingParams tempered{.temperature = 0.7f, .top_p = 0.9f};
+  const double tempered_ms = MedianMs([&] {
+    for (int s = 0; s < batch; ++s) {
+      checksum += SampleTempered(std::span(logits).subspan(size_t{1} * s * kVocab, kVocab),
+                                 tempered, 12345);
+    }
+  });
+
   Row("plan, afresh", tokens, plan_ms, plan_mb);
   Row("plan, decoding", tokens, decoding_ms, uploaded_mb / 64);
   std::printf("|   %2d of 64 steps kept their page lists |        |           |          |\n",
               kept);
   Row("logits copy", tokens, logits_ms, pinned.size() * sizeof(float) / 1e6);
   Row("sampling", tokens, sample_ms, 0.0);
+  Row("sampling, tempered", tokens, tempered_ms, 0.0);
   Row("total", tokens, decoding_ms + logits_ms + sample_ms, 0.0);
   if (checksum == -1) std::printf("\n");  // keeps the sampling from being optimised away
   for (memory::SequenceKv& kv : kvs) cache.Release(kv);

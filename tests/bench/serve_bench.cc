@@ -1,5 +1,6 @@
 // End to end through the Scheduler (no gRPC): `--requests` concurrent requests of
-// `--prompt_tokens` random prompt tokens and `--new_tokens` greedy tokens each, once per
+// `--prompt_tokens` random prompt tokens and `--new_tokens` tokens each (greedy, or sampled as
+// --temperature, --top_k, --top_p and --repetition_penalty say, seeded per request), once per
 // compression spec, on a model file or a dummy shape (`--load-format dummy --arch llama3.1-8b`;
 // llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new tokens).
 // Prints one row per spec:
@@ -63,6 +64,13 @@ ABSL_FLAG(int, page_kib, 0, "KV page size, KiB; 0 = the model's default (Schedul
 ABSL_FLAG(int, step_tokens, 8192, "most tokens in one scheduler step");
 ABSL_FLAG(bool, cuda_graphs, true,
           "replay decode steps whose launches repeat from a captured CUDA graph (--device cuda)");
+ABSL_FLAG(double, temperature, 0.0, "every request's sampling temperature (0 = greedy)");
+ABSL_FLAG(int, top_k, 0, "every request's top-k (0 = off)");
+ABSL_FLAG(double, top_p, 1.0, "every request's top-p (1 = off)");
+ABSL_FLAG(double, repetition_penalty, 1.0, "every request's repetition penalty (1 = off)");
+ABSL_FLAG(bool, sample_on_device, true,
+          "sample on the device and copy back only the tokens; false copies the sampled rows "
+          "back and samples them on the host (--device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
 ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline (0 = omit)");
@@ -184,7 +192,8 @@ int Run() {
   }
   absl::StatusOr<BackendChoice> backend =
       ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench",
-                    {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)});
+                    {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
+                     .sample_on_device = absl::GetFlag(FLAGS_sample_on_device)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
     return 2;
@@ -233,6 +242,15 @@ int Run() {
   std::vector<Row> rows;
   const std::vector<std::string> specs =
       absl::StrSplit(absl::GetFlag(FLAGS_specs), ';', absl::SkipWhitespace());
+  const SamplingParams sampling{
+      .temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature)),
+      .top_k = absl::GetFlag(FLAGS_top_k),
+      .top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p)),
+      .repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty))};
+  if (absl::Status s = ValidateSamplingParams(sampling); !s.ok()) {
+    std::fprintf(stderr, "serve_bench: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
   for (const std::string& spec : specs) {
     absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec == "none" ? "" : spec);
@@ -242,12 +260,15 @@ int Run() {
       return 2;
     }
     std::vector<GenerationRequest> batch(requests);
-    for (GenerationRequest& request : batch) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      GenerationRequest& request = batch[i];
       request.prompt.resize(prompt_tokens);
       for (int32_t& id : request.prompt) id = token(rng);
       request.max_tokens = new_tokens;
       request.ignore_eos = true;
       request.compression = *config;
+      request.sampling = sampling;
+      request.sampling.seed = i + 1;
     }
     // Wall time of each request's first token and of the last token of all.
     std::vector<double> first(requests, -1.0);

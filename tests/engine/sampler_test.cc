@@ -104,6 +104,82 @@ TEST(SamplerTest, SameSeedSameTokens) {
   }
 }
 
+// A Sampler's tempered token is SampleTempered of the row with its next draw: what a backend
+// sampling the row itself (with the draw the scheduler takes from the same Sampler) returns.
+TEST(SamplerTest, SampleIsSampleTemperedOfTheNextDraw) {
+  const SamplingParams params{.temperature = 0.8f, .top_k = 4, .top_p = 0.9f, .seed = 77};
+  Sampler sampler(params), draws(params);
+  for (int i = 0; i < 200; ++i) {
+    std::vector<float> logits = Logits();
+    const int32_t expected = SampleTempered(Logits(), params, draws.NextDraw());
+    ASSERT_EQ(sampler.Sample(logits, {}), expected) << i;
+  }
+}
+
+// Equal logits are ordered by id: top_k 1 keeps the lowest id, top_k 2 the two lowest.
+TEST(SamplerTest, EqualLogitsGoToTheLowerIdFirst) {
+  const std::vector<float> logits = {0.5f, 2.0f, 2.0f, 2.0f, -0.0f, 0.0f};
+  std::mt19937_64 rng(3);
+  for (int i = 0; i < 300; ++i) {
+    const uint64_t draw = rng() >> 11;
+    EXPECT_EQ(SampleTempered(logits, {.temperature = 1.0f, .top_k = 1}, draw), 1);
+    const int32_t two = SampleTempered(logits, {.temperature = 1.0f, .top_k = 2}, draw);
+    EXPECT_TRUE(two == 1 || two == 2) << two;
+  }
+  // -0 and +0 are one logit: the lower id comes first.
+  EXPECT_EQ(SampleTempered(std::vector<float>{-0.0f, 0.0f}, {.temperature = 1.0f, .top_k = 1}, 5),
+            0);
+}
+
+// The draw's 53 bits map onto the candidates in order: all zeros picks the first, all ones the
+// last one left.
+TEST(SamplerTest, ExtremeDrawsPickTheFirstAndLastCandidates) {
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f};
+  const uint64_t last = (uint64_t{1} << sampling::kDrawBits) - 1;
+  EXPECT_EQ(SampleTempered(logits, {.temperature = 1.0f}, 0), 1);
+  EXPECT_EQ(SampleTempered(logits, {.temperature = 1.0f}, last), 0);
+  EXPECT_EQ(SampleTempered(logits, {.temperature = 1.0f, .top_k = 2}, last), 2);
+}
+
+// The fixed-point weight: 2^40 for the largest logit, exp((l - max) / T) scaled alike within the
+// polynomial's and the exponent's rounding elsewhere, 0 below 2^-41 and for NaN.
+TEST(SamplerTest, WeightsFollowTheExponential) {
+  namespace rule = sampling;
+  EXPECT_EQ(rule::WeightOf(3.0f, 3.0f, rule::ExponentScale(0.7f)), rule::kTopWeight);
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(rule::WeightOf(inf, inf, 1.0f), rule::kTopWeight);
+  EXPECT_EQ(rule::WeightOf(5.0f, inf, 1.0f), 0u);
+  EXPECT_EQ(rule::WeightOf(std::numeric_limits<float>::quiet_NaN(), 1.0f, 1.0f), 0u);
+  EXPECT_EQ(rule::WeightOf(-inf, 1.0f, 1.0f), 0u);
+  // The exponent's own float rounding (about 6e-8 of |x|) bounds the agreement at |x| = 43.
+  for (float l = -30.0f; l <= 0.0f; l += 0.01f) {
+    const uint64_t w = rule::WeightOf(l, 0.0f, rule::ExponentScale(1.0f));
+    const double expected =
+        std::exp(static_cast<double>(l)) * static_cast<double>(rule::kTopWeight);
+    EXPECT_NEAR(static_cast<double>(w), expected, expected * 1e-5 + 1.0) << l;
+  }
+  EXPECT_EQ(rule::WeightOf(-29.0f, 0.0f, rule::ExponentScale(0.5f)), 0u);  // 2^-83
+}
+
+// NaN logits are never drawn; +inf ones are the only ones drawn; a row with nothing above -inf
+// gives its Argmax.
+TEST(SamplerTest, NonFiniteLogits) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  std::mt19937_64 rng(11);
+  for (int i = 0; i < 500; ++i) {
+    const uint64_t draw = rng() >> 11;
+    const int32_t a =
+        SampleTempered(std::vector<float>{nan, 0.0f, nan, 0.1f}, {.temperature = 1.0f}, draw);
+    EXPECT_TRUE(a == 1 || a == 3) << a;
+    const int32_t b =
+        SampleTempered(std::vector<float>{3.0f, inf, 2.0f, inf}, {.temperature = 1.0f}, draw);
+    EXPECT_TRUE(b == 1 || b == 3) << b;
+  }
+  EXPECT_EQ(SampleTempered(std::vector<float>{nan, -inf, -inf}, {.temperature = 1.0f}, 0), 1);
+  EXPECT_EQ(SampleTempered(std::vector<float>{nan, nan}, {.temperature = 1.0f}, 0), 0);
+}
+
 TEST(SamplerTest, ValidationNamesTheField) {
   EXPECT_NE(ValidateSamplingParams({.top_p = 1.5f}).message().find("top_p"), std::string::npos);
   EXPECT_NE(ValidateSamplingParams({.temperature = -1.0f}).message().find("temperature"),

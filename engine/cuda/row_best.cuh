@@ -1,0 +1,47 @@
+// The largest value of a row and its index, as engine::Argmax (sampler.h) defines them: NaNs
+// never win, equal values go to the lower index, an all-NaN row gives index 0. Shared by the row
+// argmax (rows.cu) and the sampling kernel (sample.cu).
+#pragma once
+
+#include <math_constants.h>
+
+#include <cstdint>
+
+namespace kvtrim::engine::cuda {
+
+inline constexpr int32_t kNoIndex = INT32_MAX;
+
+// A candidate: larger values win, equal ones go to the lower index. (-inf, kNoIndex) loses to
+// everything but NaN, which never compares larger.
+struct Best {
+  float value;
+  int32_t index;
+};
+
+__device__ __forceinline__ Best Better(Best a, Best b) {
+  return b.value > a.value || (b.value == a.value && b.index < a.index) ? b : a;
+}
+
+// The best of row[0, width) over the whole block (every thread gets it). `warp_best` is shared
+// memory of one Best per warp; the block's threads are a multiple of 32.
+__device__ __forceinline__ Best BlockBest(const float* row, int width, Best* warp_best) {
+  Best best{-CUDART_INF_F, kNoIndex};
+  for (int i = threadIdx.x; i < width; i += blockDim.x) best = Better(best, Best{row[i], i});
+  for (int offset = 16; offset > 0; offset /= 2) {
+    best = Better(best, Best{__shfl_xor_sync(0xffffffffu, best.value, offset),
+                             __shfl_xor_sync(0xffffffffu, best.index, offset)});
+  }
+  if (threadIdx.x % 32 == 0) warp_best[threadIdx.x / 32] = best;
+  __syncthreads();
+  best = warp_best[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) best = Better(best, warp_best[w]);
+  __syncthreads();  // warp_best may be reused
+  return best;
+}
+
+// The index Argmax gives for `best`.
+__device__ __forceinline__ int32_t ArgmaxIndex(Best best) {
+  return best.index == kNoIndex ? 0 : best.index;
+}
+
+}  // namespace kvtrim::engine::cuda

@@ -1,0 +1,279 @@
+// Temperature sampling, one block per row: engine::SampleTempered's twin, token for token (the
+// weights, cuts and draw are sampling_rule.h's integer arithmetic on both sides).
+//
+//   1. the repetition penalty, in place; the row's largest logit and its index (the token for
+//      temperature 0 or a row without a logit above -inf)
+//   2. the candidates of non-zero weight, compacted into the row's workspace as order keys (the
+//      logit and the id in one 64-bit key whose order is the candidate order)
+//   3. top-k, top-p and the draw are each a selection: the candidate at which a running count
+//      (top-k) or weight (top-p, the draw) in key order first exceeds a point. It is found one
+//      byte of the key at a time, from the top: a histogram of the next byte over the candidates
+//      sharing the bytes chosen so far, then the bucket where the running sum crosses the point.
+//      A bucket holding one candidate ends the search early. Weights are recomputed from the
+//      keys (the logit is in them), so the workspace holds 8 bytes a candidate.
+// Histogram additions collect in a few per-thread slots before the shared atomics: the
+// candidates crowd into few buckets of the top bytes, where bare atomics would serialise.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "engine/cuda/check.h"
+#include "engine/cuda/row_best.cuh"
+#include "engine/cuda/sample.h"
+#include "engine/sampling_rule.h"
+
+namespace kvtrim::engine::cuda {
+namespace {
+
+namespace rule = sampling;
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBuckets = 256;
+constexpr int kSlots = 4;  // per-thread histogram slots, by the bucket's low bits
+
+struct Shared {
+  uint32_t count[kBuckets];
+  unsigned long long weight[kBuckets];
+  Best warp_best[kWarps];
+  unsigned long long warp_sum[kWarps];
+  int candidates;
+  // A selection's state: the key bytes chosen so far, and the running count or weight (and the
+  // weight) of the candidates before them.
+  unsigned long long prefix, before, weight_before, found;
+  int unique;  // the bucket just chosen holds one candidate
+};
+
+__device__ __forceinline__ float LogitOfKey(uint64_t key) {
+  const uint32_t ordered = static_cast<uint32_t>(key >> 32);
+  return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
+}
+
+__device__ uint64_t BlockSum(uint64_t value, Shared& sh) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  if (threadIdx.x % 32 == 0) sh.warp_sum[threadIdx.x / 32] = value;
+  __syncthreads();
+  uint64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += sh.warp_sum[w];
+  __syncthreads();
+  return total;
+}
+
+// A thread's share of a histogram, added to the shared one when a slot changes bucket.
+class Tally {
+ public:
+  __device__ void Add(int bucket, uint64_t weight, Shared& sh) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      if ((bucket & (kSlots - 1)) != s) continue;
+      if (bucket_[s] != bucket) {
+        Flush(s, sh);
+        bucket_[s] = bucket;
+      }
+      ++count_[s];
+      weight_[s] += weight;
+    }
+  }
+  __device__ void FlushAll(Shared& sh) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) Flush(s, sh);
+  }
+
+ private:
+  __device__ void Flush(int s, Shared& sh) {
+    if (count_[s] == 0) return;
+    atomicAdd(&sh.count[bucket_[s]], count_[s]);
+    atomicAdd(&sh.weight[bucket_[s]], weight_[s]);
+    count_[s] = 0;
+    weight_[s] = 0;
+  }
+
+  int bucket_[kSlots] = {-1, -1, -1, -1};
+  uint32_t count_[kSlots] = {};
+  unsigned long long weight_[kSlots] = {};
+};
+
+// Warp 0: the bucket (of the byte at `shift`) where the running count or weight crosses
+// `point`. Lane L holds buckets 255 - 8L down to 248 - 8L, so lanes run in key order.
+__device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& sh) {
+  const int lane = threadIdx.x;
+  uint64_t counted[8], weighed[8], lane_counted = 0, lane_weighed = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int bucket = kBuckets - 1 - 8 * lane - i;
+    weighed[i] = sh.weight[bucket];
+    counted[i] = by_count ? sh.count[bucket] : weighed[i];
+    lane_counted += counted[i];
+    lane_weighed += weighed[i];
+  }
+  uint64_t through = lane_counted, through_weight = lane_weighed;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const uint64_t c = __shfl_up_sync(0xffffffffu, through, offset);
+    const uint64_t w = __shfl_up_sync(0xffffffffu, through_weight, offset);
+    if (lane >= offset) {
+      through += c;
+      through_weight += w;
+    }
+  }
+  const uint64_t before = sh.before, weight_before = sh.weight_before;
+  const uint64_t level_total = __shfl_sync(0xffffffffu, through, 31);
+  if (level_total == 0) return;  // no candidate: cannot happen (the largest logit always is one)
+  if (point >= before + level_total) point = before + level_total - 1;
+  uint64_t running = before + through - lane_counted;
+  if (point < running || point >= before + through) return;
+  uint64_t running_weight = weight_before + through_weight - lane_weighed;
+  for (int i = 0; i < 8; ++i) {
+    if (point < running + counted[i]) {
+      const int bucket = kBuckets - 1 - 8 * lane - i;
+      sh.prefix |= static_cast<uint64_t>(bucket) << shift;
+      sh.before = running;
+      sh.weight_before = running_weight;
+      sh.unique = sh.count[bucket] == 1;
+      return;
+    }
+    running += counted[i];
+    running_weight += weighed[i];
+  }
+}
+
+// Among keys[0, n) with key >= floor and weight >= min_weight: the key at which the running
+// count (by_count) or weight, in key order, first exceeds `point` (less than their total).
+// *through: the weight of the candidates up to it, itself included.
+__device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, uint64_t floor,
+                           uint64_t min_weight, bool by_count, uint64_t point, uint64_t* through,
+                           Shared& sh) {
+  if (threadIdx.x == 0) {
+    sh.prefix = sh.before = sh.weight_before = 0;
+    sh.unique = 0;
+  }
+  int shift = 56;
+  for (;; shift -= 8) {
+    for (int b = threadIdx.x; b < kBuckets; b += kThreads) {
+      sh.count[b] = 0;
+      sh.weight[b] = 0;
+    }
+    __syncthreads();
+    const uint64_t prefix = sh.prefix;
+    const int chosen_from = shift + 8;  // the bits from here up are chosen
+    Tally tally;
+    for (int j = threadIdx.x; j < n; j += kThreads) {
+      const uint64_t key = keys[j];
+      if (key < floor || (chosen_from < 64 && (key >> chosen_from) != (prefix >> chosen_from))) {
+        continue;
+      }
+      const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
+      if (weight < min_weight) continue;
+      tally.Add(static_cast<int>((key >> shift) & 0xff), weight, sh);
+    }
+    tally.FlushAll(sh);
+    __syncthreads();
+    if (threadIdx.x < 32) ChooseBucket(shift, by_count, point, sh);
+    __syncthreads();
+    if (sh.unique || shift == 0) break;
+  }
+  if (sh.unique && shift > 0) {
+    // The one candidate under the chosen bytes.
+    const uint64_t prefix = sh.prefix;
+    for (int j = threadIdx.x; j < n; j += kThreads) {
+      const uint64_t key = keys[j];
+      if (key >= floor && (key >> shift) == (prefix >> shift) &&
+          rule::WeightOf(LogitOfKey(key), max, scale) >= min_weight) {
+        sh.found = key;
+      }
+    }
+  } else if (threadIdx.x == 0) {
+    sh.found = sh.prefix;
+  }
+  __syncthreads();
+  const uint64_t found = sh.found;
+  if (through != nullptr)
+    *through = sh.weight_before + rule::WeightOf(LogitOfKey(found), max, scale);
+  __syncthreads();  // every thread has read the state before the next selection resets it
+  return found;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    SampleRowsKernel(float* __restrict__ logits, int vocab, const SampleJob* __restrict__ jobs,
+                     const int32_t* __restrict__ penalized, int32_t* __restrict__ tokens,
+                     uint64_t* __restrict__ workspace) {
+  __shared__ Shared sh;
+  const SampleJob job = jobs[blockIdx.x];
+  float* row = logits + static_cast<int64_t>(job.row) * vocab;
+  uint64_t* keys = workspace + static_cast<int64_t>(blockIdx.x) * vocab;
+  const float penalty = job.repetition_penalty;
+  for (int j = job.penalized_begin + threadIdx.x; j < job.penalized_end; j += kThreads) {
+    const int32_t id = penalized[j];
+    if (id < 0 || id >= vocab) continue;
+    const float l = row[id];
+    row[id] = l > 0 ? l / penalty : l * penalty;
+  }
+  if (threadIdx.x == 0) sh.candidates = 0;
+  __syncthreads();
+  const Best best = BlockBest(row, vocab, sh.warp_best);
+  if (job.temperature == 0.0f || !(best.value > -CUDART_INF_F)) {
+    if (threadIdx.x == 0) tokens[job.row] = ArgmaxIndex(best);
+    return;
+  }
+
+  const float max = best.value, scale = rule::ExponentScale(job.temperature);
+  const int lane = threadIdx.x % 32;
+  uint64_t total = 0;
+  for (int base = 0; base < vocab; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const float logit = i < vocab ? row[i] : 0.0f;
+    const uint64_t weight = i < vocab ? rule::WeightOf(logit, max, scale) : 0;
+    total += weight;
+    const unsigned holders = __ballot_sync(0xffffffffu, weight > 0);
+    int slot = 0;
+    if (lane == 0 && holders != 0) slot = atomicAdd(&sh.candidates, __popc(holders));
+    slot = __shfl_sync(0xffffffffu, slot, 0);
+    if (weight > 0) keys[slot + __popc(holders & ((1u << lane) - 1))] = rule::OrderKey(logit, i);
+  }
+  total = BlockSum(total, sh);  // its barrier also publishes sh.candidates and the keys
+  const int n = sh.candidates;
+
+  uint64_t floor = 0, kept = total;
+  if (job.top_k > 0 && job.top_k < n) {
+    floor = Select(keys, n, max, scale, 0, 0, /*by_count=*/true, job.top_k - 1, &kept, sh);
+  }
+  if (job.top_p < 1.0f) {
+    floor = Select(keys, n, max, scale, floor, 0, /*by_count=*/false,
+                   rule::NucleusWeight(job.top_p, kept) - 1, &kept, sh);
+  }
+  const uint64_t min_weight = job.min_p > 0.0f ? rule::MinWeight(job.min_p) : 0;
+  if (min_weight > 0) {
+    uint64_t sum = 0;
+    for (int j = threadIdx.x; j < n; j += kThreads) {
+      const uint64_t key = keys[j];
+      const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
+      if (key >= floor && weight >= min_weight) sum += weight;
+    }
+    kept = BlockSum(sum, sh);
+  }
+  const uint64_t picked = Select(keys, n, max, scale, floor, min_weight, /*by_count=*/false,
+                                 rule::DrawPoint(job.draw, kept), nullptr, sh);
+  if (threadIdx.x == 0) {
+    const int32_t id = rule::IdOfKey(picked);
+    tokens[job.row] = id >= 0 && id < vocab ? id : ArgmaxIndex(best);
+  }
+}
+
+}  // namespace
+
+size_t SampleWorkspaceBytes(int jobs, int vocab) {
+  return static_cast<size_t>(jobs) * vocab * sizeof(uint64_t);
+}
+
+cudaError_t LaunchSampleRows(float* logits, int vocab, const SampleJob* jobs, int n_jobs,
+                             const int32_t* penalized, int32_t* tokens, void* workspace,
+                             cudaStream_t stream) {
+  if (n_jobs < 0 || vocab <= 0) return cudaErrorInvalidValue;
+  if (n_jobs == 0) return cudaSuccess;
+  SampleRowsKernel<<<n_jobs, kThreads, 0, stream>>>(logits, vocab, jobs, penalized, tokens,
+                                                    static_cast<uint64_t*>(workspace));
+  return LaunchError();
+}
+
+}  // namespace kvtrim::engine::cuda
