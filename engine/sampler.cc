@@ -62,12 +62,13 @@ void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> di
   }
 }
 
-int32_t SampleTempered(std::span<const float> logits, const SamplingParams& params, uint64_t draw) {
+std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
+                                              const SamplingParams& params) {
   namespace rule = sampling;
-  if (params.temperature == 0.0f) return Argmax(logits);
+  if (params.temperature == 0.0f) return {};
   float max = -std::numeric_limits<float>::infinity();
   for (float l : logits) max = l > max ? l : max;
-  if (!(max > -std::numeric_limits<float>::infinity())) return Argmax(logits);
+  if (!(max > -std::numeric_limits<float>::infinity())) return {};
 
   // The candidates of non-zero weight, in order (the others can be neither cut nor drawn).
   struct Candidate {
@@ -86,29 +87,36 @@ int32_t SampleTempered(std::span<const float> logits, const SamplingParams& para
   if (params.top_k > 0) keep = std::min(keep, static_cast<size_t>(params.top_k));
   auto first = [](const Candidate& a, const Candidate& b) { return a.key > b.key; };
   std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), first);
-  uint64_t total = 0;
-  for (size_t i = 0; i < keep; ++i) total += candidates[i].weight;
   if (params.top_p < 1.0f) {
+    uint64_t total = 0;
+    for (size_t i = 0; i < keep; ++i) total += candidates[i].weight;
     const uint64_t need = rule::NucleusWeight(params.top_p, total);
     size_t n = 0;
-    for (total = 0; total < need;) total += candidates[n++].weight;
+    for (uint64_t running = 0; running < need;) running += candidates[n++].weight;
     keep = n;
   }
   const uint64_t min_weight = params.min_p > 0.0f ? rule::MinWeight(params.min_p) : 0;
-  if (min_weight > 0) {
-    total = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      if (candidates[i].weight >= min_weight) total += candidates[i].weight;
+  std::vector<WeightedToken> kept;
+  for (size_t i = 0; i < keep; ++i) {
+    if (candidates[i].weight >= min_weight) {
+      kept.push_back({rule::IdOfKey(candidates[i].key), candidates[i].weight});
     }
   }
-  const uint64_t point = rule::DrawPoint(draw, total);
+  return kept;
+}
+
+int32_t SampleTempered(std::span<const float> logits, const SamplingParams& params, uint64_t draw) {
+  const std::vector<WeightedToken> candidates = TemperedCandidates(logits, params);
+  if (candidates.empty()) return Argmax(logits);
+  uint64_t total = 0;
+  for (const WeightedToken& c : candidates) total += c.weight;
+  const uint64_t point = sampling::DrawPoint(draw, total);
   uint64_t running = 0;
-  for (size_t i = 0; i < keep; ++i) {
-    if (candidates[i].weight < min_weight) continue;
-    running += candidates[i].weight;
-    if (running > point) return rule::IdOfKey(candidates[i].key);
+  for (const WeightedToken& c : candidates) {
+    running += c.weight;
+    if (running > point) return c.id;
   }
-  return rule::IdOfKey(candidates[0].key);  // not reached: point < total
+  return candidates.front().id;  // not reached: point < total
 }
 
 int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> history) {

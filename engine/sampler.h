@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "engine/sampling_rule.h"
@@ -51,6 +52,17 @@ int32_t Argmax(std::span<const float> logits);
 // skipped.
 void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> distinct,
                             float penalty);
+
+// A candidate of temperature sampling and its weight (sampling_rule.h).
+struct WeightedToken {
+  int32_t id;
+  uint64_t weight;
+};
+
+// The candidates SampleTempered draws from, in order, with their weights; empty for temperature
+// 0 or a row without a logit above -inf (where it takes the Argmax).
+std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
+                                              const SamplingParams& params);
 
 // The token temperature sampling picks from `logits` (penalty applied) for `draw`
 // (sampling::kDrawBits random bits). The candidates, largest logit first (lower id on ties),

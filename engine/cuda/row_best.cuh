@@ -25,8 +25,19 @@ __device__ __forceinline__ Best Better(Best a, Best b) {
 // The best of row[0, width) over the whole block (every thread gets it). `warp_best` is shared
 // memory of one Best per warp; the block's threads are a multiple of 32.
 __device__ __forceinline__ Best BlockBest(const float* row, int width, Best* warp_best) {
+  // Eight loads in flight per thread: one block reads a whole row.
+  constexpr int kUnroll = 8;
+  const int stride = blockDim.x;
   Best best{-CUDART_INF_F, kNoIndex};
-  for (int i = threadIdx.x; i < width; i += blockDim.x) best = Better(best, Best{row[i], i});
+  int i = threadIdx.x;
+  for (; i + (kUnroll - 1) * stride < width; i += kUnroll * stride) {
+    float values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) values[u] = row[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) best = Better(best, Best{values[u], i + u * stride});
+  }
+  for (; i < width; i += stride) best = Better(best, Best{row[i], i});
   for (int offset = 16; offset > 0; offset /= 2) {
     best = Better(best, Best{__shfl_xor_sync(0xffffffffu, best.value, offset),
                              __shfl_xor_sync(0xffffffffu, best.index, offset)});

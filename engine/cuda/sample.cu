@@ -9,10 +9,13 @@
 //      (top-k) or weight (top-p, the draw) in key order first exceeds a point. It is found one
 //      byte of the key at a time, from the top: a histogram of the next byte over the candidates
 //      sharing the bytes chosen so far, then the bucket where the running sum crosses the point.
-//      A bucket holding one candidate ends the search early. Weights are recomputed from the
-//      keys (the logit is in them), so the workspace holds 8 bytes a candidate.
-// Histogram additions collect in a few per-thread slots before the shared atomics: the
-// candidates crowd into few buckets of the top bytes, where bare atomics would serialise.
+//      A bucket holding one candidate ends the search early; once the chosen bytes leave at
+//      most kLocalKeys candidates, they move to shared memory and the later passes read them
+//      there. Weights are recomputed from the keys (the logit is in them), so the workspace
+//      holds 8 bytes a candidate.
+// One block works through a whole row, so its passes keep several loads in flight per thread
+// (kUnroll). Histogram additions collect in a few per-thread slots before the shared atomics:
+// the candidates crowd into few buckets of the top bytes, where bare atomics would serialise.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,7 +33,11 @@ namespace rule = sampling;
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBuckets = 256;
-constexpr int kSlots = 4;  // per-thread histogram slots, by the bucket's low bits
+constexpr int kSlots = 4;   // per-thread histogram slots, by the bucket's low bits
+constexpr int kUnroll = 4;  // loads in flight per thread in the passes over a row or its keys
+// A selection moves its candidates into shared memory once the bytes chosen so far leave at most
+// this many: the remaining passes then read them there.
+constexpr int kLocalKeys = 4096;
 
 struct Shared {
   uint32_t count[kBuckets];
@@ -41,8 +48,25 @@ struct Shared {
   // A selection's state: the key bytes chosen so far, and the running count or weight (and the
   // weight) of the candidates before them.
   unsigned long long prefix, before, weight_before, found;
-  int unique;  // the bucket just chosen holds one candidate
+  int unique;        // the bucket just chosen holds one candidate
+  int chosen_count;  // how many it holds
+  int local_count;
+  uint64_t local[kLocalKeys];  // the candidates left, once few enough
 };
+
+// visit(key) for keys[0, n), kUnroll loads in flight per thread.
+template <class Visit>
+__device__ __forceinline__ void ForEachKey(const uint64_t* keys, int n, Visit visit) {
+  int j = threadIdx.x;
+  for (; j + (kUnroll - 1) * kThreads < n; j += kUnroll * kThreads) {
+    uint64_t key[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) key[u] = keys[j + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) visit(key[u]);
+  }
+  for (; j < n; j += kThreads) visit(keys[j]);
+}
 
 __device__ __forceinline__ float LogitOfKey(uint64_t key) {
   const uint32_t ordered = static_cast<uint32_t>(key >> 32);
@@ -131,6 +155,7 @@ __device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& s
       sh.before = running;
       sh.weight_before = running_weight;
       sh.unique = sh.count[bucket] == 1;
+      sh.chosen_count = static_cast<int>(sh.count[bucket]);
       return;
     }
     running += counted[i];
@@ -148,6 +173,13 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
     sh.prefix = sh.before = sh.weight_before = 0;
     sh.unique = 0;
   }
+  // Whether `key` is a candidate whose bits from `from` up are the prefix's.
+  auto under = [&](uint64_t key, uint64_t prefix, int from) {
+    return key >= floor && (from >= 64 || (key >> from) == (prefix >> from)) &&
+           rule::WeightOf(LogitOfKey(key), max, scale) >= min_weight;
+  };
+  const uint64_t* list = keys;
+  int size = n;
   int shift = 56;
   for (;; shift -= 8) {
     for (int b = threadIdx.x; b < kBuckets; b += kThreads) {
@@ -156,40 +188,43 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
     }
     __syncthreads();
     const uint64_t prefix = sh.prefix;
-    const int chosen_from = shift + 8;  // the bits from here up are chosen
     Tally tally;
-    for (int j = threadIdx.x; j < n; j += kThreads) {
-      const uint64_t key = keys[j];
-      if (key < floor || (chosen_from < 64 && (key >> chosen_from) != (prefix >> chosen_from))) {
-        continue;
-      }
+    ForEachKey(list, size, [&](uint64_t key) {
+      if (key < floor || (shift < 56 && (key >> (shift + 8)) != (prefix >> (shift + 8)))) return;
       const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
-      if (weight < min_weight) continue;
-      tally.Add(static_cast<int>((key >> shift) & 0xff), weight, sh);
-    }
+      if (weight >= min_weight) tally.Add(static_cast<int>((key >> shift) & 0xff), weight, sh);
+    });
     tally.FlushAll(sh);
     __syncthreads();
     if (threadIdx.x < 32) ChooseBucket(shift, by_count, point, sh);
     __syncthreads();
     if (sh.unique || shift == 0) break;
+    if (list == keys && sh.chosen_count <= kLocalKeys) {
+      if (threadIdx.x == 0) sh.local_count = 0;
+      __syncthreads();
+      const uint64_t chosen = sh.prefix;
+      ForEachKey(list, size, [&](uint64_t key) {
+        if (under(key, chosen, shift)) sh.local[atomicAdd(&sh.local_count, 1)] = key;
+      });
+      __syncthreads();
+      list = sh.local;
+      size = sh.local_count;
+    }
   }
   if (sh.unique && shift > 0) {
     // The one candidate under the chosen bytes.
-    const uint64_t prefix = sh.prefix;
-    for (int j = threadIdx.x; j < n; j += kThreads) {
-      const uint64_t key = keys[j];
-      if (key >= floor && (key >> shift) == (prefix >> shift) &&
-          rule::WeightOf(LogitOfKey(key), max, scale) >= min_weight) {
-        sh.found = key;
-      }
-    }
+    const uint64_t chosen = sh.prefix;
+    ForEachKey(list, size, [&](uint64_t key) {
+      if (under(key, chosen, shift)) sh.found = key;
+    });
   } else if (threadIdx.x == 0) {
     sh.found = sh.prefix;
   }
   __syncthreads();
   const uint64_t found = sh.found;
-  if (through != nullptr)
+  if (through != nullptr) {
     *through = sh.weight_before + rule::WeightOf(LogitOfKey(found), max, scale);
+  }
   __syncthreads();  // every thread has read the state before the next selection resets it
   return found;
 }
@@ -220,16 +255,26 @@ __global__ void __launch_bounds__(kThreads)
   const float max = best.value, scale = rule::ExponentScale(job.temperature);
   const int lane = threadIdx.x % 32;
   uint64_t total = 0;
-  for (int base = 0; base < vocab; base += kThreads) {
-    const int i = base + threadIdx.x;
-    const float logit = i < vocab ? row[i] : 0.0f;
-    const uint64_t weight = i < vocab ? rule::WeightOf(logit, max, scale) : 0;
-    total += weight;
-    const unsigned holders = __ballot_sync(0xffffffffu, weight > 0);
-    int slot = 0;
-    if (lane == 0 && holders != 0) slot = atomicAdd(&sh.candidates, __popc(holders));
-    slot = __shfl_sync(0xffffffffu, slot, 0);
-    if (weight > 0) keys[slot + __popc(holders & ((1u << lane) - 1))] = rule::OrderKey(logit, i);
+  for (int base = 0; base < vocab; base += kUnroll * kThreads) {
+    float logit[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads + threadIdx.x;
+      logit[u] = i < vocab ? row[i] : -CUDART_INF_F;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads + threadIdx.x;
+      const uint64_t weight = rule::WeightOf(logit[u], max, scale);
+      total += weight;
+      const unsigned holders = __ballot_sync(0xffffffffu, weight > 0);
+      int slot = 0;
+      if (lane == 0 && holders != 0) slot = atomicAdd(&sh.candidates, __popc(holders));
+      slot = __shfl_sync(0xffffffffu, slot, 0);
+      if (weight > 0) {
+        keys[slot + __popc(holders & ((1u << lane) - 1))] = rule::OrderKey(logit[u], i);
+      }
+    }
   }
   total = BlockSum(total, sh);  // its barrier also publishes sh.candidates and the keys
   const int n = sh.candidates;
@@ -245,11 +290,10 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t min_weight = job.min_p > 0.0f ? rule::MinWeight(job.min_p) : 0;
   if (min_weight > 0) {
     uint64_t sum = 0;
-    for (int j = threadIdx.x; j < n; j += kThreads) {
-      const uint64_t key = keys[j];
+    ForEachKey(keys, n, [&](uint64_t key) {
       const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
       if (key >= floor && weight >= min_weight) sum += weight;
-    }
+    });
     kept = BlockSum(sum, sh);
   }
   const uint64_t picked = Select(keys, n, max, scale, floor, min_weight, /*by_count=*/false,
