@@ -1,21 +1,26 @@
-// Temperature sampling, one block per row: engine::SampleTempered's twin, token for token (the
-// weights, cuts and draw are sampling_rule.h's integer arithmetic on both sides).
+// Temperature sampling, one cluster of kCluster blocks per row: engine::SampleTempered's twin,
+// token for token (the weights, cuts and draw are sampling_rule.h's integer arithmetic on both
+// sides).
 //
-//   1. the repetition penalty, in place; the row's largest logit and its index (the token for
-//      temperature 0 or a row without a logit above -inf)
-//   2. the candidates of non-zero weight, compacted into the row's workspace as order keys (the
-//      logit and the id in one 64-bit key whose order is the candidate order)
+//   1. each block takes a slice of the row: the repetition penalty of the ids in it, in place; its
+//      largest logit, then the row's, shared across the cluster (the row's argmax is the token
+//      for temperature 0 or a row without a logit above -inf)
+//   2. each block compacts its slice's candidates of non-zero weight into its part of the
+//      workspace as order keys (the logit and the id in one 64-bit key whose order is the
+//      candidate order)
 //   3. top-k, top-p and the draw are each a selection: the candidate at which a running count
 //      (top-k) or weight (top-p, the draw) in key order first exceeds a point. It is found one
-//      byte of the key at a time, from the top: a histogram of the next byte over the candidates
-//      sharing the bytes chosen so far, then the bucket where the running sum crosses the point.
-//      A bucket holding one candidate ends the search early; once the chosen bytes leave at
-//      most kLocalKeys candidates, they move to shared memory and the later passes read them
-//      there. Weights are recomputed from the keys (the logit is in them), so the workspace
-//      holds 8 bytes a candidate.
-// One block works through a whole row, so its passes keep several loads in flight per thread
-// (kUnroll). Histogram additions collect in a few per-thread slots before the shared atomics:
-// the candidates crowd into few buckets of the top bytes, where bare atomics would serialise.
+//      byte of the key at a time, from the top: each block histograms the next byte over its
+//      candidates that share the bytes chosen so far, every block sums the cluster's histograms
+//      (distributed shared memory) in the same order and so chooses the same bucket, where the
+//      running sum crosses the point. A bucket holding one candidate ends the search early; once
+//      the chosen bytes leave at most kLocalKeys candidates, each block moves its own into shared
+//      memory and the later passes read them there. Weights are recomputed from the keys (the
+//      logit is in them), so the workspace holds 8 bytes a candidate.
+// A block's passes keep several loads in flight per thread (kUnroll). Histogram additions collect
+// in a few per-thread slots before the shared atomics: the candidates crowd into few buckets of
+// the top bytes, where bare atomics would serialise.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -28,9 +33,11 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
+namespace cg = cooperative_groups;
 namespace rule = sampling;
 
-constexpr int kThreads = 1024;
+constexpr int kCluster = 8;  // blocks per row
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBuckets = 256;
 constexpr int kSlots = 4;   // per-thread histogram slots, by the bucket's low bits
@@ -39,12 +46,19 @@ constexpr int kUnroll = 4;  // loads in flight per thread in the passes over a r
 // this many: the remaining passes then read them there.
 constexpr int kLocalKeys = 4096;
 
+// The logits (and workspace keys) of a row each block of its cluster takes.
+__host__ __device__ constexpr int SliceOf(int vocab) { return (vocab + kCluster - 1) / kCluster; }
+
 struct Shared {
-  uint32_t count[kBuckets];
-  unsigned long long weight[kBuckets];
+  // A pass's histogram, two of them: the next pass fills one while other blocks may still read
+  // the last.
+  uint32_t count[2][kBuckets];
+  unsigned long long weight[2][kBuckets];
   Best warp_best[kWarps];
   unsigned long long warp_sum[kWarps];
-  int candidates;
+  Best best;                   // this block's share of a cluster-wide maximum
+  unsigned long long partial;  // and of a cluster-wide sum
+  int candidates;              // keys this block compacted
   // A selection's state: the key bytes chosen so far, and the running count or weight (and the
   // weight) of the candidates before them.
   unsigned long long prefix, before, weight_before, found;
@@ -85,9 +99,21 @@ __device__ uint64_t BlockSum(uint64_t value, Shared& sh) {
   return total;
 }
 
+// The sum of every thread's `value` over the whole cluster, in every thread.
+__device__ uint64_t ClusterSum(uint64_t value, Shared& sh, const cg::cluster_group& cluster) {
+  value = BlockSum(value, sh);
+  if (threadIdx.x == 0) sh.partial = value;
+  cluster.sync();
+  uint64_t total = 0;
+  for (int r = 0; r < kCluster; ++r) total += *cluster.map_shared_rank(&sh.partial, r);
+  cluster.sync();  // every block has read the partials before they are written again
+  return total;
+}
+
 // A thread's share of a histogram, added to the shared one when a slot changes bucket.
 class Tally {
  public:
+  __device__ explicit Tally(int parity) : parity_(parity) {}
   __device__ void Add(int bucket, uint64_t weight, Shared& sh) {
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
@@ -108,27 +134,41 @@ class Tally {
  private:
   __device__ void Flush(int s, Shared& sh) {
     if (count_[s] == 0) return;
-    atomicAdd(&sh.count[bucket_[s]], count_[s]);
-    atomicAdd(&sh.weight[bucket_[s]], weight_[s]);
+    atomicAdd(&sh.count[parity_][bucket_[s]], count_[s]);
+    atomicAdd(&sh.weight[parity_][bucket_[s]], weight_[s]);
     count_[s] = 0;
     weight_[s] = 0;
   }
 
+  int parity_;
   int bucket_[kSlots] = {-1, -1, -1, -1};
   uint32_t count_[kSlots] = {};
   unsigned long long weight_[kSlots] = {};
 };
 
-// Warp 0: the bucket (of the byte at `shift`) where the running count or weight crosses
-// `point`. Lane L holds buckets 255 - 8L down to 248 - 8L, so lanes run in key order.
-__device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& sh) {
+// Warp 0 of every block: the bucket (of the byte at `shift`) where the running count or weight
+// of the cluster's histograms `parity` crosses `point`. Lane L holds buckets 255 - 8L down to
+// 248 - 8L, so lanes run in key order; every block sums the blocks in the same order and so
+// reaches the same state.
+__device__ void ChooseBucket(int shift, bool by_count, uint64_t point, int parity, Shared& sh,
+                             const cg::cluster_group& cluster) {
   const int lane = threadIdx.x;
-  uint64_t counted[8], weighed[8], lane_counted = 0, lane_weighed = 0;
+  const uint64_t before = sh.before, weight_before = sh.weight_before;
+  __syncwarp();  // every lane has read the state before one of them writes it
+  uint64_t counted[8] = {}, weighed[8] = {}, lane_counted = 0, lane_weighed = 0;
+  uint32_t held[8] = {};
+  for (int r = 0; r < kCluster; ++r) {
+    const Shared& other = *cluster.map_shared_rank(&sh, r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int bucket = kBuckets - 1 - 8 * lane - i;
+      held[i] += other.count[parity][bucket];
+      weighed[i] += other.weight[parity][bucket];
+    }
+  }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int bucket = kBuckets - 1 - 8 * lane - i;
-    weighed[i] = sh.weight[bucket];
-    counted[i] = by_count ? sh.count[bucket] : weighed[i];
+    counted[i] = by_count ? held[i] : weighed[i];
     lane_counted += counted[i];
     lane_weighed += weighed[i];
   }
@@ -141,7 +181,6 @@ __device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& s
       through_weight += w;
     }
   }
-  const uint64_t before = sh.before, weight_before = sh.weight_before;
   const uint64_t level_total = __shfl_sync(0xffffffffu, through, 31);
   if (level_total == 0) return;  // no candidate: cannot happen (the largest logit always is one)
   if (point >= before + level_total) point = before + level_total - 1;
@@ -154,8 +193,8 @@ __device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& s
       sh.prefix |= static_cast<uint64_t>(bucket) << shift;
       sh.before = running;
       sh.weight_before = running_weight;
-      sh.unique = sh.count[bucket] == 1;
-      sh.chosen_count = static_cast<int>(sh.count[bucket]);
+      sh.unique = held[i] == 1;
+      sh.chosen_count = static_cast<int>(held[i]);
       return;
     }
     running += counted[i];
@@ -163,14 +202,15 @@ __device__ void ChooseBucket(int shift, bool by_count, uint64_t point, Shared& s
   }
 }
 
-// Among keys[0, n) with key >= floor and weight >= min_weight: the key at which the running
-// count (by_count) or weight, in key order, first exceeds `point` (less than their total).
-// *through: the weight of the candidates up to it, itself included.
+// Among the cluster's keys (this block's: keys[0, n)) with key >= floor and weight >=
+// min_weight: the key at which the running count (by_count) or weight, in key order, first
+// exceeds `point` (less than their total). *through: the weight of the candidates up to it,
+// itself included. Every block of the cluster calls it alike and gets the same answer.
 __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, uint64_t floor,
                            uint64_t min_weight, bool by_count, uint64_t point, uint64_t* through,
-                           Shared& sh) {
+                           Shared& sh, const cg::cluster_group& cluster) {
   if (threadIdx.x == 0) {
-    sh.prefix = sh.before = sh.weight_before = 0;
+    sh.prefix = sh.before = sh.weight_before = sh.found = 0;
     sh.unique = 0;
   }
   // Whether `key` is a candidate whose bits from `from` up are the prefix's.
@@ -180,23 +220,23 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
   };
   const uint64_t* list = keys;
   int size = n;
-  int shift = 56;
-  for (;; shift -= 8) {
+  int shift = 56, parity = 0;
+  for (;; shift -= 8, parity ^= 1) {
     for (int b = threadIdx.x; b < kBuckets; b += kThreads) {
-      sh.count[b] = 0;
-      sh.weight[b] = 0;
+      sh.count[parity][b] = 0;
+      sh.weight[parity][b] = 0;
     }
     __syncthreads();
     const uint64_t prefix = sh.prefix;
-    Tally tally;
+    Tally tally(parity);
     ForEachKey(list, size, [&](uint64_t key) {
       if (key < floor || (shift < 56 && (key >> (shift + 8)) != (prefix >> (shift + 8)))) return;
       const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
       if (weight >= min_weight) tally.Add(static_cast<int>((key >> shift) & 0xff), weight, sh);
     });
     tally.FlushAll(sh);
-    __syncthreads();
-    if (threadIdx.x < 32) ChooseBucket(shift, by_count, point, sh);
+    cluster.sync();  // every block's histogram is whole
+    if (threadIdx.x < 32) ChooseBucket(shift, by_count, point, parity, sh, cluster);
     __syncthreads();
     if (sh.unique || shift == 0) break;
     if (list == keys && sh.chosen_count <= kLocalKeys) {
@@ -212,7 +252,7 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
     }
   }
   if (sh.unique && shift > 0) {
-    // The one candidate under the chosen bytes.
+    // The one candidate under the chosen bytes, in one block.
     const uint64_t chosen = sh.prefix;
     ForEachKey(list, size, [&](uint64_t key) {
       if (under(key, chosen, shift)) sh.found = key;
@@ -220,47 +260,62 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
   } else if (threadIdx.x == 0) {
     sh.found = sh.prefix;
   }
-  __syncthreads();
-  const uint64_t found = sh.found;
+  cluster.sync();
+  uint64_t found = 0;
+  for (int r = 0; r < kCluster; ++r) {
+    const uint64_t theirs = cluster.map_shared_rank(&sh, r)->found;
+    found = theirs > found ? theirs : found;  // keys are never 0; blocks without it hold 0
+  }
   if (through != nullptr) {
     *through = sh.weight_before + rule::WeightOf(LogitOfKey(found), max, scale);
   }
-  __syncthreads();  // every thread has read the state before the next selection resets it
+  cluster.sync();  // every block has read the state before the next selection resets it
   return found;
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 2)
     SampleRowsKernel(float* __restrict__ logits, int vocab, const SampleJob* __restrict__ jobs,
                      const int32_t* __restrict__ penalized, int32_t* __restrict__ tokens,
                      uint64_t* __restrict__ workspace) {
   __shared__ Shared sh;
-  const SampleJob job = jobs[blockIdx.x];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const SampleJob job = jobs[blockIdx.x / kCluster];
   float* row = logits + static_cast<int64_t>(job.row) * vocab;
-  uint64_t* keys = workspace + static_cast<int64_t>(blockIdx.x) * vocab;
+  // This block's slice of the row, and its part of the workspace.
+  const int slice = SliceOf(vocab);
+  const int begin = min(vocab, rank * slice), end = min(vocab, begin + slice);
+  uint64_t* keys = workspace + static_cast<int64_t>(blockIdx.x) * slice;
   const float penalty = job.repetition_penalty;
   for (int j = job.penalized_begin + threadIdx.x; j < job.penalized_end; j += kThreads) {
     const int32_t id = penalized[j];
-    if (id < 0 || id >= vocab) continue;
+    if (id < begin || id >= end) continue;
     const float l = row[id];
     row[id] = l > 0 ? l / penalty : l * penalty;
   }
   if (threadIdx.x == 0) sh.candidates = 0;
   __syncthreads();
-  const Best best = BlockBest(row, vocab, sh.warp_best);
+  Best mine = BlockBest(row + begin, end - begin, sh.warp_best);
+  if (mine.index != kNoIndex) mine.index += begin;
+  if (threadIdx.x == 0) sh.best = mine;
+  cluster.sync();
+  Best best = cluster.map_shared_rank(&sh, 0)->best;
+  for (int r = 1; r < kCluster; ++r) best = Better(best, cluster.map_shared_rank(&sh, r)->best);
+  cluster.sync();  // every block has read the others' maxima
   if (job.temperature == 0.0f || !(best.value > -CUDART_INF_F)) {
-    if (threadIdx.x == 0) tokens[job.row] = ArgmaxIndex(best);
+    if (rank == 0 && threadIdx.x == 0) tokens[job.row] = ArgmaxIndex(best);
     return;
   }
 
   const float max = best.value, scale = rule::ExponentScale(job.temperature);
   const int lane = threadIdx.x % 32;
   uint64_t total = 0;
-  for (int base = 0; base < vocab; base += kUnroll * kThreads) {
+  for (int base = begin; base < end; base += kUnroll * kThreads) {
     float logit[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + threadIdx.x;
-      logit[u] = i < vocab ? row[i] : -CUDART_INF_F;
+      logit[u] = i < end ? row[i] : -CUDART_INF_F;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -276,16 +331,17 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  total = BlockSum(total, sh);  // its barrier also publishes sh.candidates and the keys
+  total = ClusterSum(total, sh, cluster);  // its barriers also publish sh.candidates and the keys
   const int n = sh.candidates;
+  const uint64_t candidates = ClusterSum(threadIdx.x == 0 ? n : 0, sh, cluster);
 
   uint64_t floor = 0, kept = total;
-  if (job.top_k > 0 && job.top_k < n) {
-    floor = Select(keys, n, max, scale, 0, 0, /*by_count=*/true, job.top_k - 1, &kept, sh);
+  if (job.top_k > 0 && static_cast<uint64_t>(job.top_k) < candidates) {
+    floor = Select(keys, n, max, scale, 0, 0, /*by_count=*/true, job.top_k - 1, &kept, sh, cluster);
   }
   if (job.top_p < 1.0f) {
     floor = Select(keys, n, max, scale, floor, 0, /*by_count=*/false,
-                   rule::NucleusWeight(job.top_p, kept) - 1, &kept, sh);
+                   rule::NucleusWeight(job.top_p, kept) - 1, &kept, sh, cluster);
   }
   const uint64_t min_weight = job.min_p > 0.0f ? rule::MinWeight(job.min_p) : 0;
   if (min_weight > 0) {
@@ -294,11 +350,11 @@ __global__ void __launch_bounds__(kThreads)
       const uint64_t weight = rule::WeightOf(LogitOfKey(key), max, scale);
       if (key >= floor && weight >= min_weight) sum += weight;
     });
-    kept = BlockSum(sum, sh);
+    kept = ClusterSum(sum, sh, cluster);
   }
   const uint64_t picked = Select(keys, n, max, scale, floor, min_weight, /*by_count=*/false,
-                                 rule::DrawPoint(job.draw, kept), nullptr, sh);
-  if (threadIdx.x == 0) {
+                                 rule::DrawPoint(job.draw, kept), nullptr, sh, cluster);
+  if (rank == 0 && threadIdx.x == 0) {
     const int32_t id = rule::IdOfKey(picked);
     tokens[job.row] = id >= 0 && id < vocab ? id : ArgmaxIndex(best);
   }
@@ -307,7 +363,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 size_t SampleWorkspaceBytes(int jobs, int vocab) {
-  return static_cast<size_t>(jobs) * vocab * sizeof(uint64_t);
+  return static_cast<size_t>(jobs) * kCluster * SliceOf(vocab) * sizeof(uint64_t);
 }
 
 cudaError_t LaunchSampleRows(float* logits, int vocab, const SampleJob* jobs, int n_jobs,
@@ -315,8 +371,8 @@ cudaError_t LaunchSampleRows(float* logits, int vocab, const SampleJob* jobs, in
                              cudaStream_t stream) {
   if (n_jobs < 0 || vocab <= 0) return cudaErrorInvalidValue;
   if (n_jobs == 0) return cudaSuccess;
-  SampleRowsKernel<<<n_jobs, kThreads, 0, stream>>>(logits, vocab, jobs, penalized, tokens,
-                                                    static_cast<uint64_t*>(workspace));
+  SampleRowsKernel<<<n_jobs * kCluster, kThreads, 0, stream>>>(
+      logits, vocab, jobs, penalized, tokens, static_cast<uint64_t*>(workspace));
   return LaunchError();
 }
 
