@@ -4,7 +4,7 @@
 #include <cmath>
 #include <iterator>
 #include <limits>
-#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -62,19 +62,22 @@ void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> di
   }
 }
 
-std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
-                                              const SamplingParams& params) {
+namespace {
+
+struct Candidate {
+  uint64_t key;  // sampling::OrderKey: larger first
+  uint64_t weight;
+};
+
+// The candidates of non-zero weight, unordered (the others can be neither cut nor drawn); none
+// for temperature 0 or a row without a logit above -inf.
+std::vector<Candidate> WeightedCandidates(std::span<const float> logits,
+                                          const SamplingParams& params) {
   namespace rule = sampling;
   if (params.temperature == 0.0f) return {};
   float max = -std::numeric_limits<float>::infinity();
   for (float l : logits) max = l > max ? l : max;
   if (!(max > -std::numeric_limits<float>::infinity())) return {};
-
-  // The candidates of non-zero weight, in order (the others can be neither cut nor drawn).
-  struct Candidate {
-    uint64_t key;
-    uint64_t weight;
-  };
   const float scale = rule::ExponentScale(params.temperature);
   std::vector<Candidate> candidates;
   for (size_t i = 0; i < logits.size(); ++i) {
@@ -83,10 +86,64 @@ std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
       candidates.push_back({rule::OrderKey(logits[i], static_cast<int32_t>(i)), weight});
     }
   }
+  return candidates;
+}
+
+// The key of `candidates` at which the running count (by_count) or weight, in key order, first
+// exceeds `point` (less than their total); *through gets the weight up to it, itself included.
+// A radix selection, one byte of the key at a time from the top, as the CUDA kernel does it
+// (engine/cuda/sample.cu): linear in the candidates, where sorting them is not.
+uint64_t SelectKey(std::vector<Candidate> candidates, bool by_count, uint64_t point,
+                   uint64_t* through) {
+  uint64_t before = 0, weight_before = 0;
+  for (int shift = 56;; shift -= 8) {
+    uint64_t counted[256] = {}, weighed[256] = {};
+    for (const Candidate& c : candidates) {
+      const size_t bucket = (c.key >> shift) & 0xff;
+      counted[bucket] += by_count ? 1 : c.weight;
+      weighed[bucket] += c.weight;
+    }
+    int chosen = 255;
+    for (; chosen > 0 && point >= before + counted[chosen]; --chosen) {
+      before += counted[chosen];
+      weight_before += weighed[chosen];
+    }
+    std::erase_if(candidates, [&](const Candidate& c) {
+      return static_cast<int>((c.key >> shift) & 0xff) != chosen;
+    });
+    if (candidates.size() == 1 || shift == 0) {
+      if (through != nullptr) *through = weight_before + candidates.front().weight;
+      return candidates.front().key;
+    }
+  }
+}
+
+// The candidates whose key is at least `floor` and weight at least `min_weight`.
+std::vector<Candidate> From(const std::vector<Candidate>& candidates, uint64_t floor,
+                            uint64_t min_weight) {
+  std::vector<Candidate> kept;
+  for (const Candidate& c : candidates) {
+    if (c.key >= floor && c.weight >= min_weight) kept.push_back(c);
+  }
+  return kept;
+}
+
+}  // namespace
+
+std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
+                                              const SamplingParams& params) {
+  namespace rule = sampling;
+  std::vector<Candidate> candidates = WeightedCandidates(logits, params);
   size_t keep = candidates.size();
   if (params.top_k > 0) keep = std::min(keep, static_cast<size_t>(params.top_k));
+  // All of them (no top-k): an introsort, several times faster than partial_sort's heap over a
+  // whole 128k vocabulary.
   auto first = [](const Candidate& a, const Candidate& b) { return a.key > b.key; };
-  std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), first);
+  if (keep == candidates.size()) {
+    std::sort(candidates.begin(), candidates.end(), first);
+  } else {
+    std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), first);
+  }
   if (params.top_p < 1.0f) {
     uint64_t total = 0;
     for (size_t i = 0; i < keep; ++i) total += candidates[i].weight;
@@ -105,18 +162,29 @@ std::vector<WeightedToken> TemperedCandidates(std::span<const float> logits,
   return kept;
 }
 
+// TemperedCandidates' cuts and its inverse CDF, each found by SelectKey instead of sorting.
 int32_t SampleTempered(std::span<const float> logits, const SamplingParams& params, uint64_t draw) {
-  const std::vector<WeightedToken> candidates = TemperedCandidates(logits, params);
+  namespace rule = sampling;
+  const std::vector<Candidate> candidates = WeightedCandidates(logits, params);
   if (candidates.empty()) return Argmax(logits);
-  uint64_t total = 0;
-  for (const WeightedToken& c : candidates) total += c.weight;
-  const uint64_t point = sampling::DrawPoint(draw, total);
-  uint64_t running = 0;
-  for (const WeightedToken& c : candidates) {
-    running += c.weight;
-    if (running > point) return c.id;
+  uint64_t floor = 0, kept = 0;
+  for (const Candidate& c : candidates) kept += c.weight;
+  if (params.top_k > 0 && static_cast<size_t>(params.top_k) < candidates.size()) {
+    floor = SelectKey(candidates, /*by_count=*/true, params.top_k - 1, &kept);
   }
-  return candidates.front().id;  // not reached: point < total
+  if (params.top_p < 1.0f) {
+    floor = SelectKey(From(candidates, floor, 0), /*by_count=*/false,
+                      rule::NucleusWeight(params.top_p, kept) - 1, &kept);
+  }
+  const uint64_t min_weight = params.min_p > 0.0f ? rule::MinWeight(params.min_p) : 0;
+  std::vector<Candidate> left = From(candidates, floor, min_weight);
+  if (min_weight > 0) {
+    kept = 0;
+    for (const Candidate& c : left) kept += c.weight;
+  }
+  const uint64_t picked =
+      SelectKey(std::move(left), /*by_count=*/false, rule::DrawPoint(draw, kept), nullptr);
+  return rule::IdOfKey(picked);
 }
 
 int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> history) {

@@ -116,6 +116,48 @@ TEST(SamplerTest, SampleIsSampleTemperedOfTheNextDraw) {
   }
 }
 
+// SampleTempered finds its cuts and its token by radix selection; TemperedCandidates lists the
+// candidates sorted. The draw's point picks the same token in both, on rows with long runs of
+// equal logits and on flat and peaked ones, under every kind of cut.
+TEST(SamplerTest, SelectionAgreesWithTheSortedCandidates) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-3, 3);
+  const float temperatures[] = {0.3f, 1.0f, 4.0f};
+  const int top_ks[] = {0, 1, 5, 300};
+  const float top_ps[] = {1.0f, 0.9f, 0.3f};
+  const float min_ps[] = {0.0f, 0.1f};
+  for (int trial = 0; trial < 300; ++trial) {
+    const size_t vocab = trial % 3 == 0 ? 3000 : 257;
+    std::vector<float> logits(vocab);
+    for (float& l : logits) {
+      l = trial % 2 == 0 ? static_cast<float>(small(rng)) : normal(rng) * (1.0f + trial % 7);
+    }
+    const SamplingParams params{.temperature = temperatures[trial % 3],
+                                .top_k = top_ks[(trial / 3) % 4],
+                                .top_p = top_ps[(trial / 12) % 3],
+                                .min_p = min_ps[(trial / 36) % 2]};
+    const std::vector<WeightedToken> sorted = TemperedCandidates(logits, params);
+    uint64_t total = 0;
+    for (const WeightedToken& c : sorted) total += c.weight;
+    for (int d = 0; d < 20; ++d) {
+      const uint64_t draw = d == 0 ? 0 : (d == 1 ? (uint64_t{1} << 53) - 1 : rng() >> 11);
+      const uint64_t point = sampling::DrawPoint(draw, total);
+      int32_t expected = -1;
+      uint64_t running = 0;
+      for (const WeightedToken& c : sorted) {
+        running += c.weight;
+        if (running > point) {
+          expected = c.id;
+          break;
+        }
+      }
+      ASSERT_EQ(SampleTempered(logits, params, draw), expected)
+          << "trial " << trial << ", draw " << draw;
+    }
+  }
+}
+
 // Equal logits are ordered by id: top_k 1 keeps the lowest id, top_k 2 the two lowest.
 TEST(SamplerTest, EqualLogitsGoToTheLowerIdFirst) {
   const std::vector<float> logits = {0.5f, 2.0f, 2.0f, 2.0f, -0.0f, 0.0f};
