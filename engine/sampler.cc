@@ -53,6 +53,15 @@ int32_t Argmax(std::span<const float> logits) {
   return 0;
 }
 
+void AddDistinctIds(std::span<const int32_t> ids, std::vector<bool>& seen,
+                    std::vector<int32_t>& distinct) {
+  for (int32_t id : ids) {
+    if (id < 0 || static_cast<size_t>(id) >= seen.size() || seen[id]) continue;
+    seen[id] = true;
+    distinct.push_back(id);
+  }
+}
+
 void ApplyRepetitionPenalty(std::span<float> logits, std::span<const int32_t> distinct,
                             float penalty) {
   for (int32_t id : distinct) {
@@ -192,11 +201,7 @@ int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> histor
     // Once per distinct token.
     std::vector<bool> seen(logits.size(), false);
     std::vector<int32_t> distinct;
-    for (int32_t id : history) {
-      if (id < 0 || static_cast<size_t>(id) >= logits.size() || seen[id]) continue;
-      seen[id] = true;
-      distinct.push_back(id);
-    }
+    AddDistinctIds(history, seen, distinct);
     ApplyRepetitionPenalty(logits, distinct, params_.repetition_penalty);
   }
   if (params_.temperature == 0.0f) return Argmax(logits);

@@ -47,6 +47,11 @@ class Sampler {
 // Index of the largest logit (lowest index on ties).
 int32_t Argmax(std::span<const float> logits);
 
+// Appends to `distinct` the ids of `ids` not yet marked in `seen` (one flag per vocabulary id),
+// in order, and marks them; ids outside `seen` are skipped.
+void AddDistinctIds(std::span<const int32_t> ids, std::vector<bool>& seen,
+                    std::vector<int32_t>& distinct);
+
 // The repetition penalty, as in Hugging Face / CTRL: the logit of each id of `distinct` (no id
 // twice) is divided by `penalty` when positive, multiplied when not. Ids outside the row are
 // skipped.

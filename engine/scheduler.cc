@@ -497,14 +497,9 @@ void Scheduler::Execute(std::span<const Planned> plan) {
 }
 
 std::span<const int32_t> Scheduler::Penalized(Active& r) const {
-  const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
-  r.seen.resize(vocab);
-  for (; r.penalized_upto < r.tokens.size(); ++r.penalized_upto) {
-    const int32_t id = r.tokens[r.penalized_upto];
-    if (id < 0 || static_cast<size_t>(id) >= vocab || r.seen[id]) continue;
-    r.seen[id] = true;
-    r.penalized.push_back(id);
-  }
+  r.seen.resize(static_cast<size_t>(model_.config.vocab_size));
+  AddDistinctIds(std::span(r.tokens).subspan(r.penalized_upto), r.seen, r.penalized);
+  r.penalized_upto = r.tokens.size();
   return r.penalized;
 }
 

@@ -163,6 +163,18 @@ TEST_F(SchedulerTest, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
   }
 }
 
+// A penalised, sampled row goes to the backend with the request's distinct ids so far
+// (SequenceStep::penalized, kept up step by step); a request wanting log-probabilities gets its
+// row back and the host Sampler penalises the whole history. Both take one draw per token, so
+// the tokens are the same.
+TEST_F(SchedulerTest, PenalisedSamplingOnTheBackendMatchesTheHostSampler) {
+  GenerationRequest request = Greedy(RandomPrompt(13, 700), 24);
+  request.sampling = {.temperature = 0.8f, .top_k = 40, .repetition_penalty = 1.5f, .seed = 7};
+  const std::vector<int32_t> on_backend = RunAlone(request)->ids();
+  request.want_logprobs = true;
+  EXPECT_EQ(RunAlone(request)->ids(), on_backend);
+}
+
 TEST_F(SchedulerTest, SeededSamplingIsReproducibleAndIndependentOfBatching) {
   GenerationRequest request = Greedy(RandomPrompt(11, 700), 30);
   request.sampling = {.temperature = 0.9f, .top_k = 50, .top_p = 0.95f, .seed = 1234};
