@@ -32,6 +32,7 @@ struct BackendChoice {
 struct BackendOptions {
   bool cuda_graphs = true;       // CudaOptions::graphs
   bool sample_on_device = true;  // CudaOptions::sample_on_device
+  bool dependent_launch = true;  // CudaOptions::dependent_launch
 };
 
 // `binary` names the program in the error when it lacks CUDA.
@@ -52,8 +53,9 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
   }
   return BackendChoice{
       .name = "cuda",
-      .make_backend = cuda::CudaBackend::Factory(
-          {.graphs = options.cuda_graphs, .sample_on_device = options.sample_on_device}),
+      .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs,
+                                                  .sample_on_device = options.sample_on_device,
+                                                  .dependent_launch = options.dependent_launch}),
       .kv_element_bytes = cuda::kKvElementBytes,
       .kv_storage = cuda::kKvStorage,
       .step_tokens = 8192};

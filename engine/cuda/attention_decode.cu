@@ -26,6 +26,7 @@
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/bf16_vector.cuh"
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/paged_kv.h"
 #include "engine/cuda/tensor_core.cuh"
 
@@ -316,6 +317,7 @@ __global__ void __launch_bounds__(kThreads)
                           int q_stride, int n_heads, int group, int heads_per_block, int chunks,
                           int window, float scale_log2, int splits, __nv_bfloat16* __restrict__ out,
                           float* __restrict__ workspace) {
+  WaitForPrerequisites();
   const BlockWork w =
       LocateWork(kv, token_indptr, seqs, group, heads_per_block, chunks, window, splits);
   const int channel = (threadIdx.x % (kHeadDim / 8)) * 8;
@@ -339,6 +341,7 @@ __global__ void MergeSplitsKernel(const int32_t* __restrict__ token_indptr,
                                   const int32_t* __restrict__ seqs,
                                   const float* __restrict__ workspace, int n_heads, int head_dim,
                                   int splits, __nv_bfloat16* __restrict__ out) {
+  WaitForPrerequisites();
   const int head = blockIdx.y;
   const float* records =
       workspace + (static_cast<int64_t>(blockIdx.x) * n_heads + head) * splits * (head_dim + 2);
@@ -356,13 +359,13 @@ __global__ void MergeSplitsKernel(const int32_t* __restrict__ token_indptr,
 }
 
 template <int kHeadDim>
-void Launch(dim3 grid, const PagedKv& kv, const int32_t* token_indptr, const int32_t* seqs,
-            const __nv_bfloat16* q, int q_stride, const AttentionShape& shape, int group,
-            int heads_per_block, int chunks, float scale_log2, int splits, __nv_bfloat16* out,
-            float* workspace, cudaStream_t stream) {
-  DecodeAttentionKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(
-      kv, token_indptr, seqs, q, q_stride, shape.n_heads, group, heads_per_block, chunks,
-      shape.window, scale_log2, splits, out, workspace);
+cudaError_t Launch(dim3 grid, const PagedKv& kv, const int32_t* token_indptr, const int32_t* seqs,
+                   const __nv_bfloat16* q, int q_stride, const AttentionShape& shape, int group,
+                   int heads_per_block, int chunks, float scale_log2, int splits,
+                   __nv_bfloat16* out, float* workspace, cudaStream_t stream) {
+  return LaunchDependent(DecodeAttentionKernel<kHeadDim>, grid, kThreads, 0, stream, kv,
+                         token_indptr, seqs, q, q_stride, shape.n_heads, group, heads_per_block,
+                         chunks, shape.window, scale_log2, splits, out, workspace);
 }
 
 }  // namespace
@@ -405,29 +408,30 @@ cudaError_t LaunchDecodeAttention(const PagedKv& kv, const int32_t* token_indptr
   HeadChunks(group, heads_per_block, chunks);
   const dim3 grid(n_seqs, shape.n_kv_heads * chunks, splits);
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(shape.head_dim));
+  cudaError_t error = cudaSuccess;
   switch (shape.head_dim) {
     case 16:
-      Launch<16>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
-                 scale_log2, splits, out, workspace, stream);
+      error = Launch<16>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block,
+                         chunks, scale_log2, splits, out, workspace, stream);
       break;
     case 32:
-      Launch<32>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
-                 scale_log2, splits, out, workspace, stream);
+      error = Launch<32>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block,
+                         chunks, scale_log2, splits, out, workspace, stream);
       break;
     case 64:
-      Launch<64>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
-                 scale_log2, splits, out, workspace, stream);
+      error = Launch<64>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block,
+                         chunks, scale_log2, splits, out, workspace, stream);
       break;
     case 128:
-      Launch<128>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
-                  scale_log2, splits, out, workspace, stream);
+      error = Launch<128>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block,
+                          chunks, scale_log2, splits, out, workspace, stream);
       break;
     default:
-      Launch<256>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block, chunks,
-                  scale_log2, splits, out, workspace, stream);
+      error = Launch<256>(grid, kv, token_indptr, seqs, q, q_stride, shape, group, heads_per_block,
+                          chunks, scale_log2, splits, out, workspace, stream);
       break;
   }
-  KVTRIM_CUDA_RETURN_IF_ERROR(LaunchError());
+  KVTRIM_CUDA_RETURN_IF_ERROR(error);
   if (splits == 1) return cudaSuccess;
   return decode_attention::LaunchMergeSplits(token_indptr, seqs, n_seqs, workspace, shape.n_heads,
                                              shape.head_dim, splits, out, stream);
@@ -438,9 +442,8 @@ cudaError_t decode_attention::LaunchMergeSplits(const int32_t* token_indptr, con
                                                 int head_dim, int splits, __nv_bfloat16* out,
                                                 cudaStream_t stream) {
   const int threads = std::min(256, (head_dim + 31) / 32 * 32);
-  MergeSplitsKernel<<<dim3(n_seqs, n_heads), threads, 0, stream>>>(token_indptr, seqs, workspace,
-                                                                   n_heads, head_dim, splits, out);
-  return LaunchError();
+  return LaunchDependent(MergeSplitsKernel, dim3(n_seqs, n_heads), threads, 0, stream, token_indptr,
+                         seqs, workspace, n_heads, head_dim, splits, out);
 }
 
 }  // namespace kvtrim::engine::cuda

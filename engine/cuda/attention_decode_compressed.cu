@@ -37,6 +37,7 @@
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/tensor_core.cuh"
 
 namespace kvtrim::engine::cuda {
@@ -458,6 +459,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                                     float* __restrict__ workspace) {
   using G = Geometry<kHeadDim, kWarps>;
   extern __shared__ __align__(128) unsigned char shared[];
+  WaitForPrerequisites();
   __nv_bfloat16* thin_query = reinterpret_cast<__nv_bfloat16*>(shared);
   __nv_bfloat16* full_query = thin_query + G::kQueryElements;
   __nv_bfloat16* tiles = full_query + G::kQueryElements;
@@ -611,12 +613,11 @@ template <int kHeadDim, int kWarps>
 cudaError_t LaunchWarps(const LaunchArgs& a) {
   // No block fits (or the opt-in failed): the launch would fail the same way.
   if (BlocksPerMultiprocessor<kHeadDim, kWarps>() == 0) return cudaErrorLaunchOutOfResources;
-  CompressedDecodeAttentionKernel<kHeadDim, kWarps>
-      <<<a.grid, kWarps * 32, Geometry<kHeadDim, kWarps>::kBytes, a.stream>>>(
-          a.kv, a.ckv, a.token_indptr, a.seqs, a.q, a.q_stride, a.shape.n_heads, a.shape.n_kv_heads,
-          a.shape.n_heads / a.shape.n_kv_heads, a.heads_per_block, a.chunks, a.scale_log2, a.splits,
-          a.out, a.workspace);
-  return LaunchError();
+  return LaunchDependent(CompressedDecodeAttentionKernel<kHeadDim, kWarps>, a.grid, kWarps * 32,
+                         Geometry<kHeadDim, kWarps>::kBytes, a.stream, a.kv, a.ckv, a.token_indptr,
+                         a.seqs, a.q, a.q_stride, a.shape.n_heads, a.shape.n_kv_heads,
+                         a.shape.n_heads / a.shape.n_kv_heads, a.heads_per_block, a.chunks,
+                         a.scale_log2, a.splits, a.out, a.workspace);
 }
 
 // 6 warps to a block, for the real models' head dimensions: shared memory still takes two such

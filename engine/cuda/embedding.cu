@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/embedding.h"
 
 namespace kvtrim::engine::cuda {
@@ -24,6 +25,7 @@ template <int kVec>
 __global__ void EmbeddingKernel(const int32_t* __restrict__ token_ids,
                                 const __nv_bfloat16* __restrict__ table, int vocab, int hidden,
                                 float* __restrict__ residual) {
+  WaitForPrerequisites();
   const int token = blockIdx.x;
   const int32_t id = token_ids[token];
   float* out = residual + static_cast<size_t>(token) * hidden;
@@ -58,12 +60,9 @@ cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __nv_bfl
                             int vocab, int hidden, float* residual, cudaStream_t stream) {
   if (tokens < 0 || vocab <= 0 || hidden <= 0) return cudaErrorInvalidValue;
   if (tokens == 0) return cudaSuccess;
-  if (hidden % 8 == 0 && Aligned16(table) && Aligned16(residual)) {
-    EmbeddingKernel<8><<<tokens, kThreads, 0, stream>>>(token_ids, table, vocab, hidden, residual);
-  } else {
-    EmbeddingKernel<1><<<tokens, kThreads, 0, stream>>>(token_ids, table, vocab, hidden, residual);
-  }
-  return LaunchError();
+  const bool vector = hidden % 8 == 0 && Aligned16(table) && Aligned16(residual);
+  return LaunchDependent(vector ? EmbeddingKernel<8> : EmbeddingKernel<1>, tokens, kThreads, 0,
+                         stream, token_ids, table, vocab, hidden, residual);
 }
 
 }  // namespace kvtrim::engine::cuda

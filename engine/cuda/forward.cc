@@ -37,6 +37,7 @@
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/compress_prompt.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/plan_patch.h"
 #include "engine/cuda/status.h"
 #include "engine/rope.h"
@@ -147,6 +148,7 @@ CudaBackend::~CudaBackend() {
 }
 
 absl::Status CudaBackend::Init() {
+  SetDependentLaunch(options_.dependent_launch);
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, 0), "SM count"));
   KVTRIM_RETURN_IF_ERROR(

@@ -46,6 +46,11 @@ struct CudaOptions {
   // their tokens come back; false copies them back whole and samples them on the host (for
   // comparison).
   bool sample_on_device = true;
+  // The step's own small kernels (norms, RoPE, attention, SwiGLU, row kernels) are launched so
+  // that each may start while the kernel before it drains (programmatic dependent launch, compute
+  // capability 9.0 and later; dependent_launch.cuh). Process-wide: the last backend created sets
+  // it for every launch.
+  bool dependent_launch = true;
 };
 
 class CudaBackend : public Backend {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/rmsnorm.h"
 
 namespace kvtrim::engine::cuda {
@@ -40,6 +41,7 @@ __global__ void AddRmsNormKernel(float* __restrict__ residual,
                                  const __nv_bfloat16* __restrict__ delta,
                                  const float* __restrict__ weight, float eps, int hidden,
                                  __nv_bfloat16* __restrict__ normed) {
+  WaitForPrerequisites();
   const size_t row_start = static_cast<size_t>(blockIdx.x) * hidden;
   float* x = residual + row_start;
   const __nv_bfloat16* d = delta ? delta + row_start : nullptr;
@@ -109,14 +111,8 @@ cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const 
   if (tokens == 0) return cudaSuccess;
   const bool vector = hidden % 8 == 0 && Aligned16(residual) && Aligned16(weight) &&
                       Aligned16(normed) && (delta == nullptr || Aligned16(delta));
-  if (vector) {
-    AddRmsNormKernel<8>
-        <<<tokens, kThreads, 0, stream>>>(residual, delta, weight, eps, hidden, normed);
-  } else {
-    AddRmsNormKernel<1>
-        <<<tokens, kThreads, 0, stream>>>(residual, delta, weight, eps, hidden, normed);
-  }
-  return LaunchError();
+  return LaunchDependent(vector ? AddRmsNormKernel<8> : AddRmsNormKernel<1>, tokens, kThreads, 0,
+                         stream, residual, delta, weight, eps, hidden, normed);
 }
 
 }  // namespace kvtrim::engine::cuda

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/rope.h"
 
 namespace kvtrim::engine::cuda {
@@ -75,6 +76,7 @@ __global__ void RopeKernel(__nv_bfloat16* __restrict__ q, int q_row_stride, int 
                            int head_dim, const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, RopeKvAppend append) {
   extern __shared__ float angles[];  // cos (half) then sin (half)
+  WaitForPrerequisites();
   const int token = blockIdx.x;
   const int half = head_dim / 2;
   float* cos_table = angles;
@@ -175,10 +177,11 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
                              ? 8
                              : 1;
   const RopeKvAppend args = append != nullptr ? *append : RopeKvAppend{};
+  cudaError_t error = cudaSuccess;
   const auto launch = [&](auto kernel, int threads) {
-    kernel<<<tokens, threads, shared_bytes, stream>>>(q, q_row_stride, n_q_heads, k, k_row_stride,
-                                                      n_kv_heads, head_dim, positions, inv_freq,
-                                                      args);
+    error =
+        LaunchDependent(kernel, tokens, threads, shared_bytes, stream, q, q_row_stride, n_q_heads,
+                        k, k_row_stride, n_kv_heads, head_dim, positions, inv_freq, args);
   };
   const auto by_append = [&](auto none, auto scalar, auto vectored, int threads) {
     if (append_vec == 0) launch(none, threads);
@@ -199,7 +202,7 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
     by_append(RopeKernel<kAdjacent, false, 0>, RopeKernel<kAdjacent, false, 1>,
               RopeKernel<kAdjacent, false, 8>, threads);
   }
-  return LaunchError();
+  return error;
 }
 
 }  // namespace kvtrim::engine::cuda

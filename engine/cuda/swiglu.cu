@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "engine/cuda/check.h"
+#include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/swiglu.h"
 
 namespace kvtrim::engine::cuda {
@@ -24,6 +25,7 @@ template <int kVec>
 __global__ void SwigluKernel(const __nv_bfloat16* __restrict__ gate,
                              const __nv_bfloat16* __restrict__ up, int in_row_stride, int tokens,
                              int width, __nv_bfloat16* __restrict__ out, int out_row_stride) {
+  WaitForPrerequisites();
   const int vectors_per_row = width / kVec;
   const size_t total = static_cast<size_t>(tokens) * vectors_per_row;
   for (size_t v = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; v < total;
@@ -69,14 +71,8 @@ cudaError_t LaunchSwiglu(const __nv_bfloat16* gate, const __nv_bfloat16* up, int
   const size_t total = static_cast<size_t>(tokens) * (width / vec);
   // One element vector per thread; the grid-stride loop only matters past 2^30 blocks.
   const int blocks = static_cast<int>(std::min<size_t>((total + kThreads - 1) / kThreads, 1 << 30));
-  if (vector) {
-    SwigluKernel<8><<<blocks, kThreads, 0, stream>>>(gate, up, in_row_stride, tokens, width, out,
-                                                     out_row_stride);
-  } else {
-    SwigluKernel<1><<<blocks, kThreads, 0, stream>>>(gate, up, in_row_stride, tokens, width, out,
-                                                     out_row_stride);
-  }
-  return LaunchError();
+  return LaunchDependent(vector ? SwigluKernel<8> : SwigluKernel<1>, blocks, kThreads, 0, stream,
+                         gate, up, in_row_stride, tokens, width, out, out_row_stride);
 }
 
 }  // namespace kvtrim::engine::cuda

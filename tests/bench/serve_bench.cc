@@ -71,6 +71,9 @@ ABSL_FLAG(double, repetition_penalty, 1.0, "every request's repetition penalty (
 ABSL_FLAG(bool, sample_on_device, true,
           "sample on the device and copy back only the tokens; false copies the sampled rows "
           "back and samples them on the host (--device cuda)");
+ABSL_FLAG(bool, dependent_launch, true,
+          "let the step's own kernels start while the kernel before them drains (programmatic "
+          "dependent launch, --device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
 ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline (0 = omit)");
@@ -193,7 +196,8 @@ int Run() {
   absl::StatusOr<BackendChoice> backend =
       ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench",
                     {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
-                     .sample_on_device = absl::GetFlag(FLAGS_sample_on_device)});
+                     .sample_on_device = absl::GetFlag(FLAGS_sample_on_device),
+                     .dependent_launch = absl::GetFlag(FLAGS_dependent_launch)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
     return 2;

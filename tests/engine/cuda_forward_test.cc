@@ -187,6 +187,16 @@ class CudaTinyModelTest : public ::testing::TestWithParam<std::string> {
     ASSERT_FALSE(sequences_.empty());
   }
 
+  // Two 40-token sequences: the first 40 tokens of the longest golden sequence, and its last 40
+  // reversed; none when it is shorter.
+  std::vector<std::vector<int32_t>> TwoSequences() const {
+    const std::vector<int32_t>& longest =
+        *std::max_element(sequences_.begin(), sequences_.end(),
+                          [](const auto& a, const auto& b) { return a.size() < b.size(); });
+    if (longest.size() < 40) return {};
+    return {{longest.begin(), longest.begin() + 40}, {longest.rbegin(), longest.rbegin() + 40}};
+  }
+
   // Runs the schedule on both backends and compares every step's logits.
   void Compare(const std::string& what, const std::vector<std::vector<int32_t>>& sequences,
                const std::vector<std::vector<int>>& schedule) {
@@ -224,12 +234,8 @@ TEST_P(CudaTinyModelTest, DecodeTokenByTokenMatchesCpu) {
 // boundaries (the plan's room keeps its offsets) and a change of batch, after which the graph is
 // captured again; the eager ones are the CPU engine's.
 TEST_P(CudaTinyModelTest, DecodeGraphsGiveTheEagerLogits) {
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
-  ASSERT_GE(longest.size(), 40u);
-  const std::vector<std::vector<int32_t>> sequences = {{longest.begin(), longest.begin() + 40},
-                                                       {longest.rbegin(), longest.rbegin() + 40}};
+  const std::vector<std::vector<int32_t>> sequences = TwoSequences();
+  ASSERT_EQ(sequences.size(), 2u);
   std::vector<std::vector<int>> schedule = {{8, 8}};
   for (int i = 0; i < 20; ++i) schedule.push_back({1, 1});
   for (int i = 0; i < 8; ++i) schedule.push_back({1, 0});
@@ -265,6 +271,28 @@ TEST_P(CudaTinyModelTest, DecodeGraphsGiveTheEagerLogits) {
   }
   testing::ExpectClose(absl::StrCat("logits ", GetParam()), "decodes across pages, eager", got_all,
                        want_all, kLogitBound);
+}
+
+// Kernels launched to overlap the previous one's tail wait for it before touching memory, so the
+// logits are the plain launches' bit for bit: prefill, batched decodes, eager and replayed.
+TEST_P(CudaTinyModelTest, DependentLaunchesGiveThePlainLogits) {
+  const std::vector<std::vector<int32_t>> sequences = TwoSequences();
+  ASSERT_EQ(sequences.size(), 2u);
+  std::vector<std::vector<int>> schedule = {{24, 8}, {1, 8}};
+  for (int i = 0; i < 15; ++i) schedule.push_back({1, 1});
+  for (const bool graphs : {false, true}) {
+    std::vector<std::vector<float>> logits[2];
+    for (const bool dependent : {false, true}) {
+      TestEngine e = MakeEngine(*model_, true, 256, 4096,
+                                CudaOptions{.graphs = graphs, .dependent_launch = dependent});
+      ASSERT_TRUE(e.backend);
+      logits[dependent] = RunSchedule(e, sequences, schedule);
+    }
+    for (size_t step = 0; step < schedule.size(); ++step) {
+      EXPECT_EQ(logits[1][step], logits[0][step])
+          << GetParam() << ": step " << step << (graphs ? ", graphs" : ", eager");
+    }
+  }
 }
 
 TEST_P(CudaTinyModelTest, ChunkedPrefillMatchesCpu) {
