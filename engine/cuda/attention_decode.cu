@@ -336,25 +336,36 @@ __global__ void __launch_bounds__(kThreads)
                                            out, workspace, shared);
 }
 
-// Merges the splits of one (sequence item, head): grid (n_seqs, n_heads), head_dim threads.
+// Merges the splits of one (sequence item, head): grid (n_seqs, n_heads), up to 256 threads.
+// Each thread finds the largest m over the splits, then sums its channel's accumulators and the
+// l's weighted by 2^(m_z - max m): every load is independent of the others, so they are in
+// flight together (a running merge would wait on each split in turn).
 __global__ void MergeSplitsKernel(const int32_t* __restrict__ token_indptr,
                                   const int32_t* __restrict__ seqs,
                                   const float* __restrict__ workspace, int n_heads, int head_dim,
                                   int splits, __nv_bfloat16* __restrict__ out) {
   WaitForPrerequisites();
   const int head = blockIdx.y;
+  const int stride = head_dim + 2;
   const float* records =
-      workspace + (static_cast<int64_t>(blockIdx.x) * n_heads + head) * splits * (head_dim + 2);
+      workspace + (static_cast<int64_t>(blockIdx.x) * n_heads + head) * splits * stride;
   const int token = token_indptr[seqs[blockIdx.x]];
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float m_all = -INFINITY, l_all = 0.0f, acc_all = 0.0f;
-    for (int z = 0; z < splits; ++z) {
-      const float* record = records + z * (head_dim + 2);
-      const Merge merge(m_all, l_all, record[head_dim], record[head_dim + 1]);
-      acc_all = acc_all * merge.a + record[d] * merge.b;
+    float m_all = -INFINITY;
+#pragma unroll 8
+    for (int z = 0; z < splits; ++z) m_all = fmaxf(m_all, records[z * stride + head_dim]);
+    float acc = 0.0f, l_all = 0.0f;
+    if (m_all != -INFINITY) {
+#pragma unroll 8
+      for (int z = 0; z < splits; ++z) {
+        const float* record = records + z * stride;
+        const float weight = exp2f(record[head_dim] - m_all);
+        acc += weight * record[d];
+        l_all += weight * record[head_dim + 1];
+      }
     }
     out[static_cast<int64_t>(token) * n_heads * head_dim + head * head_dim + d] =
-        __float2bfloat16(l_all > 0.0f ? acc_all / l_all : 0.0f);
+        __float2bfloat16(l_all > 0.0f ? acc / l_all : 0.0f);
   }
 }
 

@@ -57,7 +57,11 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, si
   config.stream = stream;
   config.attrs = &overlap;
   config.numAttrs = DependentLaunchOn() ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  const cudaError_t error = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  // A refused launch also leaves its error as the thread's last one; the caller gets it here, and
+  // the next LaunchError() must not report it again.
+  if (error != cudaSuccess) cudaGetLastError();
+  return error;
 }
 
 }  // namespace kvtrim::engine::cuda

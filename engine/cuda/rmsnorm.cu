@@ -4,13 +4,16 @@
 // residual stream and immediately normalised for the next block; doing both in one pass reads x
 // and delta once and writes x and out once (the unfused pair would read x twice more).
 //
-// One block per token row. Pass 1: each thread adds its slice of delta into x, writes x back and
-// sums squares (fp32). A warp-shuffle then shared-memory reduction gives the row's scale.
-// Pass 2: each thread re-reads the same slice of x it wrote (its own writes, so no barrier is
-// needed for them; the L1/L2 still hold the row) and writes the bf16 output. Vector path: 8
-// elements per step (16 bytes of bf16, 32 of fp32) when hidden % 8 == 0 and rows are aligned.
+// One block per token row; each thread takes up to kKept vectors of kVec elements (8: 16 bytes of
+// bf16, 32 of fp32, when hidden % 8 == 0 and rows are aligned) and keeps them in registers
+// between the two passes. Pass 1 issues every load of its x and weight vectors before using any
+// (then the delta's, added and written back into x), so they are in flight together; it sums
+// squares (fp32), and a warp-shuffle then shared-memory reduction gives the row's scale. Pass 2
+// writes the bf16 output from the registers. A row longer than the block's kKept vectors a
+// thread re-reads the rest of x (its own writes, still in L1/L2).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "engine/cuda/check.h"
@@ -20,7 +23,7 @@
 namespace kvtrim::engine::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kMaxThreads = 512;
 
 __device__ float BlockSum(float value) {
   __shared__ float warp_sums[32];
@@ -36,67 +39,110 @@ __device__ float BlockSum(float value) {
   return value;  // every thread holds the block's sum
 }
 
+constexpr int kKept = 4;
+
+// x[i, i + kVec) into `values`.
 template <int kVec>
-__global__ void AddRmsNormKernel(float* __restrict__ residual,
-                                 const __nv_bfloat16* __restrict__ delta,
-                                 const float* __restrict__ weight, float eps, int hidden,
-                                 __nv_bfloat16* __restrict__ normed) {
+__device__ __forceinline__ void LoadRow(const float* __restrict__ x, int i, float (&values)[kVec]) {
+  if constexpr (kVec == 8) {
+    const float4 lo = reinterpret_cast<const float4*>(x + i)[0];
+    const float4 hi = reinterpret_cast<const float4*>(x + i)[1];
+    values[0] = lo.x, values[1] = lo.y, values[2] = lo.z, values[3] = lo.w;
+    values[4] = hi.x, values[5] = hi.y, values[6] = hi.z, values[7] = hi.w;
+  } else {
+    values[0] = x[i];
+  }
+}
+
+// values += delta[i, i + kVec), written back to x.
+template <int kVec>
+__device__ __forceinline__ void AddDelta(const __nv_bfloat16* __restrict__ delta, int i,
+                                         float* __restrict__ x, float (&values)[kVec]) {
+  if constexpr (kVec == 8) {
+    const uint4 packed = *reinterpret_cast<const uint4*>(delta + i);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(pairs[j]);
+      values[2 * j] += f.x;
+      values[2 * j + 1] += f.y;
+    }
+    reinterpret_cast<float4*>(x + i)[0] = make_float4(values[0], values[1], values[2], values[3]);
+    reinterpret_cast<float4*>(x + i)[1] = make_float4(values[4], values[5], values[6], values[7]);
+  } else {
+    values[0] += __bfloat162float(delta[i]);
+    x[i] = values[0];
+  }
+}
+
+// out[i, i + kVec) = bf16(values · scale · weight).
+template <int kVec>
+__device__ __forceinline__ void StoreNormed(const float (&values)[kVec], float scale,
+                                            const float (&weight)[kVec], int i,
+                                            __nv_bfloat16* __restrict__ out) {
+  if constexpr (kVec == 8) {
+    uint4 packed;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      pairs[j] = __floats2bfloat162_rn(values[2 * j] * scale * weight[2 * j],
+                                       values[2 * j + 1] * scale * weight[2 * j + 1]);
+    }
+    *reinterpret_cast<uint4*>(out + i) = packed;
+  } else {
+    out[i] = __float2bfloat16(values[0] * scale * weight[0]);
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    AddRmsNormKernel(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
+                     const float* __restrict__ weight, float eps, int hidden,
+                     __nv_bfloat16* __restrict__ normed) {
   WaitForPrerequisites();
   const size_t row_start = static_cast<size_t>(blockIdx.x) * hidden;
   float* x = residual + row_start;
   const __nv_bfloat16* d = delta ? delta + row_start : nullptr;
   __nv_bfloat16* out = normed + row_start;
+  const int step = blockDim.x * kVec;
+  const int first = threadIdx.x * kVec;
 
-  float sum_squares = 0.0f;
-  for (int i = threadIdx.x * kVec; i < hidden; i += blockDim.x * kVec) {
-    float values[kVec];
-    if constexpr (kVec == 8) {
-      const float4 lo = reinterpret_cast<const float4*>(x + i)[0];
-      const float4 hi = reinterpret_cast<const float4*>(x + i)[1];
-      values[0] = lo.x, values[1] = lo.y, values[2] = lo.z, values[3] = lo.w;
-      values[4] = hi.x, values[5] = hi.y, values[6] = hi.z, values[7] = hi.w;
-      if (d) {
-        const uint4 packed = *reinterpret_cast<const uint4*>(d + i);
-        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+  float kept[kKept][kVec], kept_weight[kKept][kVec];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = __bfloat1622float2(pairs[j]);
-          values[2 * j] += f.x;
-          values[2 * j + 1] += f.y;
-        }
-        reinterpret_cast<float4*>(x + i)[0] =
-            make_float4(values[0], values[1], values[2], values[3]);
-        reinterpret_cast<float4*>(x + i)[1] =
-            make_float4(values[4], values[5], values[6], values[7]);
-      }
-    } else {
-      values[0] = x[i];
-      if (d) {
-        values[0] += __bfloat162float(d[i]);
-        x[i] = values[0];
-      }
+  for (int p = 0; p < kKept; ++p) {
+    if (first + p * step < hidden) {
+      LoadRow<kVec>(x, first + p * step, kept[p]);
+      LoadRow<kVec>(weight, first + p * step, kept_weight[p]);
     }
+  }
+  float sum_squares = 0.0f;
+#pragma unroll
+  for (int p = 0; p < kKept; ++p) {
+    if (first + p * step < hidden) {
+      if (d) AddDelta<kVec>(d, first + p * step, x, kept[p]);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) sum_squares += kept[p][j] * kept[p][j];
+    }
+  }
+  for (int i = first + kKept * step; i < hidden; i += step) {
+    float values[kVec];
+    LoadRow<kVec>(x, i, values);
+    if (d) AddDelta<kVec>(d, i, x, values);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) sum_squares += values[j] * values[j];
   }
   const float scale = rsqrtf(BlockSum(sum_squares) / static_cast<float>(hidden) + eps);
 
-  for (int i = threadIdx.x * kVec; i < hidden; i += blockDim.x * kVec) {
-    if constexpr (kVec == 8) {
-      const float4 x_lo = reinterpret_cast<const float4*>(x + i)[0];
-      const float4 x_hi = reinterpret_cast<const float4*>(x + i)[1];
-      const float4 w_lo = reinterpret_cast<const float4*>(weight + i)[0];
-      const float4 w_hi = reinterpret_cast<const float4*>(weight + i)[1];
-      uint4 packed;
-      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
-      pairs[0] = __floats2bfloat162_rn(x_lo.x * scale * w_lo.x, x_lo.y * scale * w_lo.y);
-      pairs[1] = __floats2bfloat162_rn(x_lo.z * scale * w_lo.z, x_lo.w * scale * w_lo.w);
-      pairs[2] = __floats2bfloat162_rn(x_hi.x * scale * w_hi.x, x_hi.y * scale * w_hi.y);
-      pairs[3] = __floats2bfloat162_rn(x_hi.z * scale * w_hi.z, x_hi.w * scale * w_hi.w);
-      *reinterpret_cast<uint4*>(out + i) = packed;
-    } else {
-      out[i] = __float2bfloat16(x[i] * scale * weight[i]);
-    }
+#pragma unroll
+  for (int p = 0; p < kKept; ++p) {
+    if (first + p * step < hidden)
+      StoreNormed<kVec>(kept[p], scale, kept_weight[p], first + p * step, out);
+  }
+  for (int i = first + kKept * step; i < hidden; i += step) {
+    float values[kVec], w[kVec];
+    LoadRow<kVec>(x, i, values);
+    LoadRow<kVec>(weight, i, w);
+    StoreNormed<kVec>(values, scale, w, i, out);
   }
 }
 
@@ -111,7 +157,10 @@ cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const 
   if (tokens == 0) return cudaSuccess;
   const bool vector = hidden % 8 == 0 && Aligned16(residual) && Aligned16(weight) &&
                       Aligned16(normed) && (delta == nullptr || Aligned16(delta));
-  return LaunchDependent(vector ? AddRmsNormKernel<8> : AddRmsNormKernel<1>, tokens, kThreads, 0,
+  // Enough threads for kKept vectors each (64 to kMaxThreads): Llama-3-8B's 4096 take 128.
+  const int vectors = (hidden + (vector ? 8 : 1) - 1) / (vector ? 8 : 1);
+  const int threads = std::clamp((vectors + kKept - 1) / kKept + 31, 64, kMaxThreads) / 32 * 32;
+  return LaunchDependent(vector ? AddRmsNormKernel<8> : AddRmsNormKernel<1>, tokens, threads, 0,
                          stream, residual, delta, weight, eps, hidden, normed);
 }
 
