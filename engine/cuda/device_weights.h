@@ -4,8 +4,10 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -45,6 +47,21 @@ class CudaBuffer {
 
 using DeviceBuffer = CudaBuffer<MemoryKind::kDevice>;
 using PinnedBuffer = CudaBuffer<MemoryKind::kPinnedHost>;
+
+// Grows `buffer` to at least `bytes` (contents are not kept), by half its size at least: buffers
+// that grow a little every step (the plan gains page ids as sequences lengthen) are reallocated
+// only now and then, not each step (an allocation of pinned memory costs milliseconds, a
+// cudaFree waits for the device).
+template <MemoryKind Kind>
+absl::Status Grow(CudaBuffer<Kind>& buffer, size_t bytes) {
+  if (buffer.bytes() >= bytes) return absl::OkStatus();
+  bytes = std::max(bytes, buffer.bytes() + buffer.bytes() / 2);
+  buffer = CudaBuffer<Kind>();  // free first: the peak stays one buffer
+  absl::StatusOr<CudaBuffer<Kind>> grown = CudaBuffer<Kind>::Allocate(bytes);
+  if (!grown.ok()) return grown.status();
+  buffer = *std::move(grown);
+  return absl::OkStatus();
+}
 
 // A row-major bf16 matrix on the device: rows = output features, cols = input features.
 struct DeviceMatrix {
