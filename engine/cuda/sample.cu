@@ -1,4 +1,4 @@
-// Temperature sampling, one cluster of kCluster blocks per row: engine::SampleTempered's twin,
+// Temperature sampling, one cluster of blocks per row: engine::SampleTempered's twin,
 // token for token (the weights, cuts and draw are sampling_rule.h's integer arithmetic on both
 // sides).
 //
@@ -23,6 +23,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "engine/cuda/check.h"
@@ -36,7 +37,9 @@ namespace {
 namespace cg = cooperative_groups;
 namespace rule = sampling;
 
-constexpr int kCluster = 8;  // blocks per row
+// Blocks per row: eight while every block of the launch gets a multiprocessor of its own, else
+// four, so that twice the rows run at once (an H200 holds 30 clusters of eight, 62 of four).
+constexpr int kWideCluster = 8, kNarrowCluster = 4;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBuckets = 256;
@@ -47,7 +50,9 @@ constexpr int kUnroll = 4;  // loads in flight per thread in the passes over a r
 constexpr int kLocalKeys = 4096;
 
 // The logits (and workspace keys) of a row each block of its cluster takes.
-__host__ __device__ constexpr int SliceOf(int vocab) { return (vocab + kCluster - 1) / kCluster; }
+__host__ __device__ constexpr int SliceOf(int vocab, int blocks) {
+  return (vocab + blocks - 1) / blocks;
+}
 
 struct Shared {
   // A pass's histogram, two of them: the next pass fills one while other blocks may still read
@@ -105,7 +110,9 @@ __device__ uint64_t ClusterSum(uint64_t value, Shared& sh, const cg::cluster_gro
   if (threadIdx.x == 0) sh.partial = value;
   cluster.sync();
   uint64_t total = 0;
-  for (int r = 0; r < kCluster; ++r) total += *cluster.map_shared_rank(&sh.partial, r);
+  for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
+    total += *cluster.map_shared_rank(&sh.partial, r);
+  }
   cluster.sync();  // every block has read the partials before they are written again
   return total;
 }
@@ -157,7 +164,7 @@ __device__ void ChooseBucket(int shift, bool by_count, uint64_t point, int parit
   __syncwarp();  // every lane has read the state before one of them writes it
   uint64_t counted[8] = {}, weighed[8] = {}, lane_counted = 0, lane_weighed = 0;
   uint32_t held[8] = {};
-  for (int r = 0; r < kCluster; ++r) {
+  for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
     const Shared& other = *cluster.map_shared_rank(&sh, r);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -262,7 +269,7 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
   }
   cluster.sync();
   uint64_t found = 0;
-  for (int r = 0; r < kCluster; ++r) {
+  for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
     const uint64_t theirs = cluster.map_shared_rank(&sh, r)->found;
     found = theirs > found ? theirs : found;  // keys are never 0; blocks without it hold 0
   }
@@ -273,17 +280,19 @@ __device__ uint64_t Select(const uint64_t* keys, int n, float max, float scale, 
   return found;
 }
 
-__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 2)
+// Launched in clusters of kWideCluster or kNarrowCluster blocks, one cluster a row.
+__global__ void __launch_bounds__(kThreads, 2)
     SampleRowsKernel(float* __restrict__ logits, int vocab, const SampleJob* __restrict__ jobs,
                      const int32_t* __restrict__ penalized, int32_t* __restrict__ tokens,
                      uint64_t* __restrict__ workspace) {
   __shared__ Shared sh;
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
-  const SampleJob job = jobs[blockIdx.x / kCluster];
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const SampleJob job = jobs[blockIdx.x / blocks];
   float* row = logits + static_cast<int64_t>(job.row) * vocab;
   // This block's slice of the row, and its part of the workspace.
-  const int slice = SliceOf(vocab);
+  const int slice = SliceOf(vocab, blocks);
   const int begin = min(vocab, rank * slice), end = min(vocab, begin + slice);
   uint64_t* keys = workspace + static_cast<int64_t>(blockIdx.x) * slice;
   const float penalty = job.repetition_penalty;
@@ -300,7 +309,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 2)
   if (threadIdx.x == 0) sh.best = mine;
   cluster.sync();
   Best best = cluster.map_shared_rank(&sh, 0)->best;
-  for (int r = 1; r < kCluster; ++r) best = Better(best, cluster.map_shared_rank(&sh, r)->best);
+  for (int r = 1; r < blocks; ++r) best = Better(best, cluster.map_shared_rank(&sh, r)->best);
   cluster.sync();  // every block has read the others' maxima
   if (job.temperature == 0.0f || !(best.value > -CUDART_INF_F)) {
     if (rank == 0 && threadIdx.x == 0) tokens[job.row] = ArgmaxIndex(best);
@@ -360,20 +369,58 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 2)
   }
 }
 
+// The launch of n_jobs rows in clusters of `blocks`.
+cudaLaunchConfig_t ClusterLaunch(int n_jobs, int blocks, cudaStream_t stream,
+                                 cudaLaunchAttribute& cluster) {
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = blocks;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(n_jobs * blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return config;
+}
+
 }  // namespace
 
 size_t SampleWorkspaceBytes(int jobs, int vocab) {
-  return static_cast<size_t>(jobs) * kCluster * SliceOf(vocab) * sizeof(uint64_t);
+  const size_t keys = std::max(kWideCluster * SliceOf(vocab, kWideCluster),
+                               kNarrowCluster * SliceOf(vocab, kNarrowCluster));
+  return static_cast<size_t>(jobs) * keys * sizeof(uint64_t);
+}
+
+cudaError_t SampleRowsActiveClusters(int blocks_per_row, int* clusters) {
+  if (blocks_per_row != kWideCluster && blocks_per_row != kNarrowCluster) {
+    return cudaErrorInvalidValue;
+  }
+  cudaLaunchAttribute cluster{};
+  const cudaLaunchConfig_t config = ClusterLaunch(1, blocks_per_row, nullptr, cluster);
+  return cudaOccupancyMaxActiveClusters(clusters, SampleRowsKernel, &config);
 }
 
 cudaError_t LaunchSampleRows(float* logits, int vocab, const SampleJob* jobs, int n_jobs,
                              const int32_t* penalized, int32_t* tokens, void* workspace,
-                             cudaStream_t stream) {
-  if (n_jobs < 0 || vocab <= 0) return cudaErrorInvalidValue;
+                             cudaStream_t stream, int blocks_per_row) {
+  if (n_jobs < 0 || vocab <= 0 ||
+      (blocks_per_row != 0 && blocks_per_row != kWideCluster && blocks_per_row != kNarrowCluster)) {
+    return cudaErrorInvalidValue;
+  }
   if (n_jobs == 0) return cudaSuccess;
-  SampleRowsKernel<<<n_jobs * kCluster, kThreads, 0, stream>>>(
-      logits, vocab, jobs, penalized, tokens, static_cast<uint64_t*>(workspace));
-  return LaunchError();
+  if (blocks_per_row == 0) {
+    int device = 0, sms = 0;
+    KVTRIM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    KVTRIM_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    blocks_per_row = int64_t{n_jobs} * kWideCluster <= sms ? kWideCluster : kNarrowCluster;
+  }
+  cudaLaunchAttribute cluster{};
+  const cudaLaunchConfig_t config = ClusterLaunch(n_jobs, blocks_per_row, stream, cluster);
+  return cudaLaunchKernelEx(&config, SampleRowsKernel, logits, vocab, jobs, penalized, tokens,
+                            static_cast<uint64_t*>(workspace));
 }
 
 }  // namespace kvtrim::engine::cuda

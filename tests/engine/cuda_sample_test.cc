@@ -113,24 +113,28 @@ TEST_F(CudaSampleTest, SampledTokensMatchTheHostSampler) {
       }
     }
     const int n = static_cast<int>(jobs.size());
-    DeviceBuffer d_logits = Upload(all);
     DeviceBuffer d_jobs = Upload(jobs);
     DeviceBuffer d_penalized = Upload(penalized.empty() ? std::vector<int32_t>{0} : penalized);
-    DeviceBuffer d_tokens = Poisoned<int32_t>(n);
     absl::StatusOr<DeviceBuffer> workspace = DeviceBuffer::Allocate(SampleWorkspaceBytes(n, vocab));
     ASSERT_TRUE(workspace.ok()) << workspace.status();
-    ASSERT_CUDA(LaunchSampleRows(d_logits.as<float>(), vocab, d_jobs.as<SampleJob>(), n,
-                                 d_penalized.as<int32_t>(), d_tokens.as<int32_t>(),
-                                 workspace->as<void>(), stream_));
-    Sync();
-    const std::vector<int32_t> got = Download<int32_t>(d_tokens, n);
-    for (int r = 0; r < n; ++r) {
-      const SampleJob& j = jobs[r];
-      EXPECT_EQ(got[r], expected[r])
-          << "vocab " << vocab << " row " << r << " (kind " << r / 12 << ", temperature "
-          << j.temperature << ", top_k " << j.top_k << ", top_p " << j.top_p << ", min_p "
-          << j.min_p << ", penalty " << j.repetition_penalty << ", draw " << j.draw << ")";
-      ++compared;
+    // Clusters of 8 and of 4 blocks a row, and the launcher's choice: the same tokens.
+    for (const int blocks_per_row : {8, 4, 0}) {
+      DeviceBuffer d_logits = Upload(all);  // the penalty rewrites the rows in place
+      DeviceBuffer d_tokens = Poisoned<int32_t>(n);
+      ASSERT_CUDA(LaunchSampleRows(d_logits.as<float>(), vocab, d_jobs.as<SampleJob>(), n,
+                                   d_penalized.as<int32_t>(), d_tokens.as<int32_t>(),
+                                   workspace->as<void>(), stream_, blocks_per_row));
+      Sync();
+      const std::vector<int32_t> got = Download<int32_t>(d_tokens, n);
+      for (int r = 0; r < n; ++r) {
+        const SampleJob& j = jobs[r];
+        EXPECT_EQ(got[r], expected[r])
+            << "vocab " << vocab << " row " << r << " (kind " << r / 12 << ", temperature "
+            << j.temperature << ", top_k " << j.top_k << ", top_p " << j.top_p << ", min_p "
+            << j.min_p << ", penalty " << j.repetition_penalty << ", draw " << j.draw
+            << "), blocks per row " << blocks_per_row;
+        ++compared;
+      }
     }
   }
   std::printf("[parity] SampleRows: %d rows compared with SampleTempered\n", compared);
@@ -175,6 +179,8 @@ TEST_F(CudaSampleTest, BadArgumentsAreRefused) {
   EXPECT_EQ(LaunchSampleRows(nullptr, 10, nullptr, 0, nullptr, nullptr, nullptr, stream_),
             cudaSuccess);
   EXPECT_EQ(LaunchSampleRows(nullptr, 10, nullptr, -1, nullptr, nullptr, nullptr, stream_),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchSampleRows(nullptr, 10, nullptr, 1, nullptr, nullptr, nullptr, stream_, 6),
             cudaErrorInvalidValue);
   EXPECT_EQ(LaunchSampleRows(nullptr, 0, nullptr, 1, nullptr, nullptr, nullptr, stream_),
             cudaErrorInvalidValue);
