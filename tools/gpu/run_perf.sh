@@ -10,6 +10,7 @@
 #   compress    cuda_compress_bench: the prompt compression kernels, one layer of an 8k prompt
 #   prefill     cuda_prefill_attention_bench: prefill attention (torch: SDPA on the same shapes)
 #   host        cuda_step_host_bench: the host's share of a decode step (this machine's CPU)
+#   sample      cuda_sample_bench: temperature sampling on the device, 1 to 64 rows of 128256
 #   serve       serve_bench --arch llama3.1-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
 #   capacity    kvtrim-server --arch llama3.1-8b with a POOL_GIB pool and memory_report.py: the
@@ -18,7 +19,7 @@
 # and rope scaling: llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new
 # tokens (every request would finish at once with nothing generated).
 #
-#   ONLY="limits torch decode compress prefill host serve" tools/gpu/run_perf.sh   # minutes
+#   ONLY="limits torch decode compress prefill host sample serve" tools/gpu/run_perf.sh  # minutes
 #   ONLY=capacity tools/gpu/run_perf.sh          # prefills every admitted 8k request: its own call
 # Each program building the dummy 8B model makes 32 GB of fp32 host weights first (seconds on
 # 16 cores) and uploads them as bf16.
@@ -39,7 +40,7 @@ mkdir -p "$out" "$stage/py"
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 source "$root/tools/gpu/stage.sh"
 with_bundle=(env "LD_LIBRARY_PATH=$bundle/lib:${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64")
-only=${ONLY:-limits torch decode compress prefill host serve capacity}
+only=${ONLY:-limits torch decode compress prefill host sample serve capacity}
 wants() { [[ " $only " == *" $1 "* ]]; }
 requests=${REQUESTS:-32} prompt=${PROMPT:-8192} new=${NEW:-256}
 
@@ -59,6 +60,7 @@ wants decode && run decode "${with_bundle[@]}" "$bundle/bin/cuda_decode_attentio
 wants compress && run compress "${with_bundle[@]}" "$bundle/bin/cuda_compress_bench"
 wants prefill && run prefill "${with_bundle[@]}" "$bundle/bin/cuda_prefill_attention_bench"
 wants host && run host "${with_bundle[@]}" "$bundle/bin/cuda_step_host_bench"
+wants sample && run sample "${with_bundle[@]}" "$bundle/bin/cuda_sample_bench"
 
 # The copy rate the roofline divides by: cuda_limits_bench's cudaMemcpyAsync row when it ran.
 copy_gbs=$(awk -F'|' '/^\| cudaMemcpyAsync D2D/ {gsub(/ /, "", $6); print $6; exit}' \
