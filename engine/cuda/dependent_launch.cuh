@@ -1,7 +1,8 @@
 // Programmatic dependent launch (Hopper and later): a kernel launched with LaunchDependent may be
 // scheduled while the kernel before it in its stream drains, instead of after that kernel has
-// finished and flushed its writes. The gap between two launches (about 2 µs each, a few hundred
-// launches in a decode step) then overlaps the previous kernel's tail.
+// finished and flushed its writes, so its launch overlaps the previous kernel's tail. (On an H200
+// this took at most 0.04 ms off a Llama-3-8B decode step of a few hundred launches:
+// docs/PERFORMANCE.md.)
 //
 // The rule that keeps it correct: a kernel launched this way calls WaitForPrerequisites() before
 // it touches global memory. That call returns once everything before the kernel in its stream has
