@@ -1,6 +1,7 @@
 // The largest value of a row and its index, as engine::Argmax (sampler.h) defines them: NaNs
-// never win, equal values go to the lower index, an all-NaN row gives index 0. Shared by the row
-// argmax (rows.cu) and the sampling kernel (sample.cu).
+// never win, equal values go to the lower index, an all-NaN row gives index 0; and the unrolled
+// strided pass a block makes over a row. Shared by the row argmax (rows.cu) and the sampling
+// kernel (sample.cu).
 #pragma once
 
 #include <math_constants.h>
@@ -22,22 +23,29 @@ __device__ __forceinline__ Best Better(Best a, Best b) {
   return b.value > a.value || (b.value == a.value && b.index < a.index) ? b : a;
 }
 
+// visit(i, data[i]) for this thread's i of [0, n): threadIdx.x, then every `stride`, in order,
+// with kUnroll loads in flight before their visits.
+template <int kUnroll, class T, class Visit>
+__device__ __forceinline__ void ForEachStrided(const T* data, int n, int stride, Visit visit) {
+  int i = threadIdx.x;
+  for (; i + (kUnroll - 1) * stride < n; i += kUnroll * stride) {
+    T values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) values[u] = data[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) visit(i + u * stride, values[u]);
+  }
+  for (; i < n; i += stride) visit(i, data[i]);
+}
+
 // The best of row[0, width) over the whole block (every thread gets it). `warp_best` is shared
 // memory of one Best per warp; the block's threads are a multiple of 32.
 __device__ __forceinline__ Best BlockBest(const float* row, int width, Best* warp_best) {
-  // Eight loads in flight per thread: one block reads a whole row.
-  constexpr int kUnroll = 8;
-  const int stride = blockDim.x;
   Best best{-CUDART_INF_F, kNoIndex};
-  int i = threadIdx.x;
-  for (; i + (kUnroll - 1) * stride < width; i += kUnroll * stride) {
-    float values[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) values[u] = row[i + u * stride];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) best = Better(best, Best{values[u], i + u * stride});
-  }
-  for (; i < width; i += stride) best = Better(best, Best{row[i], i});
+  // Eight loads in flight per thread: one block reads a whole row.
+  ForEachStrided<8>(row, width, static_cast<int>(blockDim.x), [&](int i, float value) {
+    best = Better(best, Best{value, i});
+  });
   for (int offset = 16; offset > 0; offset /= 2) {
     best = Better(best, Best{__shfl_xor_sync(0xffffffffu, best.value, offset),
                              __shfl_xor_sync(0xffffffffu, best.index, offset)});

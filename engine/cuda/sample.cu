@@ -76,15 +76,7 @@ struct Shared {
 // visit(key) for keys[0, n), kUnroll loads in flight per thread.
 template <class Visit>
 __device__ __forceinline__ void ForEachKey(const uint64_t* keys, int n, Visit visit) {
-  int j = threadIdx.x;
-  for (; j + (kUnroll - 1) * kThreads < n; j += kUnroll * kThreads) {
-    uint64_t key[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) key[u] = keys[j + u * kThreads];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) visit(key[u]);
-  }
-  for (; j < n; j += kThreads) visit(keys[j]);
+  ForEachStrided<kUnroll>(keys, n, kThreads, [&](int, uint64_t key) { visit(key); });
 }
 
 __device__ __forceinline__ float LogitOfKey(uint64_t key) {
