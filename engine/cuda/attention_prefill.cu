@@ -257,13 +257,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
       float correction[2], base[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-        const float m_new = fmaxf(m[r][h], tile_max[h]);
-        base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen nothing stays empty
-        correction[h] = Exp2(m[r][h] - base[h]);
-        m[r][h] = m_new;
-        l[r][h] *= correction[h];
+        base[h] = AdvanceSoftmaxRow(m[r][h], l[r][h], tile_max[h], correction[h]);
       }
 #pragma unroll
       for (int n = 0; n < kTileK / 8; ++n) {
@@ -357,14 +351,23 @@ cudaError_t Launch(const PagedKv& kv, const int32_t* token_indptr, const int32_t
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
                                    int q_stride, const AttentionShape& shape, __nv_bfloat16* out,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, PrefillKernel kernel) {
   if (n_items < 0 || shape.n_kv_heads <= 0 || shape.n_heads % shape.n_kv_heads != 0 ||
       q_stride < shape.n_heads * shape.head_dim || q_stride % 8 != 0 ||
       !AttentionSupportsHeadDim(shape.head_dim) ||
       kv.row_elements != shape.n_kv_heads * shape.head_dim || kv.rows_per_page <= 0) {
     return cudaErrorInvalidValue;
   }
+  const bool warpgroup_shape = shape.head_dim == 64 || shape.head_dim == 128;
+  if (kernel == PrefillKernel::kWarpgroup && !(warpgroup_shape && WarpgroupPrefillRuns())) {
+    return cudaErrorInvalidValue;
+  }
   if (n_items == 0) return cudaSuccess;
+  if (kernel == PrefillKernel::kWarpgroup ||
+      (kernel == PrefillKernel::kAuto && warpgroup_shape && WarpgroupPrefillRuns())) {
+    return LaunchWarpgroupPrefill(kv, token_indptr, items, n_items, q, q_stride, shape, out,
+                                  stream);
+  }
   switch (shape.head_dim) {
     case 16:
       return Launch<16>(kv, token_indptr, items, n_items, q, q_stride, shape, out, stream);

@@ -26,8 +26,24 @@ inline constexpr int kPrefillQueryTile = 128;
 // the query heads; out: (tokens, n_heads * head_dim) bf16. Flash-style: K/V tiles through shared
 // memory, bf16 tensor core products with fp32 accumulation, scores and online softmax in registers;
 // no score matrix in global memory. INVALID_VALUE for a shape the kernel does not take or pages
-// that do not match it.
+// that do not match it, or for kWarpgroup where it does not run.
+//
+// Two kernels compute it: mma.sync (attention_prefill.cu; every GPU, head dims 16 to 256) and,
+// on Hopper, warpgroup MMA (attention_prefill_wgmma.cu; head dims 64 and 128). kAuto takes the
+// second wherever it runs (WarpgroupPrefillRuns and the head dim), the first elsewhere.
+enum class PrefillKernel { kAuto, kMmaSync, kWarpgroup };
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
+                                   const int32_t* items, int n_items, const __nv_bfloat16* q,
+                                   int q_stride, const AttentionShape& shape, __nv_bfloat16* out,
+                                   cudaStream_t stream,
+                                   PrefillKernel kernel = PrefillKernel::kAuto);
+
+// Whether the warpgroup kernel runs on the current device: compute capability 9.0 and this
+// build's sm_90a code. The first call runs a one-thread probe kernel and waits for it (not
+// while a stream is being captured); later calls return the answer kept.
+bool WarpgroupPrefillRuns();
+// The warpgroup kernel alone (attention_prefill_wgmma.cu), arguments checked by the caller.
+cudaError_t LaunchWarpgroupPrefill(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
                                    int q_stride, const AttentionShape& shape, __nv_bfloat16* out,
                                    cudaStream_t stream);

@@ -54,6 +54,23 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
+// One row's online-softmax step over a tile of scores (log2 domain), the row spread over the
+// four lanes of a quad: `tile_max` is this lane's largest score of the tile. Updates the row's
+// running maximum m, scales its sum l by the correction (returned in `correction`, by which O
+// must be scaled too) and returns the base the tile's scores are to be exponentiated from (0
+// while the row has seen nothing, so that such a row stays empty).
+__device__ __forceinline__ float AdvanceSoftmaxRow(float& m, float& l, float tile_max,
+                                                   float& correction) {
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+  const float m_new = fmaxf(m, tile_max);
+  const float base = m_new == -INFINITY ? 0.0f : m_new;
+  correction = Exp2(m - base);
+  m = m_new;
+  l *= correction;
+  return base;
+}
+
 // Starts copying 16 bytes from global `from` to shared `to` (zero-filled when !copy).
 __device__ __forceinline__ void CopyAsync(uint4* to, const __nv_bfloat16* from, bool copy) {
   // No "memory" clobber: loads may be scheduled ahead of the copy (WaitCopies orders the reads).

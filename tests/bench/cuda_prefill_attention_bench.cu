@@ -39,7 +39,8 @@ using bench::Upload;
 
 constexpr int kPageBytes = 16 << 10;
 
-void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream) {
+void Prefill(const char* name, const AttentionShape& shape, PrefillKernel kernel,
+             cudaStream_t stream) {
   const int sequences = absl::GetFlag(FLAGS_sequences), tokens = absl::GetFlag(FLAGS_tokens);
   const int row_elements = shape.n_kv_heads * shape.head_dim;
   const int rows_per_page = kPageBytes / (row_elements * 2);
@@ -84,9 +85,10 @@ void Prefill(const char* name, const AttentionShape& shape, cudaStream_t stream)
       bench::TimeRuns(stream, absl::GetFlag(FLAGS_warmup), absl::GetFlag(FLAGS_repeats), [&](int) {
         CHECK_CUDA(LaunchPrefillAttention(
             kv, d_token_indptr.as<int32_t>(), d_items.as<int32_t>(), n_items, q.as<__nv_bfloat16>(),
-            shape.n_heads * shape.head_dim, shape, out.as<__nv_bfloat16>(), stream));
+            shape.n_heads * shape.head_dim, shape, out.as<__nv_bfloat16>(), stream, kernel));
       });
-  std::printf("| %-10s | %9.3f | %8.3f | %7.1f | %14.0f |\n", name, t.median_ms, t.min_ms,
+  std::printf("| %-10s | %-9s | %9.3f | %8.3f | %7.1f | %14.0f |\n", name,
+              kernel == PrefillKernel::kWarpgroup ? "warpgroup" : "mma.sync", t.median_ms, t.min_ms,
               flops / (t.median_ms * 1e-3) / 1e12, sequences * tokens / (t.median_ms * 1e-3));
 }
 
@@ -107,10 +109,13 @@ int main(int argc, char** argv) {
       "\n## Prefill attention: %d sequences x %d new tokens from an empty cache, 16 KiB pages in "
       "shuffled order\n\n",
       absl::GetFlag(FLAGS_sequences), absl::GetFlag(FLAGS_tokens));
-  std::printf("| shape      | median ms |   min ms | TFLOP/s | query tokens/s |\n");
-  std::printf("|------------|----------:|---------:|--------:|---------------:|\n");
-  Prefill("Llama-3-8B", {32, 8, 128, 0}, stream);
-  Prefill("SmolLM2", {9, 3, 64, 0}, stream);
+  std::printf("| shape      | kernel    | median ms |   min ms | TFLOP/s | query tokens/s |\n");
+  std::printf("|------------|-----------|----------:|---------:|--------:|---------------:|\n");
+  // Both kernels where the warpgroup one runs (Hopper), else mma.sync alone.
+  std::vector<PrefillKernel> kernels = {PrefillKernel::kMmaSync};
+  if (WarpgroupPrefillRuns()) kernels.push_back(PrefillKernel::kWarpgroup);
+  for (PrefillKernel kernel : kernels) Prefill("Llama-3-8B", {32, 8, 128, 0}, kernel, stream);
+  for (PrefillKernel kernel : kernels) Prefill("SmolLM2", {9, 3, 64, 0}, kernel, stream);
   CHECK_CUDA(cudaStreamDestroy(stream));
   return 0;
 }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -135,7 +136,7 @@ class PagedStep {
   }
 
   // Runs the decode kernel on the one-token sequences and the prefill kernel on the others.
-  std::vector<float> Run(int splits, cudaStream_t stream) {
+  std::vector<float> Run(int splits, PrefillKernel kernel, cudaStream_t stream) {
     std::vector<int32_t> decode, items;
     for (size_t seq = 0; seq < c_.seqs.size(); ++seq) {
       if (c_.seqs[seq].n_new == 1) {
@@ -167,7 +168,7 @@ class PagedStep {
     EXPECT_EQ(
         LaunchPrefillAttention(paged_.kv, d_token_indptr_.as<int32_t>(), d_items.as<int32_t>(),
                                static_cast<int>(items.size() / 2), d_q_.as<__nv_bfloat16>(),
-                               QueryStride(), c_.shape, d_out.as<__nv_bfloat16>(), stream),
+                               QueryStride(), c_.shape, d_out.as<__nv_bfloat16>(), stream, kernel),
         cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     last_splits_ = splits;
@@ -200,11 +201,12 @@ class PagedStep {
 
 class CudaAttentionTest : public testing::CudaTest {
  protected:
-  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits) {
+  void Check(const std::string& kernel, const AttentionCase& c, std::vector<int> splits,
+             PrefillKernel prefill = PrefillKernel::kAuto) {
     PagedStep step(c, rng_);
     const std::vector<float> ref = step.Reference();
     for (int split : splits) {
-      const std::vector<float> out = step.Run(split, stream_);
+      const std::vector<float> out = step.Run(split, prefill, stream_);
       ExpectClose(kernel, absl::StrCat(c.name, " ", step.Describe()), out, ref, kBf16Bound);
     }
   }
@@ -236,6 +238,9 @@ const std::vector<AttentionCase>& PrefillCases() {
       {"smollm2", {9, 3, 64, 0}, 8 << 10, {{0, 37}, {250, 100}, {63, 5}, {169, 64}}},
       {"smollm2", {9, 3, 64, 0}, 64 << 10, {{0, 512}}},
       {"llama3", {32, 8, 128, 0}, 16 << 10, {{0, 130}, {500, 64}}},
+      {"llama3", {32, 8, 128, 0}, 32 << 10, {{0, 257}, {127, 129}}},
+      {"window", {32, 8, 128, 200}, 16 << 10, {{300, 257}, {0, 140}}},
+      {"smollm2", {9, 3, 64, 0}, 16 << 10, {{0, 129}, {127, 3}, {1000, 2}}},
       {"tiny", {4, 2, 16, 0}, 256, {{0, 40}, {3, 7}, {1, 2}}},
       {"window", {4, 2, 16, 16}, 256, {{0, 40}, {20, 30}}},
       {"window", {9, 3, 64, 100}, 8 << 10, {{0, 300}, {90, 20}}},
@@ -247,7 +252,35 @@ const std::vector<AttentionCase>& PrefillCases() {
 }
 
 TEST_F(CudaAttentionTest, PrefillMatchesCpu) {
-  for (const AttentionCase& c : PrefillCases()) Check("prefill", c, {1});
+  for (const AttentionCase& c : PrefillCases()) {
+    Check("prefill, mma.sync", c, {1}, PrefillKernel::kMmaSync);
+    Check("prefill, default", c, {1});
+  }
+}
+
+// Hopper's warpgroup kernel, where it runs, on every case of its head dims; refused elsewhere.
+TEST_F(CudaAttentionTest, WarpgroupPrefillMatchesCpu) {
+  const bool runs = WarpgroupPrefillRuns();
+  std::printf("warpgroup prefill kernel: %s\n", runs ? "runs here" : "does not run here");
+  for (const AttentionCase& c : PrefillCases()) {
+    const int d = c.shape.head_dim;
+    if (runs && (d == 64 || d == 128)) {
+      Check("prefill, warpgroup", c, {1}, PrefillKernel::kWarpgroup);
+      continue;
+    }
+    // Pages that match the shape, so that the kernel choice is the only thing refused.
+    PagedKv kv{};
+    kv.row_elements = c.shape.n_kv_heads * d;
+    kv.rows_per_page = 1;
+    EXPECT_EQ(LaunchPrefillAttention(kv, nullptr, nullptr, 0, nullptr, c.shape.n_heads * d, c.shape,
+                                     nullptr, stream_, PrefillKernel::kWarpgroup),
+              cudaErrorInvalidValue)
+        << c.name;
+    EXPECT_EQ(LaunchPrefillAttention(kv, nullptr, nullptr, 0, nullptr, c.shape.n_heads * d, c.shape,
+                                     nullptr, stream_, PrefillKernel::kMmaSync),
+              cudaSuccess)
+        << c.name;
+  }
 }
 
 // A step as the scheduler packs it: decodes and prefill chunks of different sequences in one
