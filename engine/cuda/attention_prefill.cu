@@ -363,8 +363,12 @@ cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indpt
     return cudaErrorInvalidValue;
   }
   if (n_items == 0) return cudaSuccess;
+  // kAuto: the warpgroup kernel at head dim 128 only. At 64 it is faster too (276 against 251
+  // TFLOP/s), but with it SmolLM2's greedy tokens part from the CPU engine's at a near-tie of
+  // gpl_1k (token 44 of 64, fp32 margin 0.055; docs/PERFORMANCE.md), where mma.sync's rounding
+  // keeps all 64.
   if (kernel == PrefillKernel::kWarpgroup ||
-      (kernel == PrefillKernel::kAuto && warpgroup_shape && WarpgroupPrefillRuns())) {
+      (kernel == PrefillKernel::kAuto && shape.head_dim == 128 && WarpgroupPrefillRuns())) {
     return LaunchWarpgroupPrefill(kv, token_indptr, items, n_items, q, q_stride, shape, out,
                                   stream);
   }

@@ -30,7 +30,7 @@ inline constexpr int kPrefillQueryTile = 128;
 //
 // Two kernels compute it: mma.sync (attention_prefill.cu; every GPU, head dims 16 to 256) and,
 // on Hopper, warpgroup MMA (attention_prefill_wgmma.cu; head dims 64 and 128). kAuto takes the
-// second wherever it runs (WarpgroupPrefillRuns and the head dim), the first elsewhere.
+// second at head dim 128 wherever it runs (WarpgroupPrefillRuns), the first elsewhere.
 enum class PrefillKernel { kAuto, kMmaSync, kWarpgroup };
 cudaError_t LaunchPrefillAttention(const PagedKv& kv, const int32_t* token_indptr,
                                    const int32_t* items, int n_items, const __nv_bfloat16* q,
