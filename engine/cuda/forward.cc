@@ -134,6 +134,7 @@ CudaBackend::~CudaBackend() {
 
 absl::Status CudaBackend::Init() {
   SetDependentLaunch(options_.dependent_launch);
+  WarpgroupPrefillRuns();  // its one-time probe here, not inside the first prompt's step
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, 0), "SM count"));
   KVTRIM_RETURN_IF_ERROR(
