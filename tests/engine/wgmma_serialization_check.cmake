@@ -1,6 +1,7 @@
 # Fails when ptxas serializes the warpgroup MMA products of a kernel (its "Potential Performance
-# Loss: wgmma.mma_async instructions are serialized ..." notes, C7515, C7520 and their kin):
-# such a kernel still computes the right numbers, only slower, so no parity test catches it.
+# Loss: wgmma.mma_async instructions are serialized ..." notes, C7515, C7520 and their kin) or
+# spills its registers: such a kernel still computes the right numbers, only slower, so no
+# parity test catches it.
 # Runs at build time on any machine with nvcc, no GPU needed (tests/CMakeLists.txt):
 #   cmake -DNVCC=... -DSOURCE_DIR=... -DSOURCES="a.cu;b.cu" -P wgmma_serialization_check.cmake
 foreach(source ${SOURCES})
@@ -20,5 +21,10 @@ foreach(source ${SOURCES})
     string(REPLACE ";" "\n" serialized "${serialized}")
     message(FATAL_ERROR "${source}: ptxas serializes wgmma:\n${serialized}")
   endif()
-  message(STATUS "${source}: wgmma products not serialized")
+  # A spill would cost the same kernels their speed as silently: registers are set by setmaxnreg.
+  string(REGEX MATCHALL "[1-9][0-9]* bytes spill (stores|loads)" spills "${log}")
+  if(spills)
+    message(FATAL_ERROR "${source}: ptxas spills registers: ${spills}\n${log}")
+  endif()
+  message(STATUS "${source}: wgmma products not serialized, no spills")
 endforeach()
