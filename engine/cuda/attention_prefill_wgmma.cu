@@ -38,7 +38,7 @@ namespace kvtrim::engine::cuda {
 namespace {
 
 constexpr int kTileQ = kPrefillQueryTile;  // 128 query rows per block: two warpgroups
-constexpr int kTileK = 128;                // key rows per shared-memory tile
+constexpr int kTileK = 128;                // key rows per shared-memory tile (S's n128 products)
 // Two computing warpgroups (query rows 0-63, 64-127) and one that loads.
 constexpr int kThreads = 384;
 // Tile t is in stage t % 3: tile t + 1 is copied while tile t's S and tile t - 1's P V run.
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int k = 0; k < kHeadDim / 16; ++k) {
       const int column = (k % 4) * 32;  // bytes into the 64-column block
-      Wgmma<kTileK>::SharedShared(
+      WgmmaN128SharedShared(
           s, SwizzledDescriptor(q_tile + (k / 4) * kTileQ * 128 + wg_first * 128 + column),
           SwizzledDescriptor(k_tile + (k / 4) * kTileK * 128 + column), k > 0);
     }
@@ -232,8 +232,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int k = 0; k < kTileK / 16; ++k) {
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b) {
-        Wgmma<64>::RegistersSharedMnMajor(
-            o[b], p[k], SwizzledDescriptor(v_tile + b * kTileK * 128 + k * 16 * 128));
+        WgmmaN64RegistersMnMajor(o[b], p[k],
+                                 SwizzledDescriptor(v_tile + b * kTileK * 128 + k * 16 * 128));
       }
     }
     WarpgroupCommit();
