@@ -3,11 +3,13 @@
 // answer depends on whether the including binary links the CUDA backend (KVTRIM_HAVE_CUDA).
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "engine/model.h"
 #include "engine/scheduler.h"
 #include "memory/page_pool.h"
 
@@ -33,7 +35,18 @@ struct BackendOptions {
   bool cuda_graphs = true;       // CudaOptions::graphs
   bool sample_on_device = true;  // CudaOptions::sample_on_device
   bool dependent_launch = true;  // CudaOptions::dependent_launch
+  std::string dtype = "auto";    // --dtype, ParseDtype; CudaOptions::dtype
 };
+
+// --dtype: the 16-bit type of the CUDA engine's weights. "auto" (nullopt: the model's own,
+// ModelConfig::dtype), "bfloat16" or "bf16", "float16", "fp16" or "half".
+inline absl::StatusOr<std::optional<HalfFloat>> ParseDtype(absl::string_view dtype) {
+  if (dtype == "auto") return std::nullopt;
+  if (dtype == "bfloat16" || dtype == "bf16") return HalfFloat::kBf16;
+  if (dtype == "float16" || dtype == "fp16" || dtype == "half") return HalfFloat::kFp16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--dtype must be auto, bfloat16 or float16, got \"", dtype, "\""));
+}
 
 // `binary` names the program in the error when it lacks CUDA.
 inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
@@ -43,6 +56,9 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu, cuda or auto, got \"", device, "\""));
   }
+  // Checked on every device, so that a typo fails on the CPU too (which computes in fp32).
+  absl::StatusOr<std::optional<HalfFloat>> dtype = ParseDtype(options.dtype);
+  if (!dtype.ok()) return dtype.status();
   BackendChoice cpu;
   cpu.name = "cpu";
 #ifdef KVTRIM_HAVE_CUDA
@@ -55,7 +71,8 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
       .name = "cuda",
       .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs,
                                                   .sample_on_device = options.sample_on_device,
-                                                  .dependent_launch = options.dependent_launch}),
+                                                  .dependent_launch = options.dependent_launch,
+                                                  .dtype = *dtype}),
       .kv_element_bytes = cuda::kKvElementBytes,
       .kv_storage = cuda::kKvStorage,
       .step_tokens = 8192};

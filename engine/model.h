@@ -16,6 +16,10 @@ namespace kvtrim::engine {
 //              permuted so that this layout gives the same result as kHalves on the HF weights).
 enum class RopeLayout { kHalves, kAdjacent };
 
+// A 16-bit float format: bfloat16 (8 exponent bits) or IEEE half (5 exponent bits, 10 of
+// mantissa).
+enum class HalfFloat { kBf16, kFp16 };
+
 // Llama-3 "rope_type: llama3" frequency scaling; factor == 0 means none.
 struct RopeScaling {
   float factor = 0.0f;
@@ -43,6 +47,11 @@ struct ModelConfig {
   bool tied_embeddings = false;  // output projection reuses token_embedding
   // Mistral sliding window; 0 = full attention.
   int sliding_window = 0;
+  // The 16-bit format the model's files give its weights in: kFp16 where config.json's dtype
+  // (torch_dtype before transformers 5) is "float16" or a GGUF's matrices are F16 (file type
+  // MOSTLY_F16); kBf16 otherwise (bf16, fp32 and quantized files). The CUDA engine keeps the
+  // weights in this format unless told otherwise; the CPU engine computes in fp32 either way.
+  HalfFloat dtype = HalfFloat::kBf16;
 };
 
 // Row-major fp32 matrix: rows = output features, cols = input features (as torch.nn.Linear).

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -72,6 +73,11 @@ ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(std::string, device, "auto",
           "engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a GPU is "
           "visible)");
+ABSL_FLAG(
+    std::string, dtype, "auto",
+    "on cuda, the 16-bit type of the weights and of the activations the GEMMs read and write: "
+    "auto (the model's own: float16 where its config.json or GGUF says so, else bfloat16), "
+    "bfloat16 or float16; the CPU engine computes in fp32 either way");
 ABSL_FLAG(bool, cuda_graphs, true,
           "on cuda: replay decode steps whose launches repeat (the same running requests) from a "
           "captured CUDA graph; false queues every step's kernels");
@@ -189,9 +195,9 @@ int Run() {
       .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued)};
-  absl::StatusOr<engine::BackendChoice> backend =
-      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server",
-                            {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)});
+  absl::StatusOr<engine::BackendChoice> backend = engine::ChooseBackend(
+      absl::GetFlag(FLAGS_device), "kvtrim-server",
+      {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs), .dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) {
     spdlog::error("{}", std::string(backend.status().message()));
     return 2;
@@ -253,19 +259,25 @@ int Run() {
   }
   (*scheduler)->Start();
   const engine::ModelConfig& c = model->config;
+  // The flag parsed already in ChooseBackend.
+  const std::optional<engine::HalfFloat> dtype = *engine::ParseDtype(absl::GetFlag(FLAGS_dtype));
+  const char* weights = backend->name == "cpu"                                ? "fp32"
+                        : dtype.value_or(c.dtype) == engine::HalfFloat::kFp16 ? "fp16"
+                                                                              : "bf16";
   spdlog::info(
       "model {} ({}, {} layers, {} heads / {} kv heads x {}, vocab {}, context {}) from {}", c.name,
       c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_context,
       model_name);
   spdlog::info(
-      "config: {} backend, KV pool {} MiB in {} KiB pages, step {} tokens, max running {}, "
+      "config: {} backend ({} weights), KV pool {} MiB in {} KiB pages, step {} tokens, max "
+      "running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
       "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}",
-      backend->name, absl::GetFlag(FLAGS_kv_pool_mib), (*scheduler)->stats().page_bytes >> 10,
-      scheduler_options.step_tokens, scheduler_options.max_running, scheduler_options.max_queued,
-      limits.max_prompt_tokens, limits.max_new_tokens, limits.default_max_tokens,
-      absl::GetFlag(FLAGS_max_message_mib), api_key->empty() ? "off" : "on",
-      absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
+      backend->name, weights, absl::GetFlag(FLAGS_kv_pool_mib),
+      (*scheduler)->stats().page_bytes >> 10, scheduler_options.step_tokens,
+      scheduler_options.max_running, scheduler_options.max_queued, limits.max_prompt_tokens,
+      limits.max_new_tokens, limits.default_max_tokens, absl::GetFlag(FLAGS_max_message_mib),
+      api_key->empty() ? "off" : "on", absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
       absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
       metrics ? absl::StrCat(":", absl::GetFlag(FLAGS_metrics_port), "/metrics") : "off",
       omp_get_max_threads(), default_compression->Spec());

@@ -2,8 +2,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -60,9 +63,29 @@ template class CudaBuffer<MemoryKind::kDevice>;
 template class CudaBuffer<MemoryKind::kPinnedHost>;
 
 absl::Status CopyToDeviceBf16(std::span<const float> host, __nv_bfloat16* device) {
+  return CopyToDevice16(host, HalfFloat::kBf16, device);
+}
+
+absl::Status CopyToDevice16(std::span<const float> host, HalfFloat type, void* device) {
   std::vector<uint16_t> staging(host.size());
+  if (type == HalfFloat::kBf16) {
 #pragma omp parallel for
-  for (size_t i = 0; i < host.size(); ++i) staging[i] = FloatToBf16Bits(host[i]);
+    for (size_t i = 0; i < host.size(); ++i) staging[i] = FloatToBf16Bits(host[i]);
+  } else {
+    float largest = 0.0f;  // of the finite values fp16 cannot hold
+#pragma omp parallel for reduction(max : largest)
+    for (size_t i = 0; i < host.size(); ++i) {
+      staging[i] = FloatToFp16Bits(host[i]);
+      if ((staging[i] & 0x7fffu) == 0x7c00u && std::isfinite(host[i])) {
+        largest = std::max(largest, std::abs(host[i]));
+      }
+    }
+    if (largest > 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a weight of magnitude ", largest,
+                       " does not fit fp16 (largest 65504); run this model in bf16"));
+    }
+  }
   return CudaStatus(
       cudaMemcpy(device, staging.data(), staging.size() * sizeof(uint16_t), cudaMemcpyHostToDevice),
       "cudaMemcpy(weights, host to device)");
@@ -78,12 +101,15 @@ size_t AlignUp(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kA
 // only sums sizes, the second copies.
 class ArenaWriter {
  public:
-  explicit ArenaWriter(std::byte* arena) : arena_(arena) {}
+  ArenaWriter(std::byte* arena, HalfFloat type) : arena_(arena), type_(type) {}
 
-  DeviceMatrix Matrix(const engine::Matrix& m) { return Stacked({&m}); }
+  DeviceMatrix Matrix(const engine::Matrix& m, const std::string& what) {
+    return Stacked({&m}, what);
+  }
 
   // The matrices' rows one after another, as one matrix (they must have the same columns).
-  DeviceMatrix Stacked(std::initializer_list<const engine::Matrix*> parts) {
+  DeviceMatrix Stacked(std::initializer_list<const engine::Matrix*> parts,
+                       const std::string& what) {
     size_t elements = 0;
     int rows = 0;
     for (const engine::Matrix* m : parts) {
@@ -91,17 +117,21 @@ class ArenaWriter {
       rows += m->rows;
     }
     const int cols = parts.size() > 0 ? (*parts.begin())->cols : 0;
-    auto* device = reinterpret_cast<__nv_bfloat16*>(Reserve(elements * sizeof(uint16_t)));
-    __nv_bfloat16* at = device;
+    std::byte* device = Reserve(elements * sizeof(uint16_t));
+    std::byte* at = device;
     for (const engine::Matrix* m : parts) {
       if (m->cols != cols && status_.ok()) {
         status_ = absl::InvalidArgumentError(absl::StrCat(
             "stacked weight matrices differ in columns: ", m->cols, " against ", cols));
       }
-      if (arena_ && status_.ok()) status_ = CopyToDeviceBf16(m->data, at);
-      at += m->data.size();
+      if (arena_ && status_.ok()) {
+        status_ = CopyToDevice16(m->data, type_, at);
+        if (!status_.ok())
+          status_ = absl::Status(status_.code(), absl::StrCat(what, ": ", status_.message()));
+      }
+      at += m->data.size() * sizeof(uint16_t);
     }
-    return {device, rows, cols};
+    return {device, rows, cols, type_};
   }
 
   const float* Vector(const std::vector<float>& v) {
@@ -126,40 +156,44 @@ class ArenaWriter {
   }
 
   std::byte* arena_;
+  HalfFloat type_;
   size_t used_ = 0;
   absl::Status status_;
 };
 
 void Place(const Model& model, ArenaWriter& writer, DeviceWeights& out) {
   const ModelWeights& w = model.weights;
-  out.token_embedding = writer.Matrix(w.token_embedding);
+  out.token_embedding = writer.Matrix(w.token_embedding, "token embedding");
   out.layers.clear();
   for (const LayerWeights& layer : w.layers) {
+    const std::string at = absl::StrCat("layer ", out.layers.size(), " ");
     DeviceLayerWeights& d = out.layers.emplace_back();
     d.attn_norm = writer.Vector(layer.attn_norm);
-    d.wqkv = writer.Stacked({&layer.wq, &layer.wk, &layer.wv});
+    d.wqkv = writer.Stacked({&layer.wq, &layer.wk, &layer.wv}, at + "q|k|v");
     d.bq = writer.Vector(layer.bq);
     d.bk = writer.Vector(layer.bk);
     d.bv = writer.Vector(layer.bv);
-    d.wo = writer.Matrix(layer.wo);
+    d.wo = writer.Matrix(layer.wo, at + "output projection");
     d.ffn_norm = writer.Vector(layer.ffn_norm);
-    d.w_gate_up = writer.Stacked({&layer.w_gate, &layer.w_up});
-    d.w_down = writer.Matrix(layer.w_down);
+    d.w_gate_up = writer.Stacked({&layer.w_gate, &layer.w_up}, at + "gate|up");
+    d.w_down = writer.Matrix(layer.w_down, at + "down");
   }
   out.output_norm = writer.Vector(w.output_norm);
-  out.lm_head = model.config.tied_embeddings ? out.token_embedding : writer.Matrix(w.output);
+  out.lm_head =
+      model.config.tied_embeddings ? out.token_embedding : writer.Matrix(w.output, "output");
 }
 
 }  // namespace
 
-absl::StatusOr<DeviceWeights> DeviceWeights::Upload(const Model& model) {
+absl::StatusOr<DeviceWeights> DeviceWeights::Upload(const Model& model, HalfFloat type) {
   DeviceWeights weights;
-  ArenaWriter sizing(nullptr);
+  weights.type = type;
+  ArenaWriter sizing(nullptr, type);
   Place(model, sizing, weights);
   absl::StatusOr<DeviceBuffer> arena = DeviceBuffer::Allocate(sizing.used());
   if (!arena.ok()) return arena.status();
   weights.arena_ = *std::move(arena);
-  ArenaWriter writer(weights.arena_.as<std::byte>());
+  ArenaWriter writer(weights.arena_.as<std::byte>(), type);
   Place(model, writer, weights);
   if (!writer.status().ok()) return writer.status();
   return weights;

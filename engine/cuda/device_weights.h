@@ -1,5 +1,6 @@
-// Model weights in GPU memory: matrices in bf16, converted from the loaders' fp32 at upload;
-// norm weights and biases stay fp32 (a few KB per layer, and one rounding fewer).
+// Model weights in GPU memory: matrices in bf16 (fp16 for a model whose files give them in fp16,
+// ModelConfig::dtype), converted from the loaders' fp32 at upload; norm weights and biases stay
+// fp32 (a few KB per layer, and one rounding fewer).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -63,11 +64,12 @@ absl::Status Grow(CudaBuffer<Kind>& buffer, size_t bytes) {
   return absl::OkStatus();
 }
 
-// A row-major bf16 matrix on the device: rows = output features, cols = input features.
+// A row-major 16-bit matrix on the device: rows = output features, cols = input features.
 struct DeviceMatrix {
-  const __nv_bfloat16* data = nullptr;  // (rows, cols)
+  const void* data = nullptr;  // (rows, cols) of `type`
   int rows = 0;
   int cols = 0;
+  HalfFloat type = HalfFloat::kBf16;
 };
 
 struct DeviceLayerWeights {
@@ -88,14 +90,17 @@ struct DeviceLayerWeights {
 // pair is one GEMM whose output rows hold both results side by side.
 class DeviceWeights {
  public:
-  // Converts and copies `model.weights`; synchronous. Fails (nothing left allocated) when the
-  // device is missing or out of memory.
-  static absl::StatusOr<DeviceWeights> Upload(const Model& model);
+  // Converts `model.weights`' matrices to `type` and copies them; synchronous. Fails (nothing
+  // left allocated) when the device is missing or out of memory, and, for fp16, when a weight is
+  // beyond its range (INVALID_ARGUMENT naming the largest).
+  static absl::StatusOr<DeviceWeights> Upload(const Model& model, HalfFloat type);
 
   DeviceMatrix token_embedding;  // (vocab_size, hidden)
   std::vector<DeviceLayerWeights> layers;
   const float* output_norm = nullptr;  // (hidden)
   DeviceMatrix lm_head;                // (vocab_size, hidden); token_embedding when tied
+
+  HalfFloat type = HalfFloat::kBf16;  // of every matrix
 
   size_t bytes() const { return arena_.bytes(); }
 
@@ -105,5 +110,8 @@ class DeviceWeights {
 
 // Rounds `host` to bf16 and copies it to `device` (host.size() elements); synchronous.
 absl::Status CopyToDeviceBf16(std::span<const float> host, __nv_bfloat16* device);
+// Rounds `host` to `type` and copies it to `device`; synchronous. INVALID_ARGUMENT, nothing
+// copied, when a finite value rounds to fp16's infinity.
+absl::Status CopyToDevice16(std::span<const float> host, HalfFloat type, void* device);
 
 }  // namespace kvtrim::engine::cuda

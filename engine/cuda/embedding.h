@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -13,5 +14,8 @@ namespace kvtrim::engine::cuda {
 // outside it still writes its row, as NaN, so the bug shows in the logits.
 cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __nv_bfloat16* table,
                             int vocab, int hidden, float* residual, cudaStream_t stream);
+// The same from an fp16 table (a model whose weights are fp16).
+cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __half* table, int vocab,
+                            int hidden, float* residual, cudaStream_t stream);
 
 }  // namespace kvtrim::engine::cuda

@@ -144,7 +144,8 @@ absl::Status CudaBackend::Init() {
   absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
   if (!gemm.ok()) return gemm.status();
   gemm_ = *std::move(gemm);
-  absl::StatusOr<DeviceWeights> weights = DeviceWeights::Upload(model_);
+  absl::StatusOr<DeviceWeights> weights =
+      DeviceWeights::Upload(model_, options_.dtype.value_or(config_.dtype));
   if (!weights.ok()) return weights.status();
   weights_ = *std::move(weights);
 

@@ -51,6 +51,9 @@ struct CudaOptions {
   // capability 9.0 and later; dependent_launch.cuh). Process-wide: the last backend created sets
   // it for every launch.
   bool dependent_launch = true;
+  // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
+  // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
+  std::optional<HalfFloat> dtype;
 };
 
 class CudaBackend : public Backend {
@@ -117,6 +120,10 @@ class CudaBackend : public Backend {
   // one (and replays it) when the previous decode step had the same key, else queues eagerly.
   absl::Status QueueDecodeStep(int splits, int argmax_rows);
   GraphKey KeyOf(int splits, int argmax_rows) const;
+  // QueueStep with the GEMMs' activations in Half, the weights' type (__nv_bfloat16 or __half).
+  template <typename Half>
+  absl::Status QueueStepIn(int splits, int argmax_rows);
+  template <typename Half>
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
   PagedKv PagesOf(int layer) const;

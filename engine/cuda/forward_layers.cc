@@ -9,7 +9,11 @@
 // the step's counts, the split count and the device buffers. A key seen once is queued eagerly,
 // since a batch that changes every step would pay a capture each step; seen twice in a row it is
 // captured, and replayed for as long as it holds.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <tuple>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/attention_decode_compressed.h"
@@ -28,27 +32,34 @@
 namespace kvtrim::engine::cuda {
 
 absl::Status CudaBackend::QueueStep(int splits, int argmax_rows) {
+  return weights_.type == HalfFloat::kFp16 ? QueueStepIn<__half>(splits, argmax_rows)
+                                           : QueueStepIn<__nv_bfloat16>(splits, argmax_rows);
+}
+
+template <typename Half>
+absl::Status CudaBackend::QueueStepIn(int splits, int argmax_rows) {
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden;
   KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchEmbedding(Plan(at.token_ids), tokens, weights_.token_embedding.data,
+      CudaStatus(LaunchEmbedding(Plan(at.token_ids), tokens,
+                                 static_cast<const Half*>(weights_.token_embedding.data),
                                  config_.vocab_size, hidden, x_.as<float>(), stream_),
                  "Embedding"));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchAddRmsNorm(x_.as<float>(), nullptr, weights_.layers[0].attn_norm, config_.rms_eps,
-                       tokens, hidden, normed_.as<__nv_bfloat16>(), stream_),
-      "AddRmsNorm"));
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(LaunchAddRmsNorm(x_.as<float>(), static_cast<const Half*>(nullptr),
+                                  weights_.layers[0].attn_norm, config_.rms_eps, tokens, hidden,
+                                  normed_.as<Half>(), stream_),
+                 "AddRmsNorm"));
   for (int layer = 0; layer < config_.n_layers; ++layer) {
-    KVTRIM_RETURN_IF_ERROR(Layer(layer, splits));
+    KVTRIM_RETURN_IF_ERROR(Layer<Half>(layer, splits));
   }
   // normed_ now holds output_norm(x) for every token; only the wanting rows go to the lm_head.
   const int wanting = plan_.logit_rows;
   if (wanting == 0) return absl::OkStatus();
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchGatherRows(normed_.as<__nv_bfloat16>(), hidden, Plan(at.logits), wanting,
-                                  last_.as<__nv_bfloat16>(), stream_),
-                 "GatherRows"));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(last_.as<__nv_bfloat16>(), wanting, weights_.lm_head,
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(LaunchGatherRows(normed_.as<Half>(), hidden, Plan(at.logits),
+                                                     wanting, last_.as<Half>(), stream_),
+                                    "GatherRows"));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(last_.as<Half>(), wanting, weights_.lm_head,
                                        logits_.as<void>(), GemmOutput::kFloat));
   if (argmax_rows == 0) return absl::OkStatus();
   return CudaStatus(LaunchRowArgmax(logits_.as<float>(), config_.vocab_size, argmax_rows,
@@ -258,13 +269,18 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
   return absl::OkStatus();
 }
 
+// Half: the GEMMs' activations, in the weights' type. In fp16, the q|k|v rows are turned into
+// bf16 once the GEMM has written them, so that RoPE, the pages and attention stay bf16, and the
+// attention output back into fp16 for the output projection.
+template <typename Half>
 absl::Status CudaBackend::Layer(int layer, int splits) {
+  constexpr bool kFp16 = std::is_same_v<Half, __half>;
   const DeviceLayerWeights& w = weights_.layers[layer];
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden, ffn = config_.ffn_hidden;
   const int head_dim = config_.head_dim;
   const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
-  auto* normed = normed_.as<__nv_bfloat16>();
+  auto* normed = normed_.as<Half>();
   const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows: queries, keys, values
   auto* q = qkv_.as<__nv_bfloat16>();
   auto* k = q + q_width;
@@ -272,7 +288,13 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q, GemmOutput::kBf16));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, qkv_.as<void>(), GemmOutput::kHalf));
+  if constexpr (kFp16) {
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchConvertHalf(qkv_.as<void>(), static_cast<int64_t>(tokens) * stride,
+                                     HalfFloat::kFp16, stream_),
+                   "ConvertHalf(q|k|v)"));
+  }
   // Qwen2's q/k/v biases (null pointers elsewhere).
   for (auto [y, bias, width] : {std::tuple{q, w.bq, q_width}, std::tuple{k, w.bk, kv_width},
                                 std::tuple{v, w.bv, kv_width}}) {
@@ -333,15 +355,22 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
         "PrefillAttention(compressed prompts)"));
     KVTRIM_RETURN_IF_ERROR(CompressPrompts(layer));
   }
-  KVTRIM_RETURN_IF_ERROR(
-      gemm_->Linear(attention, tokens, w.wo, x, GemmOutput::kFloat, /*accumulate=*/true));
+  if constexpr (kFp16) {
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchConvertHalf(attention, static_cast<int64_t>(tokens) * q_width,
+                                     HalfFloat::kBf16, stream_),
+                   "ConvertHalf(attention)"));
+  }
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(attention_.as<Half>(), tokens, w.wo, x, GemmOutput::kFloat,
+                                       /*accumulate=*/true));
 
-  auto* gate = gate_up_.as<__nv_bfloat16>();  // packed rows: gate, then up
-  auto* activation = activation_.as<__nv_bfloat16>();
+  auto* gate = gate_up_.as<Half>();  // packed rows: gate, then up
+  auto* activation = activation_.as<Half>();
+  const Half* no_delta = nullptr;
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchAddRmsNorm(x, nullptr, w.ffn_norm, config_.rms_eps, tokens, hidden, normed, stream_),
+      LaunchAddRmsNorm(x, no_delta, w.ffn_norm, config_.rms_eps, tokens, hidden, normed, stream_),
       "AddRmsNorm"));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kBf16));
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kHalf));
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       LaunchSwiglu(gate, gate + ffn, 2 * ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
   KVTRIM_RETURN_IF_ERROR(
@@ -350,7 +379,7 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   const float* next_norm =
       layer + 1 < config_.n_layers ? weights_.layers[layer + 1].attn_norm : weights_.output_norm;
   return CudaStatus(
-      LaunchAddRmsNorm(x, nullptr, next_norm, config_.rms_eps, tokens, hidden, normed, stream_),
+      LaunchAddRmsNorm(x, no_delta, next_norm, config_.rms_eps, tokens, hidden, normed, stream_),
       "AddRmsNorm");
 }
 

@@ -1,8 +1,8 @@
-// y = x · Wᵀ through cublasGemmEx, reached through the dlopen'ed table (cublas_api.h). Both
-// operands are row-major; cuBLAS is column-major, so the call computes yᵀ (w.rows, tokens) = W · xᵀ
-// with W read transposed from its column-major view (cols, rows) — the "TN" layout, cuBLAS's
-// fastest for bf16 — and x read as a column-major (cols, tokens) matrix as is. yᵀ column-major with
-// ldc = w.rows is y row-major.
+// y = x · Wᵀ through cublasGemmEx (bf16 or fp16 operands, fp32 sums), reached through the dlopen'ed
+// table (cublas_api.h). Both operands are row-major; cuBLAS is column-major, so the call computes
+// yᵀ (w.rows, tokens) = W · xᵀ with W read transposed from its column-major view (cols, rows) — the
+// "TN" layout, cuBLAS's fastest for bf16 — and x read as a column-major (cols, tokens) matrix as
+// is. yᵀ column-major with ldc = w.rows is y row-major.
 #include "engine/cuda/gemm.h"
 
 #include "absl/strings/str_cat.h"
@@ -49,21 +49,25 @@ Gemm::~Gemm() {
   if (workspace_) cudaFree(workspace_);
 }
 
-absl::Status Gemm::Linear(const __nv_bfloat16* x, int tokens, const DeviceMatrix& w, void* y,
-                          GemmOutput output, bool accumulate) {
+absl::Status Gemm::Linear(const void* x, HalfFloat x_type, int tokens, const DeviceMatrix& w,
+                          void* y, GemmOutput output, bool accumulate) {
   if (tokens < 0 || w.rows <= 0 || w.cols <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("Gemm::Linear: bad shape, tokens ", tokens,
                                                    ", weight (", w.rows, ", ", w.cols, ")"));
   }
+  if (x_type != w.type) {
+    return absl::InvalidArgumentError("Gemm::Linear: the input's 16-bit type is not the weights'");
+  }
   if (tokens == 0) return absl::OkStatus();
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
-  const cudaDataType_t y_type = output == GemmOutput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cudaDataType_t half = w.type == HalfFloat::kFp16 ? CUDA_R_16F : CUDA_R_16BF;
+  const cudaDataType_t y_type = output == GemmOutput::kHalf ? half : CUDA_R_32F;
   return CublasStatus(
       *cublas_,
       cublas_->gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/w.rows, /*n=*/tokens, /*k=*/w.cols,
-                       &alpha, w.data, CUDA_R_16BF, /*lda=*/w.cols, x, CUDA_R_16BF, /*ldb=*/w.cols,
-                       &beta, y, y_type, /*ldc=*/w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       &alpha, w.data, half, /*lda=*/w.cols, x, half, /*ldb=*/w.cols, &beta, y,
+                       y_type, /*ldc=*/w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       absl::StrCat("cublasGemmEx(", tokens, " x ", w.cols, " -> ", w.rows, ")"));
 }
 

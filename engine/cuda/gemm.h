@@ -3,6 +3,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <memory>
@@ -13,7 +14,8 @@
 
 namespace kvtrim::engine::cuda {
 
-enum class GemmOutput { kBf16, kFloat };
+// y's type: the weights' 16-bit type (bf16 or fp16), or fp32.
+enum class GemmOutput { kHalf, kFloat };
 
 // One cuBLAS handle bound to one stream, with its own workspace (so the calls can be captured
 // in a CUDA graph). Not thread-safe: the engine thread owns it.
@@ -26,13 +28,22 @@ class Gemm {
   Gemm& operator=(const Gemm&) = delete;
 
   // y (tokens, w.rows) = x (tokens, w.cols) · wᵀ, plus y's previous value when `accumulate`.
-  // All tokens of a step are packed into x, so each projection is one GEMM. Inputs bf16,
+  // All tokens of a step are packed into x, so each projection is one GEMM. x in w's type,
   // products and sums fp32 (no reduced-precision split-K), y stored as `output`.
+  // INVALID_ARGUMENT when x's type is not w's.
   absl::Status Linear(const __nv_bfloat16* x, int tokens, const DeviceMatrix& w, void* y,
-                      GemmOutput output, bool accumulate = false);
+                      GemmOutput output, bool accumulate = false) {
+    return Linear(x, HalfFloat::kBf16, tokens, w, y, output, accumulate);
+  }
+  absl::Status Linear(const __half* x, int tokens, const DeviceMatrix& w, void* y,
+                      GemmOutput output, bool accumulate = false) {
+    return Linear(x, HalfFloat::kFp16, tokens, w, y, output, accumulate);
+  }
 
  private:
   Gemm() = default;
+  absl::Status Linear(const void* x, HalfFloat x_type, int tokens, const DeviceMatrix& w, void* y,
+                      GemmOutput output, bool accumulate);
 
   const CublasApi* cublas_ = nullptr;  // loaded once per process, never unloaded
   cublasHandle_t handle_ = nullptr;

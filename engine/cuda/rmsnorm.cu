@@ -1,4 +1,5 @@
-// RMSNorm fused with the residual add: x += delta; out = bf16(x · rsqrt(mean(x²) + eps) · w).
+// RMSNorm fused with the residual add: x += delta; out = T(x · rsqrt(mean(x²) + eps) · w), T the
+// activations' 16-bit type (bf16, or fp16 for an fp16 model).
 //
 // Each layer ends its attention and MLP blocks with a projection whose output is added to the
 // residual stream and immediately normalised for the next block; doing both in one pass reads x
@@ -9,7 +10,7 @@
 // between the two passes. Pass 1 issues every load of its x and weight vectors before using any
 // (then the delta's, added and written back into x), so they are in flight together; it sums
 // squares (fp32), and a warp-shuffle then shared-memory reduction gives the row's scale. Pass 2
-// writes the bf16 output from the registers. A row longer than the block's kKept vectors a
+// writes the 16-bit output from the registers. A row longer than the block's kKept vectors a
 // thread re-reads the rest of x (its own writes, still in L1/L2).
 #include <cuda_bf16.h>
 
@@ -18,6 +19,7 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
+#include "engine/cuda/half.cuh"
 #include "engine/cuda/rmsnorm.h"
 
 namespace kvtrim::engine::cuda {
@@ -55,55 +57,55 @@ __device__ __forceinline__ void LoadRow(const float* __restrict__ x, int i, floa
 }
 
 // values += delta[i, i + kVec), written back to x.
-template <int kVec>
-__device__ __forceinline__ void AddDelta(const __nv_bfloat16* __restrict__ delta, int i,
-                                         float* __restrict__ x, float (&values)[kVec]) {
+template <int kVec, typename T>
+__device__ __forceinline__ void AddDelta(const T* __restrict__ delta, int i, float* __restrict__ x,
+                                         float (&values)[kVec]) {
   if constexpr (kVec == 8) {
     const uint4 packed = *reinterpret_cast<const uint4*>(delta + i);
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+    const HalfPair<T>* pairs = reinterpret_cast<const HalfPair<T>*>(&packed);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(pairs[j]);
+      const float2 f = ToFloat2(pairs[j]);
       values[2 * j] += f.x;
       values[2 * j + 1] += f.y;
     }
     reinterpret_cast<float4*>(x + i)[0] = make_float4(values[0], values[1], values[2], values[3]);
     reinterpret_cast<float4*>(x + i)[1] = make_float4(values[4], values[5], values[6], values[7]);
   } else {
-    values[0] += __bfloat162float(delta[i]);
+    values[0] += ToFloat(delta[i]);
     x[i] = values[0];
   }
 }
 
-// out[i, i + kVec) = bf16(values · scale · weight).
-template <int kVec>
+// out[i, i + kVec) = T(values · scale · weight).
+template <int kVec, typename T>
 __device__ __forceinline__ void StoreNormed(const float (&values)[kVec], float scale,
                                             const float (&weight)[kVec], int i,
-                                            __nv_bfloat16* __restrict__ out) {
+                                            T* __restrict__ out) {
   if constexpr (kVec == 8) {
     uint4 packed;
-    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+    HalfPair<T>* pairs = reinterpret_cast<HalfPair<T>*>(&packed);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      pairs[j] = __floats2bfloat162_rn(values[2 * j] * scale * weight[2 * j],
-                                       values[2 * j + 1] * scale * weight[2 * j + 1]);
+      pairs[j] = FromFloats<T>(values[2 * j] * scale * weight[2 * j],
+                               values[2 * j + 1] * scale * weight[2 * j + 1]);
     }
     *reinterpret_cast<uint4*>(out + i) = packed;
   } else {
-    out[i] = __float2bfloat16(values[0] * scale * weight[0]);
+    out[i] = FromFloat<T>(values[0] * scale * weight[0]);
   }
 }
 
-template <int kVec>
+template <int kVec, typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    AddRmsNormKernel(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
+    AddRmsNormKernel(float* __restrict__ residual, const T* __restrict__ delta,
                      const float* __restrict__ weight, float eps, int hidden,
-                     __nv_bfloat16* __restrict__ normed) {
+                     T* __restrict__ normed) {
   WaitForPrerequisites();
   const size_t row_start = static_cast<size_t>(blockIdx.x) * hidden;
   float* x = residual + row_start;
-  const __nv_bfloat16* d = delta ? delta + row_start : nullptr;
-  __nv_bfloat16* out = normed + row_start;
+  const T* d = delta ? delta + row_start : nullptr;
+  T* out = normed + row_start;
   const int step = blockDim.x * kVec;
   const int first = threadIdx.x * kVec;
 
@@ -148,11 +150,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-}  // namespace
-
-cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const float* weight,
-                             float eps, int tokens, int hidden, __nv_bfloat16* normed,
-                             cudaStream_t stream) {
+template <typename T>
+cudaError_t LaunchAddRmsNormAs(float* residual, const T* delta, const float* weight, float eps,
+                               int tokens, int hidden, T* normed, cudaStream_t stream) {
   if (tokens < 0 || hidden <= 0) return cudaErrorInvalidValue;
   if (tokens == 0) return cudaSuccess;
   const bool vector = hidden % 8 == 0 && Aligned16(residual) && Aligned16(weight) &&
@@ -160,8 +160,21 @@ cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const 
   // Enough threads for kKept vectors each (64 to kMaxThreads): Llama-3-8B's 4096 take 128.
   const int vectors = (hidden + (vector ? 8 : 1) - 1) / (vector ? 8 : 1);
   const int threads = std::clamp((vectors + kKept - 1) / kKept + 31, 64, kMaxThreads) / 32 * 32;
-  return LaunchDependent(vector ? AddRmsNormKernel<8> : AddRmsNormKernel<1>, tokens, threads, 0,
-                         stream, residual, delta, weight, eps, hidden, normed);
+  return LaunchDependent(vector ? AddRmsNormKernel<8, T> : AddRmsNormKernel<1, T>, tokens, threads,
+                         0, stream, residual, delta, weight, eps, hidden, normed);
+}
+
+}  // namespace
+
+cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const float* weight,
+                             float eps, int tokens, int hidden, __nv_bfloat16* normed,
+                             cudaStream_t stream) {
+  return LaunchAddRmsNormAs(residual, delta, weight, eps, tokens, hidden, normed, stream);
+}
+
+cudaError_t LaunchAddRmsNorm(float* residual, const __half* delta, const float* weight, float eps,
+                             int tokens, int hidden, __half* normed, cudaStream_t stream) {
+  return LaunchAddRmsNormAs(residual, delta, weight, eps, tokens, hidden, normed, stream);
 }
 
 }  // namespace kvtrim::engine::cuda

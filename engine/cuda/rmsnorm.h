@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 namespace kvtrim::engine::cuda {
@@ -15,5 +16,8 @@ namespace kvtrim::engine::cuda {
 cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const float* weight,
                              float eps, int tokens, int hidden, __nv_bfloat16* normed,
                              cudaStream_t stream);
+// The same with delta and normed in fp16 (a model whose weights are fp16).
+cudaError_t LaunchAddRmsNorm(float* residual, const __half* delta, const float* weight, float eps,
+                             int tokens, int hidden, __half* normed, cudaStream_t stream);
 
 }  // namespace kvtrim::engine::cuda

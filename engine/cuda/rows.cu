@@ -1,6 +1,6 @@
-// Row-wise helpers: bias add, row gather and row argmax. All are tiny next to the GEMMs around
-// them (a few rows of a few thousand to a few hundred thousand elements), so they are plain
-// strided loops, one block per row.
+// Row-wise helpers: bias add, row gather, row argmax, and the in-place change of 16-bit format. All
+// are tiny next to the GEMMs around them (a few rows of a few thousand to a few hundred thousand
+// elements), so they are plain strided loops, one block per row.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -8,6 +8,7 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
+#include "engine/cuda/half.cuh"
 #include "engine/cuda/row_best.cuh"
 #include "engine/cuda/rows.h"
 
@@ -25,13 +26,36 @@ __global__ void AddBiasKernel(__nv_bfloat16* __restrict__ y, int row_stride,
   }
 }
 
-__global__ void GatherRowsKernel(const __nv_bfloat16* __restrict__ src, int width,
-                                 const int32_t* __restrict__ rows,
-                                 __nv_bfloat16* __restrict__ dst) {
+// Copies 16-bit elements as they are, whichever format.
+__global__ void GatherRowsKernel(const uint16_t* __restrict__ src, int width,
+                                 const int32_t* __restrict__ rows, uint16_t* __restrict__ dst) {
   WaitForPrerequisites();
-  const __nv_bfloat16* from = src + static_cast<int64_t>(rows[blockIdx.x]) * width;
-  __nv_bfloat16* to = dst + static_cast<int64_t>(blockIdx.x) * width;
+  const uint16_t* from = src + static_cast<int64_t>(rows[blockIdx.x]) * width;
+  uint16_t* to = dst + static_cast<int64_t>(blockIdx.x) * width;
   for (int i = threadIdx.x; i < width; i += blockDim.x) to[i] = from[i];
+}
+
+// data[i] from From to To, kVec elements per thread and step.
+template <typename From, typename To, int kVec>
+__global__ void ConvertHalfKernel(void* __restrict__ data, int64_t n) {
+  WaitForPrerequisites();
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * kVec;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; i < n;
+       i += step) {
+    if constexpr (kVec == 8) {
+      uint4 packed = *reinterpret_cast<const uint4*>(static_cast<const From*>(data) + i);
+      const HalfPair<From>* in = reinterpret_cast<const HalfPair<From>*>(&packed);
+      HalfPair<To>* out = reinterpret_cast<HalfPair<To>*>(&packed);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = ToFloat2(in[j]);
+        out[j] = FromFloats<To>(f.x, f.y);
+      }
+      *reinterpret_cast<uint4*>(static_cast<To*>(data) + i) = packed;
+    } else {
+      static_cast<To*>(data)[i] = FromFloat<To>(ToFloat(static_cast<const From*>(data)[i]));
+    }
+  }
 }
 
 constexpr int kArgmaxThreads = 1024;
@@ -59,7 +83,33 @@ cudaError_t LaunchGatherRows(const __nv_bfloat16* src, int width, const int32_t*
   if (n < 0 || width <= 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   return LaunchDependent(GatherRowsKernel, n, std::min(kThreads, (width + 31) / 32 * 32), 0, stream,
-                         src, width, rows, dst);
+                         reinterpret_cast<const uint16_t*>(src), width, rows,
+                         reinterpret_cast<uint16_t*>(dst));
+}
+
+cudaError_t LaunchGatherRows(const __half* src, int width, const int32_t* rows, int n, __half* dst,
+                             cudaStream_t stream) {
+  return LaunchGatherRows(reinterpret_cast<const __nv_bfloat16*>(src), width, rows, n,
+                          reinterpret_cast<__nv_bfloat16*>(dst), stream);
+}
+
+cudaError_t LaunchConvertHalf(void* data, int64_t n, HalfFloat from, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && data == nullptr)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const bool vector = n % 8 == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  const int vec = vector ? 8 : 1;
+  // One vector per thread; the grid-stride loop only matters past 2^30 blocks.
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((n / vec + kThreads - 1) / kThreads, int64_t{1} << 30));
+  using Bf16 = __nv_bfloat16;
+  if (from == HalfFloat::kFp16) {
+    return LaunchDependent(
+        vector ? ConvertHalfKernel<__half, Bf16, 8> : ConvertHalfKernel<__half, Bf16, 1>, blocks,
+        kThreads, 0, stream, data, n);
+  }
+  return LaunchDependent(
+      vector ? ConvertHalfKernel<Bf16, __half, 8> : ConvertHalfKernel<Bf16, __half, 1>, blocks,
+      kThreads, 0, stream, data, n);
 }
 
 cudaError_t LaunchRowArgmax(const float* logits, int width, int n, int32_t* argmax,

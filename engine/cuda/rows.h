@@ -2,9 +2,12 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "engine/model.h"
 
 namespace kvtrim::engine::cuda {
 
@@ -17,6 +20,16 @@ cudaError_t LaunchAddBias(__nv_bfloat16* y, int row_stride, const float* bias, i
 // that wants logits, gathered before the lm_head GEMM). rows (n) is device memory.
 cudaError_t LaunchGatherRows(const __nv_bfloat16* src, int width, const int32_t* rows, int n,
                              __nv_bfloat16* dst, cudaStream_t stream);
+cudaError_t LaunchGatherRows(const __half* src, int width, const int32_t* rows, int n, __half* dst,
+                             cudaStream_t stream);
+
+// Rewrites the n 16-bit floats at `data` (device memory) in place from format `from` to the
+// other one, rounding to nearest even: an fp16 model's q|k|v GEMM output becomes the bf16 the
+// attention kernels and the K/V pages take, and their bf16 output the fp16 its output projection
+// reads. fp16 values beyond bf16's precision round; bf16 values beyond fp16's range (65504)
+// become ±inf, which an fp16 model's attention output, a weighted mean of its fp16 values, never
+// reaches. NaN stays NaN.
+cudaError_t LaunchConvertHalf(void* data, int64_t n, HalfFloat from, cudaStream_t stream);
 
 // argmax[r] = the index of the largest of logits[r, 0 .. width) for r < n, as engine::Argmax
 // (sampler.h) gives it: NaNs never win, ties go to the lowest index, an all-NaN row gives 0.

@@ -1,9 +1,10 @@
 // SwiGLU: out = silu(gate) · up = gate / (1 + exp(-gate)) · up, elementwise, fp32 inside.
 //
-// Purely memory-bound (per element two bf16 reads and one bf16 write for a handful of flops), so
-// the only design points are wide accesses and enough of them in flight: a flat grid-stride loop
-// over (token, column) in units of 8 elements (16-byte loads and stores) when width and both row
-// strides are multiples of 8 and the pointers 16-byte aligned, single elements otherwise. expf (not
+// Purely memory-bound (per element two 16-bit reads and one write, bf16 or fp16, for a handful of
+// flops), so the only design points are wide accesses and enough of them in flight: a flat
+// grid-stride loop over (token, column) in units of 8 elements (16-byte loads and stores) when
+// width and both row strides are multiples of 8 and the pointers 16-byte aligned, single elements
+// otherwise. expf (not
 // __expf) keeps the CPU twin's accuracy; it is not the bottleneck.
 #include <cuda_bf16.h>
 
@@ -12,6 +13,7 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
+#include "engine/cuda/half.cuh"
 #include "engine/cuda/swiglu.h"
 
 namespace kvtrim::engine::cuda {
@@ -21,10 +23,10 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float Silu(float x) { return x / (1.0f + expf(-x)); }
 
-template <int kVec>
-__global__ void SwigluKernel(const __nv_bfloat16* __restrict__ gate,
-                             const __nv_bfloat16* __restrict__ up, int in_row_stride, int tokens,
-                             int width, __nv_bfloat16* __restrict__ out, int out_row_stride) {
+template <int kVec, typename T>
+__global__ void SwigluKernel(const T* __restrict__ gate, const T* __restrict__ up,
+                             int in_row_stride, int tokens, int width, T* __restrict__ out,
+                             int out_row_stride) {
   WaitForPrerequisites();
   const int vectors_per_row = width / kVec;
   const size_t total = static_cast<size_t>(tokens) * vectors_per_row;
@@ -37,30 +39,28 @@ __global__ void SwigluKernel(const __nv_bfloat16* __restrict__ gate,
     if constexpr (kVec == 8) {
       const uint4 g_packed = *reinterpret_cast<const uint4*>(gate + in);
       const uint4 u_packed = *reinterpret_cast<const uint4*>(up + in);
-      const __nv_bfloat162* g = reinterpret_cast<const __nv_bfloat162*>(&g_packed);
-      const __nv_bfloat162* u = reinterpret_cast<const __nv_bfloat162*>(&u_packed);
+      const HalfPair<T>* g = reinterpret_cast<const HalfPair<T>*>(&g_packed);
+      const HalfPair<T>* u = reinterpret_cast<const HalfPair<T>*>(&u_packed);
       uint4 o_packed;
-      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&o_packed);
+      HalfPair<T>* o = reinterpret_cast<HalfPair<T>*>(&o_packed);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float2 gf = __bfloat1622float2(g[j]);
-        const float2 uf = __bfloat1622float2(u[j]);
-        o[j] = __floats2bfloat162_rn(Silu(gf.x) * uf.x, Silu(gf.y) * uf.y);
+        const float2 gf = ToFloat2(g[j]);
+        const float2 uf = ToFloat2(u[j]);
+        o[j] = FromFloats<T>(Silu(gf.x) * uf.x, Silu(gf.y) * uf.y);
       }
       *reinterpret_cast<uint4*>(out + dst) = o_packed;
     } else {
-      out[dst] = __float2bfloat16(Silu(__bfloat162float(gate[in])) * __bfloat162float(up[in]));
+      out[dst] = FromFloat<T>(Silu(ToFloat(gate[in])) * ToFloat(up[in]));
     }
   }
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-}  // namespace
-
-cudaError_t LaunchSwiglu(const __nv_bfloat16* gate, const __nv_bfloat16* up, int in_row_stride,
-                         int tokens, int width, __nv_bfloat16* out, int out_row_stride,
-                         cudaStream_t stream) {
+template <typename T>
+cudaError_t LaunchSwigluAs(const T* gate, const T* up, int in_row_stride, int tokens, int width,
+                           T* out, int out_row_stride, cudaStream_t stream) {
   if (tokens < 0 || width <= 0 || in_row_stride < width || out_row_stride < width) {
     return cudaErrorInvalidValue;
   }
@@ -71,8 +71,21 @@ cudaError_t LaunchSwiglu(const __nv_bfloat16* gate, const __nv_bfloat16* up, int
   const size_t total = static_cast<size_t>(tokens) * (width / vec);
   // One element vector per thread; the grid-stride loop only matters past 2^30 blocks.
   const int blocks = static_cast<int>(std::min<size_t>((total + kThreads - 1) / kThreads, 1 << 30));
-  return LaunchDependent(vector ? SwigluKernel<8> : SwigluKernel<1>, blocks, kThreads, 0, stream,
-                         gate, up, in_row_stride, tokens, width, out, out_row_stride);
+  return LaunchDependent(vector ? SwigluKernel<8, T> : SwigluKernel<1, T>, blocks, kThreads, 0,
+                         stream, gate, up, in_row_stride, tokens, width, out, out_row_stride);
+}
+
+}  // namespace
+
+cudaError_t LaunchSwiglu(const __nv_bfloat16* gate, const __nv_bfloat16* up, int in_row_stride,
+                         int tokens, int width, __nv_bfloat16* out, int out_row_stride,
+                         cudaStream_t stream) {
+  return LaunchSwigluAs(gate, up, in_row_stride, tokens, width, out, out_row_stride, stream);
+}
+
+cudaError_t LaunchSwiglu(const __half* gate, const __half* up, int in_row_stride, int tokens,
+                         int width, __half* out, int out_row_stride, cudaStream_t stream) {
+  return LaunchSwigluAs(gate, up, in_row_stride, tokens, width, out, out_row_stride, stream);
 }
 
 }  // namespace kvtrim::engine::cuda

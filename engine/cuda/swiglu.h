@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 namespace kvtrim::engine::cuda {
@@ -12,5 +13,8 @@ namespace kvtrim::engine::cuda {
 cudaError_t LaunchSwiglu(const __nv_bfloat16* gate, const __nv_bfloat16* up, int in_row_stride,
                          int tokens, int width, __nv_bfloat16* out, int out_row_stride,
                          cudaStream_t stream);
+// The same in fp16, rounded to fp16 once (a model whose weights are fp16).
+cudaError_t LaunchSwiglu(const __half* gate, const __half* up, int in_row_stride, int tokens,
+                         int width, __half* out, int out_row_stride, cudaStream_t stream);
 
 }  // namespace kvtrim::engine::cuda

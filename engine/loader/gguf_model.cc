@@ -240,6 +240,14 @@ absl::StatusOr<ModelConfig> ReadGgufConfig(const GgufFile& file) {
   // Qwen2 always has q/k/v biases; other architectures have them when the file does.
   c.qkv_bias = c.architecture == "qwen2" || file.FindTensor("blk.0.attn_q.bias") != nullptr;
   c.tied_embeddings = file.FindTensor("output.weight") == nullptr;
+  // llama.cpp's LLAMA_FTYPE_MOSTLY_F16; without the key, the type of the first layer's query.
+  constexpr int64_t kMostlyF16 = 1;
+  const GgufTensorInfo* query = file.FindTensor("blk.0.attn_q.weight");
+  absl::StatusOr<int64_t> file_type = file.GetInt("general.file_type", -1);
+  if (!file_type.ok()) return file_type.status();
+  const bool f16 = *file_type >= 0 ? *file_type == kMostlyF16
+                                   : query != nullptr && query->type == GgmlType::kF16;
+  c.dtype = f16 ? HalfFloat::kFp16 : HalfFloat::kBf16;
   return c;
 }
 

@@ -283,6 +283,8 @@ absl::StatusOr<ModelConfig> ParseHfConfig(std::string_view config_json, std::str
   c.max_context = r.Int("max_position_embeddings", std::nullopt);
   c.rms_eps = static_cast<float>(r.Positive("rms_norm_eps", 1e-6));
   c.tied_embeddings = r.Bool("tie_word_embeddings", false);
+  const std::string dtype = r.String(r.Has("dtype") ? "dtype" : "torch_dtype", std::string());
+  c.dtype = dtype == "float16" ? HalfFloat::kFp16 : HalfFloat::kBf16;
   c.rope_layout = RopeLayout::kHalves;
   ReadRope(root, file, r, c);
   ReadFamily(r, c);

@@ -11,6 +11,7 @@
 // Each row is the median of --repeats timed runs (CUDA events around each) after warm-up runs.
 // Prints tables; never fails on time. Every CUDA call is checked: an error ends the program.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -125,29 +126,44 @@ void GemmRates(cudaStream_t stream) {
       {"8B w_gate, decode 256", 256, 14336, 4096},
       {"8B w_gate, prefill 4096", 4096, 14336, 4096},
       {"8B w_down, prefill 4096", 4096, 4096, 14336},
+      {"SmolLM2 q|k|v, prefill 8192", 8192, 960, 576},
+      {"SmolLM2 gate|up, prefill 8192", 8192, 3072, 576},
+      {"SmolLM2 down, prefill 8192", 8192, 576, 1536},
   };
-  std::printf("\n## bf16 GEMM y = x · Wᵀ (engine/cuda/gemm.h: cublasGemmEx, fp32 accumulate)\n\n");
   std::printf(
-      "| shape                    | tokens |  rows |  cols | out  |  median ms |  TFLOP/s "
+      "\n## bf16 and fp16 GEMM y = x · Wᵀ (engine/cuda/gemm.h: cublasGemmEx, fp32 accumulate; "
+      "fp16 on the bf16 buffers' bits, all finite)\n\n");
+  std::printf(
+      "| shape                         | tokens |  rows |  cols | in   | out  |  median ms |  "
+      "TFLOP/s "
       "| weight GB/s |\n");
   std::printf(
-      "|--------------------------|-------:|------:|------:|------|-----------:|---------:"
+      "|-------------------------------|-------:|------:|------:|------|------|-----------:|-------"
+      "--:"
       "|------------:|\n");
   for (const Shape& s : shapes) {
     DeviceBuffer x = RandomBf16(static_cast<size_t>(s.tokens) * s.cols);
     DeviceBuffer w = RandomBf16(static_cast<size_t>(s.rows) * s.cols);
     DeviceBuffer y = Empty(static_cast<size_t>(s.tokens) * s.rows * sizeof(float));
-    const DeviceMatrix matrix{w.as<__nv_bfloat16>(), s.rows, s.cols};
-    for (const GemmOutput output : {GemmOutput::kBf16, GemmOutput::kFloat}) {
-      const Timing t = Time(stream, [&] {
-        CHECK_OK((*gemm)->Linear(x.as<__nv_bfloat16>(), s.tokens, matrix, y.as<void>(), output));
-      });
-      const double flops = 2.0 * s.tokens * s.rows * static_cast<double>(s.cols);
-      const double weight_bytes = 2.0 * s.rows * static_cast<double>(s.cols);
-      std::printf("| %-24s | %6d | %5d | %5d | %-4s | %10.3f | %8.1f | %11.0f |\n", s.name,
-                  s.tokens, s.rows, s.cols, output == GemmOutput::kBf16 ? "bf16" : "fp32",
-                  t.median_ms, flops / (t.median_ms * 1e-3) / 1e12,
-                  weight_bytes / (t.median_ms * 1e-3) / 1e9);
+    for (const HalfFloat type : {HalfFloat::kBf16, HalfFloat::kFp16}) {
+      const DeviceMatrix matrix{w.as<void>(), s.rows, s.cols, type};
+      const bool fp16 = type == HalfFloat::kFp16;
+      for (const GemmOutput output : {GemmOutput::kHalf, GemmOutput::kFloat}) {
+        const Timing t = Time(stream, [&] {
+          CHECK_OK(fp16 ? (*gemm)->Linear(x.as<__half>(), s.tokens, matrix, y.as<void>(), output)
+                        : (*gemm)->Linear(x.as<__nv_bfloat16>(), s.tokens, matrix, y.as<void>(),
+                                          output));
+        });
+        const double flops = 2.0 * s.tokens * s.rows * static_cast<double>(s.cols);
+        const double weight_bytes = 2.0 * s.rows * static_cast<double>(s.cols);
+        std::printf("| %-29s | %6d | %5d | %5d | %-4s | %-4s | %10.3f | %8.1f | %11.0f |\n", s.name,
+                    s.tokens, s.rows, s.cols, fp16 ? "fp16" : "bf16",
+                    output == GemmOutput::kFloat ? "fp32"
+                    : fp16                       ? "fp16"
+                                                 : "bf16",
+                    t.median_ms, flops / (t.median_ms * 1e-3) / 1e12,
+                    weight_bytes / (t.median_ms * 1e-3) / 1e9);
+      }
     }
   }
 }

@@ -56,6 +56,7 @@ ABSL_FLAG(std::string, load_format, "auto", "auto, gguf, hf or dummy");
 ABSL_FLAG(std::string, arch, "",
           "with --load-format dummy: llama3-8b, llama3.1-8b, mistral-7b, smollm2-135m");
 ABSL_FLAG(std::string, device, "auto", "cpu, cuda or auto");
+ABSL_FLAG(std::string, dtype, "auto", "on cuda: auto (the model's), bfloat16 or float16");
 ABSL_FLAG(int, requests, 32, "concurrent requests");
 ABSL_FLAG(int, prompt_tokens, 8192, "prompt tokens per request");
 ABSL_FLAG(int, new_tokens, 256, "generated tokens per request");
@@ -197,7 +198,8 @@ int Run() {
       ChooseBackend(absl::GetFlag(FLAGS_device), "serve_bench",
                     {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
                      .sample_on_device = absl::GetFlag(FLAGS_sample_on_device),
-                     .dependent_launch = absl::GetFlag(FLAGS_dependent_launch)});
+                     .dependent_launch = absl::GetFlag(FLAGS_dependent_launch),
+                     .dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
     return 2;
@@ -237,9 +239,11 @@ int Run() {
     std::fprintf(stderr, "%s\n", std::string(generator.status().message()).c_str());
     return 2;
   }
-  std::printf("serve_bench: %s on %s, %d requests x (%d prompt + %d new) tokens, pool %.1f GiB\n",
-              c.name.c_str(), backend->name.c_str(), requests, prompt_tokens, new_tokens,
-              absl::GetFlag(FLAGS_pool_gib));
+  std::printf(
+      "serve_bench: %s on %s (--dtype %s), %d requests x (%d prompt + %d new) tokens, pool %.1f "
+      "GiB\n",
+      c.name.c_str(), backend->name.c_str(), absl::GetFlag(FLAGS_dtype).c_str(), requests,
+      prompt_tokens, new_tokens, absl::GetFlag(FLAGS_pool_gib));
 
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);

@@ -295,6 +295,44 @@ TEST_P(CudaTinyModelTest, DependentLaunchesGiveThePlainLogits) {
   }
 }
 
+// Both 16-bit weight types against the CPU engine (fp32 over the same weights), eager and from
+// CUDA graphs. Three of the tiny GGUFs are F16 (ModelConfig::dtype kFp16), so their weights are
+// exact in fp16: their fp16 logits must come closer to the CPU's than their bf16 ones, which a
+// path that dropped to bf16 anywhere between the GEMMs would not. llama3_tied's are F32.
+TEST_P(CudaTinyModelTest, WeightTypesMatchCpu) {
+  const std::vector<std::vector<int32_t>> sequences = TwoSequences();
+  ASSERT_EQ(sequences.size(), 2u);
+  std::vector<std::vector<int>> schedule = {{24, 8}, {1, 8}};
+  for (int i = 0; i < 15; ++i) schedule.push_back({1, 1});
+  TestEngine cpu = MakeEngine(*model_, false, 256, 4096);
+  ASSERT_TRUE(cpu.backend);
+  std::vector<float> want;
+  for (const std::vector<float>& step : RunSchedule(cpu, sequences, schedule)) {
+    want.insert(want.end(), step.begin(), step.end());
+  }
+  double error[2] = {};
+  for (const HalfFloat dtype : {HalfFloat::kBf16, HalfFloat::kFp16}) {
+    const bool fp16 = dtype == HalfFloat::kFp16;
+    for (const bool graphs : {false, true}) {
+      TestEngine e =
+          MakeEngine(*model_, true, 256, 4096, CudaOptions{.graphs = graphs, .dtype = dtype});
+      ASSERT_TRUE(e.backend);
+      std::vector<float> got;
+      for (const std::vector<float>& step : RunSchedule(e, sequences, schedule)) {
+        got.insert(got.end(), step.begin(), step.end());
+      }
+      testing::ExpectClose(absl::StrCat("logits ", GetParam()),
+                           absl::StrCat(fp16 ? "fp16" : "bf16", " weights, prefill + decodes",
+                                        graphs ? ", graphs" : ", eager"),
+                           got, want, kLogitBound);
+      error[fp16] = testing::RelativeError(got, want);
+    }
+  }
+  if (model_->config.dtype == HalfFloat::kFp16) {
+    EXPECT_LT(error[1], error[0]) << GetParam() << ": fp16 is no closer to the CPU than bf16";
+  }
+}
+
 TEST_P(CudaTinyModelTest, ChunkedPrefillMatchesCpu) {
   for (const std::vector<int32_t>& ids : sequences_) {
     for (int chunk : {16, 64}) {
@@ -575,10 +613,18 @@ TEST_P(CudaTinyModelTest, DecodeTimeEvictionMatchesCpu) {
 // together as above over 12 steps: every few steps a layer's recent rows reach twice
 // think.recent and all but those move to the thin segment on the layer's channels. The moves
 // depend on row counts only, so every head's thin and recent counts must equal the CPU's after
-// every step, and the logits differ by bf16 rounding only.
+// every step. The channels are ThinK's, ranked on scores that round differently on the two
+// engines (CompressedSequenceMatchesCpu): on these 16-channel heads the CPU's kept and dropped
+// channels lie within 0.4-0.5% of each other in one or two of six (layer, head) cuts of a
+// 20-token prompt, and one channel chosen differently moves the logits well past rounding.
+// Measured on an H200 (2026-12-01): 0.8e-2 to 1.2e-2 where both engines chose alike, 1.2e-1
+// (qwen2) and 2.5e-1 (llama_gqa) where one did not, both with fp16 weights. So the logits take
+// kSelectionBound; the moves themselves are held exact against a host model in
+// cuda_attention_compressed_test.
 TEST_P(CudaTinyModelTest, RethinningMatchesCpu) {
   if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
   constexpr int kSteps = kBatchSteps;
+  constexpr double kSelectionBound = 0.4;
   for (const char* spec :
        {"think.lambda=0.5,think.recent=2,think.rethin=1",
         "policy=streamingllm,budget_ratio=0.75,sinks=2,think.lambda=0.5,think.recent=4,"
@@ -603,7 +649,7 @@ TEST_P(CudaTinyModelTest, RethinningMatchesCpu) {
     EXPECT_EQ(got.rows, want.rows) << spec;
     testing::ExpectClose(absl::StrCat("rethin logits ", GetParam()),
                          absl::StrCat(spec, ", 4 x (24 + 12)"), got.logits, want.logits,
-                         kLogitBound);
+                         kSelectionBound);
   }
 }
 
@@ -633,8 +679,8 @@ INSTANTIATE_TEST_SUITE_P(Tiny, CudaTinyModelTest,
 
 // ---- SmolLM2-135M-Instruct ----
 
-GeneratorOptions OnCuda(GeneratorOptions options) {
-  options.make_backend = CudaBackend::Factory();
+GeneratorOptions OnCuda(GeneratorOptions options, CudaOptions cuda = {}) {
+  options.make_backend = CudaBackend::Factory(cuda);
   options.kv_element_bytes = kKvElementBytes;
   options.kv_storage = kKvStorage;
   return options;
@@ -674,14 +720,17 @@ nlohmann::json* CudaSmolLm2Test::golden_ = nullptr;
 // few hundredths; a real error (a wrong page, position or head) moves them by whole units.
 constexpr double kSmolLm2LogitBound = 5e-2;
 
-TEST_F(CudaSmolLm2Test, LastPositionLogitsMatchGoldens) {
-  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model_, OnCuda({}));
+// Last-position logits of the five golden prompts against transformers' fp32 ones; `label`
+// starts each printed line's name.
+void ExpectGoldenLogits(const Model* model, const nlohmann::json& golden, CudaOptions cuda,
+                        const std::string& label) {
+  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model, OnCuda({}, cuda));
   ASSERT_TRUE(generator.ok()) << generator.status();
-  for (const nlohmann::json& prompt : (*golden_)["prompts"]) {
+  for (const nlohmann::json& prompt : golden["prompts"]) {
     const std::vector<int32_t> ids = prompt["ids"];
     std::ifstream in(DataPath("tests/data/smollm2/" + prompt["logits_file"].get<std::string>()),
                      std::ios::binary);
-    std::vector<float> want(model_->config.vocab_size);
+    std::vector<float> want(model->config.vocab_size);
     in.read(reinterpret_cast<char*>(want.data()), want.size() * sizeof(float));
     ASSERT_TRUE(in) << prompt["logits_file"];
     absl::StatusOr<std::vector<float>> got = (*generator)->PromptLogits(ids);
@@ -690,22 +739,33 @@ TEST_F(CudaSmolLm2Test, LastPositionLogitsMatchGoldens) {
     for (size_t i = 0; i < want.size(); ++i)
       max_diff = std::max(max_diff, std::abs((*got)[i] - want[i]));
     const double error = testing::RelativeError(*got, want);
-    std::printf("[smollm2] logits %-12s %5zu tokens  rel_err %.3e  max |diff| %.3f  top-1 %d %s\n",
-                prompt["name"].get<std::string>().c_str(), ids.size(), error, max_diff,
-                Argmax(*got), Argmax(*got) == Argmax(want) ? "(= golden)" : "(golden differs)");
-    EXPECT_LE(error, kSmolLm2LogitBound) << prompt["name"];
+    std::printf(
+        "[smollm2] %slogits %-12s %5zu tokens  rel_err %.3e  max |diff| %.3f  top-1 %d %s\n",
+        label.c_str(), prompt["name"].get<std::string>().c_str(), ids.size(), error, max_diff,
+        Argmax(*got), Argmax(*got) == Argmax(want) ? "(= golden)" : "(golden differs)");
+    EXPECT_LE(error, kSmolLm2LogitBound) << label << prompt["name"];
   }
+}
+
+TEST_F(CudaSmolLm2Test, LastPositionLogitsMatchGoldens) {
+  ExpectGoldenLogits(model_, *golden_, {}, "");
+}
+
+// The same model run with fp16 weights and GEMM activations (--dtype float16).
+TEST_F(CudaSmolLm2Test, Fp16LastPositionLogitsMatchGoldens) {
+  ExpectGoldenLogits(model_, *golden_, {.dtype = HalfFloat::kFp16}, "fp16 ");
 }
 
 // The acceptance check: greedy tokens of the five golden prompts, batched through the Scheduler
 // (chunked prefill of the 4k prompt next to the others' decodes), equal to the CPU engine's for at
 // least 60 of 64 positions each. The drift is printed: the first divergence and the fp32 margin
 // (top-1 minus top-2 logit, from the goldens) where it happened.
-TEST_F(CudaSmolLm2Test, GreedyTokensMatchTheCpuEngine) {
-  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model_, OnCuda({}));
+void ExpectGreedyMatchesCpu(const Model* model, const nlohmann::json& golden, CudaOptions cuda,
+                            const std::string& label) {
+  absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(model, OnCuda({}, cuda));
   ASSERT_TRUE(generator.ok()) << generator.status();
   std::vector<GenerationRequest> requests;
-  for (const nlohmann::json& prompt : (*golden_)["prompts"]) {
+  for (const nlohmann::json& prompt : golden["prompts"]) {
     GenerationRequest request;
     request.prompt = prompt["ids"].get<std::vector<int32_t>>();
     request.max_tokens = static_cast<int32_t>(prompt["greedy_ids"].size());
@@ -715,7 +775,7 @@ TEST_F(CudaSmolLm2Test, GreedyTokensMatchTheCpuEngine) {
   absl::StatusOr<std::vector<GenerationResult>> results = (*generator)->Run(requests);
   ASSERT_TRUE(results.ok()) << results.status();
   for (size_t i = 0; i < requests.size(); ++i) {
-    const nlohmann::json& prompt = (*golden_)["prompts"][i];
+    const nlohmann::json& prompt = golden["prompts"][i];
     const std::vector<int32_t> want = prompt["greedy_ids"];
     const std::vector<float> margins = prompt["greedy_margins"];
     const std::vector<int32_t>& got = (*results)[i].tokens;
@@ -725,15 +785,23 @@ TEST_F(CudaSmolLm2Test, GreedyTokensMatchTheCpuEngine) {
       if (got[k] == want[k]) ++equal;
       if (got[k] != want[k] && first_divergence < 0) first_divergence = static_cast<int>(k);
     }
-    std::printf("[smollm2] greedy %-12s equal %2d/%zu  first divergence %s\n",
+    std::printf("[smollm2] %sgreedy %-12s equal %2d/%zu  first divergence %s\n", label.c_str(),
                 prompt["name"].get<std::string>().c_str(), equal, want.size(),
                 first_divergence < 0 ? "none"
                                      : absl::StrCat(first_divergence, " (fp32 margin there ",
                                                     margins[first_divergence], ")")
                                            .c_str());
-    EXPECT_GE(equal, 60) << prompt["name"];
+    EXPECT_GE(equal, 60) << label << prompt["name"];
   }
   EXPECT_EQ((*generator)->pool().free_pages(), (*generator)->pool().total_pages());
+}
+
+TEST_F(CudaSmolLm2Test, GreedyTokensMatchTheCpuEngine) {
+  ExpectGreedyMatchesCpu(model_, *golden_, {}, "");
+}
+
+TEST_F(CudaSmolLm2Test, Fp16GreedyTokensMatchTheCpuEngine) {
+  ExpectGreedyMatchesCpu(model_, *golden_, {.dtype = HalfFloat::kFp16}, "fp16 ");
 }
 
 // The same tokens teacher-forced: each prompt, then the CPU engine's greedy tokens one by one

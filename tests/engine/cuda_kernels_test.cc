@@ -529,7 +529,7 @@ TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
     DeviceBuffer d_y16 = Poisoned<uint16_t>(y_size);
     ASSERT_TRUE(
         (*gemm)
-            ->Linear(d_x.as<__nv_bfloat16>(), s.tokens, matrix, d_y16.as<void>(), GemmOutput::kBf16)
+            ->Linear(d_x.as<__nv_bfloat16>(), s.tokens, matrix, d_y16.as<void>(), GemmOutput::kHalf)
             .ok());
     Sync();
     const std::vector<float> y32 = Download<float>(d_y32, y_size);
@@ -553,7 +553,10 @@ TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
     ExpectClose("gemm.accumulate vs exact", shape, Download<float>(d_acc, y_size), ref_acc, 1e-4);
   }
   // No tokens: nothing to do, not an error.
-  EXPECT_TRUE((*gemm)->Linear(nullptr, 0, {nullptr, 4, 4}, nullptr, GemmOutput::kFloat).ok());
+  EXPECT_TRUE((*gemm)
+                  ->Linear(static_cast<const __nv_bfloat16*>(nullptr), 0, {nullptr, 4, 4}, nullptr,
+                           GemmOutput::kFloat)
+                  .ok());
 }
 
 // ---- weight upload ----
@@ -628,7 +631,7 @@ Matrix Stacked(const Matrix& a, const Matrix& b) {
 TEST_F(CudaKernelsTest, DeviceWeightsHoldEveryTensor) {
   for (const bool tied : {true, false}) {
     const Model model = RandomModel(rng_, tied, /*bias=*/!tied);
-    absl::StatusOr<DeviceWeights> weights = DeviceWeights::Upload(model);
+    absl::StatusOr<DeviceWeights> weights = DeviceWeights::Upload(model, HalfFloat::kBf16);
     ASSERT_TRUE(weights.ok()) << weights.status();
     ExpectUploaded(model.weights.token_embedding, weights->token_embedding);
     ASSERT_EQ(weights->layers.size(), model.weights.layers.size());

@@ -80,6 +80,7 @@ TEST_F(SmolLm2ModelTest, Config) {
   EXPECT_FALSE(c.qkv_bias);
   EXPECT_TRUE(c.tied_embeddings);
   EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_EQ(c.dtype, HalfFloat::kBf16);  // a Q4_1 file
 }
 
 TEST_F(SmolLm2ModelTest, WeightShapes) {
@@ -349,15 +350,18 @@ TEST(GgufModelTest, TinyReferenceModels) {
   EXPECT_FLOAT_EQ(llama3->config.rope_scaling.factor, 8.0f);
   EXPECT_EQ(llama3->config.rope_scaling.original_max_position, 64);
   EXPECT_TRUE(llama3->config.tied_embeddings);
+  EXPECT_EQ(llama3->config.dtype, HalfFloat::kBf16);  // an F32 file
   absl::StatusOr<Model> mistral = LoadGgufModel(dir + "mistral.gguf");
   ASSERT_TRUE(mistral.ok()) << mistral.status();
   EXPECT_EQ(mistral->config.sliding_window, 16);
   EXPECT_EQ(mistral->config.rope_layout, RopeLayout::kAdjacent);
+  EXPECT_EQ(mistral->config.dtype, HalfFloat::kFp16);  // MOSTLY_F16
   absl::StatusOr<Model> qwen2 = LoadGgufModel(dir + "qwen2.gguf");
   ASSERT_TRUE(qwen2.ok()) << qwen2.status();
   EXPECT_EQ(qwen2->config.rope_layout, RopeLayout::kHalves);
   EXPECT_TRUE(qwen2->config.qkv_bias);
   EXPECT_EQ(qwen2->config.head_dim, 16);
+  EXPECT_EQ(qwen2->config.dtype, HalfFloat::kFp16);
 }
 
 }  // namespace

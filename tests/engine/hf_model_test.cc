@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/model.h"
@@ -180,6 +181,24 @@ TEST(HfModelTest, ReadsBothRopeConfigForms) {
   ASSERT_TRUE(plain.ok()) << plain.status();
   EXPECT_FLOAT_EQ(plain->rope_theta, 10000.0f);
   EXPECT_EQ(plain->rope_scaling.factor, 0.0f);
+}
+
+// float16 from "dtype" (transformers 5) or "torch_dtype" (before); bf16 for anything else.
+TEST(HfModelTest, ReadsTheWeightType) {
+  const std::string base =
+      R"("model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":1,)"
+      R"("num_attention_heads":4,"vocab_size":10,"max_position_embeddings":32)";
+  for (const auto& [extra, want] :
+       {std::pair<std::string, HalfFloat>{R"(,"dtype":"float16")", HalfFloat::kFp16},
+        {R"(,"torch_dtype":"float16")", HalfFloat::kFp16},
+        {R"(,"dtype":"bfloat16","torch_dtype":"float16")", HalfFloat::kBf16},
+        {R"(,"torch_dtype":"bfloat16")", HalfFloat::kBf16},
+        {R"(,"torch_dtype":"float32")", HalfFloat::kBf16},
+        {"", HalfFloat::kBf16}}) {
+    absl::StatusOr<ModelConfig> c = ParseHfConfig("{" + base + extra + "}", "config.json");
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->dtype, want) << extra;
+  }
 }
 
 TEST(HfModelTest, BadConfigsAreErrorsNamingTheKey) {

@@ -67,6 +67,11 @@ ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB (in-process)");
 ABSL_FLAG(std::string, device, "auto",
           "in-process engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a "
           "GPU is visible)");
+ABSL_FLAG(
+    std::string, dtype, "auto",
+    "on cuda, the 16-bit type of the weights and of the activations the GEMMs read and write: "
+    "auto (the model's own: float16 where its config.json or GGUF says so, else bfloat16), "
+    "bfloat16 or float16; the CPU engine computes in fp32 either way");
 ABSL_FLAG(std::string, server, "", "HOST:PORT of a kvtrim-server (client mode)");
 ABSL_FLAG(std::string, api_key, "",
           "API key sent as \"authorization: Bearer <key>\"; KVTRIM_API_KEY when unset");
@@ -120,8 +125,8 @@ absl::Status Generate() {
   const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
   if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
   engine::GeneratorOptions options{.pool_bytes = static_cast<size_t>(pool_mib) << 20};
-  absl::StatusOr<engine::BackendChoice> backend =
-      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim");
+  absl::StatusOr<engine::BackendChoice> backend = engine::ChooseBackend(
+      absl::GetFlag(FLAGS_device), "kvtrim", {.dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) return backend.status();
   options.make_backend = backend->make_backend;
   options.kv_element_bytes = backend->kv_element_bytes;
