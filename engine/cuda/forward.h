@@ -53,7 +53,7 @@ struct CudaOptions {
   bool dependent_launch = true;
   // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
   // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
-  std::optional<HalfFloat> dtype;
+  std::optional<HalfFloat> dtype = std::nullopt;
 };
 
 class CudaBackend : public Backend {

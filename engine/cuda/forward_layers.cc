@@ -269,9 +269,9 @@ absl::Status CudaBackend::CompressPrompts(int layer) {
   return absl::OkStatus();
 }
 
-// Half: the GEMMs' activations, in the weights' type. In fp16, the q|k|v rows are turned into
-// bf16 once the GEMM has written them, so that RoPE, the pages and attention stay bf16, and the
-// attention output back into fp16 for the output projection.
+// Half: the GEMMs' activations, in the weights' type. In fp16, RoPE leaves the q|k|v rows in
+// bf16, so that the pages, attention and the compression kernels are the bf16 ones, and the
+// attention output goes back into fp16 for the output projection.
 template <typename Half>
 absl::Status CudaBackend::Layer(int layer, int splits) {
   constexpr bool kFp16 = std::is_same_v<Half, __half>;
@@ -288,16 +288,13 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, qkv_.as<void>(), GemmOutput::kHalf));
-  if constexpr (kFp16) {
-    KVTRIM_RETURN_IF_ERROR(
-        CudaStatus(LaunchConvertHalf(qkv_.as<void>(), static_cast<int64_t>(tokens) * stride,
-                                     HalfFloat::kFp16, stream_),
-                   "ConvertHalf(q|k|v)"));
-  }
+  // The GEMM's rows in Half until RoPE has made them bf16.
+  auto* q_in = qkv_.as<Half>();
+  auto* k_in = q_in + q_width;
+  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q_in, GemmOutput::kHalf));
   // Qwen2's q/k/v biases (null pointers elsewhere).
-  for (auto [y, bias, width] : {std::tuple{q, w.bq, q_width}, std::tuple{k, w.bk, kv_width},
-                                std::tuple{v, w.bv, kv_width}}) {
+  for (auto [y, bias, width] : {std::tuple{q_in, w.bq, q_width}, std::tuple{k_in, w.bk, kv_width},
+                                std::tuple{k_in + kv_width, w.bv, kv_width}}) {
     if (bias == nullptr) continue;
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(LaunchAddBias(y, stride, bias, tokens, width, stream_), "AddBias"));
@@ -311,10 +308,19 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
                             .token_indptr = Plan(at.token_indptr),
                             .values = v,
                             .head_rows = plan_.evicting > 0 ? compressed.recent_rows : nullptr};
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens, head_dim,
-                 Plan(at.positions), inv_freq_.as<float>(), config_.rope_layout, stream_, &append),
-      "Rope"));
+  if constexpr (kFp16) {
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchRope(q_in, stride, config_.n_heads, k_in, stride, config_.n_kv_heads,
+                              tokens, head_dim, Plan(at.positions), inv_freq_.as<float>(),
+                              config_.rope_layout, stream_, append),
+                   "Rope"));
+  } else {
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(LaunchRope(q, stride, config_.n_heads, k, stride, config_.n_kv_heads, tokens,
+                              head_dim, Plan(at.positions), inv_freq_.as<float>(),
+                              config_.rope_layout, stream_, &append),
+                   "Rope"));
+  }
   if (config_.sliding_window == 0) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchCompressedDecodeAttention(pages, compressed, Plan(at.token_indptr), Plan(at.decode),

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -22,7 +23,7 @@ struct RopeKvAppend {
   PagedKv kv;
   const int32_t* token_seq = nullptr;     // (tokens)
   const int32_t* token_indptr = nullptr;  // (n_seqs + 1)
-  const __nv_bfloat16* values = nullptr;  // (tokens, k_row_stride)
+  const __nv_bfloat16* values = nullptr;  // (tokens, k_row_stride); fp16 in the __half overload
   // When given, (n_seqs, n_kv_heads): kv-head h of sequence s takes row head_rows[s, h] - n_new
   // + i instead (the heads of a sequence under decode-time eviction hold their own row counts).
   const int32_t* head_rows = nullptr;
@@ -41,5 +42,13 @@ cudaError_t LaunchRope(__nv_bfloat16* q, int q_row_stride, int n_q_heads, __nv_b
                        int k_row_stride, int n_kv_heads, int tokens, int head_dim,
                        const int32_t* positions, const float* inv_freq, RopeLayout layout,
                        cudaStream_t stream, const RopeKvAppend* append = nullptr);
+// The same over an fp16 model's q|k|v GEMM output: q, k and append.values (rows of
+// k_row_stride, n_kv_heads · head_dim each) hold fp16 on entry and bf16 after, q and k rotated,
+// the values as they were; the pages get the bf16 rows. So RoPE, the pages and attention are the
+// bf16 ones whatever the weights.
+cudaError_t LaunchRope(__half* q, int q_row_stride, int n_q_heads, __half* k, int k_row_stride,
+                       int n_kv_heads, int tokens, int head_dim, const int32_t* positions,
+                       const float* inv_freq, RopeLayout layout, cudaStream_t stream,
+                       const RopeKvAppend& append);
 
 }  // namespace kvtrim::engine::cuda

@@ -17,12 +17,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void AddBiasKernel(__nv_bfloat16* __restrict__ y, int row_stride,
-                              const float* __restrict__ bias, int width) {
+template <typename T>
+__global__ void AddBiasKernel(T* __restrict__ y, int row_stride, const float* __restrict__ bias,
+                              int width) {
   WaitForPrerequisites();
-  __nv_bfloat16* row = y + static_cast<int64_t>(blockIdx.x) * row_stride;
+  T* row = y + static_cast<int64_t>(blockIdx.x) * row_stride;
   for (int i = threadIdx.x; i < width; i += blockDim.x) {
-    row[i] = __float2bfloat16(__bfloat162float(row[i]) + bias[i]);
+    row[i] = FromFloat<T>(ToFloat(row[i]) + bias[i]);
   }
 }
 
@@ -70,12 +71,23 @@ __global__ void RowArgmaxKernel(const float* __restrict__ logits, int width,
 
 }  // namespace
 
-cudaError_t LaunchAddBias(__nv_bfloat16* y, int row_stride, const float* bias, int tokens,
-                          int width, cudaStream_t stream) {
+template <typename T>
+cudaError_t LaunchAddBiasTo(T* y, int row_stride, const float* bias, int tokens, int width,
+                            cudaStream_t stream) {
   if (tokens < 0 || width <= 0 || row_stride < width) return cudaErrorInvalidValue;
   if (tokens == 0) return cudaSuccess;
-  return LaunchDependent(AddBiasKernel, tokens, std::min(kThreads, (width + 31) / 32 * 32), 0,
+  return LaunchDependent(AddBiasKernel<T>, tokens, std::min(kThreads, (width + 31) / 32 * 32), 0,
                          stream, y, row_stride, bias, width);
+}
+
+cudaError_t LaunchAddBias(__nv_bfloat16* y, int row_stride, const float* bias, int tokens,
+                          int width, cudaStream_t stream) {
+  return LaunchAddBiasTo(y, row_stride, bias, tokens, width, stream);
+}
+
+cudaError_t LaunchAddBias(__half* y, int row_stride, const float* bias, int tokens, int width,
+                          cudaStream_t stream) {
+  return LaunchAddBiasTo(y, row_stride, bias, tokens, width, stream);
 }
 
 cudaError_t LaunchGatherRows(const __nv_bfloat16* src, int width, const int32_t* rows, int n,

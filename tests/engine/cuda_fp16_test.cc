@@ -24,9 +24,11 @@
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/gemm.h"
 #include "engine/cuda/rmsnorm.h"
+#include "engine/cuda/rope.h"
 #include "engine/cuda/rows.h"
 #include "engine/cuda/swiglu.h"
 #include "engine/model.h"
+#include "engine/rope.h"
 #include "tests/engine/cuda_test_util.h"
 
 namespace kvtrim::engine::cuda {
@@ -244,6 +246,83 @@ TEST_F(CudaFp16Test, ConvertHalfRoundsAsTheHost) {
   }
   EXPECT_EQ(LaunchConvertHalf(nullptr, 0, HalfFloat::kFp16, stream_), cudaSuccess);
   EXPECT_EQ(LaunchConvertHalf(nullptr, 8, HalfFloat::kFp16, stream_), cudaErrorInvalidValue);
+}
+
+// ---- RoPE over fp16 rows ----
+
+// An fp16 model's packed q|k|v rows: q and k rotated as the CPU twin rotates the same fp16
+// values, left as bf16; v as bf16 exactly; and the pages holding exactly the bf16 k and v rows the
+// launch left, for both layouts and both vector widths (head_dim 64, then 6).
+TEST_F(CudaFp16Test, RopeTurnsFp16RowsIntoRotatedBf16) {
+  for (const RopeLayout layout : {RopeLayout::kHalves, RopeLayout::kAdjacent}) {
+    for (const int head_dim : {64, 6}) {
+      const int tokens = 5, n_q = 4, n_kv = 2;
+      ModelConfig config;
+      config.head_dim = head_dim;
+      config.rope_theta = 10000.0f;
+      const std::vector<float> inv_freq = RopeInverseFrequencies(config);
+      const int q_width = n_q * head_dim, kv_width = n_kv * head_dim;
+      const int row = q_width + 2 * kv_width;
+      const size_t n = static_cast<size_t>(tokens) * row;
+      const std::vector<uint16_t> qkv = ToFp16(Random(rng_, n));
+      std::vector<int32_t> positions(tokens);
+      std::uniform_int_distribution<int32_t> pick(0, 8191);
+      for (int32_t& p : positions) p = pick(rng_);
+
+      // One sequence whose 5 new rows fill pages of 2 rows, shuffled among 8.
+      const int rows_per_page = 2, pages = 8;
+      const std::vector<int32_t> ids = ShuffledPages(pages, rng_);
+      DevicePagedKv kv = UploadPagedKv(
+          std::vector<uint16_t>(static_cast<size_t>(pages) * rows_per_page * kv_width, 0xffff),
+          static_cast<int64_t>(rows_per_page) * kv_width, kv_width, rows_per_page, {0, 3},
+          {ids[0], ids[1], ids[2]}, {ids[3], ids[4], ids[5]}, {tokens});
+      DeviceBuffer d_qkv = Upload(qkv), d_positions = Upload(positions),
+                   d_inv_freq = Upload(inv_freq),
+                   d_token_seq = Upload(std::vector<int32_t>(tokens, 0)),
+                   d_token_indptr = Upload(std::vector<int32_t>{0, tokens});
+      __half* q = d_qkv.as<__half>();
+      const RopeKvAppend append{.kv = kv.kv,
+                                .token_seq = d_token_seq.as<int32_t>(),
+                                .token_indptr = d_token_indptr.as<int32_t>(),
+                                .values = d_qkv.as<__nv_bfloat16>() + q_width + kv_width};
+      ASSERT_CUDA(LaunchRope(q, row, n_q, q + q_width, row, n_kv, tokens, head_dim,
+                             d_positions.as<int32_t>(), d_inv_freq.as<float>(), layout, stream_,
+                             append));
+      Sync();
+      const std::vector<uint16_t> out = Download<uint16_t>(d_qkv, n);
+      const std::vector<uint16_t> pool = Download<uint16_t>(kv.pool, kv.pool.bytes() / 2);
+
+      std::vector<float> ref = FromFp16(qkv), got_qk, ref_qk;
+      size_t wrong_values = 0, wrong_pages = 0;
+      for (int t = 0; t < tokens; ++t) {
+        float* token_row = &ref[static_cast<size_t>(t) * row];
+        for (int h = 0; h < n_q + n_kv; ++h) {
+          ApplyRope(token_row + h * head_dim, head_dim, positions[t], inv_freq.data(), layout);
+        }
+        const size_t at = static_cast<size_t>(t) * row;
+        for (int i = 0; i < q_width + kv_width; ++i) {
+          got_qk.push_back(Bf16BitsToFloat(out[at + i]));
+          ref_qk.push_back(token_row[i]);
+        }
+        for (int i = q_width + kv_width; i < row; ++i) {
+          wrong_values += out[at + i] != FloatToBf16Bits(Fp16BitsToFloat(qkv[at + i]));
+        }
+        const size_t key_slot =
+            (static_cast<size_t>(ids[t / 2]) * rows_per_page + t % 2) * kv_width;
+        const size_t value_slot =
+            (static_cast<size_t>(ids[3 + t / 2]) * rows_per_page + t % 2) * kv_width;
+        for (int i = 0; i < kv_width; ++i) {
+          wrong_pages += pool[key_slot + i] != out[at + q_width + i];
+          wrong_pages += pool[value_slot + i] != out[at + q_width + kv_width + i];
+        }
+      }
+      const std::string shape = absl::StrCat(layout == RopeLayout::kHalves ? "halves" : "adjacent",
+                                             " tokens ", tokens, " dim ", head_dim);
+      ExpectClose("rope(fp16 in, bf16 out)", shape, got_qk, ref_qk, kBf16Bound);
+      EXPECT_EQ(wrong_values, 0u) << shape;
+      EXPECT_EQ(wrong_pages, 0u) << shape;
+    }
+  }
 }
 
 // ---- GEMM and weights ----
