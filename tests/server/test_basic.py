@@ -158,7 +158,8 @@ class Help(unittest.TestCase):
         flags = ["model", "listen", "metrics_port", "kv_pool_mib", "page_kib", "step_tokens",
                  "max_running", "max_queued", "max_prompt_tokens", "max_new_tokens",
                  "default_max_tokens", "max_message_mib", "api_key_file", "tls_cert", "tls_key",
-                 "drain_timeout", "log_level", "threads", "device", "load_format", "arch"]
+                 "drain_timeout", "log_level", "threads", "device", "dtype", "load_format",
+                 "arch"]
         for flag in flags:
             self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
 
@@ -205,6 +206,8 @@ class DummyModel(unittest.TestCase):
             (["--model", harness.PATHS.model, *self.FLAGS], "exclude each other"),
             (["--load-format", "pt", "--model", harness.PATHS.model],
              "--load-format must be auto, gguf, hf or dummy"),
+            (["--model", harness.PATHS.model, "--dtype", "fp8"],
+             "--dtype must be auto, bfloat16 or float16, got \"fp8\""),
         ]
         for flags, message in cases:
             for binary in (harness.PATHS.server, harness.PATHS.cli):

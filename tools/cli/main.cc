@@ -227,6 +227,10 @@ int Dispatch(const std::string& command) {
       std::fprintf(stderr, "kvtrim generate: %s\n", std::string(s.message()).c_str());
       return 2;
     }
+    if (const auto dtype = engine::ParseDtype(absl::GetFlag(FLAGS_dtype)); !dtype.ok()) {
+      std::fprintf(stderr, "kvtrim generate: %s\n", std::string(dtype.status().message()).c_str());
+      return 2;
+    }
   }
   if (!remote && command != "generate") {
     std::fprintf(stderr, "kvtrim %s: --server is required\n", command.c_str());
@@ -266,7 +270,7 @@ int main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "kvtrim generate (--model PATH | --load-format dummy --arch NAME | --server HOST:PORT) "
-      "[--device cuda|cpu|auto] "
+      "[--device cuda|cpu|auto] [--dtype auto|bfloat16|float16] "
       "(--prompt TEXT | --chat TEXT) "
       "[--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--compression SPEC]\n"
       "       kvtrim tokenize|info|health --server HOST:PORT");
