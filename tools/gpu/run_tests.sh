@@ -108,24 +108,34 @@ if [[ -n $have_model && -z ${SKIP_E2E:-} && -x $bundle/bin/kvtrim ]]; then
       failed=1
     tail -1 "$out/kvtrim_generate_$device.log" | sed 's/^/  /'
   done
-  run kvtrim_chat_cuda "${with_bundle[@]}" "$bundle/bin/kvtrim" generate --model "$model" \
-    --device cuda --chat "What is the capital of France?" --max-tokens 32 || failed=1
-  sed 's/^/  /' "$out/kvtrim_chat_cuda.log"
+  # The model's own weight type (bf16 for this Q4_1 file), then fp16 as --dtype asks.
+  for dtype in auto float16; do
+    run "kvtrim_chat_cuda_$dtype" "${with_bundle[@]}" "$bundle/bin/kvtrim" generate \
+      --model "$model" --device cuda --dtype "$dtype" --chat "What is the capital of France?" \
+      --max-tokens 32 || failed=1
+    sed 's/^/  /' "$out/kvtrim_chat_cuda_$dtype.log"
+  done
   if [[ -x $bundle/bin/kvtrim-server ]]; then
-    "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --model "$model" --device cuda \
-      --listen 127.0.0.1:50077 --metrics-port 0 >"$out/kvtrim_server.log" 2>&1 &
-    server=$!
-    for _ in $(seq 60); do
-      "${with_bundle[@]}" "$bundle/bin/kvtrim" health --server 127.0.0.1:50077 >/dev/null 2>&1 && break
-      sleep 0.5
+    for dtype in auto float16; do
+      "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --model "$model" --device cuda \
+        --dtype "$dtype" --listen 127.0.0.1:50077 --metrics-port 0 \
+        >"$out/kvtrim_server_$dtype.log" 2>&1 &
+      server=$!
+      for _ in $(seq 60); do
+        "${with_bundle[@]}" "$bundle/bin/kvtrim" health --server 127.0.0.1:50077 >/dev/null 2>&1 &&
+          break
+        sleep 0.5
+      done
+      run "kvtrim_info_$dtype" "${with_bundle[@]}" "$bundle/bin/kvtrim" info \
+        --server 127.0.0.1:50077 || failed=1
+      grep -i backend "$out/kvtrim_info_$dtype.log" | sed 's/^/  /'
+      run "kvtrim_remote_chat_$dtype" "${with_bundle[@]}" "$bundle/bin/kvtrim" generate \
+        --server 127.0.0.1:50077 --chat "What is the capital of France?" --max-tokens 32 ||
+        failed=1
+      sed 's/^/  /' "$out/kvtrim_remote_chat_$dtype.log"
+      kill -TERM "$server" && wait "$server"
+      grep -E 'backend|error' "$out/kvtrim_server_$dtype.log" | sed 's/^/  /'
     done
-    run kvtrim_info "${with_bundle[@]}" "$bundle/bin/kvtrim" info --server 127.0.0.1:50077 || failed=1
-    grep -i backend "$out/kvtrim_info.log" | sed 's/^/  /'
-    run kvtrim_remote_chat "${with_bundle[@]}" "$bundle/bin/kvtrim" generate \
-      --server 127.0.0.1:50077 --chat "What is the capital of France?" --max-tokens 32 || failed=1
-    sed 's/^/  /' "$out/kvtrim_remote_chat.log"
-    kill -TERM "$server" && wait "$server"
-    grep -E 'backend|error' "$out/kvtrim_server.log" | sed 's/^/  /'
   fi
 fi
 
