@@ -143,6 +143,16 @@ struct RowList {
       const __nv_bfloat16* base =
           pool + ids.template Get<kList>(0) * page_elements +
           ((first - first_page * rows_per_page + first_row) * row_elements + in_row);
+      if (first + Tile::kTileRows <= end && vector && columns == width) {
+        // Every row there, every piece a whole 16-byte copy (most tiles): no per-row checks.
+        if (piece * 8 >= columns) return;
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+          CopyAsync(reinterpret_cast<uint4*>(tile + Tile::At(first_row + i * kRowsPerPass, piece)),
+                    base + i * kRowsPerPass * row_elements, true);
+        }
+        return;
+      }
 #pragma unroll
       for (int i = 0; i < kPasses; ++i) {
         const int row = first + first_row + i * kRowsPerPass;
