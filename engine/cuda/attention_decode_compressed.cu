@@ -469,7 +469,6 @@ __global__ void __launch_bounds__(kWarps * 32)
                                     float* __restrict__ workspace) {
   using G = Geometry<kHeadDim, kWarps>;
   extern __shared__ __align__(128) unsigned char shared[];
-  WaitForPrerequisites();
   __nv_bfloat16* thin_query = reinterpret_cast<__nv_bfloat16*>(shared);
   __nv_bfloat16* full_query = thin_query + G::kQueryElements;
   __nv_bfloat16* tiles = full_query + G::kQueryElements;
@@ -529,7 +528,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   recent.keys.pages = kv.key_pages + first_recent_page;
   recent.values.pages = kv.value_pages + first_recent_page;
 
+  // The exception to dependent_launch.cuh's rule: the plan (uploaded before the step's first
+  // kernel) and the thin rows (written in earlier steps) are read before waiting for the kernels
+  // before this one, and so are the first tiles when every warp's first tiles are thin ones. The
+  // queries and the recent rows, the new one RoPE appends among them, only after.
+  const bool thin_first = thin.Tiles(G::kTileRows) >= kWarps * (G::kStages - 1);
+  if (!thin_first) WaitForPrerequisites();
   const auto fill_queries = [&] {
+    if (thin_first) WaitForPrerequisites();
     FillQueries<kHeadDim, kWarps * 32>(
         q, token, q_stride, first_head, block_heads,
         key_width != kHeadDim ? ckv.channels + channel_offset : nullptr, key_width,

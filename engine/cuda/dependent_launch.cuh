@@ -7,7 +7,10 @@
 // The rule that keeps it correct: a kernel launched this way calls WaitForPrerequisites() before
 // it touches global memory. That call returns once everything before the kernel in its stream has
 // finished and its writes are visible, so the kernel sees exactly what a plain launch would. On a
-// plain launch, or a GPU without the feature, the call does nothing.
+// plain launch, or a GPU without the feature, the call does nothing. The one exception is named
+// where it is made: the compressed decode attention reads its step plan and the first tiles of
+// its thin segment before the call, data no kernel of the step writes before it (RoPE, which
+// lets it start early, writes only the queries and the new rows).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +42,15 @@ inline bool DependentLaunchOn() {
 __device__ __forceinline__ void WaitForPrerequisites() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the kernel launched after this one start its blocks now, rather than when this kernel's
+// blocks have exited: they then run up to their WaitForPrerequisites() beside this kernel. Only
+// worth it where the next kernel has work before that call (the decode attention's start).
+__device__ __forceinline__ void LetDependentsStart() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 }
 #endif

@@ -96,6 +96,8 @@ __global__ void RopeKernel(In* __restrict__ q, int q_row_stride, int n_q_heads, 
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, RopeKvAppend append) {
   extern __shared__ float angles[];  // cos (half) then sin (half)
+  // The decode attention after this kernel reads its plan and thin rows before waiting for it.
+  LetDependentsStart();
   WaitForPrerequisites();
   const int token = blockIdx.x;
   const int half = head_dim / 2;
