@@ -39,26 +39,6 @@ using namespace kvtrim::engine::cuda::testing;  // NOLINT: the shared CUDA test 
 // One rounding to fp16 (11 significant bits): about 2e-4 relative on random data.
 constexpr double kFp16Bound = 5e-4;
 
-std::vector<uint16_t> ToFp16(const std::vector<float>& values) {
-  std::vector<uint16_t> bits(values.size());
-  for (size_t i = 0; i < values.size(); ++i) bits[i] = FloatToFp16Bits(values[i]);
-  return bits;
-}
-
-std::vector<float> FromFp16(const std::vector<uint16_t>& bits) {
-  std::vector<float> values(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) values[i] = Fp16BitsToFloat(bits[i]);
-  return values;
-}
-
-std::vector<float> RandomFp16(std::mt19937& rng, size_t n, float stddev = 1.0f) {
-  return FromFp16(ToFp16(Random(rng, n, stddev)));
-}
-
-std::vector<float> DownloadFp16(const DeviceBuffer& buffer, size_t count) {
-  return FromFp16(Download<uint16_t>(buffer, count));
-}
-
 class CudaFp16Test : public CudaTest {
  protected:
   CudaFp16Test() : CudaTest("CUDA fp16 tests") {}

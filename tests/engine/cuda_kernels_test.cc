@@ -46,10 +46,6 @@ std::vector<float> RoundedToBf16(const std::vector<float>& values) {
   return FromBf16(ToBf16(values));
 }
 
-std::vector<float> DownloadBf16(const DeviceBuffer& buffer, size_t count) {
-  return FromBf16(Download<uint16_t>(buffer, count));
-}
-
 class CudaKernelsTest : public CudaTest {
  protected:
   CudaKernelsTest() : CudaTest("CUDA kernel parity tests") {}

@@ -98,6 +98,23 @@ inline std::vector<float> RandomBf16(std::mt19937& rng, size_t n, float stddev =
   return FromBf16(ToBf16(Random(rng, n, stddev)));
 }
 
+inline std::vector<uint16_t> ToFp16(const std::vector<float>& values) {
+  std::vector<uint16_t> bits(values.size());
+  for (size_t i = 0; i < values.size(); ++i) bits[i] = FloatToFp16Bits(values[i]);
+  return bits;
+}
+
+inline std::vector<float> FromFp16(const std::vector<uint16_t>& bits) {
+  std::vector<float> values(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) values[i] = Fp16BitsToFloat(bits[i]);
+  return values;
+}
+
+// Random values rounded to fp16, as RandomBf16.
+inline std::vector<float> RandomFp16(std::mt19937& rng, size_t n, float stddev = 1.0f) {
+  return FromFp16(ToFp16(Random(rng, n, stddev)));
+}
+
 // ‖out − ref‖₂ / ‖ref‖₂ in double; infinity when out holds a NaN or an infinity.
 inline double RelativeError(const std::vector<float>& out, const std::vector<float>& ref) {
   EXPECT_EQ(out.size(), ref.size());
@@ -146,6 +163,14 @@ std::vector<T> Download(const DeviceBuffer& buffer, size_t count) {
   EXPECT_EQ(cudaMemcpy(host.data(), buffer.as<void>(), count * sizeof(T), cudaMemcpyDeviceToHost),
             cudaSuccess);
   return host;
+}
+
+// `count` bf16 (fp16) values of a device buffer, widened.
+inline std::vector<float> DownloadBf16(const DeviceBuffer& buffer, size_t count) {
+  return FromBf16(Download<uint16_t>(buffer, count));
+}
+inline std::vector<float> DownloadFp16(const DeviceBuffer& buffer, size_t count) {
+  return FromFp16(Download<uint16_t>(buffer, count));
 }
 
 // A page pool and one step's CSR page lists on the device, and the PagedKv the kernels read over
