@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <span>
 #include <vector>
@@ -12,6 +13,12 @@
 #include "memory/kv_cache.h"
 
 namespace kvtrim::engine {
+
+// A token id below 0 in SequenceStep::tokens names a token not yet on the host: the one the step
+// still in flight (Backend::Launch returned true) chose for its row `PreviousRow(id)` of those
+// wanting logits. Only a decode step's one token may be one.
+constexpr int32_t PreviousToken(int32_t row) { return -1 - row; }
+constexpr int32_t PreviousRow(int32_t id) { return -1 - id; }
 
 // What one sequence does in a step: feed `tokens` at positions kv->cached_tokens() onwards.
 // The caller has reserved page capacity for the new rows (KvCache::Reserve).
@@ -61,6 +68,17 @@ class Backend {
   // Runs every sequence's new tokens through the model, appends their K/V rows to the pages,
   // and fills `out` for the steps that want logits.
   virtual absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) = 0;
+
+  // The same in two halves, so that the host can plan the next step while the device runs this
+  // one. Launch queues the step; every Launch that returns OK is matched by one Collect, in
+  // order, which returns its output (and its error, if the device work failed).
+  //
+  // With `may_stay_in_flight` (every row wanting logits is token_only), Launch may return true
+  // before the device has run the step: the sequences' host state (rows, pages) is already that
+  // after the step, and the next Launch, queued before this step's Collect, may feed its tokens
+  // as PreviousToken ids. Otherwise it returns false, and the step has run (the default: Forward).
+  virtual absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps, bool may_stay_in_flight);
+  virtual absl::Status Collect(StepOutput& out);
   // The last Forward's profile; none where the backend does not measure it.
   virtual std::optional<StepProfile> LastStepProfile() const { return std::nullopt; }
   // Called on the engine's thread before a request compressed as `compression` joins its first
@@ -78,6 +96,9 @@ class Backend {
     return absl::InvalidArgumentError(
         "compression: this server's backend stores the KV cache uncompressed only");
   }
+
+ private:
+  std::deque<StepOutput> ran_;  // outputs of the default Launch, for Collect
 };
 
 }  // namespace kvtrim::engine

@@ -51,7 +51,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const Model* model,
       .max_running = std::min(options.max_running, options.step_tokens),
       .max_queued = INT32_MAX,
       .kv_element_bytes = options.kv_element_bytes,
-      .kv_storage = options.kv_storage};
+      .kv_storage = options.kv_storage,
+      .overlap = options.overlap};
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
       model, generator->tokenizer_.get(), scheduler_options, options.make_backend);
   if (!scheduler.ok()) return scheduler.status();

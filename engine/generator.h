@@ -30,6 +30,7 @@ struct GeneratorOptions {
   Scheduler::BackendFactory make_backend = {};
   int32_t kv_element_bytes = 4;
   memory::PageStorage kv_storage = memory::PageStorage::kHost;
+  bool overlap = true;  // SchedulerOptions::overlap
 };
 
 // What one request streamed.

@@ -127,6 +127,18 @@ struct Scheduler::Active {
   size_t penalized_upto = 0;
   std::optional<FinishReason> finish_reason;  // set when it ends; retired at the end of the step
   std::string error;
+  // It has a row in the step in flight (Scheduler::in_flight_); retired only once that step is
+  // collected. in_flight_row >= 0: that row wants logits, and its token is not on the host yet;
+  // the next decode feeds previous_token = PreviousToken(in_flight_row) instead.
+  bool in_flight = false;
+  int32_t in_flight_row = -1;
+  int32_t previous_token = 0;
+};
+
+struct Scheduler::Flight {
+  std::vector<Active*> requests;  // every request with a row in the step
+  std::vector<Active*> rows;      // those of the rows wanting logits, in the step's order
+  std::vector<bool> token_only;   // per such row: the backend chose its token
 };
 
 struct Scheduler::Planned {
@@ -348,7 +360,13 @@ bool Scheduler::PlanDecodes(std::vector<Planned>& plan, int32_t& budget) {
   bool preempted = false;
   for (size_t i = 0; i < running_.size(); ++i) {
     Active& r = *running_[i];
-    if (r.state != RequestState::kDecode) continue;
+    if (r.state != RequestState::kDecode || r.finish_reason) continue;
+    // Its token still in flight takes it to max_tokens or the context: it ends there.
+    if (r.in_flight_row >= 0 &&
+        (r.completion_tokens + 1 >= r.request.max_tokens ||
+         static_cast<int64_t>(r.tokens.size()) + 1 >= model_.config.max_context)) {
+      continue;
+    }
     bool preempted_self = false;
     while (!cache_->Reserve(r.kv, 1)) {
       if (running_.size() == 1) {
@@ -373,8 +391,10 @@ bool Scheduler::PlanDecodes(std::vector<Planned>& plan, int32_t& budget) {
 void Scheduler::Preempt(std::unique_ptr<Active> request) {
   cache_->Release(request->kv);
   request->state = RequestState::kQueued;
-  ++request->preemptions;
-  ++preemptions_total_;
+  if (!request->finish_reason) {  // else it stopped while its last step ran: no preemption
+    ++request->preemptions;
+    ++preemptions_total_;
+  }
   waiting_.push_front(std::move(request));
 }
 
@@ -427,37 +447,92 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
 }
 
 void Scheduler::Execute(std::span<const Planned> plan) {
-  if (plan.empty()) return;
   // A row's token is chosen by the backend unless the request wants log-probabilities: greedy
   // rows by their argmax, the others by SampleTempered with the request's next draw.
   std::vector<SequenceStep> steps;
   steps.reserve(plan.size());
+  bool may_stay = options_.overlap;  // every row's next token can be fed from the device
   for (const Planned& p : plan) {
     Active& r = *p.request;
+    std::span<const int32_t> tokens = std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens);
+    if (r.in_flight_row >= 0) {
+      r.previous_token = PreviousToken(r.in_flight_row);
+      tokens = std::span(&r.previous_token, 1);
+    }
     SequenceStep& step = steps.emplace_back(SequenceStep{
         .kv = &r.kv,
-        .tokens = std::span(r.tokens).subspan(r.kv.cached_tokens(), p.n_tokens),
+        .tokens = tokens,
         .want_logits = p.want_logits,
         .compression = r.request.compression.enabled() ? &r.request.compression : nullptr});
-    if (!p.want_logits || r.request.want_logprobs || r.request.top_logprobs > 0) continue;
+    if (!p.want_logits) continue;
+    if (r.request.want_logprobs || r.request.top_logprobs > 0) {
+      may_stay = false;
+      continue;
+    }
     if (r.sampler.greedy()) {
       step.argmax_only = true;
     } else {
       step.sampling = &r.request.sampling;
       step.draw = r.sampler.NextDraw();
-      if (r.request.sampling.repetition_penalty != 1.0f) step.penalized = Penalized(r);
+      if (r.request.sampling.repetition_penalty != 1.0f) {
+        step.penalized = Penalized(r);
+        may_stay = false;
+      }
     }
   }
-  const Clock::time_point forward_began = Clock::now();
-  const absl::Status forward = backend_->Forward(steps, output_);
-  forward_seconds_total_ += std::chrono::duration<double>(Clock::now() - forward_began).count();
+  absl::StatusOr<bool> launched = false;
+  if (!plan.empty()) {
+    const Clock::time_point began = Clock::now();
+    launched = backend_->Launch(steps, may_stay);
+    forward_seconds_total_ += Seconds(Clock::now() - began);
+  }
+  if (!launched.ok()) {
+    for (const Planned& p : plan) {
+      if (p.request->finish_reason) continue;
+      p.request->finish_reason = FinishReason::kError;
+      p.request->error = std::string(launched.status().message());
+    }
+  }
+  // The step before, if it stayed in flight: its tokens now, while the device runs this one.
+  if (in_flight_ != nullptr) {
+    const std::unique_ptr<Flight> previous = std::move(in_flight_);
+    TakeTokens(*previous);
+  }
+  if (!launched.ok() || plan.empty()) return;
+  auto flight = std::make_unique<Flight>();
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Active& r = *plan[i].request;
+    flight->requests.push_back(&r);
+    if (!steps[i].want_logits) continue;
+    if (*launched) r.in_flight_row = static_cast<int32_t>(flight->rows.size());
+    r.state = RequestState::kDecode;
+    flight->rows.push_back(&r);
+    flight->token_only.push_back(steps[i].token_only());
+  }
+  if (*launched) {
+    for (Active* r : flight->requests) r->in_flight = true;
+    in_flight_ = std::move(flight);
+  } else {
+    TakeTokens(*flight);
+  }
+}
+
+void Scheduler::TakeTokens(Flight& flight) {
+  const Clock::time_point began = Clock::now();
+  const absl::Status status = backend_->Collect(output_);
+  forward_seconds_total_ += Seconds(Clock::now() - began);
   if (const std::optional<StepProfile> profile = backend_->LastStepProfile(); profile) {
     device_seconds_total_ += profile->device_ms * 1e-3;
   }
-  if (absl::Status status = forward; !status.ok()) {
-    for (const Planned& p : plan) {
-      p.request->finish_reason = FinishReason::kError;
-      p.request->error = std::string(status.message());
+  for (Active* r : flight.requests) {
+    r->in_flight = false;
+    r->in_flight_row = -1;
+  }
+  if (!status.ok()) {
+    for (Active* r : flight.requests) {
+      if (r->finish_reason) continue;
+      r->finish_reason = FinishReason::kError;
+      r->error = std::string(status.message());
     }
     return;
   }
@@ -471,12 +546,11 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   };
   std::vector<Row> rows;
   size_t logits_rows = 0, tokens = 0;
-  for (size_t i = 0; i < plan.size(); ++i) {
-    if (!steps[i].want_logits) continue;
-    if (steps[i].token_only()) {
-      rows.push_back({plan[i].request, -1, output_.tokens[tokens++]});
+  for (size_t i = 0; i < flight.rows.size(); ++i) {
+    if (flight.token_only[i]) {
+      rows.push_back({flight.rows[i], -1, output_.tokens[tokens++]});
     } else {
-      rows.push_back({plan[i].request, static_cast<int64_t>(logits_rows++), 0});
+      rows.push_back({flight.rows[i], static_cast<int64_t>(logits_rows++), 0});
     }
   }
   const size_t vocab = static_cast<size_t>(model_.config.vocab_size);
@@ -490,9 +564,10 @@ void Scheduler::Execute(std::span<const Planned> plan) {
                           std::span(output_.logits).subspan(rows[i].logits_row * vocab, vocab));
     }
   }
+  // A request that ended while this step ran (it stopped in the step before, or was cancelled)
+  // drops its token.
   for (size_t i = 0; i < rows.size(); ++i) {
-    rows[i].request->state = RequestState::kDecode;
-    Accept(*rows[i].request, std::move(sampled[i]));
+    if (!rows[i].request->finish_reason) Accept(*rows[i].request, std::move(sampled[i]));
   }
 }
 
@@ -543,7 +618,7 @@ void Scheduler::Publish() {
   auto publish = [&](auto& requests) {
     for (std::unique_ptr<Active>& r : requests) {
       if (!r->outputs.empty()) r->sink->OnTokens(std::exchange(r->outputs, {}));
-      if (r->finish_reason) Retire(*r);
+      if (r->finish_reason && !r->in_flight) Retire(*r);
     }
     std::erase_if(requests, [](const std::unique_ptr<Active>& r) {
       return r->state == RequestState::kFinished;
@@ -644,6 +719,10 @@ void Scheduler::Stop() {
     thread_.join();
   }
   if (cache_ == nullptr) return;  // Create failed before the pool and cache were built
+  if (in_flight_ != nullptr) {
+    const std::unique_ptr<Flight> last = std::move(in_flight_);
+    TakeTokens(*last);
+  }
   TakeIncoming();
   for (std::unique_ptr<Active>& r : running_) {
     if (!r->finish_reason) r->finish_reason = FinishReason::kCancelled;

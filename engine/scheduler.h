@@ -19,6 +19,13 @@
 //      draw), except for requests wanting log-probabilities, whose rows come back whole;
 //   5. sampling of those rows, detokenization, stop checks; outputs go to each request's
 //      RequestSink.
+// Where the backend can (SchedulerOptions::overlap, Backend::Launch), step 5 of one step runs
+// while the device runs the next: that step is planned before the tokens it feeds are on the
+// host (its decodes feed them as PreviousToken ids), so a request that stops (eos, a stop id or
+// string, a cancel) is in one more step, whose token is dropped. It holds its pages until that
+// step is collected. A request is kept out of such steps when its rows need the host (log-
+// probabilities, a repetition penalty over the tokens so far), and a decode that reaches
+// max_tokens or the context is not planned past them.
 // Generation ends with kLength at max_tokens or when prompt + generated tokens reach the model's
 // max_context. If Forward fails, the requests of that step finish as kError with its message.
 // A request's greedy output does not depend on what it was batched with: every sequence's
@@ -60,6 +67,9 @@ struct SchedulerOptions {
   // kNone: the pool only counts pages, their bytes live in the backend's device allocation.
   int32_t kv_element_bytes = 4;
   memory::PageStorage kv_storage = memory::PageStorage::kHost;
+  // Plan and queue the next step while the backend's device runs this one, where it can
+  // (Backend::Launch): the step's tokens are taken, checked and streamed while the next one runs.
+  bool overlap = true;
 };
 
 // A snapshot for GetServerStats and metrics.
@@ -146,8 +156,12 @@ class Scheduler {
   int32_t PromptPages(const memory::compress::CompressionConfig& compression, int32_t tokens) const;
   // Reserves them for `r`'s tokens (its prompt, or prompt and output after a preemption).
   bool ReservePrompt(Active& r);
-  // One Backend::Forward over the plan, then sampling and stop checks.
+  // One Backend::Launch over the plan; the tokens of the step before it (if still in flight),
+  // then of this one unless it stays in flight: sampling and stop checks.
   void Execute(std::span<const Planned> plan);
+  struct Flight;  // a launched step not yet collected
+  // Backend::Collect of `flight`, then sampling and stop checks of its rows.
+  void TakeTokens(Flight& flight);
   TokenOutput Sample(Active& request, std::span<float> logits);
   // The distinct ids of the request's tokens so far, which its repetition penalty applies to.
   std::span<const int32_t> Penalized(Active& request) const;
@@ -180,6 +194,7 @@ class Scheduler {
   std::deque<std::unique_ptr<Active>> waiting_;   // FIFO; preempted requests go to the front
   std::vector<std::unique_ptr<Active>> running_;  // admission order: the youngest is last
   StepOutput output_;                             // the last Forward's logits rows and argmaxes
+  std::unique_ptr<Flight> in_flight_;             // the step launched and not yet collected
   int64_t preemptions_total_ = 0;
   int64_t steps_total_ = 0;
   double forward_seconds_total_ = 0.0;

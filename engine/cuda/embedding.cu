@@ -24,11 +24,13 @@ namespace {
 constexpr int kThreads = 256;
 
 template <int kVec, typename T>
-__global__ void EmbeddingKernel(const int32_t* __restrict__ token_ids, const T* __restrict__ table,
+__global__ void EmbeddingKernel(const int32_t* __restrict__ token_ids,
+                                const int32_t* __restrict__ previous, const T* __restrict__ table,
                                 int vocab, int hidden, float* __restrict__ residual) {
   WaitForPrerequisites();
   const int token = blockIdx.x;
-  const int32_t id = token_ids[token];
+  int32_t id = token_ids[token];
+  if (id < 0 && previous != nullptr) id = previous[-1 - id];
   float* out = residual + static_cast<size_t>(token) * hidden;
   if (id < 0 || id >= vocab) {
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = NAN;
@@ -56,25 +58,28 @@ __global__ void EmbeddingKernel(const int32_t* __restrict__ token_ids, const T* 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
-cudaError_t LaunchEmbeddingAs(const int32_t* token_ids, int tokens, const T* table, int vocab,
-                              int hidden, float* residual, cudaStream_t stream) {
+cudaError_t LaunchEmbeddingAs(const int32_t* token_ids, int tokens, const int32_t* previous,
+                              const T* table, int vocab, int hidden, float* residual,
+                              cudaStream_t stream) {
   if (tokens < 0 || vocab <= 0 || hidden <= 0) return cudaErrorInvalidValue;
   if (tokens == 0) return cudaSuccess;
   const bool vector = hidden % 8 == 0 && Aligned16(table) && Aligned16(residual);
   return LaunchDependent(vector ? EmbeddingKernel<8, T> : EmbeddingKernel<1, T>, tokens, kThreads,
-                         0, stream, token_ids, table, vocab, hidden, residual);
+                         0, stream, token_ids, previous, table, vocab, hidden, residual);
 }
 
 }  // namespace
 
-cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __nv_bfloat16* table,
-                            int vocab, int hidden, float* residual, cudaStream_t stream) {
-  return LaunchEmbeddingAs(token_ids, tokens, table, vocab, hidden, residual, stream);
+cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const int32_t* previous,
+                            const __nv_bfloat16* table, int vocab, int hidden, float* residual,
+                            cudaStream_t stream) {
+  return LaunchEmbeddingAs(token_ids, tokens, previous, table, vocab, hidden, residual, stream);
 }
 
-cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const __half* table, int vocab,
-                            int hidden, float* residual, cudaStream_t stream) {
-  return LaunchEmbeddingAs(token_ids, tokens, table, vocab, hidden, residual, stream);
+cudaError_t LaunchEmbedding(const int32_t* token_ids, int tokens, const int32_t* previous,
+                            const __half* table, int vocab, int hidden, float* residual,
+                            cudaStream_t stream) {
+  return LaunchEmbeddingAs(token_ids, tokens, previous, table, vocab, hidden, residual, stream);
 }
 
 }  // namespace kvtrim::engine::cuda

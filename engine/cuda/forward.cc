@@ -25,9 +25,11 @@
 //
 // The projections that end a block (Wo, Wdown) add their fp32 product straight into x, so the
 // residual stream never goes through bf16. Everything runs on one stream; the step ends with one
-// synchronisation, after the logits copy. This file sets the backend up, plans and runs each
-// step; forward_layers.cc queues the device work, forward_outputs.cc plans what comes back and
-// takes it.
+// synchronisation, after the logits copy, or (Launch) is left in flight: its host state is
+// updated at once, the next step is planned and queued behind it, feeding its tokens from the
+// device, and its own tokens are waited for when collected. This file sets the backend up, plans
+// and runs each step; forward_layers.cc queues the device work, forward_outputs.cc plans what
+// comes back and takes it.
 #include "engine/cuda/forward.h"
 
 #include <algorithm>
@@ -127,8 +129,11 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   gemm_.reset();
   if (graph_) cudaGraphExecDestroy(graph_);
-  if (step_begin_) cudaEventDestroy(step_begin_);
-  if (step_end_) cudaEventDestroy(step_end_);
+  for (int slot = 0; slot < 2; ++slot) {
+    if (step_begin_[slot]) cudaEventDestroy(step_begin_[slot]);
+    if (step_end_[slot]) cudaEventDestroy(step_end_[slot]);
+  }
+  if (uploaded_) cudaEventDestroy(uploaded_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -139,8 +144,12 @@ absl::Status CudaBackend::Init() {
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, 0), "SM count"));
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_begin_), "cudaEventCreate"));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_end_), "cudaEventCreate"));
+  for (int slot = 0; slot < 2; ++slot) {
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_begin_[slot]), "cudaEventCreate"));
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_end_[slot]), "cudaEventCreate"));
+  }
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(cudaEventCreateWithFlags(&uploaded_, cudaEventDisableTiming), "cudaEventCreate"));
   absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
   if (!gemm.ok()) return gemm.status();
   gemm_ = *std::move(gemm);
@@ -183,7 +192,7 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
+absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {
   KVTRIM_RETURN_IF_ERROR(Grow(plan_device_, plan_.bytes()));
   KVTRIM_RETURN_IF_ERROR(Grow(workspace_, workspace_bytes));
   if (plan_.logit_rows > capacity_logits_) {
@@ -192,8 +201,16 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes) {
     KVTRIM_RETURN_IF_ERROR(Grow(last_, N * config_.hidden * sizeof(__nv_bfloat16)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_, N * config_.vocab_size * sizeof(float)));
     KVTRIM_RETURN_IF_ERROR(Grow(logits_host_, N * config_.vocab_size * sizeof(float)));
+    // The tokens the step in flight writes, which this one reads, move to the new buffer; the
+    // old one is freed after the copy (cudaFree waits for the device).
+    DeviceBuffer previous = std::move(tokens_);
     KVTRIM_RETURN_IF_ERROR(Grow(tokens_, N * sizeof(int32_t)));
-    KVTRIM_RETURN_IF_ERROR(Grow(tokens_host_, N * sizeof(int32_t)));
+    if (previous_tokens > 0) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(tokens_.as<void>(), previous.as<void>(),
+                          previous_tokens * sizeof(int32_t), cudaMemcpyDeviceToDevice, stream_),
+          "cudaMemcpyAsync(tokens of the step in flight)"));
+    }
     capacity_logits_ = static_cast<int>(N);
   }
   size_t scratch = 0, scores = 0, kept = 0, prompt_states = 0;
@@ -286,10 +303,26 @@ absl::Status CudaBackend::SupportsCompression(
 }
 
 absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutput& out) {
+  if (!launched_.empty()) {
+    return absl::FailedPreconditionError("Forward: a launched step is not collected yet");
+  }
+  absl::StatusOr<bool> launched = Launch(steps, /*may_stay_in_flight=*/false);
+  if (!launched.ok()) return launched.status();
+  return Collect(out);
+}
+
+absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
+                                         bool may_stay_in_flight) {
   const Clock::time_point began = Clock::now();
   profile_ = {};
-  // The device holds the last plan whole only if the last step ran to its end.
+  // A step in flight: its uploads (the first of its work) read the staging buffers this step is
+  // planned into.
+  if (!launched_.empty() && launched_.back().on_device) {
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(uploaded_), "step in flight"));
+  }
+  // The device holds the last plan whole only if the last step was queued whole.
   const void* const uploaded_to = std::exchange(plan_uploaded_to_, nullptr);
+  const int previous_tokens = std::exchange(previous_tokens_, 0);
   for (const SequenceStep& step : steps) {
     if (step.compressed()) {
       KVTRIM_RETURN_IF_ERROR(SupportsCompression(*step.compression));
@@ -298,9 +331,8 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
   int tokens = 0;
   for (const SequenceStep& step : steps) tokens += static_cast<int>(step.tokens.size());
   if (tokens == 0) {
-    out.logits.clear();
-    out.tokens.clear();
-    return absl::OkStatus();
+    launched_.emplace_back();
+    return false;
   }
   KVTRIM_RETURN_IF_ERROR(ReserveTokens(tokens));
   // Pages for the rows ThinK re-thinning moves to the thin segments in this step; a layer that
@@ -321,9 +353,10 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
                         .head_dim = config_.head_dim,
                         .vocab_size = config_.vocab_size,
                         .window = config_.sliding_window,
-                        .query_tile = kPrefillQueryTile};
+                        .query_tile = kPrefillQueryTile,
+                        .previous_tokens = previous_tokens};
   // Built straight into the pinned buffer the upload reads (the previous step's upload is done:
-  // every step ends synchronised).
+  // that step was waited for, or its uploads were, above).
   KVTRIM_RETURN_IF_ERROR(BuildStepPlan(
       steps, shape, plan_,
       [this](size_t elements) -> absl::StatusOr<int32_t*> {
@@ -337,19 +370,77 @@ absl::Status CudaBackend::Forward(std::span<const SequenceStep> steps, StepOutpu
           ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
           : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
                                             sm_count_);
-  KVTRIM_RETURN_IF_ERROR(Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_)));
+  KVTRIM_RETURN_IF_ERROR(
+      Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_), previous_tokens));
   KVTRIM_RETURN_IF_ERROR(PlanOutputs(steps));
   device_holds_last_ = uploaded_to == plan_device_.as<void>();
-  if (absl::Status status = Run(splits, out, began); !status.ok()) {
+  // Whatever the host needs of the step beyond its tokens keeps it from staying in flight.
+  const bool stays = may_stay_in_flight && plan_.prompts.empty() && plan_.evicting == 0 &&
+                     plan_.channel_out == 0 &&
+                     std::all_of(token_only_.begin(), token_only_.end(), [](bool t) { return t; });
+  Launched& step = launched_.emplace_back();
+  step.on_device = stays;
+  step.rows = plan_.logit_rows;
+  step.slot = next_slot_;
+  next_slot_ ^= 1;
+  if (stays) {
+    step.out = {};
+  } else {
+    step.out = std::move(spare_);
+  }
+  absl::Status status = Run(splits, step, began);
+  const Clock::time_point ran = Clock::now();
+  if (status.ok()) status = UpdateSequences(steps);
+  if (!status.ok()) {
     // Work queued before the failure may still use the buffers: let it finish (its own error,
     // if any, is the one already returned or the next call's).
     cudaStreamSynchronize(stream_);
+    launched_.pop_back();
+    plan_uploaded_to_ = nullptr;
     return status;
   }
-  const Clock::time_point waited = Clock::now();
-  absl::Status status = UpdateSequences(steps);
-  profile_.finish_ms += Ms(waited, Clock::now());
-  return status;
+  profile_.finish_ms += Ms(ran, Clock::now());
+  step.profile = profile_;
+  if (stays) previous_tokens_ = plan_.logit_rows;
+  return stays;
+}
+
+absl::Status CudaBackend::WaitForStepInFlight() {
+  for (size_t i = 0; i + 1 < launched_.size(); ++i) {
+    if (!launched_[i].on_device) continue;
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(cudaEventSynchronize(step_end_[launched_[i].slot]), "step in flight"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Collect(StepOutput& out) {
+  if (launched_.empty()) return absl::FailedPreconditionError("Collect: no step was launched");
+  Launched step = std::move(launched_.front());
+  launched_.pop_front();
+  if (!step.on_device) {
+    std::swap(out, step.out);
+    spare_ = std::move(step.out);
+    collected_ = step.profile;
+    return absl::OkStatus();
+  }
+  const Clock::time_point began = Clock::now();
+  const absl::Status waited =
+      CudaStatus(cudaEventSynchronize(step_end_[step.slot]), "forward step");
+  const Clock::time_point synced = Clock::now();
+  step.profile.wait_ms = Ms(began, synced);
+  collected_ = step.profile;
+  KVTRIM_RETURN_IF_ERROR(waited);
+  float device_ms = 0.0f;
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(cudaEventElapsedTime(&device_ms, step_begin_[step.slot], step_end_[step.slot]),
+                 "cudaEventElapsedTime"));
+  collected_.device_ms = device_ms;
+  const int32_t* tokens = tokens_host_[step.slot].as<int32_t>();
+  out.logits.clear();
+  out.tokens.assign(tokens, tokens + step.rows);
+  collected_.finish_ms += Ms(synced, Clock::now());
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
@@ -429,13 +520,15 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(int splits, StepOutput& out, Clock::time_point began) {
+absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point began) {
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_begin_, stream_), "cudaEventRecord"));
+  const int slot = step.slot;
+  KVTRIM_RETURN_IF_ERROR(
+      CudaStatus(cudaEventRecord(step_begin_[slot], stream_), "cudaEventRecord"));
   // Where the plan kept the previous one's page lists, thin or full-width, or its channel sets,
-  // so does the device copy (when that step ran whole, and into the same buffer): those parts
-  // are not uploaded again, and the full-width lists get only the entries the plan changed.
+  // so does the device copy (when that step was queued whole, and into the same buffer): those
+  // parts are not uploaded again, and the full-width lists get only the entries the plan changed.
   const StepPlan::Upload upload = plan_.UploadOver(device_holds_last_);
   for (int r = 0; r < upload.n_ranges; ++r) {
     const size_t from = upload.ranges[r][0], to = upload.ranges[r][1];
@@ -459,9 +552,11 @@ absl::Status CudaBackend::Run(int splits, StepOutput& out, Clock::time_point beg
                            plan_device_.as<int32_t>(), stream_),
         "ScatterPairs(page list patches)"));
   }
+  KVTRIM_RETURN_IF_ERROR(UploadSampling());
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(uploaded_, stream_), "cudaEventRecord"));
   const int wanting = plan_.logit_rows;
   int n_argmax = 0;
-  for (const SequenceStep* step : wanting_steps_) n_argmax += step->argmax_only;
+  for (const SequenceStep* s : wanting_steps_) n_argmax += s->argmax_only;
   const int n_tokens = static_cast<int>(std::count(token_only_.begin(), token_only_.end(), true));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
   const int argmax_rows = n_argmax > 0 ? wanting : 0;
@@ -474,8 +569,9 @@ absl::Status CudaBackend::Run(int splits, StepOutput& out, Clock::time_point beg
   KVTRIM_RETURN_IF_ERROR(QueueSampling());
   if (wanting > 0) {
     if (n_tokens > 0) {
+      KVTRIM_RETURN_IF_ERROR(Grow(tokens_host_[slot], wanting * sizeof(int32_t)));
       KVTRIM_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(tokens_host_.as<void>(), tokens_.as<void>(),
+          CudaStatus(cudaMemcpyAsync(tokens_host_[slot].as<void>(), tokens_.as<void>(),
                                      wanting * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
                      "cudaMemcpyAsync(tokens)"));
     }
@@ -503,18 +599,20 @@ absl::Status CudaBackend::Run(int splits, StepOutput& out, Clock::time_point beg
                                                       cudaMemcpyDeviceToHost, stream_),
                                       "cudaMemcpyAsync(rows kept by eviction)"));
   }
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_, stream_), "cudaEventRecord"));
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(step_end_[slot], stream_), "cudaEventRecord"));
   const Clock::time_point queued = Clock::now();
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "forward step"));
-  plan_uploaded_to_ = plan_device_.as<void>();
-  const Clock::time_point synced = Clock::now();
   profile_.queue_ms = Ms(planned, queued);
+  plan_uploaded_to_ = plan_device_.as<void>();
+  if (step.on_device) return absl::OkStatus();
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "forward step"));
+  const Clock::time_point synced = Clock::now();
   profile_.wait_ms = Ms(queued, synced);
   float device_ms = 0.0f;
   KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(cudaEventElapsedTime(&device_ms, step_begin_, step_end_), "cudaEventElapsedTime"));
+      CudaStatus(cudaEventElapsedTime(&device_ms, step_begin_[slot], step_end_[slot]),
+                 "cudaEventElapsedTime"));
   profile_.device_ms = device_ms;
-  TakeResults(out);
+  TakeResults(step.out, slot);
   profile_.finish_ms = Ms(synced, Clock::now());
   return absl::OkStatus();
 }

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <span>
@@ -71,11 +72,20 @@ class CudaBackend : public Backend {
 
   ~CudaBackend() override;
 
-  // As Backend::Forward. Synchronous: returns once the logits are on the host. The token_only
-  // rows are reduced (argmax) or sampled on the device; only their tokens are copied back.
+  // As Backend::Forward: Launch, then Collect (not while a launched step is uncollected).
+  // Synchronous: returns once the logits are on the host. The token_only rows are reduced
+  // (argmax) or sampled on the device; only their tokens are copied back.
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override;
-  // Host phases timed with a steady clock, the device span with two CUDA events.
-  std::optional<StepProfile> LastStepProfile() const override { return profile_; }
+  // As Backend::Launch. A step stays in flight when it may and when nothing of it but its tokens
+  // must come back to the host first: no compressed prompt (its rows and channel sets), no
+  // decode-time eviction (the rows each head kept). Its tokens are then read by the next step on
+  // the device (PreviousToken ids) and copied back for Collect.
+  absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
+                              bool may_stay_in_flight) override;
+  absl::Status Collect(StepOutput& out) override;
+  // Of the last collected step: host phases timed with a steady clock, the device span with two
+  // CUDA events (for a step left in flight, wait_ms is Collect's wait).
+  std::optional<StepProfile> LastStepProfile() const override { return collected_; }
   // Allocates the decode state array for a request under a decode-time policy.
   absl::Status Prepare(const memory::compress::CompressionConfig& compression) override;
   // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm,
@@ -97,14 +107,25 @@ class CudaBackend : public Backend {
     bool operator==(const GraphKey&) const = default;
   };
 
+  // A launched step, until Collect.
+  struct Launched {
+    bool on_device = false;  // still in flight: its tokens come back at Collect
+    int rows = 0;            // its rows wanting logits (token_only, when on_device)
+    int slot = 0;            // its tokens_host_ and events
+    StepOutput out;          // a step that ran whole: its output
+    StepProfile profile;
+  };
+
   absl::Status Init();
   // Grows the per-token buffers to hold `tokens` (never shrinks).
   absl::Status ReserveTokens(int tokens);
-  // Grows the other per-step buffers to the plan's sizes (never shrinks).
-  absl::Status Reserve(size_t workspace_bytes);
-  // Queues the whole step on stream_ and copies the logits back.
-  // `began`: when Forward was entered (the start of profile_.plan_ms).
-  absl::Status Run(int splits, StepOutput& out, std::chrono::steady_clock::time_point began);
+  // Grows the other per-step buffers to the plan's sizes (never shrinks), keeping the first
+  // `previous_tokens` of tokens_ (what the step in flight writes there, for this one to read).
+  absl::Status Reserve(size_t workspace_bytes, int previous_tokens);
+  // Queues the whole step on stream_ and the copies of its tokens and logits back; unless the
+  // step stays on the device, waits for it and takes its output.
+  // `began`: when Launch was entered (the start of profile_.plan_ms).
+  absl::Status Run(int splits, Launched& step, std::chrono::steady_clock::time_point began);
   // Queues the step's device work after the plan's upload: the embedding, the layers, the
   // logits of the rows that want them and, with argmax_rows, their argmax.
   absl::Status QueueStep(int splits, int argmax_rows);
@@ -112,13 +133,16 @@ class CudaBackend : public Backend {
   // those sampled on the device (SequenceStep::sampling) their jobs and penalised ids, staged for
   // the upload, with the buffers grown (before any of the step's work is queued).
   absl::Status PlanOutputs(std::span<const SequenceStep> steps);
-  // After the logits: the upload of the staged jobs, then one LaunchSampleRows.
+  // The upload of the staged jobs, with the plan's; after the logits, one LaunchSampleRows.
+  absl::Status UploadSampling();
   absl::Status QueueSampling();
-  // The step's tokens and whole logits rows, once on the host, into `out`.
-  void TakeResults(StepOutput& out);
+  // The step's tokens (in tokens_host_[slot]) and whole logits rows, once on the host, into `out`.
+  void TakeResults(StepOutput& out, int slot);
   // QueueStep for a decode step: replays the captured graph when the key is its key, captures
   // one (and replays it) when the previous decode step had the same key, else queues eagerly.
   absl::Status QueueDecodeStep(int splits, int argmax_rows);
+  // Waits for the step left in flight before the one being launched, if any.
+  absl::Status WaitForStepInFlight();
   GraphKey KeyOf(int splits, int argmax_rows) const;
   // QueueStep with the GEMMs' activations in Half, the weights' type (__nv_bfloat16 or __half).
   template <typename Half>
@@ -154,8 +178,15 @@ class CudaBackend : public Backend {
   int sm_count_ = 0;
 
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t step_begin_ = nullptr, step_end_ = nullptr;  // around the device work of a step
-  StepProfile profile_;
+  // Around the device work of a step, one pair per slot: the step in flight's, and the next's.
+  cudaEvent_t step_begin_[2] = {}, step_end_[2] = {};
+  cudaEvent_t uploaded_ = nullptr;  // after the last step's uploads: its staging can be rewritten
+  StepProfile profile_;             // of the step being launched
+  StepProfile collected_;           // of the last step collected
+  std::deque<Launched> launched_;   // not yet collected, oldest first
+  int next_slot_ = 0;
+  int previous_tokens_ = 0;  // rows of tokens_ the step in flight writes (0: none in flight)
+  StepOutput spare_;         // buffers for the next step that runs whole
   std::unique_ptr<Gemm> gemm_;
   DeviceWeights weights_;
   DeviceBuffer pages_;     // (total_pages, page_bytes) the K/V rows, bf16
@@ -194,7 +225,7 @@ class CudaBackend : public Backend {
   DeviceBuffer logits_;           // (N, vocab_size) fp32
   PinnedBuffer logits_host_;      // (N, vocab_size) fp32, the rows not token_only_, packed
   DeviceBuffer tokens_;           // (N) int32 each wanting row's argmax, or its sampled token
-  PinnedBuffer tokens_host_;      // (N) int32
+  PinnedBuffer tokens_host_[2];   // (N) int32, per slot
   std::vector<bool> token_only_;  // per wanting row of the step: only its token comes back
   std::vector<const SequenceStep*> wanting_steps_;  // the step's rows that want logits
   // The rows sampled on the device (sample.h): this step's jobs, then the ids their repetition

@@ -41,7 +41,7 @@ absl::Status CudaBackend::QueueStepIn(int splits, int argmax_rows) {
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden;
   KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(LaunchEmbedding(Plan(at.token_ids), tokens,
+      CudaStatus(LaunchEmbedding(Plan(at.token_ids), tokens, tokens_.as<int32_t>(),
                                  static_cast<const Half*>(weights_.token_embedding.data),
                                  config_.vocab_size, hidden, x_.as<float>(), stream_),
                  "Embedding"));
@@ -111,7 +111,12 @@ absl::Status CudaBackend::QueueDecodeStep(int splits, int argmax_rows) {
     return queued.ok() ? CudaStatus(ended, "cudaStreamEndCapture") : queued;
   }
   // The previous graph's executable takes the new arguments in place when the launches are the
-  // same kernels in the same order; else a new one is made.
+  // same kernels in the same order; else a new one is made. Not while the step in flight may
+  // still be running it.
+  if (absl::Status s = WaitForStepInFlight(); !s.ok()) {
+    cudaGraphDestroy(graph);
+    return s;
+  }
   bool updated = false;
   if (graph_ != nullptr) {
     cudaGraphExecUpdateResultInfo info;

@@ -1,7 +1,7 @@
 // The CUDA backend's step outputs (forward.h): which rows want logits and which only their token,
-// the sampling jobs of the rows sampled on the device (sample.h) and their upload and launch after
-// the logits, and the tokens and whole rows taken back once the step has run (the rows sampled
-// on the host, with CudaOptions::sample_on_device off, sampled there).
+// the sampling jobs of the rows sampled on the device (sample.h), uploaded with the plan and run
+// after the logits, and the tokens and whole rows taken back once the step has run (the rows
+// sampled on the host, with CudaOptions::sample_on_device off, sampled there).
 #include <cstring>
 #include <span>
 #include <vector>
@@ -13,7 +13,8 @@
 
 namespace kvtrim::engine::cuda {
 
-void CudaBackend::TakeResults(StepOutput& out) {
+void CudaBackend::TakeResults(StepOutput& out, int slot) {
+  int32_t* const tokens = tokens_host_[slot].as<int32_t>();
   const size_t vocab = config_.vocab_size;
   const int wanting = static_cast<int>(wanting_steps_.size());
   // The sampled rows that came back whole (CudaOptions::sample_on_device off): sampled here.
@@ -31,13 +32,13 @@ void CudaBackend::TakeResults(StepOutput& out) {
     const SequenceStep& step = *wanting_steps_[row];
     const std::span<float> logits(logits_host_.as<float>() + packed_row[row] * vocab, vocab);
     ApplyRepetitionPenalty(logits, step.penalized, step.sampling->repetition_penalty);
-    tokens_host_.as<int32_t>()[row] = SampleTempered(logits, *step.sampling, step.draw);
+    tokens[row] = SampleTempered(logits, *step.sampling, step.draw);
   }
   out.logits.clear();
   out.tokens.clear();
   for (int row = 0; row < wanting; ++row) {
     if (wanting_steps_[row]->token_only()) {
-      out.tokens.push_back(tokens_host_.as<int32_t>()[row]);
+      out.tokens.push_back(tokens[row]);
     } else {
       const float* from = logits_host_.as<float>() + packed_row[row] * vocab;
       out.logits.insert(out.logits.end(), from, from + vocab);
@@ -91,14 +92,18 @@ absl::Status CudaBackend::PlanOutputs(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::UploadSampling() {
+  if (sample_jobs_.empty()) return absl::OkStatus();
+  const size_t bytes =
+      sample_jobs_.size() * sizeof(SampleJob) + penalized_.size() * sizeof(int32_t);
+  return CudaStatus(cudaMemcpyAsync(sample_device_.as<void>(), sample_staging_.as<void>(), bytes,
+                                    cudaMemcpyHostToDevice, stream_),
+                    "cudaMemcpyAsync(sampling jobs)");
+}
+
 absl::Status CudaBackend::QueueSampling() {
   if (sample_jobs_.empty()) return absl::OkStatus();
   const size_t job_bytes = sample_jobs_.size() * sizeof(SampleJob);
-  const size_t bytes = job_bytes + penalized_.size() * sizeof(int32_t);
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(sample_device_.as<void>(), sample_staging_.as<void>(), bytes,
-                                 cudaMemcpyHostToDevice, stream_),
-                 "cudaMemcpyAsync(sampling jobs)"));
   const char* device = sample_device_.as<char>();
   return CudaStatus(LaunchSampleRows(logits_.as<float>(), config_.vocab_size,
                                      reinterpret_cast<const SampleJob*>(device),

@@ -248,10 +248,15 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
     const SequenceStep& step = steps[i];
     if (step.tokens.empty()) continue;
     for (int32_t id : step.tokens) {
-      if (id < 0 || id >= shape.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", id, " is outside [0, ", shape.vocab_size, ")"));
+      if (id >= 0 && id < shape.vocab_size) continue;
+      if (id < 0 && PreviousRow(id) < shape.previous_tokens && step.tokens.size() == 1) continue;
+      if (id < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token id ", id, " names row ", PreviousRow(id), " of the step in flight, which has ",
+            shape.previous_tokens, " (only a decode's one token can be one)"));
       }
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " is outside [0, ", shape.vocab_size, ")"));
     }
     const memory::SequenceKv& kv = *step.kv;
     const int n_new = static_cast<int>(step.tokens.size());

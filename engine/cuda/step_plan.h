@@ -37,6 +37,9 @@ struct StepShape {
   int vocab_size = 0;
   int window = 0;      // the model's sliding window (0 = none)
   int query_tile = 0;  // the prefill kernel's tile (kPrefillQueryTile)
+  // Rows of the tokens the step still in flight writes: a PreviousToken id (backend.h) below it
+  // names one of them; 0, none.
+  int previous_tokens = 0;
 };
 
 // One compressed prompt of the step: the layers' compression runs on the device.

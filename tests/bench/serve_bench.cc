@@ -8,8 +8,9 @@
 //   prefill tok/s   all prompt tokens / the time until every request has its first token
 //   decode ms/step  the time after that / (new_tokens - 1): every running request decodes one
 //                   token per step
-//   forward ms      of a decode step, the time inside Backend::Forward (the rest of the step is
-//                   the scheduler's: sampling, stop rules, streaming the tokens out)
+//   forward ms      of a decode step, the time inside Backend::Launch and Collect (the rest of
+//                   the step is the scheduler's: sampling, stop rules, streaming the tokens out,
+//                   which overlap the next step's device work unless --overlap=false)
 // and, where the backend profiles its steps (Backend::LastStepProfile: the CUDA one), a second
 // table splitting the decode step's Forward into its host phases and the device's span (and
 // counting the steps replayed from a CUDA graph; --cuda_graphs=false queues every step), and a
@@ -31,6 +32,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -77,6 +79,8 @@ ABSL_FLAG(bool, dependent_launch, true,
           "dependent launch, --device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
+ABSL_FLAG(bool, overlap, true,
+          "plan and queue each step while the device runs the one before (SchedulerOptions)");
 ABSL_FLAG(double, copy_gbs, 0.0, "device copy bandwidth, GB/s, for the roofline (0 = omit)");
 
 namespace kvtrim::engine {
@@ -84,11 +88,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The engine's backend, recording when each Forward began and ended (seconds since *origin).
+// The engine's backend, recording when each step was launched and collected (seconds since
+// *origin) and how long its Launch and Collect took.
 class TimedBackend : public Backend {
  public:
   struct Span {
-    double begin, end;
+    double begin = 0.0, end = 0.0;
+    double inside = 0.0;  // seconds inside Launch and Collect (or Forward)
     std::optional<StepProfile> profile;
   };
   TimedBackend(std::unique_ptr<Backend> inner, const Clock::time_point* origin,
@@ -98,7 +104,31 @@ class TimedBackend : public Backend {
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
     const double begin = Since(origin_);
     absl::Status status = inner_->Forward(steps, out);
-    spans_.push_back({begin, Since(origin_), inner_->LastStepProfile()});
+    const double end = Since(origin_);
+    spans_.push_back({begin, end, end - begin, inner_->LastStepProfile()});
+    return status;
+  }
+  absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
+                              bool may_stay_in_flight) override {
+    const double begin = Since(origin_);
+    absl::StatusOr<bool> launched = inner_->Launch(steps, may_stay_in_flight);
+    const double end = Since(origin_);
+    if (launched.ok()) {
+      launched_.push_back({begin, end, end - begin, std::nullopt});
+    } else {
+      spans_.push_back({begin, end, end - begin, std::nullopt});
+    }
+    return launched;
+  }
+  absl::Status Collect(StepOutput& out) override {
+    const double begin = Since(origin_);
+    absl::Status status = inner_->Collect(out);
+    Span span = launched_.front();
+    launched_.pop_front();
+    span.end = Since(origin_);
+    span.inside += span.end - begin;
+    span.profile = inner_->LastStepProfile();
+    spans_.push_back(span);
     return status;
   }
   absl::Status SupportsCompression(
@@ -113,13 +143,14 @@ class TimedBackend : public Backend {
   std::unique_ptr<Backend> inner_;
   const Clock::time_point& origin_;
   std::vector<Span>& spans_;
+  std::deque<Span> launched_;  // not collected yet
 };
 
 struct Row {
   std::string spec;
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;
-  double decode_forward_seconds = 0.0;  // inside Forward, the steps after prefill_seconds
+  double decode_forward_seconds = 0.0;  // inside Launch + Collect, the steps after prefill_seconds
   int prefill_forwards = 0;             // the steps before it
   double prefill_forward_seconds = 0.0;
   double prefill_device_seconds = 0.0;  // their device spans (where profiled)
@@ -233,7 +264,8 @@ int Run() {
       .max_running = requests,
       .make_backend = make_timed,
       .kv_element_bytes = backend->kv_element_bytes,
-      .kv_storage = backend->kv_storage};
+      .kv_storage = backend->kv_storage,
+      .overlap = absl::GetFlag(FLAGS_overlap)};
   absl::StatusOr<std::unique_ptr<Generator>> generator = Generator::Create(&*model, options);
   if (!generator.ok()) {
     std::fprintf(stderr, "%s\n", std::string(generator.status().message()).c_str());
@@ -306,11 +338,11 @@ int Run() {
     for (const TimedBackend::Span& span : spans) {
       if (span.begin < row.prefill_seconds) {
         ++row.prefill_forwards;
-        row.prefill_forward_seconds += span.end - span.begin;
+        row.prefill_forward_seconds += span.inside;
         if (span.profile) row.prefill_device_seconds += 1e-3 * span.profile->device_ms;
         continue;
       }
-      row.decode_forward_seconds += span.end - span.begin;
+      row.decode_forward_seconds += span.inside;
       ++row.decode_forwards;
       if (!span.profile) continue;
       row.profile.plan_ms += span.profile->plan_ms;

@@ -674,6 +674,131 @@ TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
   }
 }
 
+// The CUDA backend, counting its launches and the steps it left in flight.
+class CountingBackend : public Backend {
+ public:
+  explicit CountingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    return inner_->Forward(steps, out);
+  }
+  absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
+                              bool may_stay_in_flight) override {
+    absl::StatusOr<bool> launched = inner_->Launch(steps, may_stay_in_flight);
+    if (launched.ok()) {
+      ++launches;
+      stayed += *launched;
+      for (const SequenceStep& step : steps) {
+        previous_fed += !step.tokens.empty() && step.tokens[0] < 0;
+      }
+    }
+    return launched;
+  }
+  absl::Status Collect(StepOutput& out) override { return inner_->Collect(out); }
+  std::optional<StepProfile> LastStepProfile() const override { return inner_->LastStepProfile(); }
+  absl::Status Prepare(const memory::compress::CompressionConfig& compression) override {
+    return inner_->Prepare(compression);
+  }
+  absl::Status SupportsCompression(
+      const memory::compress::CompressionConfig& compression) const override {
+    return inner_->SupportsCompression(compression);
+  }
+  int launches = 0, stayed = 0, previous_fed = 0;
+
+ private:
+  std::unique_ptr<Backend> inner_;
+};
+
+// Steps left in flight (SchedulerOptions::overlap) give every request the tokens of steps taken
+// in turn, to the bit: their decodes read the tokens of the step in flight on the device. The batch
+// mixes rows that keep a step on the host (log-probabilities, a repetition penalty, a compressed
+// prompt, decode-time eviction) with greedy and sampled ones; small pages make the sequences cross
+// page boundaries and the plans grow; CUDA graphs on.
+TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
+  const bool compressible = model_->config.sliding_window == 0;
+  std::vector<GenerationRequest> requests;
+  for (size_t i = 0; i < sequences_.size(); ++i) {
+    GenerationRequest request;
+    request.prompt = sequences_[i];
+    request.max_tokens = 20 + 3 * static_cast<int>(i);
+    request.ignore_eos = true;
+    if (i % 2 == 1) request.sampling = {.temperature = 0.8f, .top_p = 0.9f, .seed = 40 + i};
+    requests.push_back(std::move(request));
+  }
+  std::vector<GenerationRequest> host_bound = requests;
+  GenerationRequest penalized = requests.front();
+  penalized.sampling = {.temperature = 0.7f, .repetition_penalty = 1.2f, .seed = 9};
+  host_bound.push_back(penalized);
+  GenerationRequest logprobs = requests.back();
+  logprobs.want_logprobs = true;
+  logprobs.top_logprobs = 2;
+  host_bound.push_back(logprobs);
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences_.begin(), sequences_.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  if (compressible) {
+    for (const char* spec : {"policy=pyramidkv,budget_ratio=0.5,window=8,think.lambda=0.5,"
+                             "think.recent=4,think.observation=8",
+                             "eviction=corm,corm.window=4,corm.recent=4"}) {
+      GenerationRequest compressed = requests.front();
+      compressed.prompt = longest;
+      compressed.compression = ParseSpec(spec);
+      host_bound.push_back(compressed);
+    }
+  }
+  for (const auto* batch : {&requests, &host_bound}) {
+    const bool only_device_rows = batch == &requests;
+    std::vector<GenerationResult> results[2];
+    struct Counts {
+      int launches = -1, stayed = -1, previous_fed = -1;
+    } counts[2];
+    for (const bool overlap : {false, true}) {
+      GeneratorOptions options{.pool_bytes = 4 << 20,
+                               .page_bytes = 1024,
+                               .step_tokens = 16,
+                               .max_running = 16,
+                               .overlap = overlap};
+      options.kv_element_bytes = kKvElementBytes;
+      options.kv_storage = kKvStorage;
+      CountingBackend* counted = nullptr;  // the generator's, while it lives
+      options.make_backend =
+          [&](const Model* m, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<Backend>> gpu = CudaBackend::Factory()(m, cache);
+        if (!gpu.ok()) return gpu.status();
+        auto backend = std::make_unique<CountingBackend>(*std::move(gpu));
+        counted = backend.get();
+        return backend;
+      };
+      absl::StatusOr<std::unique_ptr<Generator>> generator =
+          Generator::Create(model_.get(), options);
+      ASSERT_TRUE(generator.ok()) << generator.status();
+      absl::StatusOr<std::vector<GenerationResult>> run = (*generator)->Run(*batch);
+      ASSERT_TRUE(run.ok()) << run.status();
+      results[overlap] = *std::move(run);
+      ASSERT_NE(counted, nullptr);
+      counts[overlap] = {counted->launches, counted->stayed, counted->previous_fed};
+    }
+    EXPECT_EQ(counts[0].stayed, 0);
+    EXPECT_GT(counts[1].stayed, 0) << GetParam();
+    EXPECT_GT(counts[1].previous_fed, 0) << GetParam();
+    // Every request ends at max_tokens, so both ran the same steps.
+    EXPECT_EQ(counts[1].launches, counts[0].launches);
+    if (only_device_rows) {
+      EXPECT_EQ(counts[1].stayed, counts[1].launches) << GetParam();
+    } else {
+      EXPECT_LT(counts[1].stayed, counts[1].launches) << GetParam();
+    }
+    for (size_t i = 0; i < batch->size(); ++i) {
+      SCOPED_TRACE(::testing::Message() << GetParam() << ", request " << i);
+      const GenerationResult& got = results[1][i];
+      const GenerationResult& want = results[0][i];
+      EXPECT_EQ(got.finish.reason, FinishReason::kLength);
+      EXPECT_EQ(got.tokens, want.tokens);
+      EXPECT_EQ(got.tokens.size(), static_cast<size_t>((*batch)[i].max_tokens));
+      EXPECT_EQ(got.text, want.text);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Tiny, CudaTinyModelTest,
                          ::testing::Values("llama_gqa", "llama3_tied", "mistral", "qwen2"));
 

@@ -105,7 +105,7 @@ TEST_F(CudaFp16Test, EmbeddingWidensFp16Rows) {
   DeviceBuffer d_ids = Upload(ids);
   for (const int width : {hidden, hidden - 1}) {  // 16-byte rows, then the scalar path
     DeviceBuffer d_out = Poisoned<float>(static_cast<size_t>(tokens) * width);
-    ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), tokens, d_table.as<__half>(),
+    ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), tokens, nullptr, d_table.as<__half>(),
                                 vocab * hidden / width, width, d_out.as<float>(), stream_));
     Sync();
     std::vector<float> ref;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/backend.h"
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/embedding.h"
@@ -93,8 +94,8 @@ TEST_F(CudaKernelsTest, EmbeddingMatchesTableRows) {
     DeviceBuffer d_table = Upload(ToBf16(table));
     DeviceBuffer d_ids = Upload(ids);
     DeviceBuffer d_out = Poisoned<float>(static_cast<size_t>(s.tokens) * s.hidden);
-    ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), s.tokens, d_table.as<__nv_bfloat16>(), s.vocab,
-                                s.hidden, d_out.as<float>(), stream_));
+    ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), s.tokens, nullptr, d_table.as<__nv_bfloat16>(),
+                                s.vocab, s.hidden, d_out.as<float>(), stream_));
     Sync();
     const std::vector<float> out = Download<float>(d_out, static_cast<size_t>(s.tokens) * s.hidden);
 
@@ -121,14 +122,43 @@ TEST_F(CudaKernelsTest, EmbeddingOutOfRangeIdWritesNaN) {
   absl::StatusOr<DeviceBuffer> d_out = DeviceBuffer::Allocate(3 * hidden * sizeof(float));
   ASSERT_TRUE(d_out.ok());
   ASSERT_CUDA(cudaMemset(d_out->as<void>(), 0, 3 * hidden * sizeof(float)));
-  ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), 3, d_table.as<__nv_bfloat16>(), vocab, hidden,
-                              d_out->as<float>(), stream_));
+  ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), 3, nullptr, d_table.as<__nv_bfloat16>(), vocab,
+                              hidden, d_out->as<float>(), stream_));
   Sync();
   const std::vector<float> out = Download<float>(*d_out, 3 * hidden);
   for (int i = 0; i < hidden; ++i) {
     EXPECT_TRUE(std::isfinite(out[i]));
     EXPECT_TRUE(std::isnan(out[hidden + i]));
     EXPECT_TRUE(std::isnan(out[2 * hidden + i]));
+  }
+}
+
+// A PreviousToken id reads its token from the previous step's tokens on the device; a token
+// there outside the vocabulary writes NaN as a bad id does.
+TEST_F(CudaKernelsTest, EmbeddingReadsPreviousTokens) {
+  const int vocab = 6, hidden = 24;
+  const std::vector<float> table = Random(rng_, vocab * hidden);
+  DeviceBuffer d_table = Upload(ToBf16(table));
+  DeviceBuffer d_ids = Upload(std::vector<int32_t>{2, PreviousToken(1), PreviousToken(0),
+                                                   PreviousToken(2), PreviousToken(1)});
+  DeviceBuffer d_previous = Upload(std::vector<int32_t>{3, 0, vocab});
+  DeviceBuffer d_out = Poisoned<float>(5 * hidden);
+  ASSERT_CUDA(LaunchEmbedding(d_ids.as<int32_t>(), 5, d_previous.as<int32_t>(),
+                              d_table.as<__nv_bfloat16>(), vocab, hidden, d_out.as<float>(),
+                              stream_));
+  Sync();
+  const std::vector<float> out = Download<float>(d_out, 5 * hidden);
+  const std::vector<float> table_bf16 = RoundedToBf16(table);
+  const int expected_rows[5] = {2, 0, 3, -1, 0};
+  for (int t = 0; t < 5; ++t) {
+    for (int i = 0; i < hidden; ++i) {
+      const float got = out[t * hidden + i];
+      if (expected_rows[t] < 0) {
+        EXPECT_TRUE(std::isnan(got)) << "token " << t;
+      } else {
+        EXPECT_EQ(got, table_bf16[expected_rows[t] * hidden + i]) << "token " << t << " at " << i;
+      }
+    }
   }
 }
 

@@ -288,6 +288,22 @@ TEST_F(StepPlanTest, RejectsBadIdsAndUnreservedRows) {
   // The sliding window bounds what a decode query sees.
   EXPECT_TRUE(BuildStepPlan({&fits, 1}, Shape(64, /*window=*/2), plan).ok());
   EXPECT_EQ(plan.max_decode_rows, 2);
+  // A PreviousToken id names a row of the step in flight's tokens: only one it has, and only as
+  // a decode's one token. The plan carries it as it is, for the embedding to resolve.
+  const std::vector<int32_t> previous{PreviousToken(2)}, beyond{PreviousToken(3)};
+  const SequenceStep fed{&a, previous, true}, fed_beyond{&a, beyond, true};
+  StepShape in_flight = Shape(64);
+  in_flight.previous_tokens = 3;
+  ASSERT_TRUE(BuildStepPlan({&fed, 1}, in_flight, plan).ok());
+  EXPECT_EQ(plan.data[plan.at.token_ids], PreviousToken(2));
+  EXPECT_EQ(BuildStepPlan({&fed, 1}, Shape(64), plan).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildStepPlan({&fed_beyond, 1}, in_flight, plan).code(),
+            absl::StatusCode::kInvalidArgument);
+  memory::SequenceKv b = Sequence(2, 4);
+  const std::vector<int32_t> chunk{PreviousToken(0), 5};
+  const SequenceStep fed_chunk{&b, chunk, true};
+  EXPECT_EQ(BuildStepPlan({&fed_chunk, 1}, in_flight, plan).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // The plan goes where PlanStorage says, every entry written (the buffer starts as garbage), the

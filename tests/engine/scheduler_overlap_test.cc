@@ -1,0 +1,314 @@
+// The scheduler with steps left in flight (SchedulerOptions::overlap, Backend::Launch): a request
+// streams what it streams when every step is collected before the next is planned, whatever it
+// is batched with, stops, preemption, cancel and failures included. The backend here is the CPU
+// reference behind Launch's contract of a device backend: a step that may stay in flight does,
+// and the next step's PreviousToken ids are resolved from its tokens.
+#include <gtest/gtest.h>
+
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/cpu/forward.h"
+#include "engine/scheduler.h"
+#include "tests/engine/scheduler_test_util.h"
+
+namespace kvtrim::engine {
+namespace {
+
+class InFlightBackend : public Backend {
+ public:
+  explicit InFlightBackend(std::unique_ptr<Backend> cpu, int failing_collect = 0)
+      : cpu_(std::move(cpu)), failing_collect_(failing_collect) {}
+
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    return cpu_->Forward(steps, out);
+  }
+
+  absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
+                              bool may_stay_in_flight) override {
+    std::vector<SequenceStep> resolved(steps.begin(), steps.end());
+    std::deque<int32_t> fed;  // the resolved ids, where the spans point
+    for (SequenceStep& step : resolved) {
+      if (step.tokens.empty() || step.tokens[0] >= 0) {
+        for (int32_t id : step.tokens) EXPECT_GE(id, 0) << "only a decode's token can be pending";
+        continue;
+      }
+      EXPECT_EQ(step.tokens.size(), 1u);
+      const int32_t row = PreviousRow(step.tokens[0]);
+      if (!previous_.has_value() || row >= static_cast<int32_t>(previous_->size())) {
+        ADD_FAILURE() << "PreviousToken(" << row << ") without a step in flight holding it";
+        return absl::InternalError("no such previous token");
+      }
+      fed.push_back((*previous_)[row]);
+      step.tokens = std::span(&fed.back(), 1);
+      ++previous_fed;
+    }
+    StepOutput out;
+    if (absl::Status status = cpu_->Forward(resolved, out); !status.ok()) return status;
+    ++launches;
+    if (may_stay_in_flight) {
+      ++stayed;
+      // Every row wanting logits is token_only: its row index is its token's.
+      for (const SequenceStep& step : steps) {
+        EXPECT_TRUE(!step.want_logits || step.token_only());
+      }
+      previous_ = out.tokens;
+    } else {
+      previous_.reset();
+    }
+    outputs_.push_back(std::move(out));
+    return may_stay_in_flight;
+  }
+
+  absl::Status Collect(StepOutput& out) override {
+    EXPECT_FALSE(outputs_.empty());
+    if (outputs_.empty()) return absl::InternalError("nothing to collect");
+    out = std::move(outputs_.front());
+    outputs_.pop_front();
+    if (++collects == failing_collect_) return absl::InternalError("injected device failure");
+    return absl::OkStatus();
+  }
+
+  int launches = 0, stayed = 0, collects = 0, previous_fed = 0;
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  int failing_collect_;
+  std::optional<std::vector<int32_t>> previous_;  // the tokens of the step in flight
+  std::deque<StepOutput> outputs_;
+};
+
+class SchedulerOverlapTest : public SchedulerTest {
+ protected:
+  std::unique_ptr<Scheduler> MakeOverlapping(SchedulerOptions options,
+                                             InFlightBackend** backend = nullptr,
+                                             int failing_collect = 0,
+                                             const Model* model = nullptr) {
+    absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+        model ? model : model_, tokenizer_, options,
+        [&](const Model* m, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+          absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(m, cache);
+          if (!cpu.ok()) return cpu.status();
+          auto made = std::make_unique<InFlightBackend>(*std::move(cpu), failing_collect);
+          if (backend != nullptr) *backend = made.get();
+          return made;
+        });
+    EXPECT_TRUE(scheduler.ok()) << scheduler.status();
+    return scheduler.ok() ? *std::move(scheduler) : nullptr;
+  }
+};
+
+// One request of each kind that changes what can stay in flight: greedy, sampled, sampled under a
+// repetition penalty, with log-probabilities, stopped by a stop id, by a stop string and by eos.
+// `greedy_ids`: the greedy tokens after RandomPrompt(12, 500).
+std::vector<GenerationRequest> MixedRequests(const std::vector<int32_t>& greedy_ids) {
+  std::vector<GenerationRequest> requests;
+  requests.push_back(Greedy(RandomPrompt(3, 700), 20));
+  requests.push_back(Greedy(RandomPrompt(40, 701), 12));  // prefilled in chunks
+  GenerationRequest sampled = Greedy(RandomPrompt(9, 702), 18);
+  sampled.sampling = {.temperature = 0.8f, .top_p = 0.9f, .seed = 7};
+  requests.push_back(sampled);
+  GenerationRequest penalized = Greedy(RandomPrompt(11, 703), 14);
+  penalized.sampling = {.temperature = 0.7f, .repetition_penalty = 1.3f, .seed = 8};
+  requests.push_back(penalized);
+  GenerationRequest logprobs = Greedy(RandomPrompt(6, 704), 10);
+  logprobs.want_logprobs = true;
+  logprobs.top_logprobs = 3;
+  requests.push_back(logprobs);
+  GenerationRequest stop_id = Greedy(RandomPrompt(12, 500), 40);
+  stop_id.stop_ids = {greedy_ids[6]};
+  requests.push_back(stop_id);
+  GenerationRequest eos = Greedy(RandomPrompt(12, 500), 40);
+  eos.ignore_eos = false;  // served by a model whose eos is greedy_ids[9]
+  requests.push_back(eos);
+  GenerationRequest stop_string = Greedy(RandomPrompt(25, 705), 30);
+  stop_string.stop_strings = {"e"};
+  requests.push_back(stop_string);
+  return requests;
+}
+
+struct Served {
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  SchedulerStats stats;
+};
+
+Served Serve(Scheduler& scheduler, const std::vector<GenerationRequest>& requests) {
+  Served served;
+  // Half start together; the rest arrive while they decode.
+  const size_t first = requests.size() / 2;
+  for (size_t i = 0; i < first; ++i) {
+    served.sinks.push_back(std::make_shared<RecordingSink>());
+    EXPECT_TRUE(scheduler.Submit(requests[i], served.sinks.back()).ok());
+  }
+  for (int k = 0; k < 4; ++k) EXPECT_TRUE(scheduler.Step());
+  for (size_t i = first; i < requests.size(); ++i) {
+    served.sinks.push_back(std::make_shared<RecordingSink>());
+    EXPECT_TRUE(scheduler.Submit(requests[i], served.sinks.back()).ok());
+  }
+  scheduler.RunUntilIdle();
+  served.stats = scheduler.stats();
+  return served;
+}
+
+void ExpectSameStreams(const Served& overlapped, const Served& in_turn) {
+  ASSERT_EQ(overlapped.sinks.size(), in_turn.sinks.size());
+  for (size_t i = 0; i < in_turn.sinks.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    const RecordingSink& a = *overlapped.sinks[i];
+    const RecordingSink& b = *in_turn.sinks[i];
+    EXPECT_EQ(a.finish_calls, 1);
+    EXPECT_EQ(a.ids(), b.ids());
+    EXPECT_EQ(a.streamed(), b.streamed());
+    EXPECT_EQ(a.text(), b.text());
+    EXPECT_EQ(a.finish.reason, b.finish.reason);
+    EXPECT_EQ(a.finish.completion_tokens, b.finish.completion_tokens);
+    ASSERT_EQ(a.outputs.size(), b.outputs.size());
+    for (size_t t = 0; t < a.outputs.size(); ++t) {
+      EXPECT_EQ(a.outputs[t].logprob, b.outputs[t].logprob);
+      EXPECT_EQ(a.outputs[t].top_logprobs, b.outputs[t].top_logprobs);
+    }
+  }
+}
+
+TEST_F(SchedulerOverlapTest, StepsInFlightStreamWhatStepsInTurnStream) {
+  const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
+  ASSERT_EQ(greedy.size(), 40u);
+  Model with_eos = *model_;
+  with_eos.tokenizer.eos_id = greedy[9];
+  const std::vector<GenerationRequest> requests = MixedRequests(greedy);
+  const SchedulerOptions options{
+      .pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8};
+
+  SchedulerOptions in_turn_options = options;
+  in_turn_options.overlap = false;
+  InFlightBackend* in_turn_backend = nullptr;
+  std::unique_ptr<Scheduler> in_turn =
+      MakeOverlapping(in_turn_options, &in_turn_backend, 0, &with_eos);
+  const Served expected = Serve(*in_turn, requests);
+  EXPECT_EQ(in_turn_backend->stayed, 0);
+
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> overlapping = MakeOverlapping(options, &backend, 0, &with_eos);
+  const Served served = Serve(*overlapping, requests);
+  ExpectSameStreams(served, expected);
+  EXPECT_EQ(served.sinks[5]->finish.reason, FinishReason::kStop);
+  EXPECT_EQ(served.sinks[6]->finish.reason, FinishReason::kEos);
+  // Steps stayed in flight and fed their tokens on: once the penalised and logprobs requests
+  // were done, every step could.
+  EXPECT_GT(backend->stayed, 0);
+  EXPECT_GT(backend->previous_fed, 0);
+  EXPECT_LT(backend->stayed, backend->launches);
+  EXPECT_EQ(backend->collects, backend->launches);
+  EXPECT_EQ(served.stats.pages_used, 0);
+  EXPECT_EQ(served.stats.running, 0);
+  EXPECT_EQ(served.stats.preemptions_total, 0);
+  // A request that stopped was in one more step, whose token it dropped.
+  EXPECT_GE(backend->launches, in_turn_backend->launches);
+}
+
+TEST_F(SchedulerOverlapTest, GreedyAndSampledAloneStayInFlightEveryStep) {
+  GenerationRequest sampled = Greedy(RandomPrompt(9, 720), 24);
+  sampled.sampling = {.temperature = 0.9f, .top_k = 20, .seed = 3};
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler = MakeOverlapping(kTinyOptions, &backend);
+  const Served served = Serve(*scheduler, {Greedy(RandomPrompt(5, 721), 24), sampled});
+  SchedulerOptions in_turn = kTinyOptions;
+  in_turn.overlap = false;
+  std::unique_ptr<Scheduler> reference = MakeOverlapping(in_turn);
+  ExpectSameStreams(served, Serve(*reference, {Greedy(RandomPrompt(5, 721), 24), sampled}));
+  EXPECT_EQ(backend->stayed, backend->launches);
+  // Every decode but each request's first fed the token of the step before it.
+  EXPECT_EQ(backend->previous_fed, 2 * 23);
+  EXPECT_EQ(served.stats.pages_used, 0);
+}
+
+TEST_F(SchedulerOverlapTest, PreemptionInFlightRecomputesAndKeepsGreedyOutput) {
+  // Each request ends with 50 tokens: 7 pages per (layer, K|V) list. The pool holds two such
+  // sequences and four are admitted, so decode runs out and preempts.
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 4; ++i) requests.push_back(Greedy(RandomPrompt(10, 730 + i), 40));
+  const size_t layers = model_->config.n_layers;
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler =
+      MakeOverlapping({.pool_bytes = 2 * 7 * 2 * layers * 1024, .page_bytes = 1024}, &backend);
+  const Served served = Serve(*scheduler, requests);
+  EXPECT_GT(served.stats.preemptions_total, 0);
+  EXPECT_GT(backend->previous_fed, 0);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    EXPECT_EQ(served.sinks[i]->ids(), RunAlone(requests[i])->ids());
+    EXPECT_EQ(served.sinks[i]->finish.reason, FinishReason::kLength);
+  }
+  EXPECT_EQ(served.stats.pages_used, 0);
+}
+
+TEST_F(SchedulerOverlapTest, CancelInFlightEndsWithinAStepAndFreesPages) {
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler = MakeOverlapping(kTinyOptions, &backend);
+  auto cancelled = std::make_shared<RecordingSink>();
+  auto other = std::make_shared<RecordingSink>();
+  const GenerationRequest other_request = Greedy(RandomPrompt(8, 741), 30);
+  absl::StatusOr<uint64_t> handle =
+      scheduler->Submit(Greedy(RandomPrompt(7, 740), 1000), cancelled);
+  ASSERT_TRUE(handle.ok());
+  ASSERT_TRUE(scheduler->Submit(other_request, other).ok());
+  for (int k = 0; k < 5; ++k) ASSERT_TRUE(scheduler->Step());
+  ASSERT_GT(backend->launches, backend->collects);  // a step in flight holds it
+  const size_t streamed = cancelled->outputs.size();
+  scheduler->Cancel(*handle);
+  // The step sees the cancel, leaves the request out, collects the step in flight (dropping
+  // the request's token there) and retires it.
+  ASSERT_TRUE(scheduler->Step());
+  EXPECT_EQ(cancelled->finish_calls, 1);
+  EXPECT_EQ(cancelled->finish.reason, FinishReason::kCancelled);
+  EXPECT_EQ(cancelled->outputs.size(), streamed);
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(other->ids(), RunAlone(other_request)->ids());
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+  EXPECT_EQ(backend->collects, backend->launches);
+}
+
+TEST_F(SchedulerOverlapTest, ACollectFailureEndsThatStepsRequestsOnly) {
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler =
+      MakeOverlapping({.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
+                      /*failing_collect=*/3);
+  auto first = std::make_shared<RecordingSink>();
+  auto second = std::make_shared<RecordingSink>();
+  auto queued = std::make_shared<RecordingSink>();
+  const GenerationRequest queued_request = Greedy(RandomPrompt(7, 752), 10);
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(6, 750), 10), first).ok());
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(9, 751), 10), second).ok());
+  ASSERT_TRUE(scheduler->Submit(queued_request, queued).ok());
+  scheduler->RunUntilIdle();
+  for (const auto& sink : {first, second}) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
+    EXPECT_EQ(sink->finish.error, "injected device failure");
+    EXPECT_EQ(sink->finish.completion_tokens, 2);
+  }
+  EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+  EXPECT_EQ(backend->collects, backend->launches);
+}
+
+TEST_F(SchedulerOverlapTest, StopCollectsTheStepInFlight) {
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler = MakeOverlapping(kTinyOptions, &backend);
+  auto sink = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(6, 760), 100), sink).ok());
+  for (int k = 0; k < 4; ++k) ASSERT_TRUE(scheduler->Step());
+  ASSERT_GT(backend->launches, backend->collects);  // one step in flight
+  scheduler->Stop();
+  EXPECT_EQ(backend->collects, backend->launches);
+  EXPECT_EQ(sink->finish.reason, FinishReason::kCancelled);
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+}
+
+}  // namespace
+}  // namespace kvtrim::engine
