@@ -290,6 +290,13 @@ class Compression(unittest.TestCase):
         self.assertIn("KV saved", done.stderr)
         self.assertIn("compression " + DEFAULT_SPEC, done.stderr)
 
+    def test_cli_uncompressed_reports_pages_not_savings(self):
+        done = self.cli("--model", harness.PATHS.model, "--prompt", "Hi", "--max-tokens", "2")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("stored in whole pages for", done.stderr)
+        self.assertIn("compression none", done.stderr)
+        self.assertNotIn("KV saved", done.stderr)
+
     def test_cli_refuses_a_bad_spec(self):
         done = self.cli("--model", harness.PATHS.model, "--prompt", "Hi", "--compression",
                         "policy=h2o")

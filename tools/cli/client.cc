@@ -127,13 +127,25 @@ std::string FormatKvReport(const memory::KvBytes& bytes, const memory::KvLayout&
                                  ? "-"
                                  : absl::StrCat(*std::min_element(kept.begin(), kept.end()), "..",
                                                 *std::max_element(kept.begin(), kept.end()));
-  char line[512];
+  char line[640];
+  if (compression == "none") {
+    // Nothing to save: what the rows take in whole pages, against the rows alone.
+    std::snprintf(line, sizeof(line),
+                  "KV %.2f MiB stored in whole pages for %.2f MiB of rows (metadata %.3f MiB), "
+                  "tokens per layer %s, compression none",
+                  bytes.stored / kMiB, bytes.full / kMiB, bytes.metadata / kMiB, tokens.c_str());
+    return line;
+  }
   std::snprintf(line, sizeof(line),
                 "KV saved %.1f%%: %.2f of %.2f MiB stored (rows %.2f MiB, metadata %.3f MiB), "
-                "tokens kept per layer %s, key channels %d, compression %s",
+                "tokens kept per layer %s, key channels %d, compression %s%s",
                 100.0 * bytes.saved_ratio(), bytes.stored / kMiB, bytes.full / kMiB,
                 bytes.rows / kMiB, bytes.metadata / kMiB, tokens.c_str(), layout.key_channels,
-                compression.c_str());
+                compression.c_str(),
+                bytes.saved_ratio() < 0.0
+                    ? " (a short sequence: each layer's segments take whole pages, more than the "
+                      "rows compression saves)"
+                    : "");
   return line;
 }
 

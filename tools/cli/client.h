@@ -40,7 +40,8 @@ v1::KvCompression ToKvCompression(const memory::compress::CompressionConfig& con
 
 // A finished request's KV cache (in-process: the engine's Finish; remote: the response's
 // kv_memory in the same types) with the spec applied, as one line: "KV saved 71.9%: 0.82 of
-// 2.92 MiB stored (...), tokens kept per layer 60..180, ...".
+// 2.92 MiB stored (...), tokens kept per layer 60..180, ...". Uncompressed ("none"), what its
+// rows take in whole pages instead: "KV 0.38 MiB stored in whole pages for 0.20 MiB of rows ...".
 std::string FormatKvReport(const memory::KvBytes& bytes, const memory::KvLayout& layout,
                            const std::string& compression);
 
