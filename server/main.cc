@@ -81,6 +81,10 @@ ABSL_FLAG(
 ABSL_FLAG(bool, cuda_graphs, true,
           "on cuda: replay decode steps whose launches repeat (the same running requests) from a "
           "captured CUDA graph; false queues every step's kernels");
+ABSL_FLAG(bool, overlap_steps, true,
+          "plan and queue each step while the device runs the one before, feeding it the "
+          "tokens the device chose (the CUDA backend, for steps whose rows need only their token "
+          "back); false runs the steps in turn");
 ABSL_FLAG(std::string, kv_compression, "none",
           "KV compression of requests that do not set their own: a spec such as "
           "\"policy=snapkv,budget_ratio=0.25\" or \"policy=pyramidkv,budget_ratio=0.12,"
@@ -194,7 +198,8 @@ int Run() {
       .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
       .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = absl::GetFlag(FLAGS_max_running),
-      .max_queued = absl::GetFlag(FLAGS_max_queued)};
+      .max_queued = absl::GetFlag(FLAGS_max_queued),
+      .overlap = absl::GetFlag(FLAGS_overlap_steps)};
   absl::StatusOr<engine::BackendChoice> backend = engine::ChooseBackend(
       absl::GetFlag(FLAGS_device), "kvtrim-server",
       {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs), .dtype = absl::GetFlag(FLAGS_dtype)});
