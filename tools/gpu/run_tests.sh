@@ -91,10 +91,13 @@ for test in "${tests[@]}"; do
   if [[ -z ${SKIP_SANITIZER:-} && ${ONLY:-} != smollm2 && $name != cuda_cublas_api_test ]] &&
     command -v compute-sanitizer >/dev/null; then
     # GEMMs are cuBLAS's own kernels; memcheck covers ours (odd shapes, scalar tails, page
-    # walks). The model-level tests run their small cases only: memcheck is slow.
+    # walks). The model-level tests run their small cases only: memcheck is slow. API calls
+    # that fail by design are not counted: a captured graph whose launches changed makes
+    # cudaGraphExecUpdate refuse, and the backend then instantiates the graph anew.
     sanitizer_filter='-*Gemm*:*SmolLm2*:*GeneratorPromptLogits*:*ChunkedPrefill*'
     run "$name.memcheck" "${with_bundle[@]}" compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$test" --gtest_color=no "--gtest_filter=$sanitizer_filter" || failed=1
+      --report-api-errors no "$test" --gtest_color=no "--gtest_filter=$sanitizer_filter" ||
+      failed=1
     tail -3 "$out/$name.memcheck.log" | sed 's/^/  /'
   fi
 done
