@@ -87,8 +87,10 @@ for test in "${tests[@]}"; do
   grep -E '^\[(parity|smollm2)\]|FAILED|SKIPPED \]|PASSED' "$out/$name.log" | sed 's/^/  /'
   # cuda_cublas_api_test never calls the CUDA runtime: compute-sanitizer then ends with "Target
   # application terminated before first instrumented API call" and exit status 255 though both
-  # of its tests pass, so it runs plainly only.
-  if [[ -z ${SKIP_SANITIZER:-} && ${ONLY:-} != smollm2 && $name != cuda_cublas_api_test ]] &&
+  # of its tests pass. cuda_step_plan_test, host code only, exits 255 under it too, its tests
+  # passing. Both run plainly only.
+  if [[ -z ${SKIP_SANITIZER:-} && ${ONLY:-} != smollm2 && $name != cuda_cublas_api_test &&
+    $name != cuda_step_plan_test ]] &&
     command -v compute-sanitizer >/dev/null; then
     # GEMMs are cuBLAS's own kernels; memcheck covers ours (odd shapes, scalar tails, page
     # walks). The model-level tests run their small cases only: memcheck is slow. API calls
