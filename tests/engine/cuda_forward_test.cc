@@ -687,9 +687,13 @@ class CountingBackend : public Backend {
     if (launched.ok()) {
       ++launches;
       stayed += *launched;
+      bool evicts = false;
       for (const SequenceStep& step : steps) {
         previous_fed += !step.tokens.empty() && step.tokens[0] < 0;
+        evicts |= step.compressed() &&
+                  step.compression->eviction != memory::compress::EvictionPolicy::kNone;
       }
+      evicting_stayed += *launched && evicts;
     }
     return launched;
   }
@@ -702,17 +706,18 @@ class CountingBackend : public Backend {
       const memory::compress::CompressionConfig& compression) const override {
     return inner_->SupportsCompression(compression);
   }
-  int launches = 0, stayed = 0, previous_fed = 0;
+  int launches = 0, stayed = 0, previous_fed = 0, evicting_stayed = 0;
 
  private:
   std::unique_ptr<Backend> inner_;
 };
 
 // Steps left in flight (SchedulerOptions::overlap) give every request the tokens of steps taken
-// in turn, to the bit: their decodes read the tokens of the step in flight on the device. The batch
-// mixes rows that keep a step on the host (log-probabilities, a repetition penalty, a compressed
-// prompt, decode-time eviction) with greedy and sampled ones; small pages make the sequences cross
-// page boundaries and the plans grow; CUDA graphs on.
+// in turn, to the bit: their decodes read the tokens of the step in flight on the device. One
+// batch mixes rows that keep a step on the host (log-probabilities, a repetition penalty, a
+// compressed prompt) with greedy and sampled ones; another adds decode-time eviction, whose steps
+// run in turn (the rows each head kept come back), between steps of the others left in flight.
+// Small pages make the sequences cross page boundaries and the plans grow; CUDA graphs on.
 TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
   const bool compressible = model_->config.sliding_window == 0;
   std::vector<GenerationRequest> requests;
@@ -735,6 +740,9 @@ TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
   const std::vector<int32_t>& longest =
       *std::max_element(sequences_.begin(), sequences_.end(),
                         [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  // Evicting requests beside greedy and sampled ones of other lengths: the steps with evicting
+  // rows run in turn, the others stay in flight.
+  std::vector<GenerationRequest> evicting;
   if (compressible) {
     for (const char* spec : {"policy=pyramidkv,budget_ratio=0.5,window=8,think.lambda=0.5,"
                              "think.recent=4,think.observation=8",
@@ -744,12 +752,24 @@ TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
       compressed.compression = ParseSpec(spec);
       host_bound.push_back(compressed);
     }
+    evicting = requests;
+    for (const char* spec : {"eviction=corm,corm.window=4,corm.recent=4",
+                             "eviction=window,window.sinks=2,window.recent=6",
+                             "policy=streamingllm,budget_ratio=0.75,sinks=2,eviction=corm,"
+                             "corm.window=6,corm.recent=3,corm.max_tokens=14"}) {
+      GenerationRequest compressed = requests.back();
+      compressed.prompt = longest;
+      compressed.max_tokens = 30;
+      compressed.compression = ParseSpec(spec);
+      evicting.push_back(compressed);
+    }
   }
-  for (const auto* batch : {&requests, &host_bound}) {
+  for (const auto* batch : {&requests, &host_bound, &evicting}) {
+    if (batch->empty()) continue;
     const bool only_device_rows = batch == &requests;
     std::vector<GenerationResult> results[2];
     struct Counts {
-      int launches = -1, stayed = -1, previous_fed = -1;
+      int launches = -1, stayed = -1, previous_fed = -1, evicting_stayed = -1;
     } counts[2];
     for (const bool overlap : {false, true}) {
       GeneratorOptions options{.pool_bytes = 4 << 20,
@@ -775,7 +795,8 @@ TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
       ASSERT_TRUE(run.ok()) << run.status();
       results[overlap] = *std::move(run);
       ASSERT_NE(counted, nullptr);
-      counts[overlap] = {counted->launches, counted->stayed, counted->previous_fed};
+      counts[overlap] = {counted->launches, counted->stayed, counted->previous_fed,
+                         counted->evicting_stayed};
     }
     EXPECT_EQ(counts[0].stayed, 0);
     EXPECT_GT(counts[1].stayed, 0) << GetParam();
@@ -784,6 +805,10 @@ TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
     EXPECT_EQ(counts[1].launches, counts[0].launches);
     if (only_device_rows) {
       EXPECT_EQ(counts[1].stayed, counts[1].launches) << GetParam();
+    } else if (batch == &evicting) {
+      EXPECT_EQ(counts[1].evicting_stayed, 0) << GetParam();
+      EXPECT_GT(counts[1].stayed, 0) << GetParam();  // once the evicting requests are done
+      EXPECT_LT(counts[1].stayed, counts[1].launches) << GetParam();
     } else {
       EXPECT_LT(counts[1].stayed, counts[1].launches) << GetParam();
     }
