@@ -211,8 +211,8 @@ void KernelRates(cudaStream_t stream, double copy_gbs) {
 
     row("embedding (bf16 -> fp32)", tokens, rows * hidden * (2.0 + 4.0) + rows * 4.0,
         Time(stream, [&] {
-          CHECK_CUDA(LaunchEmbedding(ids.as<int32_t>(), tokens, nullptr, table.as<__nv_bfloat16>(), vocab,
-                                     hidden, residual.as<float>(), stream));
+          CHECK_CUDA(LaunchEmbedding(ids.as<int32_t>(), tokens, nullptr, table.as<__nv_bfloat16>(),
+                                     vocab, hidden, residual.as<float>(), stream));
         }));
     // Reads x (fp32) and delta (bf16), writes x (fp32) and normed (bf16).
     row("add + rmsnorm", tokens, rows * hidden * (4.0 + 2.0 + 4.0 + 2.0), Time(stream, [&] {
