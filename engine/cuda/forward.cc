@@ -383,11 +383,7 @@ absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
   step.rows = plan_.logit_rows;
   step.slot = next_slot_;
   next_slot_ ^= 1;
-  if (stays) {
-    step.out = {};
-  } else {
-    step.out = std::move(spare_);
-  }
+  if (!stays) step.out = std::move(spare_);  // the buffers of the last output taken
   absl::Status status = Run(splits, step, began);
   const Clock::time_point ran = Clock::now();
   if (status.ok()) status = UpdateSequences(steps);
