@@ -9,6 +9,7 @@
 #include <numeric>
 #include <optional>
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -133,6 +134,9 @@ struct Scheduler::Active {
   bool in_flight = false;
   int32_t in_flight_row = -1;
   int32_t previous_token = 0;
+  // Its KV cache when its pages were freed while it had a step in flight (preempted before that
+  // step was collected): what it ended with, if that step's token ends it.
+  std::optional<std::pair<memory::KvBytes, memory::KvLayout>> kv_at_end;
 };
 
 struct Scheduler::Flight {
@@ -389,12 +393,15 @@ bool Scheduler::PlanDecodes(std::vector<Planned>& plan, int32_t& budget) {
 }
 
 void Scheduler::Preempt(std::unique_ptr<Active> request) {
-  cache_->Release(request->kv);
-  request->state = RequestState::kQueued;
+  if (request->in_flight) {
+    request->kv_at_end.emplace(cache_->Bytes(request->kv), cache_->Layout(request->kv));
+  }
   if (!request->finish_reason) {  // else it stopped while its last step ran: no preemption
     ++request->preemptions;
     ++preemptions_total_;
   }
+  cache_->Release(request->kv);
+  request->state = RequestState::kQueued;
   waiting_.push_front(std::move(request));
 }
 
@@ -439,6 +446,7 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
       return;
     }
     if (head.admitted == Clock::time_point{}) head.admitted = Clock::now();
+    head.kv_at_end.reset();
     head.state = RequestState::kPrefill;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -642,8 +650,12 @@ void Scheduler::Retire(Active& r) {
     finish.timings.first_token_seconds = Seconds(r.first_token - r.submitted);
   }
   finish.timings.total_seconds = Seconds(now - r.submitted);
-  finish.kv_bytes = cache_->Bytes(r.kv);
-  finish.kv_layout = cache_->Layout(r.kv);
+  if (r.kv_at_end) {
+    std::tie(finish.kv_bytes, finish.kv_layout) = *r.kv_at_end;
+  } else {
+    finish.kv_bytes = cache_->Bytes(r.kv);
+    finish.kv_layout = cache_->Layout(r.kv);
+  }
   finish.preemptions = r.preemptions;
   cache_->Release(r.kv);
   r.state = RequestState::kFinished;

@@ -5,6 +5,7 @@
 // and the next step's PreviousToken ids are resolved from its tokens.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -244,6 +245,41 @@ TEST_F(SchedulerOverlapTest, PreemptionInFlightRecomputesAndKeepsGreedyOutput) {
     EXPECT_EQ(served.sinks[i]->finish.reason, FinishReason::kLength);
   }
   EXPECT_EQ(served.stats.pages_used, 0);
+}
+
+// A request whose stop token is still in flight may be the youngest when an older one needs a
+// page: its pages go at once, and its Finish still reports the KV cache it ended with. Tried over
+// pool sizes and stop positions, some of which put the stop and the page shortage in the same
+// step.
+TEST_F(SchedulerOverlapTest, AStoppedRequestWhosePagesGoEarlyReportsItsKvCache) {
+  const GenerationRequest older = Greedy(RandomPrompt(8, 770), 40);
+  GenerationRequest younger = Greedy(RandomPrompt(8, 771), 40);
+  const std::vector<int32_t> ids = RunAlone(younger)->ids();
+  const std::vector<int32_t> older_alone = RunAlone(older)->ids();
+  const size_t lists = 2 * static_cast<size_t>(model_->config.n_layers);
+  int stopped = 0;
+  for (size_t pages_per_list = 4; pages_per_list <= 7; ++pages_per_list) {
+    for (size_t stop_at : {6, 8, 10, 14, 16, 18}) {
+      SCOPED_TRACE(::testing::Message() << pages_per_list << " pages a list, stop at " << stop_at);
+      younger.stop_ids = {ids[stop_at]};
+      std::unique_ptr<Scheduler> scheduler =
+          MakeOverlapping({.pool_bytes = pages_per_list * lists * 1024, .page_bytes = 1024});
+      auto older_sink = std::make_shared<RecordingSink>();
+      auto younger_sink = std::make_shared<RecordingSink>();
+      ASSERT_TRUE(scheduler->Submit(older, older_sink).ok());
+      ASSERT_TRUE(scheduler->Submit(younger, younger_sink).ok());
+      scheduler->RunUntilIdle();
+      EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+      // In the smallest pools one of them, alone and out of pages, ends at the pool's length.
+      if (younger_sink->finish.reason != FinishReason::kStop) continue;
+      ++stopped;
+      EXPECT_GT(younger_sink->finish.kv_bytes.stored, 0);
+      EXPECT_GE(younger_sink->finish.kv_layout.layer_tokens.size(), 1u);
+      const std::vector<int32_t> streamed = older_sink->ids();
+      EXPECT_TRUE(std::equal(streamed.begin(), streamed.end(), older_alone.begin()));
+    }
+  }
+  EXPECT_GT(stopped, 12);
 }
 
 TEST_F(SchedulerOverlapTest, CancelInFlightEndsWithinAStepAndFreesPages) {
