@@ -99,6 +99,7 @@ class Backend {
 
  private:
   std::deque<StepOutput> ran_;  // outputs of the default Launch, for Collect
+  StepOutput spare_;            // buffers the next default Launch fills
 };
 
 }  // namespace kvtrim::engine
