@@ -35,6 +35,7 @@ struct BackendOptions {
   bool cuda_graphs = true;       // CudaOptions::graphs
   bool sample_on_device = true;  // CudaOptions::sample_on_device
   bool dependent_launch = true;  // CudaOptions::dependent_launch
+  bool small_gemm = true;        // CudaOptions::small_gemm
   std::string dtype = "auto";    // --dtype, ParseDtype; CudaOptions::dtype
 };
 
@@ -72,6 +73,7 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
       .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs,
                                                   .sample_on_device = options.sample_on_device,
                                                   .dependent_launch = options.dependent_launch,
+                                                  .small_gemm = options.small_gemm,
                                                   .dtype = *dtype}),
       .kv_element_bytes = cuda::kKvElementBytes,
       .kv_storage = cuda::kKvStorage,

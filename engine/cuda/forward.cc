@@ -150,7 +150,7 @@ absl::Status CudaBackend::Init() {
   }
   KVTRIM_RETURN_IF_ERROR(
       CudaStatus(cudaEventCreateWithFlags(&uploaded_, cudaEventDisableTiming), "cudaEventCreate"));
-  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
+  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_, options_.small_gemm);
   if (!gemm.ok()) return gemm.status();
   gemm_ = *std::move(gemm);
   absl::StatusOr<DeviceWeights> weights =

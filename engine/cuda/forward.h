@@ -52,6 +52,10 @@ struct CudaOptions {
   // capability 9.0 and later; dependent_launch.cuh). Process-wide: the last backend created sets
   // it for every launch.
   bool dependent_launch = true;
+  // A decode step's small matrices (at most 64 tokens through at most 8 MB of weights: SmolLM2's
+  // projections) run on the engine's own GEMM kernel (gemm_small.h); false: cuBLAS for every
+  // shape, for comparison.
+  bool small_gemm = true;
   // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
   // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
   std::optional<HalfFloat> dtype = std::nullopt;

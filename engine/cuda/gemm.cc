@@ -2,10 +2,12 @@
 // table (cublas_api.h). Both operands are row-major; cuBLAS is column-major, so the call computes
 // yᵀ (w.rows, tokens) = W · xᵀ with W read transposed from its column-major view (cols, rows) — the
 // "TN" layout, cuBLAS's fastest for bf16 — and x read as a column-major (cols, tokens) matrix as
-// is. yᵀ column-major with ldc = w.rows is y row-major.
+// is. yᵀ column-major with ldc = w.rows is y row-major. A decode step's small matrices go to the
+// engine's own kernel instead (gemm_small.h).
 #include "engine/cuda/gemm.h"
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/gemm_small.h"
 #include "engine/cuda/status.h"
 
 namespace kvtrim::engine::cuda {
@@ -16,12 +18,14 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream) {
+absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream, bool small_kernel) {
   absl::StatusOr<const CublasApi*> cublas = LoadCublas();
   if (!cublas.ok()) return cublas.status();
   const CublasApi& api = **cublas;
   std::unique_ptr<Gemm> gemm(new Gemm());
   gemm->cublas_ = &api;
+  gemm->stream_ = stream;
+  gemm->small_kernel_ = small_kernel;
   absl::Status status = CublasStatus(api, api.create(&gemm->handle_), "cublasCreate");
   if (!status.ok()) return status;
   status =
@@ -59,10 +63,15 @@ absl::Status Gemm::Linear(const void* x, HalfFloat x_type, int tokens, const Dev
     return absl::InvalidArgumentError("Gemm::Linear: the input's 16-bit type is not the weights'");
   }
   if (tokens == 0) return absl::OkStatus();
+  const bool float_output = output == GemmOutput::kFloat;
+  if (small_kernel_ && SmallGemmFits(x, tokens, w, y) && (float_output || !accumulate)) {
+    return CudaStatus(LaunchSmallLinear(x, tokens, w, y, float_output, accumulate, stream_),
+                      "SmallLinear");
+  }
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
   const cudaDataType_t half = w.type == HalfFloat::kFp16 ? CUDA_R_16F : CUDA_R_16BF;
-  const cudaDataType_t y_type = output == GemmOutput::kHalf ? half : CUDA_R_32F;
+  const cudaDataType_t y_type = float_output ? CUDA_R_32F : half;
   return CublasStatus(
       *cublas_,
       cublas_->gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/w.rows, /*n=*/tokens, /*k=*/w.cols,

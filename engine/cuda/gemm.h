@@ -22,14 +22,18 @@ enum class GemmOutput { kHalf, kFloat };
 class Gemm {
  public:
   // Fails when cuBLAS cannot be loaded (cublas_api.h) or the handle cannot be set up.
-  static absl::StatusOr<std::unique_ptr<Gemm>> Create(cudaStream_t stream);
+  // `small_kernel`: a decode step's small matrices (gemm_small.h) go to the engine's own kernel
+  // instead of cuBLAS; false keeps every shape on cuBLAS (for comparison).
+  static absl::StatusOr<std::unique_ptr<Gemm>> Create(cudaStream_t stream,
+                                                      bool small_kernel = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
 
   // y (tokens, w.rows) = x (tokens, w.cols) · wᵀ, plus y's previous value when `accumulate`.
   // All tokens of a step are packed into x, so each projection is one GEMM. x in w's type,
-  // products and sums fp32 (no reduced-precision split-K), y stored as `output`.
+  // products and sums fp32 (no reduced-precision split-K), y stored as `output`. Shapes
+  // SmallGemmFits takes (a decode step's small matrices) run on gemm_small.h's kernel.
   // INVALID_ARGUMENT when x's type is not w's.
   absl::Status Linear(const __nv_bfloat16* x, int tokens, const DeviceMatrix& w, void* y,
                       GemmOutput output, bool accumulate = false) {
@@ -48,6 +52,8 @@ class Gemm {
   const CublasApi* cublas_ = nullptr;  // loaded once per process, never unloaded
   cublasHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;  // (32 MiB) cuBLAS scratch
+  cudaStream_t stream_ = nullptr;
+  bool small_kernel_ = true;
 };
 
 }  // namespace kvtrim::engine::cuda

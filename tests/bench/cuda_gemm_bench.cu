@@ -1,14 +1,15 @@
-// A decode step's projections through engine/cuda/gemm.h (cublasGemmEx), against the copy rate:
+// A decode step's projections through engine/cuda/gemm.h, against the copy rate:
 // at a few tokens a projection is a read of its weights, so the device-to-device copy rate
 // measured here bounds it.
 //
 //   1. Each projection of a shape alone, at 1 to 64 tokens, its weights read from memory: every
 //      run takes the next of enough copies of the matrix to fill --cycle_mib, so the L2 holds
-//      none of them.
+//      none of them. Shapes the small-matrix kernel takes (gemm_small.h) get a second row.
 //   2. The projections of a whole model's layers as a decode step runs them, attention left out:
 //      add + RMSNorm, q|k|v, o (+= residual), add + RMSNorm, gate|up, SwiGLU, down (+= residual),
 //      each layer its own weights, then the logits. The small kernels are the engine's, launched
-//      as in a step (programmatic dependent launch where the GPU has it).
+//      as in a step (programmatic dependent launch where the GPU has it). Twice: every GEMM on
+//      cuBLAS, then as the engine runs them (small matrices on gemm_small.h's kernel).
 //
 // Rates are weight bytes over time, set against the device-to-device copy rate measured here.
 // Random data. Prints tables; never fails on time. Every CUDA call is checked.
@@ -25,6 +26,7 @@
 #include "absl/flags/parse.h"
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/gemm.h"
+#include "engine/cuda/gemm_small.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/swiglu.h"
 #include "engine/dummy_model.h"
@@ -93,7 +95,10 @@ double CopyRate(cudaStream_t stream) {
 
 constexpr int kMaxTokens = 64;
 
-void ProjectionTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, double copy_gbs) {
+// `gemm` sends every shape to cuBLAS; `engine` is the engine's Gemm, whose small matrices go to
+// gemm_small.h's kernel.
+void ProjectionTable(const ModelShape& m, Gemm& gemm, Gemm& engine, cudaStream_t stream,
+                     double copy_gbs) {
   std::printf(
       "\n## %s projections, weights from memory (GB/s = weight bytes / time; %% of the copy "
       "rate %.0f GB/s)\n\n",
@@ -119,6 +124,17 @@ void ProjectionTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, doubl
       std::printf("| %s (%d x %d) | %d | %.4f | %.4f | %.0f | %.0f |\n", p.name, p.rows, p.cols,
                   tokens, t.median_ms, matrix_bytes / (copy_gbs * 1e9) * 1e3, gbs,
                   100 * gbs / copy_gbs);
+      if (SmallGemmFits(x.as<void>(), tokens, {weights.as<void>(), p.rows, p.cols}, y.as<void>())) {
+        const Timing small = Time(stream, [&](int i) {
+          const DeviceMatrix w{weights.as<char>() + (i % copies) * matrix_bytes, p.rows, p.cols};
+          CHECK_OK(engine.Linear(x.as<__nv_bfloat16>(), tokens, w, y.as<void>(), p.output,
+                                 p.accumulate));
+        });
+        const double small_gbs = matrix_bytes / (small.median_ms * 1e-3) / 1e9;
+        std::printf("| %s, small kernel | %d | %.4f | %.4f | %.0f | %.0f |\n", p.name, tokens,
+                    small.median_ms, matrix_bytes / (copy_gbs * 1e9) * 1e3, small_gbs,
+                    100 * small_gbs / copy_gbs);
+      }
     }
   }
 }
@@ -128,7 +144,8 @@ struct LayerWeights {
   DeviceBuffer qkv, o, gate_up, down, norms;
 };
 
-void StepTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, double copy_gbs) {
+void StepTable(const ModelShape& m, Gemm& cublas_only, Gemm& engine, cudaStream_t stream,
+               double copy_gbs) {
   const int tokens = absl::GetFlag(FLAGS_chain_tokens);
   const size_t qkv = static_cast<size_t>(m.q_width + 2 * m.kv_width) * m.hidden;
   const size_t o = static_cast<size_t>(m.hidden) * m.q_width;
@@ -156,6 +173,7 @@ void StepTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, double copy
   CHECK_CUDA(cudaMemset(residual.as<void>(), 0, residual.bytes()));
   CHECK_CUDA(cudaMemset(gate.as<void>(), 0, gate.bytes()));
 
+  Gemm* current = &cublas_only;
   auto* x = residual.as<float>();
   auto* n = normed.as<__nv_bfloat16>();
   const __nv_bfloat16* no_delta = nullptr;
@@ -164,24 +182,24 @@ void StepTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, double copy
       const LayerWeights& l = layers[i];
       const float* norm = l.norms.as<float>();
       CHECK_CUDA(LaunchAddRmsNorm(x, no_delta, norm, 1e-5f, tokens, m.hidden, n, stream));
-      CHECK_OK(gemm.Linear(n, tokens, {l.qkv.as<void>(), m.q_width + 2 * m.kv_width, m.hidden},
-                           qkv_out.as<void>(), GemmOutput::kHalf));
-      CHECK_OK(gemm.Linear(attention.as<__nv_bfloat16>(), tokens,
-                           {l.o.as<void>(), m.hidden, m.q_width}, x, GemmOutput::kFloat, true));
+      CHECK_OK(current->Linear(n, tokens, {l.qkv.as<void>(), m.q_width + 2 * m.kv_width, m.hidden},
+                               qkv_out.as<void>(), GemmOutput::kHalf));
+      CHECK_OK(current->Linear(attention.as<__nv_bfloat16>(), tokens,
+                               {l.o.as<void>(), m.hidden, m.q_width}, x, GemmOutput::kFloat, true));
       CHECK_CUDA(
           LaunchAddRmsNorm(x, no_delta, norm + m.hidden, 1e-5f, tokens, m.hidden, n, stream));
-      CHECK_OK(gemm.Linear(n, tokens, {l.gate_up.as<void>(), 2 * m.ffn, m.hidden}, gate.as<void>(),
-                           GemmOutput::kHalf));
+      CHECK_OK(current->Linear(n, tokens, {l.gate_up.as<void>(), 2 * m.ffn, m.hidden},
+                               gate.as<void>(), GemmOutput::kHalf));
       auto* g = gate.as<__nv_bfloat16>();
       CHECK_CUDA(LaunchSwiglu(g, g + m.ffn, 2 * m.ffn, tokens, m.ffn,
                               activation.as<__nv_bfloat16>(), m.ffn, stream));
-      CHECK_OK(gemm.Linear(activation.as<__nv_bfloat16>(), tokens,
-                           {l.down.as<void>(), m.hidden, m.ffn}, x, GemmOutput::kFloat, true));
+      CHECK_OK(current->Linear(activation.as<__nv_bfloat16>(), tokens,
+                               {l.down.as<void>(), m.hidden, m.ffn}, x, GemmOutput::kFloat, true));
     }
     CHECK_CUDA(LaunchAddRmsNorm(x, no_delta, layers[0].norms.as<float>(), 1e-5f, tokens, m.hidden,
                                 n, stream));
-    CHECK_OK(gemm.Linear(n, tokens, {lm_head.as<void>(), m.vocab, m.hidden}, logits.as<void>(),
-                         GemmOutput::kFloat));
+    CHECK_OK(current->Linear(n, tokens, {lm_head.as<void>(), m.vocab, m.hidden}, logits.as<void>(),
+                             GemmOutput::kFloat));
   };
   const double bytes = 2.0 * (static_cast<double>(qkv + o + gate_up + down) * m.layers +
                               static_cast<double>(m.vocab) * m.hidden);
@@ -189,12 +207,16 @@ void StepTable(const ModelShape& m, Gemm& gemm, cudaStream_t stream, double copy
       "\n## %s: a decode step's projections and small kernels, %d layers, %d tokens, attention "
       "left out (%.2f GB of weights; at the copy rate %.3f ms)\n\n",
       m.name.c_str(), m.layers, tokens, bytes / 1e9, bytes / (copy_gbs * 1e9) * 1e3);
-  std::printf("| median ms | min ms | max ms | weight GB/s | %% of copy |\n");
-  std::printf("|--:|--:|--:|--:|--:|\n");
-  const Timing t = Time(stream, [&](int) { step(); });
-  const double gbs = bytes / (t.median_ms * 1e-3) / 1e9;
-  std::printf("| %.3f | %.3f | %.3f | %.0f | %.0f |\n", t.median_ms, t.min_ms, t.max_ms, gbs,
-              100 * gbs / copy_gbs);
+  std::printf("| GEMMs | median ms | min ms | max ms | weight GB/s | %% of copy |\n");
+  std::printf("|---|--:|--:|--:|--:|--:|\n");
+  for (Gemm* gemm : {&cublas_only, &engine}) {
+    current = gemm;
+    const Timing t = Time(stream, [&](int) { step(); });
+    const double gbs = bytes / (t.median_ms * 1e-3) / 1e9;
+    std::printf("| %s | %.3f | %.3f | %.3f | %.0f | %.0f |\n",
+                gemm == &engine ? "the engine's (small matrices on gemm_small.h)" : "cuBLAS",
+                t.median_ms, t.min_ms, t.max_ms, gbs, 100 * gbs / copy_gbs);
+  }
 }
 
 }  // namespace
@@ -206,13 +228,15 @@ int main(int argc, char** argv) {
   bench::PrintDevice();
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream);
-  CHECK_OK(gemm.status());
+  absl::StatusOr<std::unique_ptr<Gemm>> cublas_only = Gemm::Create(stream, false);
+  CHECK_OK(cublas_only.status());
+  absl::StatusOr<std::unique_ptr<Gemm>> engine = Gemm::Create(stream);
+  CHECK_OK(engine.status());
   const double copy_gbs = CopyRate(stream);
   for (const std::string& architecture : absl::GetFlag(FLAGS_archs)) {
     const ModelShape m = ShapeOf(architecture);
-    ProjectionTable(m, **gemm, stream, copy_gbs);
-    StepTable(m, **gemm, stream, copy_gbs);
+    ProjectionTable(m, **cublas_only, **engine, stream, copy_gbs);
+    StepTable(m, **cublas_only, **engine, stream, copy_gbs);
   }
   CHECK_CUDA(cudaStreamDestroy(stream));
   return 0;

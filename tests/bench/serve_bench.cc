@@ -77,6 +77,9 @@ ABSL_FLAG(bool, sample_on_device, true,
 ABSL_FLAG(bool, dependent_launch, true,
           "let the step's own kernels start while the kernel before them drains (programmatic "
           "dependent launch, --device cuda)");
+ABSL_FLAG(bool, small_gemm, true,
+          "run a decode step's small matrices (at most 8 MB) on the engine's own GEMM kernel; "
+          "false: cuBLAS for every shape (--device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
 ABSL_FLAG(bool, overlap, true,
@@ -230,6 +233,7 @@ int Run() {
                     {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
                      .sample_on_device = absl::GetFlag(FLAGS_sample_on_device),
                      .dependent_launch = absl::GetFlag(FLAGS_dependent_launch),
+                     .small_gemm = absl::GetFlag(FLAGS_small_gemm),
                      .dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());

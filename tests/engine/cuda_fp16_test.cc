@@ -42,6 +42,7 @@ constexpr double kFp16Bound = 5e-4;
 class CudaFp16Test : public CudaTest {
  protected:
   CudaFp16Test() : CudaTest("CUDA fp16 tests") {}
+  void Fp16GemmCase(bool small_kernel);
 };
 
 // ---- host conversions (no GPU needed) ----
@@ -307,8 +308,15 @@ TEST_F(CudaFp16Test, RopeTurnsFp16RowsIntoRotatedBf16) {
 
 // ---- GEMM and weights ----
 
+// Both paths: the small-matrix kernel (this shape fits it) and cuBLAS.
 TEST_F(CudaFp16Test, Fp16GemmMatchesExactLinear) {
-  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
+  for (const bool small_kernel : {true, false}) {
+    Fp16GemmCase(small_kernel);
+  }
+}
+
+void CudaFp16Test::Fp16GemmCase(bool small_kernel) {
+  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_, small_kernel);
   ASSERT_TRUE(gemm.ok()) << gemm.status();
   const int tokens = 33, rows = 1000, cols = 576;
   const std::vector<float> x = RandomFp16(rng_, static_cast<size_t>(tokens) * cols);
@@ -337,7 +345,8 @@ TEST_F(CudaFp16Test, Fp16GemmMatchesExactLinear) {
   ASSERT_TRUE(
       (*gemm)->Linear(d_x.as<__half>(), tokens, matrix, d_y16.as<void>(), GemmOutput::kHalf).ok());
   Sync();
-  const std::string shape = absl::StrCat("tokens ", tokens, " ", cols, " -> ", rows);
+  const std::string shape = absl::StrCat("tokens ", tokens, " ", cols, " -> ", rows,
+                                         small_kernel ? ", small kernel" : ", cuBLAS");
   ExpectClose("gemm(fp16).fp32out vs exact", shape, Download<float>(d_y32, exact.size()), exact,
               1e-5);
   ExpectClose("gemm(fp16).fp16out vs exact", shape, DownloadFp16(d_y16, exact.size()), exact,

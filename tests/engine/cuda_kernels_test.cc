@@ -28,6 +28,7 @@
 #include "engine/cuda/device_weights.h"
 #include "engine/cuda/embedding.h"
 #include "engine/cuda/gemm.h"
+#include "engine/cuda/gemm_small.h"
 #include "engine/cuda/plan_patch.h"
 #include "engine/cuda/rmsnorm.h"
 #include "engine/cuda/rope.h"
@@ -50,6 +51,7 @@ std::vector<float> RoundedToBf16(const std::vector<float>& values) {
 class CudaKernelsTest : public CudaTest {
  protected:
   CudaKernelsTest() : CudaTest("CUDA kernel parity tests") {}
+  void GemmCase(bool small_kernel);
 };
 
 // ---- bf16 conversion (host; runs without a GPU) ----
@@ -520,14 +522,22 @@ std::vector<float> ExactLinear(const std::vector<float>& x, const std::vector<fl
   return y;
 }
 
+// Both paths of Gemm::Linear: cuBLAS, and the small-matrix kernel (gemm_small.h) for the shapes
+// it takes: one to four 16-token tiles, partial tiles and partial 8-row blocks, one K step or
+// many.
 TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
-  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
+  for (const bool small_kernel : {true, false}) GemmCase(small_kernel);
+}
+
+void CudaKernelsTest::GemmCase(bool small_kernel) {
+  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_, small_kernel);
   ASSERT_TRUE(gemm.ok()) << gemm.status();
   struct Shape {
     int tokens, rows, cols;
   };
   for (const Shape s : {Shape{1, 576, 576}, Shape{7, 65, 33}, Shape{129, 1536, 576},
-                        Shape{64, 1000, 4096}, Shape{300, 49, 513}}) {
+                        Shape{64, 1000, 4096}, Shape{300, 49, 513}, Shape{17, 61, 96},
+                        Shape{33, 7, 32}, Shape{48, 3072, 576}, Shape{5, 576, 1536}}) {
     const size_t x_size = static_cast<size_t>(s.tokens) * s.cols;
     const size_t y_size = static_cast<size_t>(s.tokens) * s.rows;
     const std::vector<float> x = Random(rng_, x_size);
@@ -545,7 +555,16 @@ TEST_F(CudaKernelsTest, GemmMatchesCpuLinear) {
                 s.cols, w.data(), s.cols, 0.0f, cpu.data(), s.rows);
     const std::vector<float> exact =
         ExactLinear(RoundedToBf16(x), RoundedToBf16(w), s.tokens, s.rows, s.cols);
-    const std::string shape = absl::StrCat("tokens ", s.tokens, " ", s.cols, " -> ", s.rows);
+    const bool small =
+        small_kernel && SmallGemmFits(d_x.as<void>(), s.tokens, matrix, d_w->as<void>());
+    const std::string shape = absl::StrCat("tokens ", s.tokens, " ", s.cols, " -> ", s.rows,
+                                           small ? ", small kernel" : ", cuBLAS");
+    if (small_kernel) {
+      // Which shapes the small kernel takes: at most 64 tokens, K a multiple of 32, ≤ 4M weights.
+      EXPECT_EQ(small, s.tokens <= 64 && s.cols % 32 == 0 &&
+                           static_cast<int64_t>(s.rows) * s.cols <= (int64_t{1} << 22))
+          << shape;
+    }
 
     DeviceBuffer d_y32 = Poisoned<float>(y_size);
     ASSERT_TRUE((*gemm)
