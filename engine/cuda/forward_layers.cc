@@ -381,9 +381,14 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       LaunchAddRmsNorm(x, no_delta, w.ffn_norm, config_.rms_eps, tokens, hidden, normed, stream_),
       "AddRmsNorm"));
-  KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kHalf));
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(
-      LaunchSwiglu(gate, gate + ffn, 2 * ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
+  if (gemm_->FusesSwiglu(normed, tokens, w.w_gate_up, activation)) {
+    // A small model's decode step: the product and SwiGLU in one launch, from the fp32 sums.
+    KVTRIM_RETURN_IF_ERROR(gemm_->SwigluLinear(normed, tokens, w.w_gate_up, activation));
+  } else {
+    KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.w_gate_up, gate, GemmOutput::kHalf));
+    KVTRIM_RETURN_IF_ERROR(CudaStatus(
+        LaunchSwiglu(gate, gate + ffn, 2 * ffn, tokens, ffn, activation, ffn, stream_), "Swiglu"));
+  }
   KVTRIM_RETURN_IF_ERROR(
       gemm_->Linear(activation, tokens, w.w_down, x, GemmOutput::kFloat, /*accumulate=*/true));
 

@@ -80,4 +80,18 @@ absl::Status Gemm::Linear(const void* x, HalfFloat x_type, int tokens, const Dev
       absl::StrCat("cublasGemmEx(", tokens, " x ", w.cols, " -> ", w.rows, ")"));
 }
 
+bool Gemm::FusesSwiglu(const void* x, int tokens, const DeviceMatrix& gate_up,
+                       const void* y) const {
+  return small_kernel_ && SmallGemmFits(x, tokens, gate_up, y) && gate_up.rows % 2 == 0;
+}
+
+absl::Status Gemm::SwigluLinear(const void* x, int tokens, const DeviceMatrix& gate_up, void* y) {
+  if (!FusesSwiglu(x, tokens, gate_up, y)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Gemm::SwigluLinear: not a shape the small-matrix kernel takes: tokens ",
+                     tokens, ", weight (", gate_up.rows, ", ", gate_up.cols, ")"));
+  }
+  return CudaStatus(LaunchSmallSwigluLinear(x, tokens, gate_up, y, stream_), "SmallSwigluLinear");
+}
+
 }  // namespace kvtrim::engine::cuda

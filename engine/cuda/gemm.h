@@ -44,6 +44,12 @@ class Gemm {
     return Linear(x, HalfFloat::kFp16, tokens, w, y, output, accumulate);
   }
 
+  // Whether SwigluLinear takes this shape: the small-matrix kernel's (gemm_small.h), on.
+  bool FusesSwiglu(const void* x, int tokens, const DeviceMatrix& gate_up, const void* y) const;
+  // y (tokens, gate_up.rows / 2) = silu(x · W_gateᵀ) · (x · W_upᵀ) in one launch, W_gate's rows
+  // stacked over W_up's in gate_up; only where FusesSwiglu (INVALID_ARGUMENT elsewhere).
+  absl::Status SwigluLinear(const void* x, int tokens, const DeviceMatrix& gate_up, void* y);
+
  private:
   Gemm() = default;
   absl::Status Linear(const void* x, HalfFloat x_type, int tokens, const DeviceMatrix& w, void* y,

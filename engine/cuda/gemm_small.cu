@@ -10,6 +10,9 @@
 // issues the loads of a chunk of steps (8 steps' worth of registers) before any product, so that
 // its steps pay one memory latency, not one each.
 //
+// The gated form (LaunchSmallSwigluLinear) gives a block 4 gate rows and the 4 up rows that go with
+// them, and writes silu(gate) · up from the fp32 sums: the MLP's product and SwiGLU in one launch.
+//
 // The weights are loaded before the block waits for the kernel ahead of it (programmatic
 // dependent launch): no kernel of a step writes them, so a launch that starts while the previous
 // kernel drains has its first weight steps in registers by the time the tokens' rows are ready.
@@ -75,20 +78,29 @@ __device__ __forceinline__ uint4 Load16(const void* p, bool valid) {
 }
 
 // kTiles: the 16-token tiles the tokens take (1 to kMaxTiles).
-template <typename T, int kTiles, int kChunk = (kTiles == 1 ? 8 : 8 / kTiles)>
+__device__ __forceinline__ float Silu(float x) { return x / (1.0f + expf(-x)); }
+
+// kGated: w is a gate|up stack (gate's rows, then up's: rows = 2 · ffn) and y (tokens, ffn) gets
+// T(silu(gate) · up); a block owns 4 gate rows and the 4 up rows that go with them. Otherwise a
+// block owns 8 rows of y (tokens, rows).
+template <typename T, int kTiles, bool kGated, int kChunk = (kTiles == 1 ? 8 : 8 / kTiles)>
 __global__ void __launch_bounds__(kThreads)
     SmallLinearKernel(const T* __restrict__ x, int tokens, const T* __restrict__ w, int rows,
                       int cols, void* __restrict__ y, bool float_output, bool accumulate) {
   __shared__ float sums[kWarps][kTiles * 16][kRowsPerBlock];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;  // the fragment layout's group and thread in group
-  const int row0 = blockIdx.x * kRowsPerBlock;
   const int steps = cols / kStepCols;
   const int my_steps = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;
 
-  // This lane's weight row (row0 + g) from column 8c, and its token rows from column 8c.
-  const bool row_valid = row0 + g < rows;
-  const T* w_lane = w + static_cast<size_t>(row_valid ? row0 + g : 0) * cols + 8 * c;
+  // This lane's weight row (the block's g-th) from column 8c, and its token rows from column 8c.
+  constexpr int kOwned = kGated ? kRowsPerBlock / 2 : kRowsPerBlock;  // y's rows per block
+  const int out_rows = kGated ? rows / 2 : rows;
+  const int row0 = blockIdx.x * kOwned;
+  const int out_row = row0 + (kGated ? g % kOwned : g);
+  const bool row_valid = out_row < out_rows;
+  const int w_row = kGated && g >= kOwned ? out_rows + out_row : out_row;
+  const T* w_lane = w + static_cast<size_t>(row_valid ? w_row : 0) * cols + 8 * c;
   const T* x_lane = x + 8 * c;
   auto column = [&](int j) { return (warp + j * kWarps) * kStepCols; };  // the warp's j-th step
 
@@ -140,14 +152,19 @@ __global__ void __launch_bounds__(kThreads)
     sums[warp][t * 16 + g + 8][2 * c + 1] = acc[t][3];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kTiles * 16 * kRowsPerBlock; i += kThreads) {
-    const int token = i / kRowsPerBlock, r = i % kRowsPerBlock;
-    if (token >= tokens || row0 + r >= rows) continue;
+  for (int i = threadIdx.x; i < kTiles * 16 * kOwned; i += kThreads) {
+    const int token = i / kOwned, r = i % kOwned;
+    if (token >= tokens || row0 + r >= out_rows) continue;
     float sum = 0.0f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += sums[v][token][r];
-    const size_t at = static_cast<size_t>(token) * rows + row0 + r;
-    if (float_output) {
+    const size_t at = static_cast<size_t>(token) * out_rows + row0 + r;
+    if constexpr (kGated) {
+      float up = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) up += sums[v][token][kOwned + r];
+      static_cast<T*>(y)[at] = FromFloat<T>(Silu(sum) * up);
+    } else if (float_output) {
       float* out = static_cast<float*>(y);
       out[at] = accumulate ? out[at] + sum : sum;
     } else {
@@ -158,25 +175,26 @@ __global__ void __launch_bounds__(kThreads)
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T>
+template <typename T, bool kGated>
 cudaError_t LaunchAs(const void* x, int tokens, const DeviceMatrix& w, void* y, bool float_output,
                      bool accumulate, cudaStream_t stream) {
-  const dim3 grid((w.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  constexpr int kOwned = kGated ? kRowsPerBlock / 2 : kRowsPerBlock;
+  const dim3 grid(((kGated ? w.rows / 2 : w.rows) + kOwned - 1) / kOwned);
   const auto* xt = static_cast<const T*>(x);
   const auto* wt = static_cast<const T*>(w.data);
   switch ((tokens + 15) / 16) {
     case 1:
-      return LaunchDependent(SmallLinearKernel<T, 1>, grid, kThreads, 0, stream, xt, tokens, wt,
-                             w.rows, w.cols, y, float_output, accumulate);
-    case 2:
-      return LaunchDependent(SmallLinearKernel<T, 2>, grid, kThreads, 0, stream, xt, tokens, wt,
-                             w.rows, w.cols, y, float_output, accumulate);
-    case 3:
-      return LaunchDependent(SmallLinearKernel<T, 3>, grid, kThreads, 0, stream, xt, tokens, wt,
-                             w.rows, w.cols, y, float_output, accumulate);
-    default:
-      return LaunchDependent(SmallLinearKernel<T, kMaxTiles>, grid, kThreads, 0, stream, xt, tokens,
+      return LaunchDependent(SmallLinearKernel<T, 1, kGated>, grid, kThreads, 0, stream, xt, tokens,
                              wt, w.rows, w.cols, y, float_output, accumulate);
+    case 2:
+      return LaunchDependent(SmallLinearKernel<T, 2, kGated>, grid, kThreads, 0, stream, xt, tokens,
+                             wt, w.rows, w.cols, y, float_output, accumulate);
+    case 3:
+      return LaunchDependent(SmallLinearKernel<T, 3, kGated>, grid, kThreads, 0, stream, xt, tokens,
+                             wt, w.rows, w.cols, y, float_output, accumulate);
+    default:
+      return LaunchDependent(SmallLinearKernel<T, kMaxTiles, kGated>, grid, kThreads, 0, stream, xt,
+                             tokens, wt, w.rows, w.cols, y, float_output, accumulate);
   }
 }
 
@@ -195,8 +213,18 @@ cudaError_t LaunchSmallLinear(const void* x, int tokens, const DeviceMatrix& w, 
     return cudaErrorInvalidValue;
   }
   return w.type == HalfFloat::kFp16
-             ? LaunchAs<__half>(x, tokens, w, y, float_output, accumulate, stream)
-             : LaunchAs<__nv_bfloat16>(x, tokens, w, y, float_output, accumulate, stream);
+             ? LaunchAs<__half, false>(x, tokens, w, y, float_output, accumulate, stream)
+             : LaunchAs<__nv_bfloat16, false>(x, tokens, w, y, float_output, accumulate, stream);
+}
+
+cudaError_t LaunchSmallSwigluLinear(const void* x, int tokens, const DeviceMatrix& gate_up, void* y,
+                                    cudaStream_t stream) {
+  if (!SmallGemmFits(x, tokens, gate_up, y) || gate_up.rows % 2 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  return gate_up.type == HalfFloat::kFp16
+             ? LaunchAs<__half, true>(x, tokens, gate_up, y, false, false, stream)
+             : LaunchAs<__nv_bfloat16, true>(x, tokens, gate_up, y, false, false, stream);
 }
 
 }  // namespace kvtrim::engine::cuda

@@ -24,4 +24,11 @@ bool SmallGemmFits(const void* x, int tokens, const DeviceMatrix& w, const void*
 cudaError_t LaunchSmallLinear(const void* x, int tokens, const DeviceMatrix& w, void* y,
                               bool float_output, bool accumulate, cudaStream_t stream);
 
+// The MLP's gate|up product and SwiGLU in one launch: y (tokens, ffn) in gate_up's 16-bit type =
+// silu(x · W_gateᵀ) · (x · W_upᵀ), from the fp32 sums (swiglu.cu's formula), where gate_up
+// stacks W_gate's ffn rows over W_up's (rows = 2 · ffn). cudaErrorInvalidValue when
+// !SmallGemmFits or the rows are odd.
+cudaError_t LaunchSmallSwigluLinear(const void* x, int tokens, const DeviceMatrix& gate_up, void* y,
+                                    cudaStream_t stream);
+
 }  // namespace kvtrim::engine::cuda

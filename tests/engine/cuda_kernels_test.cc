@@ -604,6 +604,59 @@ void CudaKernelsTest::GemmCase(bool small_kernel) {
                   .ok());
 }
 
+// The small-matrix kernel's gate|up product with SwiGLU in one launch (a small model's decode MLP):
+// against the exact products of the bf16-rounded inputs, then silu(gate) · up in fp32; partial
+// 16-token tiles, partial 4-row blocks (ffn not a multiple of 4), one K step and many.
+TEST_F(CudaKernelsTest, SwigluLinearMatchesCpu) {
+  absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(stream_);
+  ASSERT_TRUE(gemm.ok()) << gemm.status();
+  struct Shape {
+    int tokens, ffn, cols;
+  };
+  for (const Shape s : {Shape{1, 96, 64}, Shape{17, 1536, 576}, Shape{33, 10, 32},
+                        Shape{64, 301, 96}, Shape{8, 3, 4096}}) {
+    const std::vector<float> x = Random(rng_, static_cast<size_t>(s.tokens) * s.cols);
+    const std::vector<float> w = Random(rng_, static_cast<size_t>(2 * s.ffn) * s.cols,
+                                        2.0f / std::sqrt(static_cast<float>(s.cols)));
+    DeviceBuffer d_x = Upload(ToBf16(x));
+    absl::StatusOr<DeviceBuffer> d_w = DeviceBuffer::Allocate(w.size() * sizeof(uint16_t));
+    ASSERT_TRUE(d_w.ok());
+    ASSERT_TRUE(CopyToDeviceBf16(w, d_w->as<__nv_bfloat16>()).ok());
+    const DeviceMatrix gate_up{d_w->as<__nv_bfloat16>(), 2 * s.ffn, s.cols};
+    const size_t n = static_cast<size_t>(s.tokens) * s.ffn;
+    DeviceBuffer d_y = Poisoned<uint16_t>(n);
+    const std::string shape = absl::StrCat("tokens ", s.tokens, " ", s.cols, " -> 2 x ", s.ffn);
+    ASSERT_TRUE((*gemm)->FusesSwiglu(d_x.as<void>(), s.tokens, gate_up, d_y.as<void>())) << shape;
+    const absl::Status status =
+        (*gemm)->SwigluLinear(d_x.as<void>(), s.tokens, gate_up, d_y.as<void>());
+    ASSERT_TRUE(status.ok()) << status;
+    Sync();
+    const std::vector<float> products =
+        ExactLinear(RoundedToBf16(x), RoundedToBf16(w), s.tokens, 2 * s.ffn, s.cols);
+    std::vector<float> ref(n);
+    for (int t = 0; t < s.tokens; ++t) {
+      for (int i = 0; i < s.ffn; ++i) {
+        const float gate = products[static_cast<size_t>(t) * 2 * s.ffn + i];
+        const float up = products[static_cast<size_t>(t) * 2 * s.ffn + s.ffn + i];
+        ref[static_cast<size_t>(t) * s.ffn + i] = gate / (1.0f + std::exp(-gate)) * up;
+      }
+    }
+    ExpectClose("swiglu_linear(bf16)", shape, DownloadBf16(d_y, n), ref, kBf16Bound);
+  }
+  // A shape the kernel does not take (K not a multiple of 32), or the kernel turned off: refused.
+  DeviceBuffer d_x = Upload(ToBf16(std::vector<float>(64, 0.5f)));
+  DeviceBuffer d_y = Poisoned<uint16_t>(64);
+  const DeviceMatrix odd{d_x.as<__nv_bfloat16>(), 2, 33};
+  EXPECT_FALSE((*gemm)->FusesSwiglu(d_x.as<void>(), 1, odd, d_y.as<void>()));
+  EXPECT_EQ((*gemm)->SwigluLinear(d_x.as<void>(), 1, odd, d_y.as<void>()).code(),
+            absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<std::unique_ptr<Gemm>> cublas_only = Gemm::Create(stream_, false);
+  ASSERT_TRUE(cublas_only.ok());
+  const DeviceMatrix fits{d_x.as<__nv_bfloat16>(), 2, 32};
+  EXPECT_TRUE((*gemm)->FusesSwiglu(d_x.as<void>(), 1, fits, d_y.as<void>()));
+  EXPECT_FALSE((*cublas_only)->FusesSwiglu(d_x.as<void>(), 1, fits, d_y.as<void>()));
+}
+
 // ---- weight upload ----
 
 Model RandomModel(std::mt19937& rng, bool tied, bool bias) {
