@@ -13,6 +13,7 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
+#include "engine/cuda/gemm_common.cuh"
 #include "engine/cuda/half.cuh"
 #include "engine/cuda/swiglu.h"
 
@@ -20,8 +21,6 @@ namespace kvtrim::engine::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float Silu(float x) { return x / (1.0f + expf(-x)); }
 
 template <int kVec, typename T>
 __global__ void SwigluKernel(const T* __restrict__ gate, const T* __restrict__ up,

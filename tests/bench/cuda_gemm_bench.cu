@@ -4,12 +4,14 @@
 //
 //   1. Each projection of a shape alone, at 1 to 64 tokens, its weights read from memory: every
 //      run takes the next of enough copies of the matrix to fill --cycle_mib, so the L2 holds
-//      none of them. Shapes the small-matrix kernel takes (gemm_small.h) get a second row.
+//      none of them. Shapes the small-matrix kernel takes (gemm_small.h) get a second row, and
+//      gate|up a third: its product with SwiGLU in one launch, as the engine runs it.
 //   2. The projections of a whole model's layers as a decode step runs them, attention left out:
 //      add + RMSNorm, q|k|v, o (+= residual), add + RMSNorm, gate|up, SwiGLU, down (+= residual),
 //      each layer its own weights, then the logits. The small kernels are the engine's, launched
 //      as in a step (programmatic dependent launch where the GPU has it). Twice: every GEMM on
-//      cuBLAS, then as the engine runs them (small matrices on gemm_small.h's kernel).
+//      cuBLAS, then as the engine runs them (small matrices on gemm_small.h's kernel, gate|up with
+//      SwiGLU in one launch where it takes it).
 //
 // Rates are weight bytes over time, set against the device-to-device copy rate measured here.
 // Random data. Prints tables; never fails on time. Every CUDA call is checked.
@@ -68,12 +70,13 @@ struct Projection {
   int rows, cols;
   GemmOutput output;
   bool accumulate;  // y += (the residual's form)
+  bool gated = false;  // gate|up: the engine fuses SwiGLU into it where it can
 };
 
 std::vector<Projection> ProjectionsOf(const ModelShape& m) {
   return {{"q|k|v", m.q_width + 2 * m.kv_width, m.hidden, GemmOutput::kHalf, false},
           {"o, += residual", m.hidden, m.q_width, GemmOutput::kFloat, true},
-          {"gate|up", 2 * m.ffn, m.hidden, GemmOutput::kHalf, false},
+          {"gate|up", 2 * m.ffn, m.hidden, GemmOutput::kHalf, false, true},
           {"down, += residual", m.hidden, m.ffn, GemmOutput::kFloat, true},
           {"logits", m.vocab, m.hidden, GemmOutput::kFloat, false}};
 }
@@ -124,16 +127,25 @@ void ProjectionTable(const ModelShape& m, Gemm& gemm, Gemm& engine, cudaStream_t
       std::printf("| %s (%d x %d) | %d | %.4f | %.4f | %.0f | %.0f |\n", p.name, p.rows, p.cols,
                   tokens, t.median_ms, matrix_bytes / (copy_gbs * 1e9) * 1e3, gbs,
                   100 * gbs / copy_gbs);
-      if (SmallGemmFits(x.as<void>(), tokens, {weights.as<void>(), p.rows, p.cols}, y.as<void>())) {
-        const Timing small = Time(stream, [&](int i) {
-          const DeviceMatrix w{weights.as<char>() + (i % copies) * matrix_bytes, p.rows, p.cols};
-          CHECK_OK(engine.Linear(x.as<__nv_bfloat16>(), tokens, w, y.as<void>(), p.output,
-                                 p.accumulate));
-        });
-        const double small_gbs = matrix_bytes / (small.median_ms * 1e-3) / 1e9;
-        std::printf("| %s, small kernel | %d | %.4f | %.4f | %.0f | %.0f |\n", p.name, tokens,
-                    small.median_ms, matrix_bytes / (copy_gbs * 1e9) * 1e3, small_gbs,
-                    100 * small_gbs / copy_gbs);
+      const DeviceMatrix shape{weights.as<void>(), p.rows, p.cols};
+      if (!SmallGemmFits(x.as<void>(), tokens, shape, y.as<void>())) continue;
+      const auto row = [&](const char* what, const Timing& e) {
+        const double e_gbs = matrix_bytes / (e.median_ms * 1e-3) / 1e9;
+        std::printf("| %s, small kernel%s | %d | %.4f | %.4f | %.0f | %.0f |\n", p.name, what,
+                    tokens, e.median_ms, matrix_bytes / (copy_gbs * 1e9) * 1e3, e_gbs,
+                    100 * e_gbs / copy_gbs);
+      };
+      row("", Time(stream, [&](int i) {
+            const DeviceMatrix w{weights.as<char>() + (i % copies) * matrix_bytes, p.rows, p.cols};
+            CHECK_OK(engine.Linear(x.as<__nv_bfloat16>(), tokens, w, y.as<void>(), p.output,
+                                   p.accumulate));
+          }));
+      if (p.gated && engine.FusesSwiglu(x.as<void>(), tokens, shape, y.as<void>())) {
+        row(" + SwiGLU", Time(stream, [&](int i) {
+              const DeviceMatrix w{weights.as<char>() + (i % copies) * matrix_bytes, p.rows,
+                                   p.cols};
+              CHECK_OK(engine.SwigluLinear(x.as<void>(), tokens, w, y.as<void>()));
+            }));
       }
     }
   }
@@ -188,11 +200,15 @@ void StepTable(const ModelShape& m, Gemm& cublas_only, Gemm& engine, cudaStream_
                                {l.o.as<void>(), m.hidden, m.q_width}, x, GemmOutput::kFloat, true));
       CHECK_CUDA(
           LaunchAddRmsNorm(x, no_delta, norm + m.hidden, 1e-5f, tokens, m.hidden, n, stream));
-      CHECK_OK(current->Linear(n, tokens, {l.gate_up.as<void>(), 2 * m.ffn, m.hidden},
-                               gate.as<void>(), GemmOutput::kHalf));
-      auto* g = gate.as<__nv_bfloat16>();
-      CHECK_CUDA(LaunchSwiglu(g, g + m.ffn, 2 * m.ffn, tokens, m.ffn,
-                              activation.as<__nv_bfloat16>(), m.ffn, stream));
+      const DeviceMatrix gate_up{l.gate_up.as<void>(), 2 * m.ffn, m.hidden};
+      if (current->FusesSwiglu(n, tokens, gate_up, activation.as<void>())) {
+        CHECK_OK(current->SwigluLinear(n, tokens, gate_up, activation.as<void>()));
+      } else {
+        CHECK_OK(current->Linear(n, tokens, gate_up, gate.as<void>(), GemmOutput::kHalf));
+        auto* g = gate.as<__nv_bfloat16>();
+        CHECK_CUDA(LaunchSwiglu(g, g + m.ffn, 2 * m.ffn, tokens, m.ffn,
+                                activation.as<__nv_bfloat16>(), m.ffn, stream));
+      }
       CHECK_OK(current->Linear(activation.as<__nv_bfloat16>(), tokens,
                                {l.down.as<void>(), m.hidden, m.ffn}, x, GemmOutput::kFloat, true));
     }
