@@ -69,7 +69,7 @@ struct Projection {
   const char* name;
   int rows, cols;
   GemmOutput output;
-  bool accumulate;  // y += (the residual's form)
+  bool accumulate;     // y += (the residual's form)
   bool gated = false;  // gate|up: the engine fuses SwiGLU into it where it can
 };
 
