@@ -464,7 +464,9 @@ void GgufFile::Parser::PlaceTensors() {
       return cursor_.Fail(start, absl::StrCat("data extends past end of file (", tensor.n_bytes,
                                               " bytes needed, ", size - start, " left)"));
     }
-    tensor.data = file_.bytes_.substr(start, tensor.n_bytes);
+    // A tensor of no bytes passes the checks above even where the data section would start past
+    // the end of a file that ends inside the header's padding: it gets an empty view at the end.
+    tensor.data = file_.bytes_.substr(std::min(start, size), tensor.n_bytes);
   }
   CheckOverlaps();
 }

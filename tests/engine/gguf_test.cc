@@ -241,6 +241,28 @@ TEST(GgufTest, RejectsBadTensorPlacement) {
   EXPECT_EQ(aligned->data_offset(), 256u);
 }
 
+TEST(GgufTest, EmptyTensorsNeedNoDataSection) {
+  // The header and one zero-element tensor's info end at byte 57; the data section would start
+  // at 64. A file cut inside that padding has no data section at all, and the empty tensor needs
+  // none: it parses, its data an empty view inside the file.
+  const std::string full = GgufBuilder().Tensor("e", {0}, kF32, "").Build();
+  ASSERT_EQ(full.size(), 64u);
+  for (const size_t size : {size_t{57}, size_t{60}, size_t{64}}) {
+    const std::string bytes = full.substr(0, size);
+    absl::StatusOr<GgufFile> file = ParseSmall(bytes);
+    ASSERT_TRUE(file.ok()) << size << ": " << file.status();
+    ASSERT_EQ(file->tensors().size(), 1u);
+    const GgufTensorInfo& e = file->tensors()[0];
+    EXPECT_EQ(e.n_elements, 0);
+    EXPECT_TRUE(e.data.empty());
+    EXPECT_GE(e.data.data(), file->bytes().data());
+    EXPECT_LE(e.data.data(), file->bytes().data() + file->bytes().size());
+  }
+  // A tensor with bytes in such a file is still refused.
+  const std::string with_data = GgufBuilder().Tensor("t", {4}, kF32, std::string(16, '\0')).Build();
+  ExpectError(with_data.substr(0, 60), {"tensor 't'", "more bytes than the file has"});
+}
+
 TEST(GgufTest, CorruptBytesNeverEscapeTheBuffer) {
   // Not a fuzzer, a deterministic sweep: every byte of the header and metadata set to a few
   // values; whatever parses must keep every view inside the file.
