@@ -25,9 +25,9 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
-#include "engine/cuda/gemm_common.cuh"
 #include "engine/cuda/gemm_small.h"
 #include "engine/cuda/half.cuh"
+#include "engine/cuda/silu.cuh"
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -37,6 +37,25 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerBlock = 8;  // one n-tile of weight rows
 constexpr int kStepCols = 32;     // the columns one step covers: a lane's 16 bytes × 4 lanes
 constexpr int kMaxTiles = kSmallGemmMaxTokens / 16;
+
+// c (16 x 8, fp32) += a (16 x 16, row-major) · b (16 x 8, column-major), T's 16-bit type.
+template <typename T>
+__device__ __forceinline__ void MmaHalf(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
 
 // 16 bytes at p, or zeros where !valid. Volatile, so that the compiler keeps them where they are
 // written: all of a chunk's loads ahead of its products. kWeights: read-only for the process's
@@ -152,6 +171,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, bool kGated>
 cudaError_t LaunchAs(const void* x, int tokens, const DeviceMatrix& w, void* y, bool float_output,

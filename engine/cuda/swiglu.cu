@@ -13,8 +13,8 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/dependent_launch.cuh"
-#include "engine/cuda/gemm_common.cuh"
 #include "engine/cuda/half.cuh"
+#include "engine/cuda/silu.cuh"
 #include "engine/cuda/swiglu.h"
 
 namespace kvtrim::engine::cuda {
