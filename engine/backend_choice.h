@@ -3,12 +3,14 @@
 // answer depends on whether the including binary links the CUDA backend (KVTRIM_HAVE_CUDA).
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "engine/kv_pool_budget.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
 #include "memory/page_pool.h"
@@ -28,7 +30,16 @@ struct BackendChoice {
   // CUDA, where an 8k prompt is then one step (Llama-3-8B on an H200: 30849 prompt tokens/s
   // against 28748 with 2048-token steps and 24171 with 512; docs/PERFORMANCE.md).
   int32_t step_tokens = 512;
+  // The KV pool when its size is left to the device (--kv-pool-mib 0): for `page_bytes` pages
+  // within `utilization` of the GPU's memory (cuda::AutoKvPool). Empty on the CPU, whose pool
+  // is then kDefaultHostPoolBytes.
+  std::function<absl::StatusOr<KvPoolSize>(const Model& model, size_t page_bytes,
+                                           double utilization)>
+      auto_kv_pool;
 };
+
+// The CPU reference's KV pool when its size is not given.
+inline constexpr size_t kDefaultHostPoolBytes = size_t{1} << 30;
 
 // How the chosen backend runs, where it has a choice.
 struct BackendOptions {
@@ -37,6 +48,9 @@ struct BackendOptions {
   bool dependent_launch = true;  // CudaOptions::dependent_launch
   bool small_gemm = true;        // CudaOptions::small_gemm
   std::string dtype = "auto";    // --dtype, ParseDtype; CudaOptions::dtype
+  // Most tokens in one step; 0 = the backend's default (BackendChoice::step_tokens). The CUDA
+  // backend allocates its step buffers for it at start (CudaOptions::reserve_tokens).
+  int32_t step_tokens = 0;
 };
 
 // --dtype: the 16-bit type of the CUDA engine's weights. "auto" (nullopt: the model's own,
@@ -62,22 +76,29 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
   if (!dtype.ok()) return dtype.status();
   BackendChoice cpu;
   cpu.name = "cpu";
+  if (options.step_tokens > 0) cpu.step_tokens = options.step_tokens;
 #ifdef KVTRIM_HAVE_CUDA
   std::string why;
   if (device == "cpu" || !cuda::DeviceVisible(&why)) {
     if (device == "cuda") return absl::FailedPreconditionError("--device cuda: " + why);
     return cpu;
   }
+  const int32_t step_tokens = options.step_tokens > 0 ? options.step_tokens : 8192;
+  const cuda::CudaOptions cuda_options{.graphs = options.cuda_graphs,
+                                       .sample_on_device = options.sample_on_device,
+                                       .dependent_launch = options.dependent_launch,
+                                       .small_gemm = options.small_gemm,
+                                       .dtype = *dtype,
+                                       .reserve_tokens = step_tokens};
   return BackendChoice{
       .name = "cuda",
-      .make_backend = cuda::CudaBackend::Factory({.graphs = options.cuda_graphs,
-                                                  .sample_on_device = options.sample_on_device,
-                                                  .dependent_launch = options.dependent_launch,
-                                                  .small_gemm = options.small_gemm,
-                                                  .dtype = *dtype}),
+      .make_backend = cuda::CudaBackend::Factory(cuda_options),
       .kv_element_bytes = cuda::kKvElementBytes,
       .kv_storage = cuda::kKvStorage,
-      .step_tokens = 8192};
+      .step_tokens = step_tokens,
+      .auto_kv_pool = [cuda_options](const Model& model, size_t page_bytes, double utilization) {
+        return cuda::AutoKvPool(model, cuda_options, page_bytes, utilization);
+      }};
 #else
   (void)options;
   if (device == "cuda") {

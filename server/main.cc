@@ -35,6 +35,7 @@
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "memory/compress/compression.h"
+#include "memory/kv_cache.h"
 #include "server/flag_spelling.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
@@ -48,7 +49,13 @@ ABSL_FLAG(std::string, arch, "",
           "with --load-format dummy: llama3-8b, llama3.1-8b, mistral-7b or smollm2-135m");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address (HOST:PORT; port 0 picks one)");
 ABSL_FLAG(int, metrics_port, 9400, "port of the Prometheus /metrics endpoint; 0 = off");
-ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size, MiB");
+ABSL_FLAG(int64_t, kv_pool_mib, 0,
+          "KV cache pool size, MiB; 0 = on cuda, what --gpu-memory-utilization leaves after the "
+          "weights and step buffers; on cpu, 1024");
+ABSL_FLAG(double, gpu_memory_utilization, 0.9,
+          "with --kv-pool-mib 0 on cuda: the share of the GPU's memory this server may hold "
+          "(weights, step buffers and the KV pool; memory other processes hold counts against "
+          "it), in (0, 1]");
 ABSL_FLAG(int, page_kib, 0,
           "KV page size, KiB; 0 = 16 full-width rows of the model, at least 16 KiB, a power of two "
           "(larger pages shorten the page lists a GPU step walks; smaller ones waste less in the "
@@ -163,6 +170,20 @@ int Run() {
                   absl::GetFlag(FLAGS_page_kib));
     return 2;
   }
+  if (absl::GetFlag(FLAGS_step_tokens) < 0) {
+    spdlog::error("--step-tokens must be 0 (the device's default) or a count, got {}",
+                  absl::GetFlag(FLAGS_step_tokens));
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_kv_pool_mib) < 0) {
+    spdlog::error("--kv-pool-mib must be 0 (sized to the device) or a size in MiB, got {}",
+                  absl::GetFlag(FLAGS_kv_pool_mib));
+    return 2;
+  }
+  if (const double u = absl::GetFlag(FLAGS_gpu_memory_utilization); !(u > 0.0 && u <= 1.0)) {
+    spdlog::error("--gpu-memory-utilization must be in (0, 1], got {}", u);
+    return 2;
+  }
   absl::StatusOr<memory::compress::CompressionConfig> default_compression =
       memory::compress::ParseCompressionSpec(absl::GetFlag(FLAGS_kv_compression));
   if (!default_compression.ok()) {
@@ -196,20 +217,39 @@ int Run() {
   engine::SchedulerOptions scheduler_options{
       .pool_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_kv_pool_mib)) << 20,
       .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
-      .step_tokens = absl::GetFlag(FLAGS_step_tokens),
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued),
       .overlap = absl::GetFlag(FLAGS_overlap_steps)};
-  absl::StatusOr<engine::BackendChoice> backend = engine::ChooseBackend(
-      absl::GetFlag(FLAGS_device), "kvtrim-server",
-      {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs), .dtype = absl::GetFlag(FLAGS_dtype)});
+  absl::StatusOr<engine::BackendChoice> backend =
+      engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server",
+                            {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
+                             .dtype = absl::GetFlag(FLAGS_dtype),
+                             .step_tokens = absl::GetFlag(FLAGS_step_tokens)});
   if (!backend.ok()) {
     spdlog::error("{}", std::string(backend.status().message()));
     return 2;
   }
   scheduler_options.kv_element_bytes = backend->kv_element_bytes;
   scheduler_options.kv_storage = backend->kv_storage;
-  if (scheduler_options.step_tokens == 0) scheduler_options.step_tokens = backend->step_tokens;
+  scheduler_options.step_tokens = backend->step_tokens;
+  if (scheduler_options.pool_bytes == 0) {
+    const engine::ModelConfig& c = model->config;
+    const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, backend->kv_element_bytes};
+    const size_t page_bytes = scheduler_options.page_bytes != 0 ? scheduler_options.page_bytes
+                                                                : shape.default_page_bytes();
+    if (backend->auto_kv_pool) {
+      absl::StatusOr<engine::KvPoolSize> pool =
+          backend->auto_kv_pool(*model, page_bytes, absl::GetFlag(FLAGS_gpu_memory_utilization));
+      if (!pool.ok()) {
+        spdlog::error("KV pool: {}", std::string(pool.status().message()));
+        return 2;
+      }
+      spdlog::info("KV pool sized to the device: {}", pool->account);
+      scheduler_options.pool_bytes = pool->bytes;
+    } else {
+      scheduler_options.pool_bytes = engine::kDefaultHostPoolBytes;
+    }
+  }
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
       engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, backend->make_backend);
   if (!scheduler.ok()) {
@@ -278,7 +318,7 @@ int Run() {
       "running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
       "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}",
-      backend->name, weights, absl::GetFlag(FLAGS_kv_pool_mib),
+      backend->name, weights, scheduler_options.pool_bytes >> 20,
       (*scheduler)->stats().page_bytes >> 10, scheduler_options.step_tokens,
       scheduler_options.max_running, scheduler_options.max_queued, limits.max_prompt_tokens,
       limits.max_new_tokens, limits.default_max_tokens, absl::GetFlag(FLAGS_max_message_mib),

@@ -185,12 +185,17 @@ void Place(const Model& model, ArenaWriter& writer, DeviceWeights& out) {
 
 }  // namespace
 
+size_t DeviceWeights::Bytes(const Model& model, HalfFloat type) {
+  DeviceWeights weights;
+  ArenaWriter sizing(nullptr, type);
+  Place(model, sizing, weights);
+  return sizing.used();
+}
+
 absl::StatusOr<DeviceWeights> DeviceWeights::Upload(const Model& model, HalfFloat type) {
   DeviceWeights weights;
   weights.type = type;
-  ArenaWriter sizing(nullptr, type);
-  Place(model, sizing, weights);
-  absl::StatusOr<DeviceBuffer> arena = DeviceBuffer::Allocate(sizing.used());
+  absl::StatusOr<DeviceBuffer> arena = DeviceBuffer::Allocate(Bytes(model, type));
   if (!arena.ok()) return arena.status();
   weights.arena_ = *std::move(arena);
   ArenaWriter writer(weights.arena_.as<std::byte>(), type);

@@ -94,6 +94,8 @@ class DeviceWeights {
   // left allocated) when the device is missing or out of memory, and, for fp16, when a weight is
   // beyond its range (INVALID_ARGUMENT naming the largest).
   static absl::StatusOr<DeviceWeights> Upload(const Model& model, HalfFloat type);
+  // The device bytes Upload allocates for `model` in `type`, without allocating them.
+  static size_t Bytes(const Model& model, HalfFloat type);
 
   DeviceMatrix token_embedding;  // (vocab_size, hidden)
   std::vector<DeviceLayerWeights> layers;

@@ -33,6 +33,7 @@
 #include "engine/cuda/forward.h"
 
 #include <algorithm>
+#include <array>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -157,6 +158,7 @@ absl::Status CudaBackend::Init() {
       DeviceWeights::Upload(model_, options_.dtype.value_or(config_.dtype));
   if (!weights.ok()) return weights.status();
   weights_ = *std::move(weights);
+  if (options_.reserve_tokens > 0) KVTRIM_RETURN_IF_ERROR(ReserveTokens(options_.reserve_tokens));
 
   const memory::PagePool& pool = cache_.pool();
   absl::StatusOr<DeviceBuffer> pages =
@@ -174,22 +176,58 @@ absl::Status CudaBackend::Init() {
                     "cudaMemcpy(inv_freq)");
 }
 
+namespace {
+
+// Bytes of each per-token step buffer for T tokens, in CudaBackend's order: x_, normed_, qkv_,
+// attention_, gate_up_, activation_.
+std::array<size_t, 6> StepBuffers(const ModelConfig& c, size_t T) {
+  const size_t bf16 = sizeof(__nv_bfloat16);
+  const size_t hidden = c.hidden, ffn = c.ffn_hidden;
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const size_t kv_width = static_cast<size_t>(c.n_kv_heads) * c.head_dim;
+  return {T * hidden * sizeof(float), T * hidden * bf16,  T * (q_width + 2 * kv_width) * bf16,
+          T * q_width * bf16,         T * 2 * ffn * bf16, T * ffn * bf16};
+}
+
+}  // namespace
+
+size_t CudaBackend::StepBufferBytes(const ModelConfig& config, int tokens) {
+  size_t bytes = 0;
+  for (size_t b : StepBuffers(config, RoundUp(tokens))) bytes += b;
+  return bytes;
+}
+
 absl::Status CudaBackend::ReserveTokens(int tokens) {
   if (tokens <= capacity_tokens_) return absl::OkStatus();
   const size_t T = RoundUp(tokens);
-  const size_t bf16 = sizeof(__nv_bfloat16);
-  const size_t hidden = config_.hidden, ffn = config_.ffn_hidden;
-  const size_t q_width = static_cast<size_t>(config_.n_heads) * config_.head_dim;
-  const size_t kv_width = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim;
+  const std::array<size_t, 6> bytes = StepBuffers(config_, T);
   capacity_tokens_ = 0;  // until every buffer has grown
-  KVTRIM_RETURN_IF_ERROR(Grow(x_, T * hidden * sizeof(float)));
-  KVTRIM_RETURN_IF_ERROR(Grow(normed_, T * hidden * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(qkv_, T * (q_width + 2 * kv_width) * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(attention_, T * q_width * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(gate_up_, T * 2 * ffn * bf16));
-  KVTRIM_RETURN_IF_ERROR(Grow(activation_, T * ffn * bf16));
+  DeviceBuffer* buffers[] = {&x_, &normed_, &qkv_, &attention_, &gate_up_, &activation_};
+  for (size_t i = 0; i < bytes.size(); ++i) KVTRIM_RETURN_IF_ERROR(Grow(*buffers[i], bytes[i]));
   capacity_tokens_ = static_cast<int>(T);
   return absl::OkStatus();
+}
+
+absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options,
+                                      size_t page_bytes, double utilization) {
+  const ModelConfig& c = model.config;
+  size_t free = 0, total = 0;
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free, &total), "cudaMemGetInfo"));
+  const size_t row_bytes = static_cast<size_t>(c.n_kv_heads) * c.head_dim * kKvElementBytes;
+  const size_t rows_per_page = row_bytes > 0 ? page_bytes / row_bytes : 0;
+  DeviceMemoryBudget budget{
+      .total = total,
+      .in_use = total - free,
+      .backend =
+          DeviceWeights::Bytes(model, options.dtype.value_or(c.dtype)) +
+          (options.reserve_tokens > 0 ? CudaBackend::StepBufferBytes(c, options.reserve_tokens)
+                                      : 0) +
+          kOnDemandReserveBytes,
+      .page_bytes = page_bytes,
+      .per_page_extra =
+          DecodeStateCount(1, static_cast<int>(rows_per_page), c.n_kv_heads) * sizeof(KeyState),
+      .utilization = utilization};
+  return KvPoolWithin(budget);
 }
 
 absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {

@@ -24,6 +24,7 @@
 #include "engine/cuda/paged_kv.h"
 #include "engine/cuda/sample.h"
 #include "engine/cuda/step_plan.h"
+#include "engine/kv_pool_budget.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
 #include "memory/kv_cache.h"
@@ -59,10 +60,30 @@ struct CudaOptions {
   // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
   // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
   std::optional<HalfFloat> dtype = std::nullopt;
+  // The per-token step buffers are allocated at start for steps of this many tokens (the
+  // scheduler's step_tokens), so that what they take is known before the KV pool is sized
+  // (AutoKvPool); 0: grown as steps need.
+  int reserve_tokens = 0;
 };
+
+// Device memory kept for what a backend's steps allocate on demand besides the step buffers:
+// the cuBLAS workspace, logits rows, split-K partials, the compression kernels' scratch at their
+// default windows, CUDA graphs.
+inline constexpr size_t kOnDemandReserveBytes = size_t{512} << 20;
+
+// The KV pool kvtrim-server takes with --kv-pool-mib 0, on the current device: `utilization` of
+// its memory, less what is in use now, the weights in the type `options` gives, the step buffers
+// for options.reserve_tokens and kOnDemandReserveBytes, as whole pages of `page_bytes`, with room
+// kept for decode-time eviction's state per cached row (ReserveDecodeStates). The backend must
+// then be created with the same options.
+absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options,
+                                      size_t page_bytes, double utilization);
 
 class CudaBackend : public Backend {
  public:
+  // Device bytes of the per-token step buffers for steps of up to `tokens` tokens.
+  static size_t StepBufferBytes(const ModelConfig& config, int tokens);
+
   // `model` and `cache` must outlive the backend. The cache must match the model with
   // kKvElementBytes elements; the device page allocation takes its pool's geometry
   // (total_pages x page_bytes). INVALID_ARGUMENT for a cache shape or a model the kernels do not

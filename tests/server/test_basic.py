@@ -159,7 +159,7 @@ class Help(unittest.TestCase):
                  "max_running", "max_queued", "max_prompt_tokens", "max_new_tokens",
                  "default_max_tokens", "max_message_mib", "api_key_file", "tls_cert", "tls_key",
                  "drain_timeout", "log_level", "threads", "device", "dtype", "load_format",
-                 "arch"]
+                 "arch", "gpu_memory_utilization"]
         for flag in flags:
             self.assertRegex(text, rf"--{flag} \([^)]*(\([^)]*\)[^)]*)*\);\s+default: ", flag)
 
@@ -175,6 +175,13 @@ class DummyModel(unittest.TestCase):
         try:
             self.assertIn("model dummy smollm2-135m (llama, 30 layers", server.log_text())
             self.assertIn("from random weights (seed 0)", server.log_text())
+            # No --kv-pool-mib: 1 GiB on the CPU; on a GPU, sized to its memory.
+            if "config: cpu backend" in server.log_text():
+                self.assertIn("KV pool 1024 MiB", server.log_text())
+                stats = server.stub.GetServerStats(pb.GetServerStatsRequest(), timeout=30)
+                self.assertEqual(stats.pool_bytes_total, 1 << 30)
+            else:
+                self.assertIn("KV pool sized to the device: 0.90 of", server.log_text())
             info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
             self.assertEqual(info.name, "dummy smollm2-135m")
             self.assertEqual((info.n_layers, info.hidden, info.vocab_size), (30, 576, 49152))
@@ -196,6 +203,22 @@ class DummyModel(unittest.TestCase):
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
         self.assertEqual(done.returncode, 0, done.stderr.decode())
         self.assertEqual(done.stdout.decode(), result.text + "\n")
+
+    def test_pool_flag_errors(self):
+        """The KV pool's flags are checked before the model is loaded."""
+        cases = [
+            (["--kv-pool-mib", "-1"], "--kv-pool-mib must be 0 (sized to the device) or a size"),
+            (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization must be in (0, 1], got 0"),
+            (["--gpu-memory-utilization", "1.5"],
+             "--gpu-memory-utilization must be in (0, 1], got 1.5"),
+            (["--step-tokens", "-4"], "--step-tokens must be 0 (the device's default) or a count"),
+        ]
+        for flags, message in cases:
+            command = [harness.PATHS.server, *self.FLAGS, *flags]
+            done = subprocess.run(command, capture_output=True, timeout=60)
+            output = (done.stdout + done.stderr).decode()
+            self.assertEqual(done.returncode, 2, f"{command}: {output}")
+            self.assertIn(message, output, command)
 
     def test_flag_errors(self):
         cases = [

@@ -14,7 +14,9 @@
 #   serve       serve_bench --arch llama3.1-8b: REQUESTS x (PROMPT + NEW) tokens, uncompressed vs
 #               pyramidkv 12% + ThinK 0.5: prefill tokens/s, decode step vs the roofline
 #   capacity    kvtrim-server --arch llama3.1-8b with a POOL_GIB pool and memory_report.py: the
-#               most concurrent PROMPT-token requests admitted, served to completion
+#               most concurrent PROMPT-token requests admitted, served to completion; POOL_GIB=auto
+#               leaves the pool to --gpu-memory-utilization (GPU_MEMORY_UTILIZATION, 0.9), and
+#               capacity-memory.log samples the device's memory.used every half second
 # serve and capacity take llama3.1-8b, llama3-8b's shape with Llama 3.1's 131072-token context
 # and rope scaling: llama3-8b's context of 8192 tokens holds no 8192-token prompt and its new
 # tokens (every request would finish at once with nothing generated).
@@ -80,9 +82,15 @@ if wants capacity; then
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
       "$wheel" "$stage/pylib"
   done
+  pool_mib=0
+  [[ ${POOL_GIB:-40} == auto ]] || pool_mib=$((${POOL_GIB:-40} * 1024))
+  nvidia-smi --query-gpu=timestamp,memory.used,memory.total --format=csv -lms 500 \
+    >"$out/capacity-memory.log" 2>&1 &
+  sampler=$!
   "${with_bundle[@]}" "$bundle/bin/kvtrim-server" --load_format dummy --arch llama3.1-8b \
     --device cuda --listen 127.0.0.1:50300 --metrics_port 0 \
-    --kv_pool_mib $((${POOL_GIB:-40} * 1024)) --max_running 1024 --max_queued 4096 \
+    --kv_pool_mib "$pool_mib" --gpu_memory_utilization "${GPU_MEMORY_UTILIZATION:-0.9}" \
+    --max_running 1024 --max_queued 4096 \
     --step_tokens 16384 >"$out/capacity-server.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
@@ -94,6 +102,10 @@ if wants capacity; then
     --requests "${CAPACITY_REQUESTS:-400}" --complete "${CAPACITY_COMPLETE:-16}" --stubs "$stage/py/stubs" \
     ${CAPACITY_CONFIGS:+--capacity-configs "$CAPACITY_CONFIGS"}
   kill -TERM "$server" && wait "$server"
+  kill "$sampler"
+  awk -F', ' 'NR > 1 && $2 + 0 > peak { peak = $2 + 0; total = $3 } END {
+    printf "peak memory.used %d MiB of %d MiB (%.3f)\n", peak, total, peak / total }' \
+    "$out/capacity-memory.log" | tee -a "$out/capacity.log"
 fi
 for log in "$out"/*.log; do
   echo "==== $(basename "$log")"

@@ -139,7 +139,7 @@ if [[ -n $have_model && -z ${SKIP_E2E:-} && -x $bundle/bin/kvtrim ]]; then
         failed=1
       sed 's/^/  /' "$out/kvtrim_remote_chat_$dtype.log"
       kill -TERM "$server" && wait "$server"
-      grep -E 'backend|error' "$out/kvtrim_server_$dtype.log" | sed 's/^/  /'
+      grep -E 'backend|error|KV pool' "$out/kvtrim_server_$dtype.log" | sed 's/^/  /'
     done
   fi
 fi

@@ -283,7 +283,7 @@ def main():
     PROMPT_TOKENS = args.prompt_tokens
     configs = CAPACITY_CONFIGS
     if args.capacity_configs:
-        known = dict(CAPACITY_CONFIGS)
+        known = dict(CAPACITY_CONFIGS + FOOTPRINT_CONFIGS)  # the footprint's by name too
         names = [n.strip() for n in args.capacity_configs.split(";") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown or not names:
