@@ -88,6 +88,11 @@ class Backend {
     (void)compression;
     return absl::OkStatus();
   }
+  // Asked after a step failed: OK when the backend can run further steps. An error when the
+  // failure left its device unusable for the rest of the process (a CUDA kernel's illegal address
+  // or an uncorrectable ECC error: every later call fails the same way); the scheduler then ends
+  // every request and takes no new ones (Scheduler::health), and the server exits to be restarted.
+  virtual absl::Status DeviceStatus() const { return absl::OkStatus(); }
   // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
   // else INVALID_ARGUMENT naming what this backend does not run.
   virtual absl::Status SupportsCompression(

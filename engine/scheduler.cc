@@ -19,6 +19,11 @@
 namespace kvtrim::engine {
 namespace {
 
+// What a request or a refused submission is told once the backend's device is lost.
+std::string DeviceLostMessage(const absl::Status& lost) {
+  return absl::StrCat("the device failed (", lost.message(), ")");
+}
+
 // Holds back generated text that could be the start of a stop string, so that the streamed text
 // never contains one nor anything after it. Text arrives as complete UTF-8 characters (from the
 // Detokenizer); the held suffix starts where a stop string could start, so it starts on a
@@ -274,6 +279,10 @@ absl::StatusOr<uint64_t> Scheduler::Submit(GenerationRequest request,
   auto active = std::make_unique<Active>(std::move(request), std::move(sink), &tokenizer_,
                                          cache_->NewSequence());
   std::lock_guard<std::mutex> lock(mutex_);
+  if (!device_lost_.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat(DeviceLostMessage(device_lost_), "; this server takes no more requests"));
+  }
   const int64_t waiting = static_cast<int64_t>(incoming_.size()) + engine_waiting_;
   if (waiting >= options_.max_queued) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -325,6 +334,10 @@ void Scheduler::ExpireRequests(std::span<const uint64_t> cancelled) {
 
 bool Scheduler::Step() {
   const std::vector<uint64_t> cancelled = TakeIncoming();
+  if (absl::Status lost = health(); !lost.ok()) {
+    FailAll(lost);
+    return false;
+  }
   if (running_.empty() && waiting_.empty()) {
     PublishStats();
     return false;
@@ -338,8 +351,41 @@ bool Scheduler::Step() {
   Execute(plan);
   Publish();
   ++steps_total_;
+  if (absl::Status lost = health(); !lost.ok()) FailAll(lost);
   PublishStats();
   return true;
+}
+
+absl::Status Scheduler::health() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return device_lost_;
+}
+
+void Scheduler::CheckDevice() {
+  absl::Status status = backend_->DeviceStatus();
+  if (status.ok()) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device_lost_.ok()) device_lost_ = std::move(status);
+}
+
+void Scheduler::FailAll(const absl::Status& lost) {
+  if (in_flight_ != nullptr) {
+    const std::unique_ptr<Flight> previous = std::move(in_flight_);
+    TakeTokens(*previous);
+  }
+  const std::string error =
+      absl::StrCat(DeviceLostMessage(lost), "; this server runs no more requests");
+  const auto fail = [&](auto& requests) {
+    for (std::unique_ptr<Active>& r : requests) {
+      if (r->finish_reason) continue;
+      r->finish_reason = FinishReason::kError;
+      r->error = error;
+    }
+  };
+  fail(running_);
+  fail(waiting_);
+  Publish();
+  PublishStats();
 }
 
 int32_t Scheduler::PromptPages(const memory::compress::CompressionConfig& compression,
@@ -495,6 +541,7 @@ void Scheduler::Execute(std::span<const Planned> plan) {
     forward_seconds_total_ += Seconds(Clock::now() - began);
   }
   if (!launched.ok()) {
+    CheckDevice();
     for (const Planned& p : plan) {
       if (p.request->finish_reason) continue;
       p.request->finish_reason = FinishReason::kError;
@@ -537,6 +584,7 @@ void Scheduler::TakeTokens(Flight& flight) {
     r->in_flight_row = -1;
   }
   if (!status.ok()) {
+    CheckDevice();
     for (Active* r : flight.requests) {
       if (r->finish_reason) continue;
       r->finish_reason = FinishReason::kError;

@@ -127,6 +127,10 @@ class Scheduler {
   void Stop();
 
   SchedulerStats stats() const;
+  // OK while the backend runs steps. Once a failed step has left its device unusable
+  // (Backend::DeviceStatus), that error: every request then queued or running has finished with
+  // it (kError), and Submit refuses new ones with UNAVAILABLE. It does not clear.
+  absl::Status health() const;
   // OK when requests may ask for `compression`; else INVALID_ARGUMENT saying why (the backend
   // does not run it, or the model uses sliding-window attention).
   absl::Status CompressionSupport(const memory::compress::CompressionConfig& compression) const;
@@ -143,6 +147,10 @@ class Scheduler {
   absl::Status Validate(const GenerationRequest& request) const;
   // Moves submitted requests into waiting_ and returns the handles cancelled since last step.
   std::vector<uint64_t> TakeIncoming();
+  // After a failed Launch / Collect: records Backend::DeviceStatus's error, if any.
+  void CheckDevice();
+  // Once the device is lost: every request queued or running finishes with its error.
+  void FailAll(const absl::Status& lost);
   // Marks cancelled and expired requests (and those with nothing to generate) as finished.
   void ExpireRequests(std::span<const uint64_t> cancelled);
   // Plans one decode token for every running decoder, preempting the youngest on page shortage;
@@ -188,6 +196,7 @@ class Scheduler {
   int32_t engine_waiting_ = 0;  // waiting_.size() as of the last intake / step
   SchedulerStats snapshot_;     // published at the end of every step
   bool stop_requested_ = false;
+  absl::Status device_lost_;  // Backend::DeviceStatus's error once a step left the device unusable
 
   // Engine thread only.
   std::thread thread_;

@@ -2,9 +2,12 @@
 // grpc.health.v1.Health and server reflection on --listen, Prometheus metrics on --metrics-port.
 //
 // SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
-// flight run to completion for up to --drain-timeout and are then cancelled; exit code 0.
+// flight run to completion for up to --drain-timeout and are then cancelled; exit code 0. A device
+// that fails for good (a GPU's sticky CUDA error) drains the same way, then exits 1.
 #include <omp.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -334,10 +337,28 @@ int Run() {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   std::thread drainer(DrainOnSignal, server.get(), &service, scheduler->get(), signals);
+  // Once the device has failed for good (Scheduler::health: every request then ends with the
+  // error), the server stops as on SIGTERM and exits 1, so that its supervisor (Kubernetes,
+  // systemd, Docker's restart policy) starts a fresh process.
+  std::atomic<bool> serving{true}, device_failed{false};
+  std::thread watcher([&] {
+    while (serving.load()) {
+      if (const absl::Status health = (*scheduler)->health(); !health.ok()) {
+        spdlog::error("the device failed: {}; stopping so that the server is restarted",
+                      std::string(health.message()));
+        device_failed = true;
+        kill(getpid(), SIGTERM);  // the drainer's sigwait
+        return;
+      }
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+  });
   server->Wait();
+  serving = false;
+  watcher.join();
   drainer.join();
   spdlog::info("stopped");
-  return 0;
+  return device_failed ? 1 : 0;
 }
 
 }  // namespace

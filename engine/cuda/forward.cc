@@ -313,6 +313,43 @@ DecodeStates CudaBackend::States() const {
   };
 }
 
+namespace {
+
+// The errors after which "any further CUDA work will return the same error" and "the process must
+// be terminated and relaunched" (the CUDA runtime's own words for each in driver_types.h), and
+// the uncorrectable ECC error.
+bool IsSticky(cudaError_t error) {
+  switch (error) {
+    case cudaErrorContained:
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
+    case cudaErrorECCUncorrectable:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+absl::Status CudaBackend::DeviceStatus() const {
+  // A sticky error is the context's: the last error and any query on the stream return it.
+  for (const cudaError_t error : {cudaPeekAtLastError(), cudaStreamQuery(stream_)}) {
+    if (IsSticky(error)) return CudaStatus(error, "the GPU");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Prepare(const memory::compress::CompressionConfig& compression) {
   if (!compression.enabled() || compression.eviction == memory::compress::EvictionPolicy::kNone) {
     return absl::OkStatus();

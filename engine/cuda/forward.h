@@ -111,6 +111,9 @@ class CudaBackend : public Backend {
   // Of the last collected step: host phases timed with a steady clock, the device span with two
   // CUDA events (for a step left in flight, wait_ms is Collect's wait).
   std::optional<StepProfile> LastStepProfile() const override { return collected_; }
+  // CUDA's sticky errors (an illegal address, a trap, an uncorrectable ECC error: every later
+  // call returns them until the process ends) as Backend::DeviceStatus's error; OK otherwise.
+  absl::Status DeviceStatus() const override;
   // Allocates the decode state array for a request under a decode-time policy.
   absl::Status Prepare(const memory::compress::CompressionConfig& compression) override;
   // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm,

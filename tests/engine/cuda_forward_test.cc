@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <span>
@@ -25,14 +26,18 @@
 #include "engine/cpu/forward.h"
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/forward.h"
+#include "engine/cuda/rmsnorm.h"
 #include "engine/generator.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "engine/scheduler.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
 #include "memory/page_pool.h"
 #include "nlohmann/json.hpp"
 #include "tests/engine/cuda_test_util.h"
+#include "tests/engine/scheduler_test_util.h"
 
 namespace kvtrim::engine::cuda {
 namespace {
@@ -41,6 +46,73 @@ using testing::DataPath;
 
 absl::StatusOr<Model> LoadTiny(const std::string& name) {
   return LoadModel(DataPath("tests/data/tiny/" + name + ".gguf"));
+}
+
+// A sticky CUDA error (an illegal address, here from a kernel handed a bad pointer) leaves the
+// process's device unusable: the backend reports it (Backend::DeviceStatus), the scheduler ends
+// every request with it and refuses new ones (Scheduler::health), which kvtrim-server turns into
+// an exit for a restart. In a child process (a death test), as the error ends its CUDA context.
+TEST(CudaDeviceLossTest, AStickyErrorIsReportedAsTheDeviceLost) {
+  if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto run = [] {
+    absl::StatusOr<Model> model = LoadTiny("llama_gqa");
+    if (!model.ok()) std::exit(2);
+    absl::StatusOr<Tokenizer> tokenizer = Tokenizer::Create(model->tokenizer);
+    if (!tokenizer.ok()) std::exit(2);
+    absl::StatusOr<std::unique_ptr<Scheduler>> made =
+        Scheduler::Create(&*model, &*tokenizer,
+                          {.pool_bytes = 1 << 22,
+                           .page_bytes = 4096,
+                           .step_tokens = 64,
+                           .max_running = 1,
+                           .kv_element_bytes = kKvElementBytes,
+                           .kv_storage = kKvStorage},
+                          CudaBackend::Factory());
+    if (!made.ok()) std::exit(3);
+    Scheduler& scheduler = **made;
+    std::vector<int32_t> prompt(12);
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = 5 + static_cast<int32_t>(i);
+    GenerationRequest request;
+    request.prompt = prompt;
+    request.max_tokens = 16;
+    request.ignore_eos = true;
+    auto running = std::make_shared<RecordingSink>(), queued = std::make_shared<RecordingSink>();
+    if (!scheduler.Submit(request, running).ok() || !scheduler.Submit(request, queued).ok()) {
+      std::exit(4);
+    }
+    for (int step = 0; step < 3; ++step) scheduler.Step();
+    // (Steps left in flight stream their tokens a step later.)
+    const bool healthy_before = scheduler.health().ok() && !running->outputs.empty();
+    // The fault: AddRmsNorm on a residual at address 16.
+    float* bad = reinterpret_cast<float*>(16);
+    const cudaError_t launched =
+        LaunchAddRmsNorm(bad, static_cast<const __nv_bfloat16*>(nullptr), bad, 1e-5f, 1, 64,
+                         reinterpret_cast<__nv_bfloat16*>(16), nullptr);
+    const cudaError_t synced = cudaDeviceSynchronize();
+    scheduler.RunUntilIdle();
+    const absl::Status health = scheduler.health();
+    const absl::StatusOr<uint64_t> refused =
+        scheduler.Submit(request, std::make_shared<RecordingSink>());
+    std::fprintf(stderr,
+                 "launch %s, sync %s; running: %d finish, reason %d, error \"%s\"; queued: %d "
+                 "finish, reason %d, error \"%s\"; health: %s; submit: %s\n",
+                 cudaGetErrorName(launched), cudaGetErrorName(synced), running->finish_calls,
+                 static_cast<int>(running->finish.reason), running->finish.error.c_str(),
+                 queued->finish_calls, static_cast<int>(queued->finish.reason),
+                 queued->finish.error.c_str(), health.ToString().c_str(),
+                 refused.status().ToString().c_str());
+    const bool lost =
+        healthy_before && synced == cudaErrorIllegalAddress && running->finish_calls == 1 &&
+        running->finish.reason == FinishReason::kError && queued->finish_calls == 1 &&
+        queued->finish.reason == FinishReason::kError &&
+        queued->finish.error.find("the device failed (the GPU: cudaErrorIllegalAddress") == 0 &&
+        health.message().find("cudaErrorIllegalAddress") != std::string_view::npos &&
+        refused.status().code() == absl::StatusCode::kUnavailable;
+    if (lost) std::fprintf(stderr, "device lost: reported\n");
+    std::exit(lost ? 0 : 1);
+  };
+  EXPECT_EXIT(run(), ::testing::ExitedWithCode(0), "device lost: reported");
 }
 
 TEST(CudaBackendCreateTest, RejectsAnFp32Cache) {

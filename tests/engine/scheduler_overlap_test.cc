@@ -22,8 +22,11 @@ namespace {
 
 class InFlightBackend : public Backend {
  public:
-  explicit InFlightBackend(std::unique_ptr<Backend> cpu, int failing_collect = 0)
-      : cpu_(std::move(cpu)), failing_collect_(failing_collect) {}
+  // failing_collect: the 1-based Collect that fails; with lose_device, every call after it fails
+  // too and DeviceStatus says the device is lost (a CUDA backend's sticky error).
+  explicit InFlightBackend(std::unique_ptr<Backend> cpu, int failing_collect = 0,
+                           bool lose_device = false)
+      : cpu_(std::move(cpu)), failing_collect_(failing_collect), lose_device_(lose_device) {}
 
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
     return cpu_->Forward(steps, out);
@@ -31,6 +34,7 @@ class InFlightBackend : public Backend {
 
   absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
                               bool may_stay_in_flight) override {
+    if (lost_) return absl::InternalError("device lost");
     std::vector<SequenceStep> resolved(steps.begin(), steps.end());
     std::deque<int32_t> fed;  // the resolved ids, where the spans point
     for (SequenceStep& step : resolved) {
@@ -70,8 +74,16 @@ class InFlightBackend : public Backend {
     if (outputs_.empty()) return absl::InternalError("nothing to collect");
     out = std::move(outputs_.front());
     outputs_.pop_front();
-    if (++collects == failing_collect_) return absl::InternalError("injected device failure");
+    if (++collects == failing_collect_) {
+      lost_ = lose_device_;
+      return absl::InternalError("injected device failure");
+    }
+    if (lost_) return absl::InternalError("device lost");
     return absl::OkStatus();
+  }
+
+  absl::Status DeviceStatus() const override {
+    return lost_ ? absl::InternalError("sticky") : absl::OkStatus();
   }
 
   int launches = 0, stayed = 0, collects = 0, previous_fed = 0;
@@ -79,6 +91,8 @@ class InFlightBackend : public Backend {
  private:
   std::unique_ptr<Backend> cpu_;
   int failing_collect_;
+  bool lose_device_;
+  bool lost_ = false;
   std::optional<std::vector<int32_t>> previous_;  // the tokens of the step in flight
   std::deque<StepOutput> outputs_;
 };
@@ -87,14 +101,15 @@ class SchedulerOverlapTest : public SchedulerTest {
  protected:
   std::unique_ptr<Scheduler> MakeOverlapping(SchedulerOptions options,
                                              InFlightBackend** backend = nullptr,
-                                             int failing_collect = 0,
-                                             const Model* model = nullptr) {
+                                             int failing_collect = 0, const Model* model = nullptr,
+                                             bool lose_device = false) {
     absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
         model ? model : model_, tokenizer_, options,
         [&](const Model* m, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
           absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(m, cache);
           if (!cpu.ok()) return cpu.status();
-          auto made = std::make_unique<InFlightBackend>(*std::move(cpu), failing_collect);
+          auto made =
+              std::make_unique<InFlightBackend>(*std::move(cpu), failing_collect, lose_device);
           if (backend != nullptr) *backend = made.get();
           return made;
         });
@@ -331,6 +346,35 @@ TEST_F(SchedulerOverlapTest, ACollectFailureEndsThatStepsRequestsOnly) {
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
   EXPECT_EQ(backend->collects, backend->launches);
+  EXPECT_TRUE(scheduler->health().ok());
+}
+
+// The same failure leaving the device lost: the step launched behind the failed one is
+// collected (and fails), the queued request ends with the device's error, nothing new is taken.
+TEST_F(SchedulerOverlapTest, ALostDeviceInFlightEndsEveryRequest) {
+  InFlightBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler =
+      MakeOverlapping({.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
+                      /*failing_collect=*/3, /*model=*/nullptr, /*lose_device=*/true);
+  auto first = std::make_shared<RecordingSink>();
+  auto second = std::make_shared<RecordingSink>();
+  auto queued = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(6, 760), 10), first).ok());
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(9, 761), 10), second).ok());
+  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(7, 762), 10), queued).ok());
+  scheduler->RunUntilIdle();
+  for (const auto& sink : {first, second, queued}) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
+  }
+  EXPECT_EQ(first->finish.error, "injected device failure");
+  EXPECT_EQ(queued->finish.error, "the device failed (sticky); this server runs no more requests");
+  EXPECT_EQ(scheduler->health().message(), "sticky");
+  EXPECT_EQ(backend->collects, backend->launches);
+  EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
+  auto refused = std::make_shared<RecordingSink>();
+  EXPECT_EQ(scheduler->Submit(Greedy(RandomPrompt(5, 763), 4), refused).status().code(),
+            absl::StatusCode::kUnavailable);
 }
 
 TEST_F(SchedulerOverlapTest, StopCollectsTheStepInFlight) {

@@ -306,6 +306,77 @@ TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
   EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+  EXPECT_TRUE((*scheduler)->health().ok());  // the backend said its device still works
+}
+
+// From one chosen Forward call (1-based) on, fails every call, and its device is lost, as a CUDA
+// backend's is after a sticky error.
+class LostDeviceBackend : public Backend {
+ public:
+  LostDeviceBackend(std::unique_ptr<Backend> cpu, int failing_call)
+      : cpu_(std::move(cpu)), failing_call_(failing_call) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    if (++calls_ >= failing_call_) return absl::InternalError("Rope: cudaErrorIllegalAddress");
+    return cpu_->Forward(steps, out);
+  }
+  absl::Status DeviceStatus() const override {
+    if (calls_ < failing_call_) return absl::OkStatus();
+    return absl::InternalError("the GPU: cudaErrorIllegalAddress");
+  }
+  int calls() const { return calls_; }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  int failing_call_;
+  int calls_ = 0;
+};
+
+TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
+  LostDeviceBackend* backend = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
+      [&](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
+        if (!cpu.ok()) return cpu.status();
+        auto lost = std::make_unique<LostDeviceBackend>(*std::move(cpu), /*failing_call=*/3);
+        backend = lost.get();
+        return lost;
+      });
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 910), 10));
+  std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 911), 10));
+  std::shared_ptr<RecordingSink> queued = Submit(**scheduler, Greedy(RandomPrompt(7, 912), 10));
+  ASSERT_TRUE((*scheduler)->health().ok());
+  (*scheduler)->RunUntilIdle();
+  // The failing step's requests get its error; the one still queued, the device's.
+  for (const auto& sink : {first, second}) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
+    EXPECT_EQ(sink->finish.error, "Rope: cudaErrorIllegalAddress");
+    EXPECT_EQ(sink->finish.completion_tokens, 2);
+  }
+  EXPECT_EQ(queued->finish_calls, 1);
+  EXPECT_EQ(queued->finish.reason, FinishReason::kError);
+  EXPECT_EQ(queued->finish.error,
+            "the device failed (the GPU: cudaErrorIllegalAddress); this server runs no more "
+            "requests");
+  EXPECT_EQ(queued->finish.completion_tokens, 0);
+  EXPECT_EQ(backend->calls(), 3);  // no step after the failing one
+  const absl::Status health = (*scheduler)->health();
+  EXPECT_EQ(health.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(health.message(), "the GPU: cudaErrorIllegalAddress");
+  // New requests are refused; nothing is left running and every page is free.
+  auto refused = std::make_shared<RecordingSink>();
+  absl::StatusOr<uint64_t> handle = (*scheduler)->Submit(Greedy(RandomPrompt(5, 913), 4), refused);
+  ASSERT_EQ(handle.status().code(), absl::StatusCode::kUnavailable) << handle.status();
+  EXPECT_EQ(handle.status().message(),
+            "the device failed (the GPU: cudaErrorIllegalAddress); this server takes no more "
+            "requests");
+  EXPECT_FALSE((*scheduler)->Step());
+  EXPECT_EQ(refused->finish_calls, 0);
+  EXPECT_EQ((*scheduler)->stats().running, 0);
+  EXPECT_EQ((*scheduler)->stats().waiting, 0);
+  EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
 }
 
 // The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.
