@@ -116,6 +116,21 @@ class SchedulerOverlapTest : public SchedulerTest {
     EXPECT_TRUE(scheduler.ok()) << scheduler.status();
     return scheduler.ok() ? *std::move(scheduler) : nullptr;
   }
+
+  // Three greedy requests of 10 tokens (prompts from `seed` on): with max_running 2, the third
+  // waits for the first two.
+  struct Three {
+    std::shared_ptr<RecordingSink> first, second, queued;
+    GenerationRequest queued_request;
+  };
+  Three SubmitThree(Scheduler& scheduler, uint32_t seed) {
+    Three three{std::make_shared<RecordingSink>(), std::make_shared<RecordingSink>(),
+                std::make_shared<RecordingSink>(), Greedy(RandomPrompt(7, seed + 2), 10)};
+    EXPECT_TRUE(scheduler.Submit(Greedy(RandomPrompt(6, seed), 10), three.first).ok());
+    EXPECT_TRUE(scheduler.Submit(Greedy(RandomPrompt(9, seed + 1), 10), three.second).ok());
+    EXPECT_TRUE(scheduler.Submit(three.queued_request, three.queued).ok());
+    return three;
+  }
 };
 
 // One request of each kind that changes what can stay in flight: greedy, sampled, sampled under a
@@ -328,20 +343,9 @@ TEST_F(SchedulerOverlapTest, ACollectFailureEndsThatStepsRequestsOnly) {
   std::unique_ptr<Scheduler> scheduler =
       MakeOverlapping({.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
                       /*failing_collect=*/3);
-  auto first = std::make_shared<RecordingSink>();
-  auto second = std::make_shared<RecordingSink>();
-  auto queued = std::make_shared<RecordingSink>();
-  const GenerationRequest queued_request = Greedy(RandomPrompt(7, 752), 10);
-  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(6, 750), 10), first).ok());
-  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(9, 751), 10), second).ok());
-  ASSERT_TRUE(scheduler->Submit(queued_request, queued).ok());
+  const auto [first, second, queued, queued_request] = SubmitThree(*scheduler, 750);
   scheduler->RunUntilIdle();
-  for (const auto& sink : {first, second}) {
-    EXPECT_EQ(sink->finish_calls, 1);
-    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
-    EXPECT_EQ(sink->finish.error, "injected device failure");
-    EXPECT_EQ(sink->finish.completion_tokens, 2);
-  }
+  ExpectFailedWith({first, second}, "injected device failure", /*completion_tokens=*/2);
   EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());
@@ -356,19 +360,11 @@ TEST_F(SchedulerOverlapTest, ALostDeviceInFlightEndsEveryRequest) {
   std::unique_ptr<Scheduler> scheduler =
       MakeOverlapping({.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
                       /*failing_collect=*/3, /*model=*/nullptr, /*lose_device=*/true);
-  auto first = std::make_shared<RecordingSink>();
-  auto second = std::make_shared<RecordingSink>();
-  auto queued = std::make_shared<RecordingSink>();
-  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(6, 760), 10), first).ok());
-  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(9, 761), 10), second).ok());
-  ASSERT_TRUE(scheduler->Submit(Greedy(RandomPrompt(7, 762), 10), queued).ok());
+  const auto [first, second, queued, _] = SubmitThree(*scheduler, 760);
   scheduler->RunUntilIdle();
-  for (const auto& sink : {first, second, queued}) {
-    EXPECT_EQ(sink->finish_calls, 1);
-    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
-  }
-  EXPECT_EQ(first->finish.error, "injected device failure");
-  EXPECT_EQ(queued->finish.error, "the device failed (sticky); this server runs no more requests");
+  ExpectFailedWith({first, second}, "injected device failure", /*completion_tokens=*/2);
+  ExpectFailedWith({queued}, "the device failed (sticky); this server runs no more requests",
+                   /*completion_tokens=*/0);
   EXPECT_EQ(scheduler->health().message(), "sticky");
   EXPECT_EQ(backend->collects, backend->launches);
   EXPECT_EQ(scheduler->pool().free_pages(), scheduler->pool().total_pages());

@@ -255,6 +255,24 @@ TEST_F(SchedulerTest, SubmitRejectsWhatCannotBeServed) {
   EXPECT_EQ(sink->finish_calls, 0);
 }
 
+// A scheduler whose backend is a `Wrapper` around the CPU backend, made as Wrapper(cpu, args...);
+// `made` (if not null) gets it.
+template <class Wrapper, class... Args>
+absl::StatusOr<std::unique_ptr<Scheduler>> CreateAround(const Model* model,
+                                                        const Tokenizer* tokenizer,
+                                                        const SchedulerOptions& options,
+                                                        Wrapper** made, Args... args) {
+  return Scheduler::Create(
+      model, tokenizer, options,
+      [=](const Model* m, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
+        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(m, cache);
+        if (!cpu.ok()) return cpu.status();
+        auto backend = std::make_unique<Wrapper>(*std::move(cpu), args...);
+        if (made != nullptr) *made = backend.get();
+        return backend;
+      });
+}
+
 // Fails one chosen Forward call (1-based), otherwise runs the CPU backend.
 class FailingBackend : public Backend {
  public:
@@ -284,25 +302,16 @@ TEST_F(SchedulerTest, CreateReportsAPoolItCannotAllocate) {
 }
 
 TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<FailingBackend>(
       model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
-      [](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
-        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
-        if (!cpu.ok()) return cpu.status();
-        return std::make_unique<FailingBackend>(*std::move(cpu), /*failing_call=*/3);
-      });
+      /*made=*/nullptr, /*failing_call=*/3);
   ASSERT_TRUE(scheduler.ok()) << scheduler.status();
   std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 900), 10));
   std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 901), 10));
   const GenerationRequest queued_request = Greedy(RandomPrompt(7, 902), 10);
   std::shared_ptr<RecordingSink> queued = Submit(**scheduler, queued_request);
   (*scheduler)->RunUntilIdle();
-  for (const auto& sink : {first, second}) {
-    EXPECT_EQ(sink->finish_calls, 1);
-    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
-    EXPECT_EQ(sink->finish.error, "injected failure");
-    EXPECT_EQ(sink->finish.completion_tokens, 2);
-  }
+  ExpectFailedWith({first, second}, "injected failure", /*completion_tokens=*/2);
   EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
@@ -333,15 +342,9 @@ class LostDeviceBackend : public Backend {
 
 TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
   LostDeviceBackend* backend = nullptr;
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
-      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
-      [&](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
-        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
-        if (!cpu.ok()) return cpu.status();
-        auto lost = std::make_unique<LostDeviceBackend>(*std::move(cpu), /*failing_call=*/3);
-        backend = lost.get();
-        return lost;
-      });
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<LostDeviceBackend>(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
+      /*failing_call=*/3);
   ASSERT_TRUE(scheduler.ok()) << scheduler.status();
   std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 910), 10));
   std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 911), 10));
@@ -349,18 +352,11 @@ TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
   ASSERT_TRUE((*scheduler)->health().ok());
   (*scheduler)->RunUntilIdle();
   // The failing step's requests get its error; the one still queued, the device's.
-  for (const auto& sink : {first, second}) {
-    EXPECT_EQ(sink->finish_calls, 1);
-    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
-    EXPECT_EQ(sink->finish.error, "Rope: cudaErrorIllegalAddress");
-    EXPECT_EQ(sink->finish.completion_tokens, 2);
-  }
-  EXPECT_EQ(queued->finish_calls, 1);
-  EXPECT_EQ(queued->finish.reason, FinishReason::kError);
-  EXPECT_EQ(queued->finish.error,
-            "the device failed (the GPU: cudaErrorIllegalAddress); this server runs no more "
-            "requests");
-  EXPECT_EQ(queued->finish.completion_tokens, 0);
+  ExpectFailedWith({first, second}, "Rope: cudaErrorIllegalAddress", /*completion_tokens=*/2);
+  ExpectFailedWith({queued},
+                   "the device failed (the GPU: cudaErrorIllegalAddress); this server runs no more "
+                   "requests",
+                   /*completion_tokens=*/0);
   EXPECT_EQ(backend->calls(), 3);  // no step after the failing one
   const absl::Status health = (*scheduler)->health();
   EXPECT_EQ(health.code(), absl::StatusCode::kInternal);
@@ -398,15 +394,8 @@ class ProfilingBackend : public Backend {
 
 TEST_F(SchedulerTest, StatsSumForwardAndDeviceTime) {
   ProfilingBackend* profiling = nullptr;
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = Scheduler::Create(
-      model_, tokenizer_, kTinyOptions,
-      [&](const Model* model, memory::KvCache* cache) -> absl::StatusOr<std::unique_ptr<Backend>> {
-        absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(model, cache);
-        if (!cpu.ok()) return cpu.status();
-        auto backend = std::make_unique<ProfilingBackend>(*std::move(cpu));
-        profiling = backend.get();
-        return backend;
-      });
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      CreateAround<ProfilingBackend>(model_, tokenizer_, kTinyOptions, &profiling);
   ASSERT_TRUE(scheduler.ok()) << scheduler.status();
   Submit(**scheduler, Greedy(RandomPrompt(12, 950), 6));
   (*scheduler)->RunUntilIdle();

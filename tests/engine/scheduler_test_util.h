@@ -6,6 +6,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -68,6 +69,17 @@ class RecordingSink : public RequestSink {
   std::mutex mutex_;
   std::condition_variable finished_;
 };
+
+// Each sink finished once, with kError and `error`, after `completion_tokens` tokens.
+inline void ExpectFailedWith(std::initializer_list<std::shared_ptr<RecordingSink>> sinks,
+                             const std::string& error, int completion_tokens) {
+  for (const std::shared_ptr<RecordingSink>& sink : sinks) {
+    EXPECT_EQ(sink->finish_calls, 1);
+    EXPECT_EQ(sink->finish.reason, FinishReason::kError);
+    EXPECT_EQ(sink->finish.error, error);
+    EXPECT_EQ(sink->finish.completion_tokens, completion_tokens);
+  }
+}
 
 inline std::vector<int32_t> RandomPrompt(int length, uint32_t seed) {
   std::mt19937 rng(seed);
