@@ -23,8 +23,8 @@ absl::StatusOr<KvPoolSize> KvPoolWithin(const DeviceMemoryBudget& b) {
   const double pages =
       left > 0 ? std::floor(left / static_cast<double>(b.page_bytes + b.per_page_extra)) : 0.0;
   const std::string account = absl::StrFormat(
-      "%.2f of %.0f MiB = %.0f MiB, less %.0f MiB in use before start and %.0f MiB for weights "
-      "and step buffers",
+      "%.2f of %.0f MiB = %.0f MiB, less %.0f MiB in use before start and %.0f MiB for weights, "
+      "step buffers and scratch",
       b.utilization, Mib(b.total), Mib(static_cast<size_t>(share)), Mib(b.in_use), Mib(b.backend));
   if (pages < 1) {
     return absl::ResourceExhaustedError(absl::StrFormat(
