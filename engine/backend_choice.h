@@ -13,6 +13,7 @@
 #include "engine/kv_pool_budget.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
+#include "memory/kv_cache.h"
 #include "memory/page_pool.h"
 
 #ifdef KVTRIM_HAVE_CUDA
@@ -40,6 +41,21 @@ struct BackendChoice {
 
 // The CPU reference's KV pool when its size is not given.
 inline constexpr size_t kDefaultHostPoolBytes = size_t{1} << 30;
+
+// The KV pool of `pool_bytes`; for 0, sized to the device (auto_kv_pool, `utilization` of its
+// memory, in pages of `page_bytes`, 0 for the model's default), or kDefaultHostPoolBytes where the
+// backend has none. KvPoolSize::account says how a size left to the device came about (empty
+// otherwise).
+inline absl::StatusOr<KvPoolSize> ResolveKvPool(const BackendChoice& backend, const Model& model,
+                                                size_t pool_bytes, size_t page_bytes,
+                                                double utilization) {
+  if (pool_bytes != 0) return KvPoolSize{.bytes = pool_bytes};
+  if (!backend.auto_kv_pool) return KvPoolSize{.bytes = kDefaultHostPoolBytes};
+  const ModelConfig& c = model.config;
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, backend.kv_element_bytes};
+  return backend.auto_kv_pool(model, page_bytes != 0 ? page_bytes : shape.default_page_bytes(),
+                              utilization);
+}
 
 // How the chosen backend runs, where it has a choice.
 struct BackendOptions {

@@ -38,7 +38,6 @@
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "memory/compress/compression.h"
-#include "memory/kv_cache.h"
 #include "server/flag_spelling.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
@@ -235,24 +234,15 @@ int Run() {
   scheduler_options.kv_element_bytes = backend->kv_element_bytes;
   scheduler_options.kv_storage = backend->kv_storage;
   scheduler_options.step_tokens = backend->step_tokens;
-  if (scheduler_options.pool_bytes == 0) {
-    const engine::ModelConfig& c = model->config;
-    const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, backend->kv_element_bytes};
-    const size_t page_bytes = scheduler_options.page_bytes != 0 ? scheduler_options.page_bytes
-                                                                : shape.default_page_bytes();
-    if (backend->auto_kv_pool) {
-      absl::StatusOr<engine::KvPoolSize> pool =
-          backend->auto_kv_pool(*model, page_bytes, absl::GetFlag(FLAGS_gpu_memory_utilization));
-      if (!pool.ok()) {
-        spdlog::error("KV pool: {}", std::string(pool.status().message()));
-        return 2;
-      }
-      spdlog::info("KV pool sized to the device: {}", pool->account);
-      scheduler_options.pool_bytes = pool->bytes;
-    } else {
-      scheduler_options.pool_bytes = engine::kDefaultHostPoolBytes;
-    }
+  absl::StatusOr<engine::KvPoolSize> pool = engine::ResolveKvPool(
+      *backend, *model, scheduler_options.pool_bytes, scheduler_options.page_bytes,
+      absl::GetFlag(FLAGS_gpu_memory_utilization));
+  if (!pool.ok()) {
+    spdlog::error("KV pool: {}", std::string(pool.status().message()));
+    return 2;
   }
+  if (!pool->account.empty()) spdlog::info("KV pool sized to the device: {}", pool->account);
+  scheduler_options.pool_bytes = pool->bytes;
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
       engine::Scheduler::Create(&*model, &*tokenizer, scheduler_options, backend->make_backend);
   if (!scheduler.ok()) {

@@ -63,7 +63,11 @@ ABSL_FLAG(bool, ignore_eos, false, "keep generating past the end-of-sequence tok
 ABSL_FLAG(std::string, compression, "",
           "KV compression spec, e.g. \"policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5\" or "
           "\"none\"; unset = uncompressed in-process, the server's default with --server");
-ABSL_FLAG(int64_t, kv_pool_mib, 1024, "KV cache pool size in MiB (in-process)");
+ABSL_FLAG(int64_t, kv_pool_mib, 1024,
+          "KV cache pool size in MiB (in-process); 0 = on cuda, what --gpu-memory-utilization "
+          "leaves after the weights and step buffers");
+ABSL_FLAG(double, gpu_memory_utilization, 0.9,
+          "with --kv-pool-mib 0 on cuda: the share of the GPU's memory the process may hold");
 ABSL_FLAG(std::string, device, "auto",
           "in-process engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a "
           "GPU is visible)");
@@ -122,12 +126,15 @@ absl::Status Generate() {
   if (!compression.ok()) return compression.status();
   absl::StatusOr<engine::Model> model = engine::LoadModel(Source());
   if (!model.ok()) return model.status();
-  const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);
-  if (pool_mib <= 0) return absl::InvalidArgumentError("--kv-pool-mib must be positive");
-  engine::GeneratorOptions options{.pool_bytes = static_cast<size_t>(pool_mib) << 20};
+  const int64_t pool_mib = absl::GetFlag(FLAGS_kv_pool_mib);  // >= 0 (Dispatch)
   absl::StatusOr<engine::BackendChoice> backend = engine::ChooseBackend(
       absl::GetFlag(FLAGS_device), "kvtrim", {.dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) return backend.status();
+  absl::StatusOr<engine::KvPoolSize> pool =
+      engine::ResolveKvPool(*backend, *model, static_cast<size_t>(pool_mib) << 20,
+                            /*page_bytes=*/0, absl::GetFlag(FLAGS_gpu_memory_utilization));
+  if (!pool.ok()) return pool.status();
+  engine::GeneratorOptions options{.pool_bytes = pool->bytes};
   options.make_backend = backend->make_backend;
   options.kv_element_bytes = backend->kv_element_bytes;
   options.kv_storage = backend->kv_storage;
@@ -229,6 +236,16 @@ int Dispatch(const std::string& command) {
     }
     if (const auto dtype = engine::ParseDtype(absl::GetFlag(FLAGS_dtype)); !dtype.ok()) {
       std::fprintf(stderr, "kvtrim generate: %s\n", std::string(dtype.status().message()).c_str());
+      return 2;
+    }
+    if (absl::GetFlag(FLAGS_kv_pool_mib) < 0) {
+      std::fprintf(stderr,
+                   "kvtrim generate: --kv-pool-mib must be 0 (sized to the device) or a size\n");
+      return 2;
+    }
+    if (const double u = absl::GetFlag(FLAGS_gpu_memory_utilization); !(u > 0.0 && u <= 1.0)) {
+      std::fprintf(stderr, "kvtrim generate: --gpu-memory-utilization must be in (0, 1], got %g\n",
+                   u);
       return 2;
     }
   }
