@@ -67,6 +67,9 @@ struct BackendOptions {
   // Most tokens in one step; 0 = the backend's default (BackendChoice::step_tokens). The CUDA
   // backend allocates its step buffers for it at start (CudaOptions::reserve_tokens).
   int32_t step_tokens = 0;
+  // Most requests running at once (SchedulerOptions::max_running), for the buffers of their
+  // logits rows in a pool sized to the device (auto_kv_pool).
+  int32_t max_running = SchedulerOptions{}.max_running;
 };
 
 // --dtype: the 16-bit type of the CUDA engine's weights. "auto" (nullopt: the model's own,
@@ -112,8 +115,9 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
       .kv_element_bytes = cuda::kKvElementBytes,
       .kv_storage = cuda::kKvStorage,
       .step_tokens = step_tokens,
-      .auto_kv_pool = [cuda_options](const Model& model, size_t page_bytes, double utilization) {
-        return cuda::AutoKvPool(model, cuda_options, page_bytes, utilization);
+      .auto_kv_pool = [cuda_options, rows = options.max_running](
+                          const Model& model, size_t page_bytes, double utilization) {
+        return cuda::AutoKvPool(model, cuda_options, rows, page_bytes, utilization);
       }};
 #else
   (void)options;

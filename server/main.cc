@@ -226,7 +226,8 @@ int Run() {
       engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server",
                             {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
                              .dtype = absl::GetFlag(FLAGS_dtype),
-                             .step_tokens = absl::GetFlag(FLAGS_step_tokens)});
+                             .step_tokens = absl::GetFlag(FLAGS_step_tokens),
+                             .max_running = absl::GetFlag(FLAGS_max_running)});
   if (!backend.ok()) {
     spdlog::error("{}", std::string(backend.status().message()));
     return 2;

@@ -208,7 +208,14 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options,
+size_t CudaBackend::RowBufferBytes(const ModelConfig& config, int rows) {
+  const size_t N = RoundUp(rows);
+  return N * (config.hidden * sizeof(__nv_bfloat16) + config.vocab_size * sizeof(float) +
+              sizeof(int32_t)) +
+         SampleWorkspaceBytes(static_cast<int>(N), config.vocab_size);
+}
+
+absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options, int max_rows,
                                       size_t page_bytes, double utilization) {
   const ModelConfig& c = model.config;
   size_t free = 0, total = 0;
@@ -222,7 +229,7 @@ absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& opt
           DeviceWeights::Bytes(model, options.dtype.value_or(c.dtype)) +
           (options.reserve_tokens > 0 ? CudaBackend::StepBufferBytes(c, options.reserve_tokens)
                                       : 0) +
-          kOnDemandReserveBytes,
+          CudaBackend::RowBufferBytes(c, max_rows) * 3 / 2 + kOnDemandReserveBytes,
       .page_bytes = page_bytes,
       .per_page_extra =
           DecodeStateCount(1, static_cast<int>(rows_per_page), c.n_kv_heads) * sizeof(KeyState),

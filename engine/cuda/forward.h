@@ -73,16 +73,20 @@ inline constexpr size_t kOnDemandReserveBytes = size_t{512} << 20;
 
 // The KV pool kvtrim-server takes with --kv-pool-mib 0, on the current device: `utilization` of
 // its memory, less what is in use now, the weights in the type `options` gives, the step buffers
-// for options.reserve_tokens and kOnDemandReserveBytes, as whole pages of `page_bytes`, with room
-// kept for decode-time eviction's state per cached row (ReserveDecodeStates). The backend must
-// then be created with the same options.
-absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options,
+// for options.reserve_tokens, the row buffers of `max_rows` rows wanting logits (as they may grow:
+// 1.5 x RowBufferBytes) and kOnDemandReserveBytes, as whole pages of `page_bytes`, with room kept
+// for decode-time eviction's state per cached row (ReserveDecodeStates). The backend must then be
+// created with the same options.
+absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& options, int max_rows,
                                       size_t page_bytes, double utilization);
 
 class CudaBackend : public Backend {
  public:
   // Device bytes of the per-token step buffers for steps of up to `tokens` tokens.
   static size_t StepBufferBytes(const ModelConfig& config, int tokens);
+  // Device bytes of the buffers sized by a step's rows wanting logits, for up to `rows` of them:
+  // their hidden rows, fp32 logits, tokens and the device sampler's workspace.
+  static size_t RowBufferBytes(const ModelConfig& config, int rows);
 
   // `model` and `cache` must outlive the backend. The cache must match the model with
   // kKvElementBytes elements; the device page allocation takes its pool's geometry
