@@ -65,7 +65,7 @@ ABSL_FLAG(std::string, compression, "",
           "\"none\"; unset = uncompressed in-process, the server's default with --server");
 ABSL_FLAG(int64_t, kv_pool_mib, 1024,
           "KV cache pool size in MiB (in-process); 0 = on cuda, what --gpu-memory-utilization "
-          "leaves after the weights and step buffers");
+          "leaves after the weights and step buffers; on cpu, 1024");
 ABSL_FLAG(double, gpu_memory_utilization, 0.9,
           "with --kv-pool-mib 0 on cuda: the share of the GPU's memory the process may hold");
 ABSL_FLAG(std::string, device, "auto",
