@@ -153,6 +153,41 @@ TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int page
   return e;
 }
 
+// The pool AutoKvPool sizes fits the share it was asked for: with it, the weights and the step
+// buffers held, the device's memory in use stays within `utilization` of it, and falls short of it
+// by no more than what the budget keeps for later (the on-demand reserve, the logits rows, the
+// decode states, a page) and allocation rounding.
+TEST(CudaAutoKvPoolTest, TheSizedPoolFillsTheShareAndNoMore) {
+  if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+  absl::StatusOr<Model> model = LoadTiny("llama_gqa");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = model->config;
+  const CudaOptions options{.reserve_tokens = 512};
+  const double utilization = 0.3;
+  const int max_rows = 64;
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, kKvElementBytes};
+  const size_t page_bytes = shape.default_page_bytes();
+  absl::StatusOr<KvPoolSize> pool = AutoKvPool(*model, options, max_rows, page_bytes, utilization);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_GT(pool->bytes, 0u);
+  EXPECT_EQ(pool->bytes % page_bytes, 0u);
+  EXPECT_NE(pool->account.find("0.30 of"), std::string::npos) << pool->account;
+  TestEngine e = MakeEngine(*model, /*cuda=*/true, page_bytes,
+                            static_cast<int>(pool->bytes / page_bytes), options);
+  ASSERT_NE(e.backend, nullptr);
+  size_t free = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free, &total), cudaSuccess);
+  const double share = utilization * static_cast<double>(total);
+  const double used = static_cast<double>(total - free);
+  const size_t rows_per_page = page_bytes / shape.row_bytes();
+  const double kept_for_later = static_cast<double>(
+      kOnDemandReserveBytes + CudaBackend::RowBufferBytes(c, max_rows) * 3 / 2 +
+      pool->bytes / page_bytes * rows_per_page * c.n_kv_heads * sizeof(KeyState) + page_bytes);
+  const double rounding = 64.0 * (1 << 20);
+  EXPECT_LE(used, share) << pool->account;
+  EXPECT_GE(used, share - kept_for_later - rounding) << pool->account;
+}
+
 // Feeds `sequences` by `schedule` (per step, how many of each sequence's next tokens go in; 0 =
 // not in the step), every sequence wanting logits; returns each step's logits, and with
 // `replayed` whether each step's device work was a replayed CUDA graph.
