@@ -336,6 +336,7 @@ bool Scheduler::Step() {
   const std::vector<uint64_t> cancelled = TakeIncoming();
   if (absl::Status lost = health(); !lost.ok()) {
     FailAll(lost);
+    PublishStats();
     return false;
   }
   if (running_.empty() && waiting_.empty()) {
@@ -385,7 +386,6 @@ void Scheduler::FailAll(const absl::Status& lost) {
   fail(running_);
   fail(waiting_);
   Publish();
-  PublishStats();
 }
 
 int32_t Scheduler::PromptPages(const memory::compress::CompressionConfig& compression,

@@ -149,7 +149,8 @@ class Scheduler {
   std::vector<uint64_t> TakeIncoming();
   // After a failed Launch / Collect: records Backend::DeviceStatus's error, if any.
   void CheckDevice();
-  // Once the device is lost: every request queued or running finishes with its error.
+  // Once the device is lost: every request queued or running finishes with its error (the
+  // caller publishes the stats).
   void FailAll(const absl::Status& lost);
   // Marks cancelled and expired requests (and those with nothing to generate) as finished.
   void ExpireRequests(std::span<const uint64_t> cancelled);
