@@ -49,8 +49,8 @@ inline constexpr size_t kDefaultHostPoolBytes = size_t{1} << 30;
 inline absl::StatusOr<KvPoolSize> ResolveKvPool(const BackendChoice& backend, const Model& model,
                                                 size_t pool_bytes, size_t page_bytes,
                                                 double utilization) {
-  if (pool_bytes != 0) return KvPoolSize{.bytes = pool_bytes};
-  if (!backend.auto_kv_pool) return KvPoolSize{.bytes = kDefaultHostPoolBytes};
+  if (pool_bytes != 0) return KvPoolSize{.bytes = pool_bytes, .account = {}};
+  if (!backend.auto_kv_pool) return KvPoolSize{.bytes = kDefaultHostPoolBytes, .account = {}};
   const ModelConfig& c = model.config;
   const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, backend.kv_element_bytes};
   return backend.auto_kv_pool(model, page_bytes != 0 ? page_bytes : shape.default_page_bytes(),

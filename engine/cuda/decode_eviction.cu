@@ -13,6 +13,9 @@
 //    follows KvCache::EvictRow's chain of moves (highest evicted slot first) on row indices in
 //    the workspace; then the rows move, every lane a word of destinations (every source lies at
 //    or above the new row count, every destination below it).
+// Re-thinning after eviction (LaunchRethinAfterEviction) takes a block of 8 warps per (sequence,
+// kv-head): the moving rows are ranked by position in the workspace, copied to the thin segment
+// in parallel, and the recent segment is closed up over them as eviction closes it up.
 #include <cuda_bf16.h>
 
 #include <atomic>
@@ -92,6 +95,52 @@ __device__ __forceinline__ void CopyRow(__nv_bfloat16* pool, int64_t to, int64_t
 #pragma unroll
     for (int p = 0; p < 8; ++p) {
       if (c0 + p < elements) pool[to + c0 + p] = piece[p];
+    }
+  }
+}
+
+// One warp closes up a segment whose slots marked in `gone` leave, `length` of its seg.rows
+// staying, as KvCache::EvictRow leaves it: evicted slots from the highest down, each filled by
+// the segment's last row at that point (key on the segment's width, value, state). src:
+// seg.rows int32 of workspace.
+__device__ void CloseUp(const PagedKv& kv, const Segment& seg, const DecodeStates& states,
+                        int n_kv_heads, int kv_head, int head_dim, const uint32_t* gone, int length,
+                        int32_t* src) {
+  const int lane = threadIdx.x % 32, rows = seg.rows, n_words = (rows + 31) / 32;
+  // src[p]: the row slot p holds once the segment is closed up. Only slots at or above the final
+  // count are read before they are written.
+  for (int slot = length + lane; slot < rows; slot += 32) src[slot] = slot;
+  __syncwarp();
+  // The chain of moves in lane 0 (in a steady decode one or two a step). A row that survives
+  // below the final count stays put, so every row moved comes from at or above it and is read
+  // before anything is written there.
+  if (lane == 0) {
+    int end = rows;
+    for (int w = n_words - 1; w >= 0; --w) {
+      for (uint32_t bits = gone[w]; bits != 0;) {
+        const int bit = 31 - __clz(bits);  // the highest slot first
+        bits &= ~(1u << bit);
+        const int r = w * 32 + bit;
+        if (r < end - 1) src[r] = src[end - 1];
+        --end;
+      }
+    }
+  }
+  __syncwarp();
+  // The moves: every evicted slot below the final count takes its row, a word per lane.
+  __nv_bfloat16* pool = kv.pool;
+  for (int w = lane; w * 32 < length; w += 32) {
+    uint32_t bits = gone[w];
+    if (w * 32 + 32 > length) bits &= (1u << (length - w * 32)) - 1;
+    for (; bits != 0; bits &= bits - 1) {
+      const int to = w * 32 + __ffs(bits) - 1, from = src[to];
+      const int64_t key_from = KeyAt(kv, seg, n_kv_heads, kv_head, from);
+      const int64_t key_to = KeyAt(kv, seg, n_kv_heads, kv_head, to);
+      CopyRow(pool, key_to, key_from, seg.key_width, seg.key_width % 8 == 0);
+      CopyRow(pool, ValueAt(kv, seg, head_dim, kv_head, to),
+              ValueAt(kv, seg, head_dim, kv_head, from), head_dim, true);
+      *StateAt(states, seg, n_kv_heads, kv_head, to) =
+          *StateAt(states, seg, n_kv_heads, kv_head, from);
     }
   }
 }
@@ -522,44 +571,92 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int length = rows - n_gone;
   if (lane == 0) counts[head_at * 2 + warp] = length;
   if (n_gone == 0) return;
-  // src[p]: the row slot p holds once the segment is closed up, as KvCache::EvictRow leaves
-  // it (evicted slots from the highest down, each filled by the segment's current last row).
-  // Only slots at or above the final count are read before they are written.
-  int32_t* src =
-      workspace + (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + warp) * max_rows;
-  for (int slot = length + lane; slot < rows; slot += 32) src[slot] = slot;
-  __syncwarp();
-  // The chain of moves in lane 0 (in a steady decode one or two a step). A row that survives
-  // below the final count stays put, so every row moved comes from at or above it and is read
-  // before anything is written there.
-  if (lane == 0) {
-    int end = rows;
-    for (int w = n_words - 1; w >= 0; --w) {
-      for (uint32_t bits = gone[w]; bits != 0;) {
-        const int bit = 31 - __clz(bits);  // the highest slot first
-        bits &= ~(1u << bit);
-        const int r = w * 32 + bit;
-        if (r < end - 1) src[r] = src[end - 1];
-        --end;
-      }
-    }
+  CloseUp(
+      kv, seg, states, n_kv_heads, kv_head, head_dim, gone, length,
+      workspace + (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + warp) * max_rows);
+}
+
+constexpr int kRethinThreads = 256;
+constexpr int kRethinWarps = kRethinThreads / 32;
+
+__global__ void __launch_bounds__(kRethinThreads)
+    RethinAfterEvictionKernel(PagedKv kv, CompressedKv ckv, const int32_t* __restrict__ seqs,
+                              const int32_t* __restrict__ rethin, int n_kv_heads, int head_dim,
+                              DecodeStates states, int max_rows, int32_t* __restrict__ workspace,
+                              int32_t* __restrict__ counts) {
+  extern __shared__ uint32_t moving[];  // (max_rows + 31) / 32 words: the recent slots that move
+  const int seq = seqs[blockIdx.x], kv_head = blockIdx.y;
+  const int code = rethin[seq];
+  if (code >= 0) return;
+  const int keep = -code - 1;
+  const int head_at = seq * n_kv_heads + kv_head;
+  const int thin_rows = counts[head_at * 2], rows = counts[head_at * 2 + 1];
+  if (rows < 2 * max(keep, 1)) return;
+  const int n = rows - keep;
+  const int key_width = ckv.key_width[seq];
+  const Segment thin{ckv.thin_key_pages + ckv.thin_indptr[seq],
+                     ckv.thin_value_pages + ckv.thin_indptr[seq], thin_rows + n,
+                     static_cast<int>(kv.page_elements / (n_kv_heads * key_width)), key_width};
+  const Segment recent{kv.key_pages + kv.page_indptr[seq], kv.value_pages + kv.page_indptr[seq],
+                       rows, kv.rows_per_page, head_dim};
+  int32_t* positions = workspace + static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 *
+                                       max_rows;  // then the moving slots in order
+  int32_t* src = positions + max_rows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, words = (rows + 31) / 32;
+  for (int slot = threadIdx.x; slot < rows; slot += kRethinThreads) {
+    positions[slot] = StateAt(states, recent, n_kv_heads, kv_head, slot)->position;
   }
-  __syncwarp();
-  // The moves: every evicted slot below the final count takes its row, a word per lane.
-  __nv_bfloat16* pool = kv.pool;
-  for (int w = lane; w * 32 < length; w += 32) {
-    uint32_t bits = gone[w];
-    if (w * 32 + 32 > length) bits &= (1u << (length - w * 32)) - 1;
-    for (; bits != 0; bits &= bits - 1) {
-      const int to = w * 32 + __ffs(bits) - 1, from = src[to];
-      const int64_t key_from = KeyAt(kv, seg, n_kv_heads, kv_head, from);
-      const int64_t key_to = KeyAt(kv, seg, n_kv_heads, kv_head, to);
-      CopyRow(pool, key_to, key_from, seg.key_width, seg.key_width % 8 == 0);
-      CopyRow(pool, ValueAt(kv, seg, head_dim, kv_head, to),
-              ValueAt(kv, seg, head_dim, kv_head, from), head_dim, true);
-      *StateAt(states, seg, n_kv_heads, kv_head, to) =
-          *StateAt(states, seg, n_kv_heads, kv_head, from);
+  __syncthreads();
+  // The n lowest positions move (a head's positions are distinct, so these are the ones
+  // RethinCompressed's nth_element picks).
+  for (int word = warp; word < words; word += kRethinWarps) {
+    const int slot = word * 32 + lane;
+    bool moves = false;
+    if (slot < rows) {
+      const int position = positions[slot];
+      int lower = 0;
+      for (int other = 0; other < rows; ++other) lower += positions[other] < position;
+      moves = lower < n;
     }
+    const unsigned bits = __ballot_sync(0xffffffffu, moves);
+    if (lane == 0) moving[word] = bits;
+  }
+  __syncthreads();
+  // The i-th moving slot from the highest down becomes thin row thin_rows + i: positions[i].
+  int32_t* order = positions;
+  for (int slot = threadIdx.x; slot < rows; slot += kRethinThreads) {
+    const int word = slot / 32, bit = slot % 32;
+    if (!(moving[word] >> bit & 1u)) continue;
+    int above = bit == 31 ? 0 : __popc(moving[word] >> (bit + 1));
+    for (int w = word + 1; w < words; ++w) above += __popc(moving[w]);
+    order[above] = slot;
+  }
+  __syncthreads();
+  __nv_bfloat16* pool = kv.pool;
+  const uint16_t* channels = ckv.channels + ckv.channel_offset[seq] + kv_head * key_width;
+  for (int e = threadIdx.x; e < n * key_width; e += kRethinThreads) {
+    const int i = e / key_width, c = e % key_width;
+    pool[KeyAt(kv, thin, n_kv_heads, kv_head, thin_rows + i) + c] =
+        pool[KeyAt(kv, recent, n_kv_heads, kv_head, order[i]) +
+             (key_width < head_dim ? channels[c] : c)];
+  }
+  const int pieces = head_dim / 8;  // 16-byte pieces of a value row
+  for (int e = threadIdx.x; e < n * pieces; e += kRethinThreads) {
+    const int i = e / pieces, piece = e % pieces;
+    *reinterpret_cast<uint4*>(pool + ValueAt(kv, thin, head_dim, kv_head, thin_rows + i) +
+                              8 * piece) =
+        *reinterpret_cast<const uint4*>(pool + ValueAt(kv, recent, head_dim, kv_head, order[i]) +
+                                        8 * piece);
+  }
+  for (int i = threadIdx.x; i < n; i += kRethinThreads) {
+    *StateAt(states, thin, n_kv_heads, kv_head, thin_rows + i) =
+        *StateAt(states, recent, n_kv_heads, kv_head, order[i]);
+  }
+  __syncthreads();  // the moved rows are read before the recent segment closes up over them
+  if (warp == 0) CloseUp(kv, recent, states, n_kv_heads, kv_head, head_dim, moving, keep, src);
+  if (threadIdx.x == 0) {
+    counts[head_at * 2] = thin_rows + n;
+    counts[head_at * 2 + 1] = keep;
   }
 }
 
@@ -580,6 +677,17 @@ __global__ void WriteKeptStatesKernel(const int32_t* __restrict__ kept, int kept
                 kv_head] = prompt_states != nullptr
                                ? prompt_states[static_cast<int64_t>(kv_head) * n + token]
                                : KeyState{token, -1, 0.0f};
+}
+
+// Lets `kernel` take `shared` bytes of dynamic shared memory: past 16 KB it is set once for the
+// most asked for so far (`opted`, one per kernel).
+template <class Kernel>
+cudaError_t AllowSharedMemory(Kernel kernel, size_t shared, std::atomic<size_t>& opted) {
+  if (shared <= 16 * 1024 || shared <= opted.load()) return cudaSuccess;
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (error == cudaSuccess) opted.store(shared);
+  return error;
 }
 
 }  // namespace
@@ -611,17 +719,38 @@ cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
   }
   // The evicted-slot words of both segments, in dynamic shared memory.
   const size_t shared = static_cast<size_t>(2 * ((max_rows + 31) / 32)) * sizeof(uint32_t);
-  static std::atomic<size_t> opted{0};  // the most dynamic shared memory the kernel is set for
-  if (shared > 16 * 1024 && shared > opted.load()) {
-    const cudaError_t error =
-        cudaFuncSetAttribute(DecodeEvictionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(shared));
-    if (error != cudaSuccess) return error;
-    opted.store(shared);
+  static std::atomic<size_t> opted{0};
+  if (const cudaError_t error = AllowSharedMemory(DecodeEvictionKernel, shared, opted);
+      error != cudaSuccess) {
+    return error;
   }
   DecodeEvictionKernel<<<dim3(n_seqs, shape.n_kv_heads), kThreads, shared, stream>>>(
       kv, ckv, token_indptr, positions, seqs, params, q, q_stride, shape.n_kv_heads, group,
       shape.head_dim, states, n_seqs, max_rows, workspace, counts);
+  return LaunchError();
+}
+
+cudaError_t LaunchRethinAfterEviction(const PagedKv& kv, const CompressedKv& ckv,
+                                      const int32_t* seqs, int n_seqs, const int32_t* rethin,
+                                      const AttentionShape& shape, const DecodeStates& states,
+                                      int max_rows, int32_t* workspace, int32_t* counts,
+                                      cudaStream_t stream) {
+  if (n_seqs == 0) return cudaSuccess;
+  if (shape.n_kv_heads <= 0 || shape.head_dim < 16 || shape.head_dim > kMaxHeadDim ||
+      shape.head_dim % 8 != 0 || max_rows < 1 || states.states == nullptr ||
+      states.rows_per_page != kv.rows_per_page || workspace == nullptr || counts == nullptr ||
+      rethin == nullptr || seqs == nullptr || reinterpret_cast<uintptr_t>(kv.pool) % 16 != 0 ||
+      kv.page_elements % 8 != 0 || kv.row_elements % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const size_t shared = static_cast<size_t>((max_rows + 31) / 32) * sizeof(uint32_t);
+  static std::atomic<size_t> opted{0};
+  if (const cudaError_t error = AllowSharedMemory(RethinAfterEvictionKernel, shared, opted);
+      error != cudaSuccess) {
+    return error;
+  }
+  RethinAfterEvictionKernel<<<dim3(n_seqs, shape.n_kv_heads), kRethinThreads, shared, stream>>>(
+      kv, ckv, seqs, rethin, shape.n_kv_heads, shape.head_dim, states, max_rows, workspace, counts);
   return LaunchError();
 }
 

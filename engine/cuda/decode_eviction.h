@@ -70,6 +70,24 @@ cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
                                  const DecodeStates& states, int max_rows, int32_t* workspace,
                                  int32_t* counts, cudaStream_t stream);
 
+// ThinK re-thinning after decode-time eviction, on the same layer and step, for every sequence
+// s = seqs[i] (i < n_seqs) with rethin[s] = -(keep + 1) < 0 (sequences with rethin[s] >= 0 return
+// at once) and every kv-head h, once LaunchDecodeEviction has closed up the head's segments and
+// counted its rows, T = counts[(s * n_kv_heads + h) * 2] thin and R = [... + 1] recent: where
+// R >= 2 max(keep, 1), the n = R - keep recent rows of the lowest positions (their states')
+// move to the thin segment as CpuBackend::RethinCompressed moves them with
+// memory::KvCache::MoveToPrompt, highest slot first. Each is appended to the thin segment (its key
+// on the layer's channel set, ckv.channels, its value whole, its state along) and its slot is
+// filled by the recent segment's last row at that point (key, value and state); the counts become
+// T + n and R - n. The thin lists must hold pages for T + n rows. max_rows bounds R; workspace:
+// 2 max_rows int32 per (sequence, kv-head) of the launch, the first part of
+// DecodeEvictionWorkspaceBytes(n_seqs, max_rows, shape).
+cudaError_t LaunchRethinAfterEviction(const PagedKv& kv, const CompressedKv& ckv,
+                                      const int32_t* seqs, int n_seqs, const int32_t* rethin,
+                                      const AttentionShape& shape, const DecodeStates& states,
+                                      int max_rows, int32_t* workspace, int32_t* counts,
+                                      cudaStream_t stream);
+
 // The decode state of a compressed prompt's kept rows, as LaunchWriteKeptRows places the rows
 // (compress_prompt.h): kv-head h's kept index j (token kept[h, j]) goes to slot j of the thin
 // values (j < thin_rows) or slot j - thin_rows of the recent values, with

@@ -374,13 +374,6 @@ absl::Status CudaBackend::SupportsCompression(
         " on the CUDA backend takes at most ", kMaxEvictionGroup, " query heads per kv-head; ",
         config_.name, " has ", config_.n_heads / config_.n_kv_heads));
   }
-  if (compression.think.enabled() && compression.think.rethin &&
-      compression.eviction != mc::EvictionPolicy::kNone) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("compression: think.rethin together with eviction=",
-                     mc::EvictionPolicyName(compression.eviction),
-                     " runs on the CPU backend only; the CUDA backend runs either of them alone"));
-  }
   return absl::OkStatus();
 }
 
@@ -426,6 +419,9 @@ absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
       const memory::CompressedLayer& c = step.kv->compressed[layer];
       if (const int32_t moved = RethinRows(c, *step.compression, n_new); moved > 0) {
         cache_.ReservePromptRows(*step.kv, layer, c.prompt_rows[0] + moved);
+      } else if (const int32_t rows = RethinAfterEvictionRows(c, *step.compression, n_new);
+                 rows > 0) {
+        cache_.ReservePromptRows(*step.kv, layer, rows);
       }
     }
   }

@@ -347,6 +347,14 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
                        Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs), shape_, stream_),
           "Rethin"));
     }
+    if (plan_.rethinning > 0 && plan_.evicting > 0) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(
+          LaunchRethinAfterEviction(pages, compressed, Plan(at.decode), plan_.decode_seqs,
+                                    Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs),
+                                    shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(),
+                                    counts_.as<int32_t>() + CountsAt(layer), stream_),
+          "RethinAfterEviction"));
+    }
   } else {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(
         LaunchDecodeAttention(pages, Plan(at.token_indptr), Plan(at.decode), plan_.decode_seqs, q,

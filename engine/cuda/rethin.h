@@ -13,7 +13,8 @@
 
 namespace kvtrim::engine::cuda {
 
-// For each sequence s = seqs[i] (i < n_seqs) with moved[s] = n > 0 and each kv-head h, on layer
+// For each sequence s = seqs[i] (i < n_seqs) with moved[s] = n > 0 (n < 0 is
+// LaunchRethinAfterEviction's, decode_eviction.h) and each kv-head h, on layer
 // `kv` / `ckv` (every head at T = thin_rows[s, h] thin rows and R = recent_rows[s, h] recent rows,
 // R - n >= n, the recent rows in position order, the thin lists holding pages for T + n rows):
 //  - thin row T + i becomes recent row n - 1 - i, for i < n (the oldest n, highest slot first,

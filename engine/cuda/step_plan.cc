@@ -214,6 +214,23 @@ int32_t RethinRows(const memory::CompressedLayer& c, const mc::CompressionConfig
   return rows >= 2 * std::max(think.recent, 1) ? rows - think.recent : 0;
 }
 
+int32_t RethinAfterEvictionRows(const memory::CompressedLayer& c,
+                                const mc::CompressionConfig& config, int n_new) {
+  const mc::ThinkConfig& think = config.think;
+  if (!think.enabled() || !think.rethin || config.eviction == mc::EvictionPolicy::kNone ||
+      c.channels.empty()) {
+    return 0;
+  }
+  int32_t most = 0;
+  for (size_t h = 0; h < c.recent_rows.size() && h < c.prompt_rows.size(); ++h) {
+    const int32_t rows = c.recent_rows[h] + n_new;
+    if (rows >= 2 * std::max(think.recent, 1)) {
+      most = std::max(most, c.prompt_rows[h] + rows - think.recent);
+    }
+  }
+  return most;
+}
+
 absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape& shape,
                            StepPlan& plan, const PlanStorage& storage, PlanCapacity capacity) {
   const int n_layers = shape.n_layers, H = shape.n_kv_heads;
@@ -295,7 +312,8 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
         for (const memory::CompressedLayer& c : kv.compressed) {
           // Rows moved to a thin segment this step may have given its lists a page that a
           // shorter list's padding hid from the sequence's page count.
-          thin_grows = thin_grows || RethinRows(c, *step.compression, n_new) > 0;
+          thin_grows = thin_grows || RethinRows(c, *step.compression, n_new) > 0 ||
+                       RethinAfterEvictionRows(c, *step.compression, n_new) > 0;
           channel_elements += c.channels.size();
           for (int h = 0; h < H; ++h) {
             plan.max_decode_rows =
@@ -436,9 +454,15 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
         WriteEviction(*step.compression, d + at.eviction + s * kEvictionParams);
       const memory::CompressedLayer& c = kv.compressed[layer];
       if (plan.rethinning > 0) {
-        const int32_t moved = RethinRows(c, *step.compression, n_new);
-        const int32_t room = std::min(c.keys.capacity(), c.values.capacity()) - c.prompt_rows[0];
-        d[at.rethin + layer * S + s] = moved <= room ? moved : 0;
+        const int32_t capacity = std::min(c.keys.capacity(), c.values.capacity());
+        if (step.compression->eviction == mc::EvictionPolicy::kNone) {
+          const int32_t moved = RethinRows(c, *step.compression, n_new);
+          d[at.rethin + layer * S + s] = moved <= capacity - c.prompt_rows[0] ? moved : 0;
+        } else {
+          const int32_t rows = RethinAfterEvictionRows(c, *step.compression, n_new);
+          d[at.rethin + layer * S + s] =
+              rows > 0 && rows <= capacity ? -(step.compression->think.recent + 1) : 0;
+        }
       }
       for (int h = 0; h < H; ++h) {
         thin_rows[h] = c.prompt_rows[h];

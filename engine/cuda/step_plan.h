@@ -106,7 +106,9 @@ struct StepPlan {
     // With evicting decodes (sized 0 otherwise): each sequence's policy, zeros for none.
     size_t eviction = 0;  // (S, kEvictionParams) compressed_kv.h
     // With re-thinning decodes (sized 0 otherwise): the rows each sequence's layer moves from its
-    // recent segment to its thin one after the step's attention (RethinRows; 0 none).
+    // recent segment to its thin one after the step's attention (RethinRows; 0 none); for a
+    // sequence that also evicts, -(think.recent + 1) where the layer may re-thin after its
+    // eviction (RethinAfterEvictionRows; LaunchRethinAfterEviction decides on the device).
     size_t rethin = 0;  // (n_layers, S)
     // With prompts (sized 0 otherwise): the scratch as pages of one row.
     size_t scratch_indptr = 0;  // (S + 1)
@@ -172,12 +174,20 @@ struct StepPlan {
 // Rows ThinK re-thinning (ThinkConfig::rethin) moves in a decode step of `n_new` tokens of a
 // sequence compressed as `config`, from layer `c`'s recent segment to its thin one: once the
 // recent rows (the new ones counted) reach 2 max(think.recent, 1), all but the think.recent
-// newest; else 0, and 0 for a layer without a channel set. Every kv-head holds the same rows
-// (re-thinning runs without a decode-time policy on the CUDA backend), so head 0 speaks for all.
-// The plan moves them only where the thin lists have the pages for them
+// newest; else 0, and 0 for a layer without a channel set, or under a decode-time policy
+// (RethinAfterEvictionRows). Without one every kv-head holds the same rows, so head 0 speaks for
+// all. The plan moves them only where the thin lists have the pages for them
 // (KvCache::ReservePromptRows).
 int32_t RethinRows(const memory::CompressedLayer& c,
                    const memory::compress::CompressionConfig& config, int n_new);
+
+// Under re-thinning together with a decode-time policy, the thin rows layer `c`'s lists must hold
+// for whatever the step's eviction leaves to move: the most over kv-heads of thin rows + recent
+// rows (the new ones counted) - think.recent, among the heads whose recent rows reach
+// 2 max(think.recent, 1) before eviction (eviction only lowers them); 0 where no head can move
+// or the layer has no channel set.
+int32_t RethinAfterEvictionRows(const memory::CompressedLayer& c,
+                                const memory::compress::CompressionConfig& config, int n_new);
 
 // Memory for the plan's arrays: `elements` int32 that stay valid and untouched until the next
 // BuildStepPlan (the CUDA backend's pinned upload buffer, so that the plan is built where the

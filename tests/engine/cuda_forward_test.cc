@@ -760,20 +760,70 @@ TEST_P(CudaTinyModelTest, RethinningMatchesCpu) {
   }
 }
 
-TEST_P(CudaTinyModelTest, RefusesWhatRunsOnTheCpuOnly) {
+// ThinK re-thinning together with decode-time eviction (LaunchRethinAfterEviction) against the
+// CPU reference's, as above: each layer evicts first, then every head whose recent rows reach
+// twice think.recent moves all but those to its thin segment. Under the window policy the row
+// counts must equal the CPU's after every step; under CORM they are bounded as in
+// DecodeTimeEvictionMatchesCpu. Re-thinning must have run on both engines: no head of sequence 0
+// holds 2 think.recent recent rows after a step (eviction alone leaves up to its window's).
+TEST_P(CudaTinyModelTest, RethinningAfterEvictionMatchesCpu) {
+  if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
+  constexpr int kSteps = kBatchSteps;
+  constexpr double kSelectionBound = 0.4;
+  const std::pair<const char*, bool> specs[] = {
+      {"policy=streamingllm,budget_ratio=0.75,sinks=2,think.lambda=0.5,think.recent=2,"
+       "think.rethin=1,eviction=window,window.sinks=3,window.recent=10",
+       true},
+      {"think.lambda=0.5,think.recent=2,think.rethin=1,eviction=window,window.sinks=2,"
+       "window.recent=12",
+       true},
+      {"policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=3,"
+       "think.observation=8,think.rethin=1,eviction=corm,corm.window=6,corm.recent=3",
+       false}};
+  for (const auto& [spec, fixed_rows] : specs) {
+    const memory::compress::CompressionConfig config = ParseSpec(spec);
+    const auto [want, got] = RunBatchOnBoth(*model_, sequences_, config);
+    ASSERT_EQ(got.rows.size(), want.rows.size()) << spec;
+    int differing = 0;
+    for (size_t i = 0; i < want.rows.size(); ++i) differing += got.rows[i] != want.rows[i];
+    const size_t per_step = want.rows.size() / kSteps;
+    const size_t per_seq =
+        static_cast<size_t>(model_->config.n_layers) * model_->config.n_kv_heads * 2;
+    int want_recent = 0, got_recent = 0;  // sequence 0's most recent rows after any step
+    for (int step = 0; step < kSteps; ++step) {
+      for (size_t i = 1; i < per_seq; i += 2) {
+        want_recent = std::max(want_recent, want.rows[step * per_step + i]);
+        got_recent = std::max(got_recent, got.rows[step * per_step + i]);
+      }
+    }
+    std::printf(
+        "[parity] rethin+evict %-12s %-100s row counts differing %d of %zu, sequence 0's most "
+        "recent rows %d (CPU %d), graph steps %d\n",
+        GetParam().c_str(), spec, differing, want.rows.size(), got_recent, want_recent,
+        got.replayed);
+    EXPECT_LT(want_recent, 2 * config.think.recent) << spec;
+    EXPECT_LT(got_recent, 2 * config.think.recent) << spec;
+    EXPECT_GT(got.replayed, 0) << spec;
+    if (fixed_rows) {
+      EXPECT_EQ(got.rows, want.rows) << spec;
+    } else {
+      EXPECT_LE(differing, static_cast<int>(want.rows.size() / 4)) << spec;
+    }
+    testing::ExpectClose(absl::StrCat("rethin+evict logits ", GetParam()),
+                         absl::StrCat(spec, ", 4 x (24 + 12)"), got.logits, want.logits,
+                         kSelectionBound);
+  }
+}
+
+// Every combination of the compression stages that the CPU engine runs, the CUDA backend takes
+// too (within its limit of query heads per kv-head for eviction, which these models meet).
+TEST_P(CudaTinyModelTest, TakesEveryCompressionCombination) {
   TestEngine gpu = MakeEngine(*model_, true, 4096, 16);
   ASSERT_TRUE(gpu.backend);
-  for (const char* spec : {"think.lambda=0.5,think.rethin=1,eviction=corm",
-                           "think.lambda=0.5,think.rethin=1,eviction=window"}) {
-    const absl::StatusOr<memory::compress::CompressionConfig> config =
-        memory::compress::ParseCompressionSpec(spec);
-    ASSERT_TRUE(config.ok()) << config.status();
-    const absl::Status status = gpu.backend->SupportsCompression(*config);
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
-    EXPECT_NE(status.message().find("CPU backend"), std::string::npos) << status;
-  }
-  for (const char* spec : {"eviction=corm", "eviction=corm,corm.max_tokens=64", "eviction=window",
-                           "think.lambda=0.5,think.rethin=1"}) {
+  for (const char* spec :
+       {"eviction=corm", "eviction=corm,corm.max_tokens=64", "eviction=window",
+        "think.lambda=0.5,think.rethin=1", "think.lambda=0.5,think.rethin=1,eviction=corm",
+        "think.lambda=0.5,think.rethin=1,eviction=window"}) {
     const absl::StatusOr<memory::compress::CompressionConfig> config =
         memory::compress::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << config.status();

@@ -639,6 +639,55 @@ TEST_F(StepPlanTest, PlansEachLayersRethinMoves) {
   for (memory::SequenceKv* kv : {&a, &b, &plain}) cache_->Release(*kv);
 }
 
+// Re-thinning together with a decode-time policy: eviction decides on the device how many rows
+// each head keeps, so the plan reserves for the most any head could move and leaves the moves to
+// LaunchRethinAfterEviction, marking each layer that may re-thin with -(think.recent + 1) where
+// its thin lists hold the rows for it.
+TEST_F(StepPlanTest, PlansRethinAfterEviction) {
+  namespace mc = memory::compress;
+  const absl::StatusOr<mc::CompressionConfig> config = mc::ParseCompressionSpec(
+      "policy=streamingllm,budget_tokens=6,sinks=1,think.lambda=0.5,think.recent=2,"
+      "think.rethin=1,eviction=window,window.sinks=1,window.recent=3");
+  ASSERT_TRUE(config.ok()) << config.status();
+  memory::SequenceKv a = CompressedSequence(*config, 10);
+  memory::CompressedLayer& c = a.compressed[0];
+  ASSERT_LT(c.key_width, 16);
+  c.channels.assign(2 * c.key_width, 3);  // layer 1 keeps no channel set
+  // The heads' counts differ after eviction: head 0 reaches 2 * 2 recent rows with the new one,
+  // head 1 does not.
+  const int32_t thin = c.prompt_rows[0];
+  for (memory::CompressedLayer& layer : a.compressed) layer.recent_rows = {3, 1};
+  a.keys[0].rows = a.keys[1].rows = 3;
+  c.prompt_rows = {thin, thin - 1};
+  EXPECT_EQ(RethinAfterEvictionRows(c, *config, 1), thin + 4 - 2);
+  EXPECT_EQ(RethinAfterEvictionRows(a.compressed[1], *config, 1), 0);
+  EXPECT_EQ(RethinRows(c, *config, 1), 0);  // not the plain re-thinning's moves
+  memory::CompressedLayer lower = c;
+  lower.recent_rows = {2, 2};  // 3 rows with the new one: no head can move
+  EXPECT_EQ(RethinAfterEvictionRows(lower, *config, 1), 0);
+  const absl::StatusOr<mc::CompressionConfig> evicting = mc::ParseCompressionSpec(
+      "policy=streamingllm,budget_tokens=6,sinks=1,think.lambda=0.5,eviction=window");
+  ASSERT_TRUE(evicting.ok());
+  EXPECT_EQ(RethinAfterEvictionRows(c, *evicting, 1), 0);
+
+  const std::vector<int32_t> next{7};
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_TRUE(cache_->Reserve(a, 1));
+    const bool room = std::min(c.keys.capacity(), c.values.capacity()) >= thin + 2;
+    std::vector<SequenceStep> steps{{&a, next, true, &*config}};
+    StepPlan plan;
+    ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan).ok());
+    EXPECT_EQ(plan.rethinning, 1);
+    EXPECT_EQ(plan.evicting, 1);
+    // (n_layers, S): layer 0 may re-thin once its lists hold thin + 2 rows.
+    EXPECT_EQ(Slice(plan, plan.at.rethin, 2),
+              (std::vector<int32_t>{round == 1 || room ? -3 : 0, 0}))
+        << "round " << round;
+    ASSERT_TRUE(cache_->ReservePromptRows(a, 0, thin + 2));
+  }
+  cache_->Release(a);
+}
+
 // Re-thinning grows a layer's thin lists (pages reserved before the plan) and empties pages of
 // its full-width lists, which the pool may hand to another sequence before they grow again.
 // Layer 1 holds more thin pages than layer 0, so layer 0's new pages hide in its padding. Each

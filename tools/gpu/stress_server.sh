@@ -49,7 +49,8 @@ pids=()
 for i in $(seq 0 $((clients - 1))); do
   flags=(--max_tokens $((new / 2 + (i * 37) % new)) --ignore_eos)
   case $((i % 8)) in
-    0 | 1) ;;                                                            # greedy
+    0) ;;                                                                # greedy
+    1) flags+=(--compression "policy=pyramidkv,budget_ratio=0.25,think.lambda=0.5,think.recent=8,think.rethin=1,eviction=window,window.sinks=4,window.recent=96") ;;
     2) flags+=(--temperature 0.8 --top_p 0.9 --seed "$i") ;;               # sampled
     3) flags+=(--temperature 0.7 --repetition_penalty 1.2 --seed "$i") ;;  # host-bound rows
     4) flags+=(--compression "policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5") ;;
