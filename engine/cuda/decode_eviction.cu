@@ -9,10 +9,10 @@
 //  - CORM's cap finds its cut by radix selection over the survivors' keys (CapCut).
 //  - Every warp marks evicted slots by ballot, a 32-slot word at a time in shared memory (the
 //    observation's state update in the same pass when there is no cap).
-//  - One warp per segment (warp 0 the thin rows, warp 1 the recent rows) closes it up: one lane
-//    follows KvCache::EvictRow's chain of moves (highest evicted slot first) on row indices in
-//    the workspace; then the rows move, every lane a word of destinations (every source lies at
-//    or above the new row count, every destination below it).
+//  - The segments close up (warp 0 the thin rows, warp 1 the recent rows): one lane follows
+//    KvCache::EvictRow's chain of moves (highest evicted slot first) on row indices in the
+//    workspace; then the rows move, every thread of the block a (slot, part) at a time (every
+//    source lies at or above the new row count, every destination below it).
 // Re-thinning after eviction (LaunchRethinAfterEviction) takes a block of 8 warps per (sequence,
 // kv-head): the moving rows are ranked by position in the workspace, copied to the thin segment
 // in parallel, and the recent segment is closed up over them as eviction closes it up.
@@ -99,21 +99,17 @@ __device__ __forceinline__ void CopyRow(__nv_bfloat16* pool, int64_t to, int64_t
   }
 }
 
-// One warp closes up a segment whose slots marked in `gone` leave, `length` of its seg.rows
-// staying, as KvCache::EvictRow leaves it: evicted slots from the highest down, each filled by
-// the segment's last row at that point (key on the segment's width, value, state). src:
-// seg.rows int32 of workspace.
-__device__ void CloseUp(const PagedKv& kv, const Segment& seg, const DecodeStates& states,
-                        int n_kv_heads, int kv_head, int head_dim, const uint32_t* gone, int length,
-                        int32_t* src) {
-  const int lane = threadIdx.x % 32, rows = seg.rows, n_words = (rows + 31) / 32;
-  // src[p]: the row slot p holds once the segment is closed up. Only slots at or above the final
-  // count are read before they are written.
+// Closing up a segment whose slots marked in `gone` leave, `length` of its rows staying, as
+// KvCache::EvictRow leaves it (evicted slots from the highest down, each filled by the
+// segment's last row at that point), in two parts with a barrier between them.
+//
+// CloseUpChain (one warp): src[p] = the row slot p holds once the segment is closed up, for every
+// evicted slot p below `length` (src: `rows` int32 of workspace). A row that survives below the
+// final count stays put, so every row moved comes from at or above it.
+__device__ void CloseUpChain(const uint32_t* gone, int rows, int length, int32_t* src) {
+  const int lane = threadIdx.x % 32, n_words = (rows + 31) / 32;
   for (int slot = length + lane; slot < rows; slot += 32) src[slot] = slot;
   __syncwarp();
-  // The chain of moves in lane 0 (in a steady decode one or two a step). A row that survives
-  // below the final count stays put, so every row moved comes from at or above it and is read
-  // before anything is written there.
   if (lane == 0) {
     int end = rows;
     for (int w = n_words - 1; w >= 0; --w) {
@@ -127,18 +123,25 @@ __device__ void CloseUp(const PagedKv& kv, const Segment& seg, const DecodeState
     }
   }
   __syncwarp();
-  // The moves: every evicted slot below the final count takes its row, a word per lane.
-  __nv_bfloat16* pool = kv.pool;
-  for (int w = lane; w * 32 < length; w += 32) {
-    uint32_t bits = gone[w];
-    if (w * 32 + 32 > length) bits &= (1u << (length - w * 32)) - 1;
-    for (; bits != 0; bits &= bits - 1) {
-      const int to = w * 32 + __ffs(bits) - 1, from = src[to];
-      const int64_t key_from = KeyAt(kv, seg, n_kv_heads, kv_head, from);
-      const int64_t key_to = KeyAt(kv, seg, n_kv_heads, kv_head, to);
-      CopyRow(pool, key_to, key_from, seg.key_width, seg.key_width % 8 == 0);
-      CopyRow(pool, ValueAt(kv, seg, head_dim, kv_head, to),
+}
+
+// CloseUpMove (threads first, first + stride, ...): every evicted slot below `length` takes row
+// src[slot]'s key (on the segment's width), value and state, a (slot, part) per thread at a time.
+// Every source lies at or above `length`, every destination below it.
+__device__ void CloseUpMove(const PagedKv& kv, const Segment& seg, const DecodeStates& states,
+                            int n_kv_heads, int kv_head, int head_dim, const uint32_t* gone,
+                            int length, const int32_t* src, int first, int stride) {
+  for (int e = first; e < 3 * length; e += stride) {
+    const int to = e / 3, part = e % 3;
+    if (!(gone[to / 32] >> (to % 32) & 1u)) continue;
+    const int from = src[to];
+    if (part == 0) {
+      CopyRow(kv.pool, KeyAt(kv, seg, n_kv_heads, kv_head, to),
+              KeyAt(kv, seg, n_kv_heads, kv_head, from), seg.key_width, seg.key_width % 8 == 0);
+    } else if (part == 1) {
+      CopyRow(kv.pool, ValueAt(kv, seg, head_dim, kv_head, to),
               ValueAt(kv, seg, head_dim, kv_head, from), head_dim, true);
+    } else {
       *StateAt(states, seg, n_kv_heads, kv_head, to) =
           *StateAt(states, seg, n_kv_heads, kv_head, from);
     }
@@ -558,22 +561,34 @@ __global__ void __launch_bounds__(kThreads, 2)
     });
   }
   __syncthreads();
-  if (warp >= 2) return;
-  const Segment& seg = segments[warp];
-  const int rows = seg.rows;
-  const uint32_t* gone = evicted + (warp == 0 ? 0 : thin_words);
-  const int n_words = (rows + 31) / 32;
-  int n_gone = 0;
-  for (int w = lane; w < n_words; w += 32) n_gone += __popc(gone[w]);
+  // Warp w counts segment w's rows and follows its chain of moves; then every thread moves rows.
+  __shared__ int lengths[2];
+  const auto src_of = [&](int segment) {
+    return workspace +
+           (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + segment) * max_rows;
+  };
+  const auto gone_of = [&](int segment) { return evicted + (segment == 0 ? 0 : thin_words); };
+  if (warp < 2) {
+    const int rows = segments[warp].rows;
+    const uint32_t* gone = gone_of(warp);
+    const int n_words = (rows + 31) / 32;
+    int n_gone = 0;
+    for (int w = lane; w < n_words; w += 32) n_gone += __popc(gone[w]);
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    n_gone += __shfl_xor_sync(0xffffffffu, n_gone, offset);
-  const int length = rows - n_gone;
-  if (lane == 0) counts[head_at * 2 + warp] = length;
-  if (n_gone == 0) return;
-  CloseUp(
-      kv, seg, states, n_kv_heads, kv_head, head_dim, gone, length,
-      workspace + (static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 + warp) * max_rows);
+    for (int offset = 16; offset > 0; offset /= 2)
+      n_gone += __shfl_xor_sync(0xffffffffu, n_gone, offset);
+    const int length = rows - n_gone;
+    if (lane == 0) {
+      counts[head_at * 2 + warp] = length;
+      lengths[warp] = length;
+    }
+    if (n_gone > 0) CloseUpChain(gone, rows, length, src_of(warp));
+  }
+  __syncthreads();
+  for (int segment = 0; segment < 2; ++segment) {
+    CloseUpMove(kv, segments[segment], states, n_kv_heads, kv_head, head_dim, gone_of(segment),
+                lengths[segment], src_of(segment), threadIdx.x, kThreads);
+  }
 }
 
 constexpr int kRethinThreads = 256;
@@ -652,8 +667,10 @@ __global__ void __launch_bounds__(kRethinThreads)
     *StateAt(states, thin, n_kv_heads, kv_head, thin_rows + i) =
         *StateAt(states, recent, n_kv_heads, kv_head, order[i]);
   }
+  if (warp == 0) CloseUpChain(moving, rows, keep, src);
   __syncthreads();  // the moved rows are read before the recent segment closes up over them
-  if (warp == 0) CloseUp(kv, recent, states, n_kv_heads, kv_head, head_dim, moving, keep, src);
+  CloseUpMove(kv, recent, states, n_kv_heads, kv_head, head_dim, moving, keep, src, threadIdx.x,
+              kRethinThreads);
   if (threadIdx.x == 0) {
     counts[head_at * 2] = thin_rows + n;
     counts[head_at * 2 + 1] = keep;
