@@ -111,6 +111,9 @@ struct Scheduler::Active {
   GenerationRequest request;  // prompt moved into `tokens`
   std::shared_ptr<RequestSink> sink;
   Sampler sampler;  // its RNG state survives preemption
+  // The draw a launched step took from the sampler, until the launch succeeds: a step that runs
+  // again after a failed launch draws what it would have drawn.
+  std::optional<uint64_t> pending_draw;
   Detokenizer detokenizer;
   StopStringFilter stop_filter;
   int32_t prompt_tokens;
@@ -527,7 +530,8 @@ void Scheduler::Execute(std::span<const Planned> plan) {
       step.argmax_only = true;
     } else {
       step.sampling = &r.request.sampling;
-      step.draw = r.sampler.NextDraw();
+      if (!r.pending_draw) r.pending_draw = r.sampler.NextDraw();
+      step.draw = *r.pending_draw;
       if (r.request.sampling.repetition_penalty != 1.0f) {
         step.penalized = Penalized(r);
         may_stay = false;
@@ -540,8 +544,24 @@ void Scheduler::Execute(std::span<const Planned> plan) {
     launched = backend_->Launch(steps, may_stay);
     forward_seconds_total_ += Seconds(Clock::now() - began);
   }
+  if (launched.ok()) {
+    for (const Planned& p : plan) p.request->pending_draw.reset();
+  }
   if (!launched.ok()) {
     CheckDevice();
+    if (plan.size() > 1 && health().ok()) {
+      // The device still works (say, it had no memory for one request's scratch): the step's
+      // requests run again one at a time, after the step in flight, so that only one that fails
+      // alone ends with the error.
+      if (in_flight_ != nullptr) {
+        const std::unique_ptr<Flight> previous = std::move(in_flight_);
+        TakeTokens(*previous);
+      }
+      for (const Planned& p : plan) {
+        if (!p.request->finish_reason) Execute({&p, 1});
+      }
+      return;
+    }
     for (const Planned& p : plan) {
       if (p.request->finish_reason) continue;
       p.request->finish_reason = FinishReason::kError;

@@ -35,6 +35,9 @@ class InFlightBackend : public Backend {
   absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps,
                               bool may_stay_in_flight) override {
     if (lost_) return absl::InternalError("device lost");
+    if (++launch_calls == failing_launch) {
+      return absl::ResourceExhaustedError("injected: no device memory for the step");
+    }
     std::vector<SequenceStep> resolved(steps.begin(), steps.end());
     std::deque<int32_t> fed;  // the resolved ids, where the spans point
     for (SequenceStep& step : resolved) {
@@ -87,6 +90,9 @@ class InFlightBackend : public Backend {
   }
 
   int launches = 0, stayed = 0, collects = 0, previous_fed = 0;
+  // The 1-based Launch call that fails before it runs anything, the device still working (0:
+  // none); every call counts in launch_calls.
+  int failing_launch = 0, launch_calls = 0;
 
  private:
   std::unique_ptr<Backend> cpu_;
@@ -239,6 +245,47 @@ TEST_F(SchedulerOverlapTest, StepsInFlightStreamWhatStepsInTurnStream) {
   EXPECT_EQ(served.stats.preemptions_total, 0);
   // A request that stopped was in one more step, whose token it dropped.
   EXPECT_GE(backend->launches, in_turn_backend->launches);
+}
+
+// A launch that fails with the device still working, while the step before it is in flight:
+// that step is collected, the failed step's requests run again one at a time, and every request
+// streams the tokens it streams when nothing fails (sampled ones too: a step run again takes the
+// draw the failed one took). Log-probabilities are compared within 1e-4: a row computed in a
+// batch of one rounds a little differently.
+TEST_F(SchedulerOverlapTest, AFailedLaunchBehindAStepInFlightRunsAgainOneRequestAtATime) {
+  const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
+  ASSERT_EQ(greedy.size(), 40u);
+  Model with_eos = *model_;
+  with_eos.tokenizer.eos_id = greedy[9];
+  const std::vector<GenerationRequest> requests = MixedRequests(greedy);
+  const SchedulerOptions options{
+      .pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8};
+  std::unique_ptr<Scheduler> reference = MakeOverlapping(options, nullptr, 0, &with_eos);
+  const Served expected = Serve(*reference, requests);
+  for (int failing : {3, 12, 20}) {
+    SCOPED_TRACE(::testing::Message() << "failing launch " << failing);
+    InFlightBackend* backend = nullptr;
+    std::unique_ptr<Scheduler> scheduler = MakeOverlapping(options, &backend, 0, &with_eos);
+    backend->failing_launch = failing;
+    const Served served = Serve(*scheduler, requests);
+    ASSERT_EQ(served.sinks.size(), expected.sinks.size());
+    for (size_t i = 0; i < served.sinks.size(); ++i) {
+      SCOPED_TRACE(::testing::Message() << "request " << i);
+      const RecordingSink& a = *served.sinks[i];
+      const RecordingSink& b = *expected.sinks[i];
+      EXPECT_EQ(a.ids(), b.ids());
+      EXPECT_EQ(a.text(), b.text());
+      EXPECT_EQ(a.finish.reason, b.finish.reason);
+      ASSERT_EQ(a.outputs.size(), b.outputs.size());
+      for (size_t t = 0; t < a.outputs.size(); ++t) {
+        EXPECT_NEAR(a.outputs[t].logprob, b.outputs[t].logprob, 1e-4);
+      }
+    }
+    EXPECT_GT(backend->launch_calls, failing);
+    EXPECT_EQ(backend->collects, backend->launches);
+    EXPECT_EQ(served.stats.pages_used, 0);
+    EXPECT_TRUE(scheduler->health().ok());
+  }
 }
 
 TEST_F(SchedulerOverlapTest, GreedyAndSampledAloneStayInFlightEveryStep) {

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -301,21 +302,77 @@ TEST_F(SchedulerTest, CreateReportsAPoolItCannotAllocate) {
       << scheduler.status();
 }
 
-TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
+// A step that fails while the device still works runs again one request at a time: a failure
+// of that step alone (call 3: both requests' second decode) costs no request anything.
+TEST_F(SchedulerTest, AFailedStepRunsAgainOneRequestAtATime) {
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<FailingBackend>(
       model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
       /*made=*/nullptr, /*failing_call=*/3);
   ASSERT_TRUE(scheduler.ok()) << scheduler.status();
-  std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 900), 10));
-  std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 901), 10));
-  const GenerationRequest queued_request = Greedy(RandomPrompt(7, 902), 10);
-  std::shared_ptr<RecordingSink> queued = Submit(**scheduler, queued_request);
+  const GenerationRequest requests[] = {Greedy(RandomPrompt(6, 900), 10),
+                                        Greedy(RandomPrompt(9, 901), 10),
+                                        Greedy(RandomPrompt(7, 902), 10)};
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (const GenerationRequest& request : requests) sinks.push_back(Submit(**scheduler, request));
   (*scheduler)->RunUntilIdle();
-  ExpectFailedWith({first, second}, "injected failure", /*completion_tokens=*/2);
-  EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
-  EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    EXPECT_EQ(sinks[i]->finish.reason, FinishReason::kLength)
+        << i << ": " << sinks[i]->finish.error;
+    EXPECT_EQ(sinks[i]->ids(), RunAlone(requests[i])->ids()) << i;
+  }
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
-  EXPECT_TRUE((*scheduler)->health().ok());  // the backend said its device still works
+  EXPECT_TRUE((*scheduler)->health().ok());
+}
+
+// Fails every Forward call whose step holds a prompt with `marker` in it, as the CUDA backend
+// fails a step when it has no memory for one prompt's compression scratch.
+class PromptFailingBackend : public Backend {
+ public:
+  PromptFailingBackend(std::unique_ptr<Backend> cpu, int32_t marker)
+      : cpu_(std::move(cpu)), marker_(marker) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    for (const SequenceStep& step : steps) {
+      if (step.kv->tokens == 0 &&
+          std::find(step.tokens.begin(), step.tokens.end(), marker_) != step.tokens.end()) {
+        ++failed_steps;
+        return absl::ResourceExhaustedError("out of device memory for the prompt's scratch");
+      }
+    }
+    return cpu_->Forward(steps, out);
+  }
+  int failed_steps = 0;
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  int32_t marker_;
+};
+
+// A request whose prompt cannot run ends with the error; the request it shared a step with, and
+// one admitted later, generate what they generate alone.
+TEST_F(SchedulerTest, OnlyTheRequestThatFailsAloneEndsWithTheError) {
+  constexpr int32_t kMarker = 0;  // outside RandomPrompt's ids
+  PromptFailingBackend* backend = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<PromptFailingBackend>(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2}, &backend,
+      kMarker);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::vector<int32_t> bad_prompt = RandomPrompt(8, 903);
+  bad_prompt[3] = kMarker;
+  const GenerationRequest good = Greedy(RandomPrompt(6, 904), 10);
+  const GenerationRequest later = Greedy(RandomPrompt(5, 905), 6);
+  std::shared_ptr<RecordingSink> first = Submit(**scheduler, good);
+  std::shared_ptr<RecordingSink> bad = Submit(**scheduler, Greedy(bad_prompt, 10));
+  std::shared_ptr<RecordingSink> third = Submit(**scheduler, later);
+  (*scheduler)->RunUntilIdle();
+  ExpectFailedWith({bad}, "out of device memory for the prompt's scratch",
+                   /*completion_tokens=*/0);
+  EXPECT_EQ(backend->failed_steps, 2);  // with the first request's prompt, then alone
+  EXPECT_EQ(first->finish.reason, FinishReason::kLength) << first->finish.error;
+  EXPECT_EQ(first->ids(), RunAlone(good)->ids());
+  EXPECT_EQ(third->finish.reason, FinishReason::kLength) << third->finish.error;
+  EXPECT_EQ(third->ids(), RunAlone(later)->ids());
+  EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+  EXPECT_TRUE((*scheduler)->health().ok());
 }
 
 // From one chosen Forward call (1-based) on, fails every call, and its device is lost, as a CUDA
