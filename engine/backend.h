@@ -77,6 +77,8 @@ class Backend {
   // before the device has run the step: the sequences' host state (rows, pages) is already that
   // after the step, and the next Launch, queued before this step's Collect, may feed its tokens
   // as PreviousToken ids. Otherwise it returns false, and the step has run (the default: Forward).
+  // A Launch or Forward that fails with RESOURCE_EXHAUSTED ran nothing of the step and changed no
+  // sequence: its sequences may run again, in smaller steps.
   virtual absl::StatusOr<bool> Launch(std::span<const SequenceStep> steps, bool may_stay_in_flight);
   virtual absl::Status Collect(StepOutput& out);
   // The last Forward's profile; none where the backend does not measure it.

@@ -549,10 +549,11 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   }
   if (!launched.ok()) {
     CheckDevice();
-    if (plan.size() > 1 && health().ok()) {
-      // The device still works (say, it had no memory for one request's scratch): the step's
-      // requests run again one at a time, after the step in flight, so that only one that fails
-      // alone ends with the error.
+    if (plan.size() > 1 && launched.status().code() == absl::StatusCode::kResourceExhausted &&
+        health().ok()) {
+      // Nothing of the step ran (say, there was no device memory for one request's scratch):
+      // its requests run again one at a time, after the step in flight, so that only one that
+      // fails alone ends with the error.
       if (in_flight_ != nullptr) {
         const std::unique_ptr<Flight> previous = std::move(in_flight_);
         TakeTokens(*previous);

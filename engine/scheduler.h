@@ -166,9 +166,9 @@ class Scheduler {
   // Reserves them for `r`'s tokens (its prompt, or prompt and output after a preemption).
   bool ReservePrompt(Active& r);
   // One Backend::Launch over the plan; the tokens of the step before it (if still in flight),
-  // then of this one unless it stays in flight: sampling and stop checks. A launch that fails
-  // while the device still works runs again one request at a time: a request whose step fails
-  // alone ends with the error, the others go on.
+  // then of this one unless it stays in flight: sampling and stop checks. A launch that ran
+  // nothing (RESOURCE_EXHAUSTED, Backend::Launch) runs again one request at a time: a request
+  // whose step fails alone ends with the error, the others go on.
   void Execute(std::span<const Planned> plan);
   struct Flight;  // a launched step not yet collected
   // Backend::Collect of `flight`, then sampling and stop checks of its rows.

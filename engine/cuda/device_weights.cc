@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/status.h"
 
@@ -20,12 +21,26 @@ absl::StatusOr<CudaBuffer<Kind>> CudaBuffer<Kind>::Allocate(size_t bytes) {
   CudaBuffer buffer;
   if (bytes == 0) return buffer;
   const bool device = Kind == MemoryKind::kDevice;
-  absl::Status status =
-      CudaStatus(device ? cudaMalloc(&buffer.data_, bytes) : cudaMallocHost(&buffer.data_, bytes),
-                 absl::StrCat(device ? "cudaMalloc(" : "cudaMallocHost(", bytes, " bytes)"));
-  if (!status.ok()) return status;
+  const cudaError_t error =
+      device ? cudaMalloc(&buffer.data_, bytes) : cudaMallocHost(&buffer.data_, bytes);
+  if (error != cudaSuccess) {
+    // The runtime also keeps the error as its last one, which the next launch's check
+    // (cudaGetLastError) would take for its own: it is cleared here, where it is returned.
+    cudaGetLastError();
+    buffer.data_ = nullptr;
+    return CudaStatus(error,
+                      absl::StrCat(device ? "cudaMalloc(" : "cudaMallocHost(", bytes, " bytes)"));
+  }
   buffer.bytes_ = bytes;
   return buffer;
+}
+
+absl::Status GrowthFailed(std::string_view what, size_t bytes, MemoryKind kind,
+                          const absl::Status& error) {
+  return absl::ResourceExhaustedError(
+      absl::StrFormat("no %s memory left for %s: %.1f MiB could not be allocated (%s)",
+                      kind == MemoryKind::kDevice ? "device" : "page-locked host", what,
+                      static_cast<double>(bytes) / (1 << 20), error.message()));
 }
 
 template <MemoryKind Kind>

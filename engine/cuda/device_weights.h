@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -46,20 +47,25 @@ class CudaBuffer {
   size_t bytes_ = 0;
 };
 
+// RESOURCE_EXHAUSTED: `bytes` of `kind` memory for `what` could not be allocated (`error`).
+absl::Status GrowthFailed(std::string_view what, size_t bytes, MemoryKind kind,
+                          const absl::Status& error);
+
 using DeviceBuffer = CudaBuffer<MemoryKind::kDevice>;
 using PinnedBuffer = CudaBuffer<MemoryKind::kPinnedHost>;
 
 // Grows `buffer` to at least `bytes` (contents are not kept), by half its size at least: buffers
 // that grow a little every step (the plan gains page ids as sequences lengthen) are reallocated
 // only now and then, not each step (an allocation of pinned memory costs milliseconds, a
-// cudaFree waits for the device).
+// cudaFree waits for the device). When the memory is not there: RESOURCE_EXHAUSTED naming `what`
+// the buffer holds, and the buffer left empty.
 template <MemoryKind Kind>
-absl::Status Grow(CudaBuffer<Kind>& buffer, size_t bytes) {
+absl::Status Grow(CudaBuffer<Kind>& buffer, size_t bytes, std::string_view what) {
   if (buffer.bytes() >= bytes) return absl::OkStatus();
   bytes = std::max(bytes, buffer.bytes() + buffer.bytes() / 2);
   buffer = CudaBuffer<Kind>();  // free first: the peak stays one buffer
   absl::StatusOr<CudaBuffer<Kind>> grown = CudaBuffer<Kind>::Allocate(bytes);
-  if (!grown.ok()) return grown.status();
+  if (!grown.ok()) return GrowthFailed(what, bytes, Kind, grown.status());
   buffer = *std::move(grown);
   return absl::OkStatus();
 }

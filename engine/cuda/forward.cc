@@ -203,7 +203,12 @@ absl::Status CudaBackend::ReserveTokens(int tokens) {
   const std::array<size_t, 6> bytes = StepBuffers(config_, T);
   capacity_tokens_ = 0;  // until every buffer has grown
   DeviceBuffer* buffers[] = {&x_, &normed_, &qkv_, &attention_, &gate_up_, &activation_};
-  for (size_t i = 0; i < bytes.size(); ++i) KVTRIM_RETURN_IF_ERROR(Grow(*buffers[i], bytes[i]));
+  const char* names[] = {"the step's residual rows", "the step's normed rows",
+                         "the step's q|k|v rows",    "the step's attention rows",
+                         "the step's gate|up rows",  "the step's activations"};
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    KVTRIM_RETURN_IF_ERROR(Grow(*buffers[i], bytes[i], names[i]));
+  }
   capacity_tokens_ = static_cast<int>(T);
   return absl::OkStatus();
 }
@@ -238,18 +243,20 @@ absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& opt
 }
 
 absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {
-  KVTRIM_RETURN_IF_ERROR(Grow(plan_device_, plan_.bytes()));
-  KVTRIM_RETURN_IF_ERROR(Grow(workspace_, workspace_bytes));
+  KVTRIM_RETURN_IF_ERROR(Grow(plan_device_, plan_.bytes(), "the step plan"));
+  KVTRIM_RETURN_IF_ERROR(Grow(workspace_, workspace_bytes, "the decode attention's split sums"));
   if (plan_.logit_rows > capacity_logits_) {
     const size_t N = RoundUp(plan_.logit_rows);
     capacity_logits_ = 0;
-    KVTRIM_RETURN_IF_ERROR(Grow(last_, N * config_.hidden * sizeof(__nv_bfloat16)));
-    KVTRIM_RETURN_IF_ERROR(Grow(logits_, N * config_.vocab_size * sizeof(float)));
-    KVTRIM_RETURN_IF_ERROR(Grow(logits_host_, N * config_.vocab_size * sizeof(float)));
+    KVTRIM_RETURN_IF_ERROR(
+        Grow(last_, N * config_.hidden * sizeof(__nv_bfloat16), "the rows that want logits"));
+    KVTRIM_RETURN_IF_ERROR(Grow(logits_, N * config_.vocab_size * sizeof(float), "the logits"));
+    KVTRIM_RETURN_IF_ERROR(
+        Grow(logits_host_, N * config_.vocab_size * sizeof(float), "the logits"));
     // The tokens the step in flight writes, which this one reads, move to the new buffer; the
     // old one is freed after the copy (cudaFree waits for the device).
     DeviceBuffer previous = std::move(tokens_);
-    KVTRIM_RETURN_IF_ERROR(Grow(tokens_, N * sizeof(int32_t)));
+    KVTRIM_RETURN_IF_ERROR(Grow(tokens_, N * sizeof(int32_t), "the chosen tokens"));
     if (previous_tokens > 0) {
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           cudaMemcpyAsync(tokens_.as<void>(), previous.as<void>(),
@@ -277,11 +284,13 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {
     kept = std::max(kept, static_cast<size_t>(config_.n_kv_heads) * job.n);
   }
   if (!plan_.prompts.empty()) scratch = std::max(scratch, ThinkWorkspaceBytes(shape_));
-  KVTRIM_RETURN_IF_ERROR(Grow(compress_scratch_, scratch));
-  KVTRIM_RETURN_IF_ERROR(Grow(scores_, scores * sizeof(float)));
-  KVTRIM_RETURN_IF_ERROR(Grow(kept_, kept * sizeof(int32_t)));
-  KVTRIM_RETURN_IF_ERROR(Grow(channels_, plan_.channel_out * sizeof(uint16_t)));
-  KVTRIM_RETURN_IF_ERROR(Grow(prompt_states_, prompt_states * sizeof(KeyState)));
+  KVTRIM_RETURN_IF_ERROR(Grow(compress_scratch_, scratch, "the prompt compression's scratch"));
+  KVTRIM_RETURN_IF_ERROR(Grow(scores_, scores * sizeof(float), "the prompt tokens' SnapKV scores"));
+  KVTRIM_RETURN_IF_ERROR(Grow(kept_, kept * sizeof(int32_t), "the prompt tokens kept"));
+  KVTRIM_RETURN_IF_ERROR(
+      Grow(channels_, plan_.channel_out * sizeof(uint16_t), "ThinK's channel sets"));
+  KVTRIM_RETURN_IF_ERROR(
+      Grow(prompt_states_, prompt_states * sizeof(KeyState), "CORM's prompt states"));
   if (tracked) KVTRIM_RETURN_IF_ERROR(ReserveDecodeStates());
   if (plan_.evicting > 0) {
     const size_t counts = CountsAt(config_.n_layers) * sizeof(int32_t);
@@ -289,9 +298,10 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {
       evict_rows_ = plan_.max_decode_rows + plan_.max_decode_rows / 4 + 64;
     }
     KVTRIM_RETURN_IF_ERROR(
-        Grow(evict_scratch_, DecodeEvictionWorkspaceBytes(plan_.decode_seqs, evict_rows_, shape_)));
-    KVTRIM_RETURN_IF_ERROR(Grow(counts_, counts));
-    KVTRIM_RETURN_IF_ERROR(Grow(counts_host_, counts));
+        Grow(evict_scratch_, DecodeEvictionWorkspaceBytes(plan_.decode_seqs, evict_rows_, shape_),
+             "decode-time eviction's scratch"));
+    KVTRIM_RETURN_IF_ERROR(Grow(counts_, counts, "the rows eviction keeps"));
+    KVTRIM_RETURN_IF_ERROR(Grow(counts_host_, counts, "the rows eviction keeps"));
   }
   return absl::OkStatus();
 }
@@ -438,7 +448,7 @@ absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
   KVTRIM_RETURN_IF_ERROR(BuildStepPlan(
       steps, shape, plan_,
       [this](size_t elements) -> absl::StatusOr<int32_t*> {
-        KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, elements * sizeof(int32_t)));
+        KVTRIM_RETURN_IF_ERROR(Grow(plan_staging_, elements * sizeof(int32_t), "the step plan"));
         return plan_staging_.as<int32_t>();
       },
       plan_capacity_));
@@ -614,8 +624,8 @@ absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point bega
   if (upload.patches) {
     const std::vector<int32_t>& patches = plan_.page_patches;
     const size_t bytes = patches.size() * sizeof(int32_t);
-    KVTRIM_RETURN_IF_ERROR(Grow(patch_staging_, bytes));
-    KVTRIM_RETURN_IF_ERROR(Grow(patch_device_, bytes));
+    KVTRIM_RETURN_IF_ERROR(Grow(patch_staging_, bytes, "the page list changes"));
+    KVTRIM_RETURN_IF_ERROR(Grow(patch_device_, bytes, "the page list changes"));
     std::copy(patches.begin(), patches.end(), patch_staging_.as<int32_t>());
     KVTRIM_RETURN_IF_ERROR(
         CudaStatus(cudaMemcpyAsync(patch_device_.as<void>(), patch_staging_.as<void>(), bytes,
@@ -627,11 +637,16 @@ absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point bega
         "ScatterPairs(page list patches)"));
   }
   KVTRIM_RETURN_IF_ERROR(UploadSampling());
-  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(uploaded_, stream_), "cudaEventRecord"));
   const int wanting = plan_.logit_rows;
   int n_argmax = 0;
   for (const SequenceStep* s : wanting_steps_) n_argmax += s->argmax_only;
   const int n_tokens = static_cast<int>(std::count(token_only_.begin(), token_only_.end(), true));
+  // The last allocation of the step: a failure up to here (RESOURCE_EXHAUSTED) ran none of it.
+  if (wanting > 0 && n_tokens > 0) {
+    KVTRIM_RETURN_IF_ERROR(
+        Grow(tokens_host_[slot], wanting * sizeof(int32_t), "the chosen tokens"));
+  }
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(uploaded_, stream_), "cudaEventRecord"));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
   const int argmax_rows = n_argmax > 0 ? wanting : 0;
   if (options_.graphs && plan_.decodes_only()) {
@@ -643,7 +658,6 @@ absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point bega
   KVTRIM_RETURN_IF_ERROR(QueueSampling());
   if (wanting > 0) {
     if (n_tokens > 0) {
-      KVTRIM_RETURN_IF_ERROR(Grow(tokens_host_[slot], wanting * sizeof(int32_t)));
       KVTRIM_RETURN_IF_ERROR(
           CudaStatus(cudaMemcpyAsync(tokens_host_[slot].as<void>(), tokens_.as<void>(),
                                      wanting * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),

@@ -81,11 +81,12 @@ absl::Status CudaBackend::PlanOutputs(std::span<const SequenceStep> steps) {
   if (sample_jobs_.empty()) return absl::OkStatus();
   const size_t job_bytes = sample_jobs_.size() * sizeof(SampleJob);
   const size_t bytes = job_bytes + penalized_.size() * sizeof(int32_t);
-  KVTRIM_RETURN_IF_ERROR(Grow(sample_staging_, bytes));
-  KVTRIM_RETURN_IF_ERROR(Grow(sample_device_, bytes));
+  KVTRIM_RETURN_IF_ERROR(Grow(sample_staging_, bytes, "the sampled rows' parameters"));
+  KVTRIM_RETURN_IF_ERROR(Grow(sample_device_, bytes, "the sampled rows' parameters"));
   KVTRIM_RETURN_IF_ERROR(
       Grow(sample_workspace_,
-           SampleWorkspaceBytes(static_cast<int>(sample_jobs_.size()), config_.vocab_size)));
+           SampleWorkspaceBytes(static_cast<int>(sample_jobs_.size()), config_.vocab_size),
+           "the sampling workspace"));
   char* staging = sample_staging_.as<char>();
   std::memcpy(staging, sample_jobs_.data(), job_bytes);
   std::memcpy(staging + job_bytes, penalized_.data(), penalized_.size() * sizeof(int32_t));

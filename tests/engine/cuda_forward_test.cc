@@ -27,6 +27,7 @@
 #include "engine/cuda/attention_prefill.h"
 #include "engine/cuda/forward.h"
 #include "engine/cuda/rmsnorm.h"
+#include "engine/dummy_model.h"
 #include "engine/generator.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -113,6 +114,73 @@ TEST(CudaDeviceLossTest, AStickyErrorIsReportedAsTheDeviceLost) {
     std::exit(lost ? 0 : 1);
   };
   EXPECT_EXIT(run(), ::testing::ExitedWithCode(0), "device lost: reported");
+}
+
+// A step that finds no device memory for one of its requests (here the step buffers of an
+// 8000-token prompt, with the rest of the device taken by other allocations) runs again one
+// request at a time: that request ends with an error naming what had no memory, the request
+// decoding beside it goes on, and once the memory is back the same prompt runs.
+TEST(CudaOutOfMemoryTest, OnlyTheRequestWithoutDeviceMemoryEndsWithTheError) {
+  if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+  absl::StatusOr<Model> model = DummyModel("smollm2-135m");
+  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<Tokenizer> tokenizer = Tokenizer::Create(model->tokenizer);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  CudaOptions options;
+  options.graphs = false;
+  absl::StatusOr<std::unique_ptr<Scheduler>> made =
+      Scheduler::Create(&*model, &*tokenizer,
+                        {.pool_bytes = size_t{256} << 20,
+                         .page_bytes = 16384,
+                         .step_tokens = 8192,
+                         .max_running = 2,
+                         .kv_element_bytes = kKvElementBytes,
+                         .kv_storage = kKvStorage},
+                        CudaBackend::Factory(options));
+  ASSERT_TRUE(made.ok()) << made.status();
+  Scheduler& scheduler = **made;
+  const auto request = [](int prompt_tokens, int max_tokens) {
+    GenerationRequest r;
+    for (int i = 0; i < prompt_tokens; ++i) r.prompt.push_back(32 + i % 90);
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    return r;
+  };
+  auto decoding = std::make_shared<RecordingSink>(), large = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler.Submit(request(12, 40), decoding).ok());
+  for (int step = 0; step < 4; ++step) scheduler.Step();
+  ASSERT_TRUE(scheduler.health().ok());
+
+  // The device, but for 48 to 52 MiB; the prompt's step buffers take about 126 MB.
+  std::vector<void*> filler;
+  size_t free = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free, &total), cudaSuccess);
+  for (const size_t chunk : {size_t{1} << 30, size_t{64} << 20, size_t{4} << 20}) {
+    void* p = nullptr;
+    while (free >= (size_t{48} << 20) + chunk && cudaMalloc(&p, chunk) == cudaSuccess) {
+      filler.push_back(p);
+      ASSERT_EQ(cudaMemGetInfo(&free, &total), cudaSuccess);
+    }
+  }
+  ASSERT_TRUE(scheduler.Submit(request(8000, 4), large).ok());
+  for (int step = 0; step < 3 && large->finish_calls == 0; ++step) scheduler.Step();
+  std::printf("[oom] %zu MiB left free; the large prompt: reason %d, \"%s\"\n", free >> 20,
+              static_cast<int>(large->finish.reason), large->finish.error.c_str());
+  EXPECT_EQ(large->finish_calls, 1);
+  EXPECT_EQ(large->finish.reason, FinishReason::kError);
+  EXPECT_NE(large->finish.error.find("no device memory left for the step's"), std::string::npos)
+      << large->finish.error;
+  for (void* p : filler) ASSERT_EQ(cudaFree(p), cudaSuccess);
+
+  auto again = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler.Submit(request(8000, 4), again).ok());
+  scheduler.RunUntilIdle();
+  EXPECT_TRUE(scheduler.health().ok());
+  EXPECT_EQ(decoding->finish.reason, FinishReason::kLength) << decoding->finish.error;
+  EXPECT_EQ(decoding->finish.completion_tokens, 40);
+  EXPECT_EQ(again->finish.reason, FinishReason::kLength) << again->finish.error;
+  EXPECT_EQ(again->finish.completion_tokens, 4);
+  EXPECT_EQ(scheduler.pool().free_pages(), scheduler.pool().total_pages());
 }
 
 TEST(CudaBackendCreateTest, RejectsAnFp32Cache) {

@@ -274,19 +274,21 @@ absl::StatusOr<std::unique_ptr<Scheduler>> CreateAround(const Model* model,
       });
 }
 
-// Fails one chosen Forward call (1-based), otherwise runs the CPU backend.
+// Fails one chosen Forward call (1-based) with `code`, otherwise runs the CPU backend.
 class FailingBackend : public Backend {
  public:
-  FailingBackend(std::unique_ptr<Backend> cpu, int failing_call)
-      : cpu_(std::move(cpu)), failing_call_(failing_call) {}
+  FailingBackend(std::unique_ptr<Backend> cpu, int failing_call,
+                 absl::StatusCode code = absl::StatusCode::kInternal)
+      : cpu_(std::move(cpu)), failing_call_(failing_call), code_(code) {}
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
-    if (++calls_ == failing_call_) return absl::InternalError("injected failure");
+    if (++calls_ == failing_call_) return absl::Status(code_, "injected failure");
     return cpu_->Forward(steps, out);
   }
 
  private:
   std::unique_ptr<Backend> cpu_;
   int failing_call_;
+  absl::StatusCode code_;
   int calls_ = 0;
 };
 
@@ -302,12 +304,32 @@ TEST_F(SchedulerTest, CreateReportsAPoolItCannotAllocate) {
       << scheduler.status();
 }
 
-// A step that fails while the device still works runs again one request at a time: a failure
-// of that step alone (call 3: both requests' second decode) costs no request anything.
-TEST_F(SchedulerTest, AFailedStepRunsAgainOneRequestAtATime) {
+// A step whose work failed (INTERNAL: it may have run in part) ends its requests with the error;
+// the request queued behind them then runs as it runs alone.
+TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<FailingBackend>(
       model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
       /*made=*/nullptr, /*failing_call=*/3);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::shared_ptr<RecordingSink> first = Submit(**scheduler, Greedy(RandomPrompt(6, 900), 10));
+  std::shared_ptr<RecordingSink> second = Submit(**scheduler, Greedy(RandomPrompt(9, 901), 10));
+  const GenerationRequest queued_request = Greedy(RandomPrompt(7, 902), 10);
+  std::shared_ptr<RecordingSink> queued = Submit(**scheduler, queued_request);
+  (*scheduler)->RunUntilIdle();
+  ExpectFailedWith({first, second}, "injected failure", /*completion_tokens=*/2);
+  EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
+  EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+  EXPECT_TRUE((*scheduler)->health().ok());  // the backend said its device still works
+}
+
+// A step that ran nothing (RESOURCE_EXHAUSTED) runs again one request at a time: when it failed
+// for want of memory for the batch (call 3: both requests' second decode), no request loses
+// anything.
+TEST_F(SchedulerTest, AStepThatRanNothingRunsAgainOneRequestAtATime) {
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<FailingBackend>(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024, .max_running = 2},
+      /*made=*/nullptr, /*failing_call=*/3, absl::StatusCode::kResourceExhausted);
   ASSERT_TRUE(scheduler.ok()) << scheduler.status();
   const GenerationRequest requests[] = {Greedy(RandomPrompt(6, 900), 10),
                                         Greedy(RandomPrompt(9, 901), 10),
