@@ -137,6 +137,17 @@ class SchedulerOverlapTest : public SchedulerTest {
     EXPECT_TRUE(scheduler.Submit(three.queued_request, three.queued).ok());
     return three;
   }
+
+  // MixedRequests (below), served by a model whose eos is the greedy token 9 after
+  // RandomPrompt(12, 500), with the options they are served with; no requests if that greedy run
+  // is short.
+  struct Mixed {
+    Model model;
+    std::vector<GenerationRequest> requests;
+    SchedulerOptions options{
+        .pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8};
+  };
+  Mixed MakeMixed();
 };
 
 // One request of each kind that changes what can stay in flight: greedy, sampled, sampled under a
@@ -166,6 +177,16 @@ std::vector<GenerationRequest> MixedRequests(const std::vector<int32_t>& greedy_
   stop_string.stop_strings = {"e"};
   requests.push_back(stop_string);
   return requests;
+}
+
+SchedulerOverlapTest::Mixed SchedulerOverlapTest::MakeMixed() {
+  Mixed mixed{.model = *model_};
+  const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
+  EXPECT_EQ(greedy.size(), 40u);
+  if (greedy.size() != 40u) return mixed;
+  mixed.model.tokenizer.eos_id = greedy[9];
+  mixed.requests = MixedRequests(greedy);
+  return mixed;
 }
 
 struct Served {
@@ -212,13 +233,11 @@ void ExpectSameStreams(const Served& overlapped, const Served& in_turn) {
 }
 
 TEST_F(SchedulerOverlapTest, StepsInFlightStreamWhatStepsInTurnStream) {
-  const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
-  ASSERT_EQ(greedy.size(), 40u);
-  Model with_eos = *model_;
-  with_eos.tokenizer.eos_id = greedy[9];
-  const std::vector<GenerationRequest> requests = MixedRequests(greedy);
-  const SchedulerOptions options{
-      .pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8};
+  const Mixed mixed = MakeMixed();
+  ASSERT_FALSE(mixed.requests.empty());
+  const Model& with_eos = mixed.model;
+  const std::vector<GenerationRequest>& requests = mixed.requests;
+  const SchedulerOptions& options = mixed.options;
 
   SchedulerOptions in_turn_options = options;
   in_turn_options.overlap = false;
@@ -253,13 +272,11 @@ TEST_F(SchedulerOverlapTest, StepsInFlightStreamWhatStepsInTurnStream) {
 // draw the failed one took). Log-probabilities are compared within 1e-4: a row computed in a
 // batch of one rounds a little differently.
 TEST_F(SchedulerOverlapTest, AFailedLaunchBehindAStepInFlightRunsAgainOneRequestAtATime) {
-  const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
-  ASSERT_EQ(greedy.size(), 40u);
-  Model with_eos = *model_;
-  with_eos.tokenizer.eos_id = greedy[9];
-  const std::vector<GenerationRequest> requests = MixedRequests(greedy);
-  const SchedulerOptions options{
-      .pool_bytes = 1 << 22, .page_bytes = 1024, .step_tokens = 16, .max_running = 8};
+  const Mixed mixed = MakeMixed();
+  ASSERT_FALSE(mixed.requests.empty());
+  const Model& with_eos = mixed.model;
+  const std::vector<GenerationRequest>& requests = mixed.requests;
+  const SchedulerOptions& options = mixed.options;
   std::unique_ptr<Scheduler> reference = MakeOverlapping(options, nullptr, 0, &with_eos);
   const Served expected = Serve(*reference, requests);
   for (int failing : {3, 12, 20}) {
