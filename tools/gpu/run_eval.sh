@@ -3,8 +3,8 @@
 # memory report (tools/quality/memory_report.py) against kvtrim-servers from the bundle. With
 # CUDA=1 one server runs on the GPU (--device cuda) and takes every configuration it runs (prompt
 # selection and ThinK) and the memory report, while CPU servers on the machine's cores take the
-# decode-time eviction configurations (corm), which run on the CPU engine only; without it, CPU
-# servers take everything. Logs and results go to $OUT (default /tmp/kvtrim-eval).
+# decode-time eviction configurations (corm), resuming the CPU engine's committed rows for them
+# (the GPU's eviction came later); without it, CPU servers take everything. Logs and results go to $OUT (default /tmp/kvtrim-eval).
 #
 # Carried, as for run_tests.sh: call 1 .gpu/bundle and .gpu/model_a, call 2 .gpu/model_b and
 # .gpu/py (tools/gpu/python_deps.sh: grpcio and protobuf wheels, the generated stubs, the
