@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "engine/sampler.h"
 #include "memory/compress/compression.h"
 #include "memory/kv_cache.h"
@@ -95,6 +96,10 @@ struct RequestTimings {
 struct Finish {
   FinishReason reason = FinishReason::kLength;
   std::string error;  // when reason == kError
+  // When reason == kError, the canonical code of the failure: RESOURCE_EXHAUSTED when the
+  // request found no memory (it may succeed later or elsewhere), UNAVAILABLE when the device
+  // failed for good, INTERNAL otherwise.
+  absl::StatusCode error_code = absl::StatusCode::kOk;
   // Text generated but not streamed yet when the request ended, to append after the last
   // TokenOutput: text held back because it could have been the start of a stop string, and an
   // incomplete UTF-8 tail (as U+FFFD). Empty when a stop string matched (what follows the match

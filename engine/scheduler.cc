@@ -136,6 +136,7 @@ struct Scheduler::Active {
   size_t penalized_upto = 0;
   std::optional<FinishReason> finish_reason;  // set when it ends; retired at the end of the step
   std::string error;
+  absl::StatusCode error_code = absl::StatusCode::kOk;  // Finish::error_code
   // It has a row in the step in flight (Scheduler::in_flight_); retired only once that step is
   // collected. in_flight_row >= 0: that row wants logits, and its token is not on the host yet;
   // the next decode feeds previous_token = PreviousToken(in_flight_row) instead.
@@ -372,6 +373,17 @@ void Scheduler::CheckDevice() {
   if (device_lost_.ok()) device_lost_ = std::move(status);
 }
 
+void Scheduler::Fail(Active& r, const absl::Status& status) {
+  r.finish_reason = FinishReason::kError;
+  r.error = std::string(status.message());
+  r.error_code = status.ok() ? absl::StatusCode::kInternal : status.code();
+}
+
+absl::Status Scheduler::StepFailure(const absl::Status& status) const {
+  if (health().ok()) return status;
+  return absl::UnavailableError(status.message());  // the device failed for good
+}
+
 void Scheduler::FailAll(const absl::Status& lost) {
   if (in_flight_ != nullptr) {
     const std::unique_ptr<Flight> previous = std::move(in_flight_);
@@ -381,9 +393,7 @@ void Scheduler::FailAll(const absl::Status& lost) {
       absl::StrCat(DeviceLostMessage(lost), "; this server runs no more requests");
   const auto fail = [&](auto& requests) {
     for (std::unique_ptr<Active>& r : requests) {
-      if (r->finish_reason) continue;
-      r->finish_reason = FinishReason::kError;
-      r->error = error;
+      if (!r->finish_reason) Fail(*r, absl::UnavailableError(error));
     }
   };
   fail(running_);
@@ -483,8 +493,7 @@ void Scheduler::PlanPrefills(std::vector<Planned>& plan, int32_t& budget, bool a
     }
     if (head.request.compression.enabled()) {
       if (absl::Status s = backend_->Prepare(head.request.compression); !s.ok()) {
-        head.finish_reason = FinishReason::kError;
-        head.error = std::string(s.message());
+        Fail(head, s);
         return;
       }
     }
@@ -564,9 +573,7 @@ void Scheduler::Execute(std::span<const Planned> plan) {
       return;
     }
     for (const Planned& p : plan) {
-      if (p.request->finish_reason) continue;
-      p.request->finish_reason = FinishReason::kError;
-      p.request->error = std::string(launched.status().message());
+      if (!p.request->finish_reason) Fail(*p.request, StepFailure(launched.status()));
     }
   }
   // The step before, if it stayed in flight: its tokens now, while the device runs this one.
@@ -607,9 +614,7 @@ void Scheduler::TakeTokens(Flight& flight) {
   if (!status.ok()) {
     CheckDevice();
     for (Active* r : flight.requests) {
-      if (r->finish_reason) continue;
-      r->finish_reason = FinishReason::kError;
-      r->error = std::string(status.message());
+      if (!r->finish_reason) Fail(*r, StepFailure(status));
     }
     return;
   }
@@ -710,6 +715,7 @@ void Scheduler::Retire(Active& r) {
   Finish finish;
   finish.reason = *r.finish_reason;
   finish.error = std::move(r.error);
+  finish.error_code = r.error_code;
   if (!r.stop_filter.matched()) finish.text = r.stop_filter.Flush() + r.detokenizer.Finish();
   finish.prompt_tokens = r.prompt_tokens;
   finish.completion_tokens = r.completion_tokens;

@@ -149,6 +149,10 @@ class Scheduler {
   std::vector<uint64_t> TakeIncoming();
   // After a failed Launch / Collect: records Backend::DeviceStatus's error, if any.
   void CheckDevice();
+  // Ends `r` with `status`'s message and code (Finish::error_code).
+  void Fail(Active& r, const absl::Status& status);
+  // A failed step's error as its requests end with it: UNAVAILABLE once the device is lost.
+  absl::Status StepFailure(const absl::Status& status) const;
   // Once the device is lost: every request queued or running finishes with its error (the
   // caller publishes the stats).
   void FailAll(const absl::Status& lost);

@@ -4,6 +4,7 @@
 #include <mutex>
 #include <optional>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "spdlog/spdlog.h"
 
@@ -35,7 +36,16 @@ grpc::Status FinishStatus(const engine::Finish& finish) {
           grpc::StatusCode::DEADLINE_EXCEEDED,
           absl::StrCat("deadline exceeded after ", finish.completion_tokens, " generated tokens"));
     case engine::FinishReason::kError:
-      return grpc::Status(grpc::StatusCode::INTERNAL, finish.error);
+      // No memory for the request (it may run later or elsewhere) and a failed device (the
+      // server is going away) keep their codes for the client; anything else is INTERNAL.
+      switch (finish.error_code) {
+        case absl::StatusCode::kResourceExhausted:
+          return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, finish.error);
+        case absl::StatusCode::kUnavailable:
+          return grpc::Status(grpc::StatusCode::UNAVAILABLE, finish.error);
+        default:
+          return grpc::Status(grpc::StatusCode::INTERNAL, finish.error);
+      }
     default:
       return grpc::Status::OK;
   }

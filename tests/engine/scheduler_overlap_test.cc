@@ -180,7 +180,8 @@ std::vector<GenerationRequest> MixedRequests(const std::vector<int32_t>& greedy_
 }
 
 SchedulerOverlapTest::Mixed SchedulerOverlapTest::MakeMixed() {
-  Mixed mixed{.model = *model_};
+  Mixed mixed;
+  mixed.model = *model_;
   const std::vector<int32_t> greedy = RunAlone(Greedy(RandomPrompt(12, 500), 40))->ids();
   EXPECT_EQ(greedy.size(), 40u);
   if (greedy.size() != 40u) return mixed;

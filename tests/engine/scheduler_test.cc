@@ -317,6 +317,7 @@ TEST_F(SchedulerTest, ForwardFailureEndsThatStepsRequestsOnly) {
   std::shared_ptr<RecordingSink> queued = Submit(**scheduler, queued_request);
   (*scheduler)->RunUntilIdle();
   ExpectFailedWith({first, second}, "injected failure", /*completion_tokens=*/2);
+  EXPECT_EQ(first->finish.error_code, absl::StatusCode::kInternal);
   EXPECT_EQ(queued->finish.reason, FinishReason::kLength);
   EXPECT_EQ(queued->ids(), RunAlone(queued_request)->ids());
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
@@ -388,6 +389,7 @@ TEST_F(SchedulerTest, OnlyTheRequestThatFailsAloneEndsWithTheError) {
   (*scheduler)->RunUntilIdle();
   ExpectFailedWith({bad}, "out of device memory for the prompt's scratch",
                    /*completion_tokens=*/0);
+  EXPECT_EQ(bad->finish.error_code, absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(backend->failed_steps, 2);  // with the first request's prompt, then alone
   EXPECT_EQ(first->finish.reason, FinishReason::kLength) << first->finish.error;
   EXPECT_EQ(first->ids(), RunAlone(good)->ids());
@@ -437,6 +439,10 @@ TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
                    "requests",
                    /*completion_tokens=*/0);
   EXPECT_EQ(backend->calls(), 3);  // no step after the failing one
+  // The device is gone: UNAVAILABLE (kvtrim-server's clients then try another replica).
+  for (const auto& sink : {first, second, queued}) {
+    EXPECT_EQ(sink->finish.error_code, absl::StatusCode::kUnavailable);
+  }
   const absl::Status health = (*scheduler)->health();
   EXPECT_EQ(health.code(), absl::StatusCode::kInternal);
   EXPECT_EQ(health.message(), "the GPU: cudaErrorIllegalAddress");
