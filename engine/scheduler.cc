@@ -555,8 +555,7 @@ void Scheduler::Execute(std::span<const Planned> plan) {
   }
   if (launched.ok()) {
     for (const Planned& p : plan) p.request->pending_draw.reset();
-  }
-  if (!launched.ok()) {
+  } else {
     CheckDevice();
     if (plan.size() > 1 && launched.status().code() == absl::StatusCode::kResourceExhausted &&
         health().ok()) {
