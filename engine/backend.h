@@ -54,12 +54,13 @@ struct StepOutput {
 
 // Where a Forward's time went, in milliseconds, for the backends that measure it.
 struct StepProfile {
-  double plan_ms = 0.0;    // host: checks, the step's plan and buffers, before any device work
-  double queue_ms = 0.0;   // host: queuing the device work (launches, copies)
-  double wait_ms = 0.0;    // host: blocked on the device at the end of the step
-  double finish_ms = 0.0;  // host: after the wait (results, sequence bookkeeping)
-  double device_ms = 0.0;  // device: from the first queued operation to the end of the last
-  bool graph = false;      // the device work was a captured CUDA graph, replayed
+  double plan_ms = 0.0;         // host: checks, the step's plan and buffers, before any device work
+  double queue_ms = 0.0;        // host: queuing the device work (launches, copies)
+  double wait_ms = 0.0;         // host: blocked on the device at the end of the step
+  double finish_ms = 0.0;       // host: after the wait (results, sequence bookkeeping)
+  double device_ms = 0.0;       // device: from the first queued operation to the end of the last
+  bool graph = false;           // the device work was a captured CUDA graph, replayed
+  bool eviction_aside = false;  // decode-time eviction ran beside the layers, on its own stream
 };
 
 class Backend {

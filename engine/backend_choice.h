@@ -63,6 +63,7 @@ struct BackendOptions {
   bool sample_on_device = true;  // CudaOptions::sample_on_device
   bool dependent_launch = true;  // CudaOptions::dependent_launch
   bool small_gemm = true;        // CudaOptions::small_gemm
+  bool eviction_stream = true;   // CudaOptions::eviction_stream
   std::string dtype = "auto";    // --dtype, ParseDtype; CudaOptions::dtype
   // Most tokens in one step; 0 = the backend's default (BackendChoice::step_tokens). The CUDA
   // backend allocates its step buffers for it at start (CudaOptions::reserve_tokens).
@@ -107,6 +108,7 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
                                        .sample_on_device = options.sample_on_device,
                                        .dependent_launch = options.dependent_launch,
                                        .small_gemm = options.small_gemm,
+                                       .eviction_stream = options.eviction_stream,
                                        .dtype = *dtype,
                                        .reserve_tokens = step_tokens};
   return BackendChoice{

@@ -135,6 +135,12 @@ CudaBackend::~CudaBackend() {
     if (step_end_[slot]) cudaEventDestroy(step_end_[slot]);
   }
   if (uploaded_) cudaEventDestroy(uploaded_);
+  if (evict_fork_) cudaEventDestroy(evict_fork_);
+  if (evict_join_) cudaEventDestroy(evict_join_);
+  if (evict_stream_) {
+    cudaStreamSynchronize(evict_stream_);
+    cudaStreamDestroy(evict_stream_);
+  }
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -143,8 +149,22 @@ absl::Status CudaBackend::Init() {
   WarpgroupPrefillRuns();  // its one-time probe here, not inside the first prompt's step
   KVTRIM_RETURN_IF_ERROR(CudaStatus(
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, 0), "SM count"));
-  KVTRIM_RETURN_IF_ERROR(
-      CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+  // stream_ at the device's highest priority, so that the evictions beside it (at the lowest)
+  // take only what its kernels leave of the multiprocessors.
+  int lowest = 0, highest = 0;
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaDeviceGetStreamPriorityRange(&lowest, &highest),
+                                    "cudaDeviceGetStreamPriorityRange"));
+  KVTRIM_RETURN_IF_ERROR(CudaStatus(
+      cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, highest), "cudaStreamCreate"));
+  if (options_.eviction_stream) {
+    KVTRIM_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamCreateWithPriority(&evict_stream_, cudaStreamNonBlocking, lowest),
+                   "cudaStreamCreate(eviction)"));
+    for (cudaEvent_t* event : {&evict_fork_, &evict_join_}) {
+      KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(event, cudaEventDisableTiming),
+                                        "cudaEventCreate(eviction)"));
+    }
+  }
   for (int slot = 0; slot < 2; ++slot) {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_begin_[slot]), "cudaEventCreate"));
     KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&step_end_[slot]), "cudaEventCreate"));
@@ -302,6 +322,17 @@ absl::Status CudaBackend::Reserve(size_t workspace_bytes, int previous_tokens) {
              "decode-time eviction's scratch"));
     KVTRIM_RETURN_IF_ERROR(Grow(counts_, counts, "the rows eviction keeps"));
     KVTRIM_RETURN_IF_ERROR(Grow(counts_host_, counts, "the rows eviction keeps"));
+  }
+  // Eviction beside the layers needs each layer's q|k|v rows; a step whose copies do not fit
+  // evicts in line instead.
+  evict_aside_ = false;
+  if (evict_stream_ != nullptr && plan_.evicting > 0 && plan_.decodes_only()) {
+    const size_t row_bytes = static_cast<size_t>(config_.n_heads + 2 * config_.n_kv_heads) *
+                             config_.head_dim * sizeof(__nv_bfloat16);
+    evict_aside_ =
+        Grow(qkv_layers_, static_cast<size_t>(config_.n_layers) * RoundUp(plan_.tokens) * row_bytes,
+             "each layer's q|k|v rows")
+            .ok();
   }
   return absl::OkStatus();
 }
@@ -648,6 +679,7 @@ absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point bega
   }
   KVTRIM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(uploaded_, stream_), "cudaEventRecord"));
   const size_t vocab = config_.vocab_size, row_bytes = vocab * sizeof(float);
+  profile_.eviction_aside = evict_aside_;
   const int argmax_rows = n_argmax > 0 ? wanting : 0;
   if (options_.graphs && plan_.decodes_only()) {
     KVTRIM_RETURN_IF_ERROR(QueueDecodeStep(splits, argmax_rows));

@@ -57,6 +57,12 @@ struct CudaOptions {
   // projections) run on the engine's own GEMM kernel (gemm_small.h); false: cuBLAS for every
   // shape, for comparison.
   bool small_gemm = true;
+  // A decode step whose sequences evict (decode-time policies) runs each layer's eviction, and
+  // the re-thinning after it, on a second stream of lower priority beside the layers after it,
+  // joined at the step's end: the next use of a layer's pages is the next step's. The step keeps
+  // each layer's q|k|v rows apart for it (n_layers times the step's q|k|v rows; where that
+  // memory is not there, the eviction runs in line). false: always in line, for comparison.
+  bool eviction_stream = true;
   // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
   // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
   std::optional<HalfFloat> dtype = std::nullopt;
@@ -135,7 +141,8 @@ class CudaBackend : public Backend {
     int32_t tokens = 0, seqs = 0, decode_seqs = 0, logit_rows = 0;
     int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0, evicting = 0;
     int32_t evict_rows = 0, rethinning = 0;
-    const void* buffers[15] = {};  // the device buffers the launches take
+    bool evict_aside = false;
+    const void* buffers[16] = {};  // the device buffers the launches take
     bool operator==(const GraphKey&) const = default;
   };
 
@@ -210,6 +217,12 @@ class CudaBackend : public Backend {
   int sm_count_ = 0;
 
   cudaStream_t stream_ = nullptr;
+  // Decode-time eviction beside the layers (CudaOptions::eviction_stream): its stream, of lower
+  // priority than stream_; the event each layer's eviction waits for, and the one stream_ waits
+  // for at the step's end.
+  cudaStream_t evict_stream_ = nullptr;
+  cudaEvent_t evict_fork_ = nullptr, evict_join_ = nullptr;
+  bool evict_aside_ = false;  // this step's evictions run on evict_stream_
   // Around the device work of a step, one pair per slot: the step in flight's, and the next's.
   cudaEvent_t step_begin_[2] = {}, step_end_[2] = {};
   cudaEvent_t uploaded_ = nullptr;  // after the last step's uploads: its staging can be rewritten
@@ -272,8 +285,11 @@ class CudaBackend : public Backend {
   DeviceBuffer prompt_states_;  // (n_kv_heads, n) KeyState of one compressed prompt under corm
   DeviceBuffer evict_scratch_;  // the eviction kernel's workspace, for evict_rows_ rows a head
   int evict_rows_ = 0;          // grows ahead of the rows, so that a decode graph replays
-  DeviceBuffer counts_;         // (n_layers, S, n_kv_heads, 2) rows kept per head and segment
-  PinnedBuffer counts_host_;    // the same, copied back
+  // (n_layers, T, (n_heads + 2 * n_kv_heads) * head_dim) bf16: each layer's q|k|v rows, kept
+  // for its eviction on evict_stream_ (evict_aside_ steps, whose GEMMs write here, not qkv_)
+  DeviceBuffer qkv_layers_;
+  DeviceBuffer counts_;       // (n_layers, S, n_kv_heads, 2) rows kept per head and segment
+  PinnedBuffer counts_host_;  // the same, copied back
 };
 
 }  // namespace kvtrim::engine::cuda

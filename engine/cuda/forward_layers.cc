@@ -32,8 +32,17 @@
 namespace kvtrim::engine::cuda {
 
 absl::Status CudaBackend::QueueStep(int splits, int argmax_rows) {
-  return weights_.type == HalfFloat::kFp16 ? QueueStepIn<__half>(splits, argmax_rows)
-                                           : QueueStepIn<__nv_bfloat16>(splits, argmax_rows);
+  const absl::Status queued = weights_.type == HalfFloat::kFp16
+                                  ? QueueStepIn<__half>(splits, argmax_rows)
+                                  : QueueStepIn<__nv_bfloat16>(splits, argmax_rows);
+  if (!evict_aside_) return queued;
+  // The evictions beside the layers join the step here, also after a failed launch (a capture
+  // ends only with every stream it forked joined).
+  absl::Status joined = CudaStatus(cudaEventRecord(evict_join_, evict_stream_), "cudaEventRecord");
+  if (joined.ok()) {
+    joined = CudaStatus(cudaStreamWaitEvent(stream_, evict_join_), "cudaStreamWaitEvent");
+  }
+  return queued.ok() ? joined : queued;
 }
 
 template <typename Half>
@@ -81,11 +90,12 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
       .evicting = plan_.evicting,
       .evict_rows = plan_.evicting > 0 ? evict_rows_ : 0,
       .rethinning = plan_.rethinning,
+      .evict_aside = evict_aside_,
       .buffers = {plan_device_.as<void>(), x_.as<void>(), normed_.as<void>(), qkv_.as<void>(),
                   attention_.as<void>(), gate_up_.as<void>(), activation_.as<void>(),
                   workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), tokens_.as<void>(),
                   pages_.as<void>(), states_.as<void>(), evict_scratch_.as<void>(),
-                  counts_.as<void>()},
+                  counts_.as<void>(), qkv_layers_.as<void>()},
   };
 }
 
@@ -127,7 +137,9 @@ absl::Status CudaBackend::QueueDecodeStep(int splits, int argmax_rows) {
       graph_ = nullptr;
     }
   }
-  const cudaError_t made = updated ? cudaSuccess : cudaGraphInstantiate(&graph_, graph, 0);
+  const cudaError_t made =
+      updated ? cudaSuccess
+              : cudaGraphInstantiate(&graph_, graph, cudaGraphInstantiateFlagUseNodePriority);
   cudaGraphDestroy(graph);
   if (made != cudaSuccess) {
     graph_ = nullptr;
@@ -287,14 +299,17 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
   const int q_width = config_.n_heads * head_dim, kv_width = config_.n_kv_heads * head_dim;
   auto* normed = normed_.as<Half>();
   const int stride = q_width + 2 * kv_width;  // qkv_'s packed rows: queries, keys, values
-  auto* q = qkv_.as<__nv_bfloat16>();
+  // A layer whose eviction runs beside the layers after it keeps its own q|k|v rows for it.
+  auto* q = evict_aside_
+                ? qkv_layers_.as<__nv_bfloat16>() + static_cast<size_t>(layer) * tokens * stride
+                : qkv_.as<__nv_bfloat16>();
   auto* k = q + q_width;
   auto* v = k + kv_width;
   auto* attention = attention_.as<__nv_bfloat16>();
   auto* x = x_.as<float>();
 
   // The GEMM's rows in Half until RoPE has made them bf16.
-  auto* q_in = qkv_.as<Half>();
+  auto* q_in = reinterpret_cast<Half*>(q);
   auto* k_in = q_in + q_width;
   KVTRIM_RETURN_IF_ERROR(gemm_->Linear(normed, tokens, w.wqkv, q_in, GemmOutput::kHalf));
   // Qwen2's q/k/v biases (null pointers elsewhere).
@@ -332,28 +347,39 @@ absl::Status CudaBackend::Layer(int layer, int splits) {
                                         plan_.decode_seqs, q, stride, shape_, splits,
                                         workspace_.as<float>(), attention, stream_),
         "CompressedDecodeAttention"));
-    if (plan_.evicting > 0) {
-      int32_t* counts = counts_.as<int32_t>() + CountsAt(layer);
-      KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchDecodeEviction(pages, compressed, Plan(at.token_indptr), Plan(at.positions),
-                               Plan(at.decode), plan_.decode_seqs, Plan(at.eviction), q, stride,
-                               shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(), counts,
-                               stream_),
-          "DecodeEviction"));
-    }
     if (plan_.rethinning > 0) {
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
           LaunchRethin(pages, compressed, Plan(at.decode), plan_.decode_seqs,
                        Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs), shape_, stream_),
           "Rethin"));
     }
-    if (plan_.rethinning > 0 && plan_.evicting > 0) {
+    if (plan_.evicting > 0) {
+      // The evicting sequences' rows of this layer (LaunchRethin leaves them alone): nothing
+      // else of the step touches them, so beside the layers after it their eviction only has
+      // to wait for the attention.
+      cudaStream_t evict_on = stream_;
+      if (evict_aside_) {
+        KVTRIM_RETURN_IF_ERROR(
+            CudaStatus(cudaEventRecord(evict_fork_, stream_), "cudaEventRecord"));
+        KVTRIM_RETURN_IF_ERROR(
+            CudaStatus(cudaStreamWaitEvent(evict_stream_, evict_fork_), "cudaStreamWaitEvent"));
+        evict_on = evict_stream_;
+      }
+      int32_t* counts = counts_.as<int32_t>() + CountsAt(layer);
       KVTRIM_RETURN_IF_ERROR(CudaStatus(
-          LaunchRethinAfterEviction(pages, compressed, Plan(at.decode), plan_.decode_seqs,
-                                    Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs),
-                                    shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(),
-                                    counts_.as<int32_t>() + CountsAt(layer), stream_),
-          "RethinAfterEviction"));
+          LaunchDecodeEviction(pages, compressed, Plan(at.token_indptr), Plan(at.positions),
+                               Plan(at.decode), plan_.decode_seqs, Plan(at.eviction), q, stride,
+                               shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(), counts,
+                               evict_on),
+          "DecodeEviction"));
+      if (plan_.rethinning > 0) {
+        KVTRIM_RETURN_IF_ERROR(CudaStatus(
+            LaunchRethinAfterEviction(pages, compressed, Plan(at.decode), plan_.decode_seqs,
+                                      Plan(at.rethin + static_cast<size_t>(layer) * plan_.seqs),
+                                      shape_, States(), evict_rows_, evict_scratch_.as<int32_t>(),
+                                      counts, evict_on),
+            "RethinAfterEviction"));
+      }
     }
   } else {
     KVTRIM_RETURN_IF_ERROR(CudaStatus(

@@ -80,6 +80,9 @@ ABSL_FLAG(bool, dependent_launch, true,
 ABSL_FLAG(bool, small_gemm, true,
           "run a decode step's small matrices (at most 8 MB) on the engine's own GEMM kernel; "
           "false: cuBLAS for every shape (--device cuda)");
+ABSL_FLAG(bool, eviction_stream, true,
+          "run decode-time eviction beside the layers after it, on a second stream; false: in "
+          "line (--device cuda)");
 ABSL_FLAG(std::string, specs, "none;policy=pyramidkv,budget_ratio=0.12,think.lambda=0.5",
           "compression specs separated by ';' (\"none\" = uncompressed)");
 ABSL_FLAG(bool, overlap, true,
@@ -234,6 +237,7 @@ int Run() {
                      .sample_on_device = absl::GetFlag(FLAGS_sample_on_device),
                      .dependent_launch = absl::GetFlag(FLAGS_dependent_launch),
                      .small_gemm = absl::GetFlag(FLAGS_small_gemm),
+                     .eviction_stream = absl::GetFlag(FLAGS_eviction_stream),
                      .dtype = absl::GetFlag(FLAGS_dtype)});
   if (!backend.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());

@@ -651,6 +651,7 @@ struct BatchRun {
   std::vector<float> logits;
   std::vector<int32_t> rows;  // per decode step, sequence, layer, kv-head: thin, then recent
   int replayed = 0;           // decode steps that replayed a graph
+  int aside = 0;              // decode steps whose eviction ran on its own stream
 };
 BatchRun RunEvictingBatch(TestEngine& e,
                           std::span<const memory::compress::CompressionConfig* const> configs,
@@ -685,7 +686,10 @@ BatchRun RunEvictingBatch(TestEngine& e,
     EXPECT_TRUE(status.ok()) << status;
     if (!status.ok()) break;
     run.logits.insert(run.logits.end(), out.logits.begin(), out.logits.end());
-    if (e.backend->LastStepProfile() && e.backend->LastStepProfile()->graph) ++run.replayed;
+    if (const std::optional<StepProfile> profile = e.backend->LastStepProfile()) {
+      run.replayed += profile->graph;
+      run.aside += profile->eviction_aside;
+    }
     for (const memory::SequenceKv& kv : kvs) {
       for (const memory::CompressedLayer& c : kv.compressed) {
         for (int h = 0; h < shape.n_kv_heads; ++h) {
@@ -880,6 +884,36 @@ TEST_P(CudaTinyModelTest, RethinningAfterEvictionMatchesCpu) {
     testing::ExpectClose(absl::StrCat("rethin+evict logits ", GetParam()),
                          absl::StrCat(spec, ", 4 x (24 + 12)"), got.logits, want.logits,
                          kSelectionBound);
+  }
+}
+
+// Decode-time eviction beside the layers after it (CudaOptions::eviction_stream) does what it
+// does in line: the same rows kept and the same logits, bit for bit, eager and replayed, with
+// re-thinning after it and without.
+TEST_P(CudaTinyModelTest, EvictionBesideTheLayersGivesTheInLineResults) {
+  if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
+  const std::vector<int32_t>& longest =
+      *std::max_element(sequences_.begin(), sequences_.end(),
+                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  for (const char* spec :
+       {"eviction=window,window.sinks=2,window.recent=8",
+        "policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=4,"
+        "think.observation=8,eviction=corm,corm.window=6,corm.recent=3,corm.alpha=0.8",
+        "policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=3,"
+        "think.observation=8,think.rethin=1,eviction=corm,corm.window=6,corm.recent=3"}) {
+    const memory::compress::CompressionConfig config = ParseSpec(spec);
+    const memory::compress::CompressionConfig* configs[] = {&config, nullptr, &config};
+    BatchRun runs[2];
+    for (const bool aside : {false, true}) {
+      TestEngine e = MakeEngine(*model_, true, 4096, 256, CudaOptions{.eviction_stream = aside});
+      ASSERT_TRUE(e.backend);
+      runs[aside] = RunEvictingBatch(e, configs, longest, kBatchPrompt, kBatchSteps);
+    }
+    EXPECT_EQ(runs[0].aside, 0) << spec;
+    EXPECT_EQ(runs[1].aside, kBatchSteps) << spec;
+    EXPECT_GT(runs[1].replayed, 0) << spec;
+    EXPECT_EQ(runs[1].rows, runs[0].rows) << GetParam() << ": " << spec;
+    EXPECT_EQ(runs[1].logits, runs[0].logits) << GetParam() << ": " << spec;
   }
 }
 

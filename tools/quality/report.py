@@ -23,10 +23,14 @@ TASKS = [
     ("agreement", "Greedy agreement", "token ids equal position-wise to the uncompressed run"),
 ]
 FAMILY_ORDER = ["none", "snapkv", "pyramidkv", "streamingllm", "corm", "corm+pyramidkv",
-                "prefix-only"]
+                "pyramidkv+rethin", "pyramidkv+window", "pyramidkv+rethin+window",
+                "pyramidkv+corm", "pyramidkv+rethin+corm", "prefix-only"]
 PREFIX_ONLY = "prefix-only"  # evaluate.py's memorisation floor for the doc task, not a compression
 FAMILY_COLORS = {"snapkv": "tab:blue", "pyramidkv": "tab:orange", "streamingllm": "tab:green",
-                 "corm": "tab:red", "corm+pyramidkv": "tab:purple"}
+                 "corm": "tab:red", "corm+pyramidkv": "tab:purple",
+                 "pyramidkv+rethin": "tab:brown", "pyramidkv+window": "tab:pink",
+                 "pyramidkv+rethin+window": "tab:olive", "pyramidkv+corm": "tab:cyan",
+                 "pyramidkv+rethin+corm": "black"}
 
 
 def load(specs):
