@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine: the compression quality evaluation (tools/quality/evaluate.py) and the
 # memory report (tools/quality/memory_report.py) against kvtrim-servers from the bundle. With
-# CUDA=1 one server runs on the GPU (--device cuda) and takes every configuration it runs (prompt
-# selection and ThinK) and the memory report, while CPU servers on the machine's cores take the
-# decode-time eviction configurations (corm), resuming the CPU engine's committed rows for them
-# (the GPU's eviction came later); without it, CPU servers take everything. Logs and results go to $OUT (default /tmp/kvtrim-eval).
+# CUDA=1 one server runs on the GPU (--device cuda) and takes none and the snapkv, pyramidkv and
+# streamingllm configurations (the decode-time stages on pyramidkv among them) and the memory
+# report, while CPU servers on the machine's cores take corm and corm+pyramidkv-0.25, resuming the
+# CPU engine's committed rows for them; without it, CPU servers take everything. Logs and results go to $OUT (default /tmp/kvtrim-eval).
 #
 # Carried, as for run_tests.sh: call 1 .gpu/bundle and .gpu/model_a, call 2 .gpu/model_b and
 # .gpu/py (tools/gpu/python_deps.sh: grpcio and protobuf wheels, the generated stubs, the
