@@ -64,7 +64,10 @@ struct BackendOptions {
   bool dependent_launch = true;  // CudaOptions::dependent_launch
   bool small_gemm = true;        // CudaOptions::small_gemm
   bool eviction_stream = true;   // CudaOptions::eviction_stream
-  std::string dtype = "auto";    // --dtype, ParseDtype; CudaOptions::dtype
+  // Whether requests may evict while decoding (SchedulerOptions::decode_eviction): false sizes a
+  // pool to the device without room for the rows' eviction state (CudaOptions::decode_eviction).
+  bool decode_eviction = true;
+  std::string dtype = "auto";  // --dtype, ParseDtype; CudaOptions::dtype
   // Most tokens in one step; 0 = the backend's default (BackendChoice::step_tokens). The CUDA
   // backend allocates its step buffers for it at start (CudaOptions::reserve_tokens).
   int32_t step_tokens = 0;
@@ -109,6 +112,7 @@ inline absl::StatusOr<BackendChoice> ChooseBackend(absl::string_view device,
                                        .dependent_launch = options.dependent_launch,
                                        .small_gemm = options.small_gemm,
                                        .eviction_stream = options.eviction_stream,
+                                       .decode_eviction = options.decode_eviction,
                                        .dtype = *dtype,
                                        .reserve_tokens = step_tokens};
   return BackendChoice{

@@ -260,6 +260,12 @@ absl::Status Scheduler::Validate(const GenerationRequest& r) const {
 
 absl::Status Scheduler::CompressionSupport(
     const memory::compress::CompressionConfig& compression) const {
+  if (!options_.decode_eviction &&
+      compression.eviction != memory::compress::EvictionPolicy::kNone) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "compression: eviction=", memory::compress::EvictionPolicyName(compression.eviction),
+        ": decode-time eviction is off on this server (--decode-eviction=false)"));
+  }
   if (absl::Status s = backend_->SupportsCompression(compression); !s.ok()) return s;
   if (model_.config.sliding_window > 0) {
     return absl::InvalidArgumentError(absl::StrCat(

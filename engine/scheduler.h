@@ -70,6 +70,10 @@ struct SchedulerOptions {
   // Plan and queue the next step while the backend's device runs this one, where it can
   // (Backend::Launch): the step's tokens are taken, checked and streamed while the next one runs.
   bool overlap = true;
+  // Requests may ask for decode-time eviction (compression eviction=corm|window). false refuses
+  // them (FAILED_PRECONDITION): a server that never evicts need not keep room for the rows'
+  // eviction state (BackendOptions::decode_eviction).
+  bool decode_eviction = true;
 };
 
 // A snapshot for GetServerStats and metrics.

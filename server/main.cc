@@ -100,6 +100,10 @@ ABSL_FLAG(std::string, kv_compression, "none",
           "think.lambda=0.5,eviction=corm\" (keys: policy, budget_ratio, budget_tokens, window, "
           "kernel_size, pooling, beta, sinks, think.*, eviction, corm.*, window.*); \"none\" = "
           "off. A prompt too short for it is stored uncompressed");
+ABSL_FLAG(bool, decode_eviction, true,
+          "take requests that evict while decoding (compression eviction=corm|window); false "
+          "refuses them (FAILED_PRECONDITION) and, on cuda, gives the pool sized to the device "
+          "the room it keeps for their rows' eviction state (12 bytes per kv-head and row)");
 ABSL_FLAG(int, threads, 0,
           "CPU engine threads; 0 = one per core (fewer when other work shares the cores)");
 
@@ -221,10 +225,12 @@ int Run() {
       .page_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_page_kib)) << 10,
       .max_running = absl::GetFlag(FLAGS_max_running),
       .max_queued = absl::GetFlag(FLAGS_max_queued),
-      .overlap = absl::GetFlag(FLAGS_overlap_steps)};
+      .overlap = absl::GetFlag(FLAGS_overlap_steps),
+      .decode_eviction = absl::GetFlag(FLAGS_decode_eviction)};
   absl::StatusOr<engine::BackendChoice> backend =
       engine::ChooseBackend(absl::GetFlag(FLAGS_device), "kvtrim-server",
                             {.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs),
+                             .decode_eviction = absl::GetFlag(FLAGS_decode_eviction),
                              .dtype = absl::GetFlag(FLAGS_dtype),
                              .step_tokens = absl::GetFlag(FLAGS_step_tokens),
                              .max_running = absl::GetFlag(FLAGS_max_running)});
@@ -311,7 +317,8 @@ int Run() {
       "config: {} backend ({} weights), KV pool {} MiB in {} KiB pages, step {} tokens, max "
       "running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
-      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}",
+      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}, "
+      "decode-time eviction {}",
       backend->name, weights, scheduler_options.pool_bytes >> 20,
       (*scheduler)->stats().page_bytes >> 10, scheduler_options.step_tokens,
       scheduler_options.max_running, scheduler_options.max_queued, limits.max_prompt_tokens,
@@ -319,7 +326,8 @@ int Run() {
       api_key->empty() ? "off" : "on", absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
       absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
       metrics ? absl::StrCat(":", absl::GetFlag(FLAGS_metrics_port), "/metrics") : "off",
-      omp_get_max_threads(), default_compression->Spec());
+      omp_get_max_threads(), default_compression->Spec(),
+      scheduler_options.decode_eviction ? "on" : "off");
   const std::string host = listen.substr(0, listen.rfind(':'));
   spdlog::info("kvtrim-server listening on {}:{}", host, port);
 

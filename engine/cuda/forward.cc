@@ -256,8 +256,10 @@ absl::StatusOr<KvPoolSize> AutoKvPool(const Model& model, const CudaOptions& opt
                                       : 0) +
           CudaBackend::RowBufferBytes(c, max_rows) * 3 / 2 + kOnDemandReserveBytes,
       .page_bytes = page_bytes,
-      .per_page_extra =
-          DecodeStateCount(1, static_cast<int>(rows_per_page), c.n_kv_heads) * sizeof(KeyState),
+      .per_page_extra = options.decode_eviction
+                            ? DecodeStateCount(1, static_cast<int>(rows_per_page), c.n_kv_heads) *
+                                  sizeof(KeyState)
+                            : 0,
       .utilization = utilization};
   return KvPoolWithin(budget);
 }

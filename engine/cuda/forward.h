@@ -63,6 +63,9 @@ struct CudaOptions {
   // each layer's q|k|v rows apart for it (n_layers times the step's q|k|v rows; where that
   // memory is not there, the eviction runs in line). false: always in line, for comparison.
   bool eviction_stream = true;
+  // Whether the scheduler takes requests with a decode-time policy: a pool sized to the device
+  // (AutoKvPool) keeps room for their rows' state (decode_eviction.h) only when it does.
+  bool decode_eviction = true;
   // The 16-bit type of the weights and of the activations the GEMMs read and write; unset, the
   // model's own (ModelConfig::dtype). RoPE, the K/V pages and attention are bf16 either way.
   std::optional<HalfFloat> dtype = std::nullopt;

@@ -286,6 +286,32 @@ TEST_F(CompressionTest, PromptDependentValidationNamesTheField) {
       << handle.status();
 }
 
+// A server started with --decode-eviction=false (SchedulerOptions::decode_eviction) refuses
+// requests with a decode-time policy, naming the flag, and serves the others.
+TEST_F(CompressionTest, WithoutDecodeEvictionOnlyEvictingRequestsAreRefused) {
+  SchedulerOptions options = kTinyOptions;
+  options.decode_eviction = false;
+  std::unique_ptr<Scheduler> scheduler = Make(options);
+  for (const char* spec : {"eviction=corm",
+                           "policy=snapkv,budget_ratio=0.5,window=4,"
+                           "eviction=window,window.sinks=2,window.recent=8"}) {
+    auto sink = std::make_shared<RecordingSink>();
+    absl::StatusOr<uint64_t> handle =
+        scheduler->Submit(Compressed(RandomPrompt(20, 7), 4, spec), sink);
+    ASSERT_FALSE(handle.ok()) << spec;
+    EXPECT_EQ(handle.status().code(), absl::StatusCode::kFailedPrecondition) << spec;
+    EXPECT_NE(std::string(handle.status().message()).find("--decode-eviction=false"),
+              std::string::npos)
+        << handle.status();
+    EXPECT_FALSE(scheduler->CompressionSupport(Spec(spec)).ok()) << spec;
+  }
+  std::shared_ptr<RecordingSink> kept = Submit(
+      *scheduler, Compressed(RandomPrompt(20, 8), 4, "policy=snapkv,budget_ratio=0.5,window=4"));
+  scheduler->RunUntilIdle();
+  EXPECT_EQ(kept->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(kept->ids().size(), 4u);
+}
+
 // Compressed requests preempted for pages are recomputed (compressed again) and finish; the pool
 // ends empty.
 TEST_F(CompressionTest, PreemptedCompressedRequestsFinish) {

@@ -256,6 +256,34 @@ TEST(CudaAutoKvPoolTest, TheSizedPoolFillsTheShareAndNoMore) {
   EXPECT_GE(used, share - kept_for_later - rounding) << pool->account;
 }
 
+// A server that takes no decode-time eviction (CudaOptions::decode_eviction false) gives the
+// room of the rows' eviction state to the pool: (page_bytes + state bytes) / page_bytes times the
+// pages, to a page, at the same share of the same device.
+TEST(CudaAutoKvPoolTest, WithoutDecodeEvictionThePoolTakesTheStatesRoom) {
+  if (const std::string why = testing::NoDeviceReason(); !why.empty()) GTEST_SKIP() << why;
+  absl::StatusOr<Model> model = LoadTiny("llama_gqa");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = model->config;
+  const memory::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim, kKvElementBytes};
+  const size_t page_bytes = shape.default_page_bytes();
+  const size_t state_bytes =
+      page_bytes / shape.row_bytes() * c.n_kv_heads * sizeof(KeyState);  // a page's rows
+  absl::StatusOr<KvPoolSize> with =
+      AutoKvPool(*model, CudaOptions{.reserve_tokens = 512}, 64, page_bytes, 0.3);
+  absl::StatusOr<KvPoolSize> without = AutoKvPool(
+      *model, CudaOptions{.decode_eviction = false, .reserve_tokens = 512}, 64, page_bytes, 0.3);
+  ASSERT_TRUE(with.ok()) << with.status();
+  ASSERT_TRUE(without.ok()) << without.status();
+  const double pages_with = static_cast<double>(with->bytes / page_bytes);
+  const double pages_without = static_cast<double>(without->bytes / page_bytes);
+  std::printf("[pool] llama_gqa at 0.3: %.0f pages with room for eviction state, %.0f without\n",
+              pages_with, pages_without);
+  EXPECT_NEAR(pages_without,
+              pages_with * static_cast<double>(page_bytes + state_bytes) / page_bytes, 2.0);
+  EXPECT_NE(with->account.find("decode-time row states"), std::string::npos) << with->account;
+  EXPECT_EQ(without->account.find("decode-time row states"), std::string::npos) << without->account;
+}
+
 // Feeds `sequences` by `schedule` (per step, how many of each sequence's next tokens go in; 0 =
 // not in the step), every sequence wanting logits; returns each step's logits, and with
 // `replayed` whether each step's device work was a replayed CUDA graph.

@@ -329,5 +329,51 @@ class BadDefault(unittest.TestCase):
         self.assertIn("sliding-window attention", done.stderr + done.stdout)
 
 
+class NoDecodeEviction(unittest.TestCase):
+    """--decode-eviction=false: requests that evict while decoding are refused with
+    FAILED_PRECONDITION naming the flag, the others served; a default that evicts is refused at
+    startup."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("no_decode_eviction", "--decode-eviction=false", "--page-kib",
+                            str(PAGE_KIB))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def request(self, **compression):
+        pb = harness.pb
+        r = pb.GenerateRequest(text=LONG_TEXT, stopping=pb.StoppingCriteria(max_tokens=4,
+                                                                           ignore_eos=True))
+        r.compression.CopyFrom(pb.KvCompression(**compression))
+        return r
+
+    def test_evicting_requests_are_refused(self):
+        pb = harness.pb
+        for policy in ("corm", "window"):
+            result = generate(self.server.stub,
+                              self.request(eviction=pb.KvCompression.Eviction(policy=policy)))
+            self.assertEqual(result.code, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{policy}: {result.details}")
+            self.assertIn("--decode-eviction=false", result.details)
+
+    def test_other_requests_are_served(self):
+        result = generate(self.server.stub, self.request(policy="snapkv", budget_ratio=0.5))
+        self.assertTrue(result.ok, f"{result.code} {result.details}")
+        self.assertEqual(result.final.usage.completion_tokens, 4)
+
+    def test_an_evicting_default_is_refused_at_startup(self):
+        done = subprocess.run(
+            [harness.PATHS.server, "--model", harness.PATHS.model, "--listen", "127.0.0.1:0",
+             "--metrics-port", "0", "--decode-eviction=false", "--kv-compression",
+             "eviction=corm"],
+            capture_output=True, text=True, timeout=harness.STARTUP_TIMEOUT,
+            stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 2, done.stderr + done.stdout)
+        self.assertIn("decode-time eviction is off on this server", done.stderr + done.stdout)
+
+
 if __name__ == "__main__":
     harness.main()
