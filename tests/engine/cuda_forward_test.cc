@@ -204,6 +204,12 @@ struct TestEngine {
   std::unique_ptr<Backend> backend;
 };
 
+// The longest of `sequences` (the first of them if several are).
+const std::vector<int32_t>& Longest(const std::vector<std::vector<int32_t>>& sequences) {
+  return *std::max_element(sequences.begin(), sequences.end(),
+                           [](const auto& a, const auto& b) { return a.size() < b.size(); });
+}
+
 TestEngine MakeEngine(const Model& model, bool cuda, size_t page_bytes, int pages,
                       CudaOptions options = {}) {
   const ModelConfig& c = model.config;
@@ -393,9 +399,7 @@ class CudaTinyModelTest : public ::testing::TestWithParam<std::string> {
   // Two 40-token sequences: the first 40 tokens of the longest golden sequence, and its last 40
   // reversed; none when it is shorter.
   std::vector<std::vector<int32_t>> TwoSequences() const {
-    const std::vector<int32_t>& longest =
-        *std::max_element(sequences_.begin(), sequences_.end(),
-                          [](const auto& a, const auto& b) { return a.size() < b.size(); });
+    const std::vector<int32_t>& longest = Longest(sequences_);
     if (longest.size() < 40) return {};
     return {{longest.begin(), longest.begin() + 40}, {longest.rbegin(), longest.rbegin() + 40}};
   }
@@ -552,9 +556,7 @@ TEST_P(CudaTinyModelTest, ChunkedPrefillMatchesCpu) {
 // Several sequences per step, as the scheduler batches them: prefill chunks next to decodes,
 // a one-token prompt, sequences joining and leaving.
 TEST_P(CudaTinyModelTest, BatchedMixedStepsMatchCpu) {
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  const std::vector<int32_t>& longest = Longest(sequences_);
   ASSERT_GE(longest.size(), 40u);
   const std::vector<int32_t> a(longest.begin(), longest.begin() + 40);
   const std::vector<int32_t> b(longest.rbegin(), longest.rbegin() + 12);
@@ -626,9 +628,7 @@ std::vector<float> RunCompressed(TestEngine& e, const memory::compress::Compress
 // head gives (the logits' own size).
 TEST_P(CudaTinyModelTest, CompressedSequenceMatchesCpu) {
   if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  const std::vector<int32_t>& longest = Longest(sequences_);
   ASSERT_GE(longest.size(), 40u);
   const std::span<const int32_t> prompt(longest.data(), 32), continuation(longest.data() + 32, 8);
   constexpr double kSelectionBound = 0.4;
@@ -747,9 +747,7 @@ constexpr int kBatchPrompt = 24, kBatchSteps = 12;
 std::pair<BatchRun, BatchRun> RunBatchOnBoth(const Model& model,
                                              const std::vector<std::vector<int32_t>>& sequences,
                                              const memory::compress::CompressionConfig& config) {
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences.begin(), sequences.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  const std::vector<int32_t>& longest = Longest(sequences);
   EXPECT_GE(longest.size(), static_cast<size_t>(kBatchPrompt + kBatchSteps + 4));
   const memory::compress::CompressionConfig plain =
       ParseSpec("policy=streamingllm,budget_ratio=0.5");
@@ -920,9 +918,7 @@ TEST_P(CudaTinyModelTest, RethinningAfterEvictionMatchesCpu) {
 // re-thinning after it and without.
 TEST_P(CudaTinyModelTest, EvictionBesideTheLayersGivesTheInLineResults) {
   if (model_->config.sliding_window > 0) GTEST_SKIP() << "compression refuses sliding windows";
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  const std::vector<int32_t>& longest = Longest(sequences_);
   for (const char* spec :
        {"eviction=window,window.sinks=2,window.recent=8",
         "policy=snapkv,budget_ratio=0.5,window=8,think.lambda=0.5,think.recent=4,"
@@ -1024,9 +1020,7 @@ TEST_P(CudaTinyModelTest, StepsLeftInFlightGiveTheTokensOfStepsInTurn) {
   logprobs.want_logprobs = true;
   logprobs.top_logprobs = 2;
   host_bound.push_back(logprobs);
-  const std::vector<int32_t>& longest =
-      *std::max_element(sequences_.begin(), sequences_.end(),
-                        [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  const std::vector<int32_t>& longest = Longest(sequences_);
   // Evicting requests beside greedy and sampled ones of other lengths: the steps with evicting
   // rows run in turn, the others stay in flight.
   std::vector<GenerationRequest> evicting;
