@@ -61,10 +61,9 @@ __device__ __forceinline__ int64_t ValueAt(const PagedKv& kv, const Segment& seg
 
 __device__ __forceinline__ KeyState* StateAt(const DecodeStates& st, const Segment& seg,
                                              int n_kv_heads, int kv_head, int slot) {
-  const int page = seg.value_pages[slot / st.rows_per_page];
-  return st.states +
-         (static_cast<int64_t>(page) * st.rows_per_page + slot % st.rows_per_page) * n_kv_heads +
-         kv_head;
+  return st.states + DecodeStateIndex(seg.value_pages[slot / st.rows_per_page],
+                                      slot % st.rows_per_page, kv_head, n_kv_heads,
+                                      st.rows_per_page);
 }
 
 // pool[to, to + elements) = pool[from, ...), the two ranges apart; 16-byte pieces when `vector`
@@ -181,9 +180,10 @@ __device__ __forceinline__ bool Survives(const Policy& policy, const KeyState& s
   return recent || s.position < policy.window_or_sinks;
 }
 
-// Where the scores start in the workspace, in int32 elements: after the eviction's row indices.
+// Where the scores start in the workspace, in int32 elements: after the eviction's row indices,
+// on 16 bytes (a block's rows of scores are then too where the group is a multiple of 4).
 __host__ __device__ __forceinline__ int64_t ScoresAt(int n_seqs, int n_kv_heads, int max_rows) {
-  return static_cast<int64_t>(n_seqs) * n_kv_heads * 2 * max_rows;
+  return (static_cast<int64_t>(n_seqs) * n_kv_heads * 2 * max_rows + 3) / 4 * 4;
 }
 
 // Up to 8 bf16 of a key row from element `first` on, zeros past `width`; 16-byte aligned when
@@ -525,8 +525,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const auto observe = [&](int slot) {
     KeyState s = state_of(slot);
     float weight = 0.0f;
-    for (int g = 0; g < group; ++g) {
-      weight = fmaxf(weight, expf(scores[slot * group + g] - softmax_m[g]) / softmax_l[g]);
+    const float* row = scores + static_cast<int64_t>(slot) * group;
+    const auto take = [&](int g, float score) {
+      weight = fmaxf(weight, expf(score - softmax_m[g]) / softmax_l[g]);
+    };
+    if (group % 4 == 0) {  // the row in 16-byte loads
+      for (int g = 0; g < group; g += 4) {
+        const float4 four = *reinterpret_cast<const float4*>(row + g);
+        take(g, four.x);
+        take(g + 1, four.y);
+        take(g + 2, four.z);
+        take(g + 3, four.w);
+      }
+    } else {
+      for (int g = 0; g < group; ++g) take(g, row[g]);
     }
     s.recent_attention = weight;
     if (static_cast<double>(weight) >= threshold) s.last_important = position;
@@ -689,10 +701,9 @@ __global__ void WriteKeptStatesKernel(const int32_t* __restrict__ kept, int kept
   const bool thin = j < thin_rows;
   const int slot = thin ? j : j - thin_rows;
   const int page = (thin ? thin_value_pages : recent_value_pages)[slot / states.rows_per_page];
-  states.states[(static_cast<int64_t>(page) * states.rows_per_page + slot % states.rows_per_page) *
-                    n_kv_heads +
-                kv_head] = prompt_states != nullptr
-                               ? prompt_states[static_cast<int64_t>(kv_head) * n + token]
+  states.states[DecodeStateIndex(page, slot % states.rows_per_page, kv_head, n_kv_heads,
+                                 states.rows_per_page)] =
+      prompt_states != nullptr ? prompt_states[static_cast<int64_t>(kv_head) * n + token]
                                : KeyState{token, -1, 0.0f};
 }
 

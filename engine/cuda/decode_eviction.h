@@ -6,10 +6,12 @@
 // Decode state: each cached row of such a sequence carries, per kv-head, a KeyState (the layout
 // of memory::compress::CormKeyState) in one device array beside the page pool, found through the
 // row's value page: row r of a list whose value pages are `pages` keeps kv-head h's state at
-//   states[(pages[r / rows_per_page] * rows_per_page + r % rows_per_page) * n_kv_heads + h]
-// Both segments' values are full-width rows, so one geometry serves the thin and the recent
-// segment. The states of a page are its rows' for as long as the page is held; a row that
-// eviction moves takes its state along.
+//   states[DecodeStateIndex(pages[r / rows_per_page], r % rows_per_page, h, n_kv_heads,
+//                           rows_per_page)]
+// A page's states are its kv-heads' runs of rows_per_page, so the rows of one head, which a warp
+// reads together, lie side by side. Both segments' values are full-width rows, so one geometry
+// serves the thin and the recent segment. The states of a page are its rows' for as long as the
+// page is held; a row that eviction moves takes its state along.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +37,12 @@ struct DecodeStates {
   KeyState* states = nullptr;  // (pool pages * rows_per_page * n_kv_heads)
   int32_t rows_per_page = 0;   // full-width rows of a page (PagedKv::rows_per_page)
 };
+
+// Where kv-head `kv_head`'s state of the row in slot `row` of page `page` is (above).
+__host__ __device__ inline int64_t DecodeStateIndex(int64_t page, int row, int kv_head,
+                                                    int n_kv_heads, int rows_per_page) {
+  return (page * n_kv_heads + kv_head) * rows_per_page + row;
+}
 
 // Elements the state array takes for a pool of `pages` pages.
 inline size_t DecodeStateCount(int64_t pages, int rows_per_page, int n_kv_heads) {

@@ -588,7 +588,8 @@ class EvictionCheck {
     const int32_t* pages = seg == 0 ? st.thin_value_pages_.data() + st.thin_indptr_[i]
                                     : st.value_pages_.data() + st.page_indptr_[i];
     const int rpp = st.rows_per_page_;
-    return (static_cast<size_t>(pages[row / rpp]) * rpp + row % rpp) * st.c_.shape.n_kv_heads + h;
+    return static_cast<size_t>(
+        DecodeStateIndex(pages[row / rpp], row % rpp, h, st.c_.shape.n_kv_heads, rpp));
   }
 
   // Element offset of head h's key (seg 0: thin) or value of `row`.

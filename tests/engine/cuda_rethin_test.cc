@@ -238,8 +238,12 @@ TEST_F(CudaRethinTest, MovesRowsAfterEvictionAsMoveToPrompt) {
     state = KeyState{static_cast<int32_t>(rng_() % 100000), static_cast<int32_t>(rng_() % 100),
                      static_cast<float>(rng_() % 1000) / 1000.0f};
   }
-  // A row's state follows its value row: the same place, in (pool rows, kv-heads) units.
-  const auto state_of = [](int64_t value_at) { return value_at / kDim; };
+  // A row's state follows its value row's page, slot and kv-head.
+  const auto state_of = [](int64_t value_at) {
+    const int64_t in_page = value_at % kPageElements;
+    return DecodeStateIndex(value_at / kPageElements, static_cast<int>(in_page / kRowElements),
+                            static_cast<int>(in_page % kRowElements / kDim), kHeads, kRowsPerPage);
+  };
   // Each head's recent rows hold distinct positions in no order.
   for (int si = 0; si < n_seqs; ++si) {
     for (int h = 0; h < kHeads; ++h) {
