@@ -782,11 +782,22 @@ void Scheduler::EngineLoop() {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       // running_ and waiting_ belong to this thread; reading them here is safe.
-      work_.wait(lock, [&] {
+      const auto has_work = [&] {
         return stop_requested_ || !incoming_.empty() || !cancelled_.empty() || !running_.empty() ||
                !waiting_.empty();
-      });
+      };
+      bool idle = false;
+      if (options_.idle_device_check.count() <= 0 || !device_lost_.ok()) {
+        work_.wait(lock, has_work);
+      } else {
+        idle = !work_.wait_for(lock, options_.idle_device_check, has_work);
+      }
       if (stop_requested_) return;
+      if (idle) {
+        lock.unlock();
+        CheckDevice();  // records the loss for health(); the next Submit is refused
+        continue;
+      }
     }
     Step();
   }

@@ -74,6 +74,10 @@ struct SchedulerOptions {
   // them (FAILED_PRECONDITION): a server that never evicts need not keep room for the rows'
   // eviction state (BackendOptions::decode_eviction).
   bool decode_eviction = true;
+  // How often the engine thread asks the backend whether its device still works while no request
+  // runs (Backend::DeviceStatus), so that a GPU lost while idle shows in health() before the next
+  // request finds it. Zero: only after a failed step.
+  std::chrono::milliseconds idle_device_check{1000};
 };
 
 // A snapshot for GetServerStats and metrics.

@@ -28,8 +28,11 @@ absl::StatusOr<CudaBuffer<Kind>> CudaBuffer<Kind>::Allocate(size_t bytes) {
     // (cudaGetLastError) would take for its own: it is cleared here, where it is returned.
     cudaGetLastError();
     buffer.data_ = nullptr;
-    return CudaStatus(error,
-                      absl::StrCat(device ? "cudaMalloc(" : "cudaMallocHost(", bytes, " bytes)"));
+    const absl::Status status = CudaStatus(
+        error, absl::StrCat(device ? "cudaMalloc(" : "cudaMallocHost(", bytes, " bytes)"));
+    // Out of memory is RESOURCE_EXHAUSTED; any other error (a lost device's) stays as it is.
+    if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(status.message());
+    return status;
   }
   buffer.bytes_ = bytes;
   return buffer;
@@ -37,10 +40,15 @@ absl::StatusOr<CudaBuffer<Kind>> CudaBuffer<Kind>::Allocate(size_t bytes) {
 
 absl::Status GrowthFailed(std::string_view what, size_t bytes, MemoryKind kind,
                           const absl::Status& error) {
+  const char* memory = kind == MemoryKind::kDevice ? "device" : "page-locked host";
+  const double mib = static_cast<double>(bytes) / (1 << 20);
+  if (error.code() != absl::StatusCode::kResourceExhausted) {
+    return absl::Status(error.code(), absl::StrFormat("allocating %.1f MiB of %s memory for %s: %s",
+                                                      mib, memory, what, error.message()));
+  }
   return absl::ResourceExhaustedError(
-      absl::StrFormat("no %s memory left for %s: %.1f MiB could not be allocated (%s)",
-                      kind == MemoryKind::kDevice ? "device" : "page-locked host", what,
-                      static_cast<double>(bytes) / (1 << 20), error.message()));
+      absl::StrFormat("no %s memory left for %s: %.1f MiB could not be allocated (%s)", memory,
+                      what, mib, error.message()));
 }
 
 template <MemoryKind Kind>

@@ -26,6 +26,8 @@ enum class MemoryKind { kDevice, kPinnedHost };
 template <MemoryKind Kind>
 class CudaBuffer {
  public:
+  // RESOURCE_EXHAUSTED when the memory is not there; another CUDA error (a lost device's) as
+  // INTERNAL.
   static absl::StatusOr<CudaBuffer> Allocate(size_t bytes);
   CudaBuffer() = default;
   CudaBuffer(CudaBuffer&& other) noexcept;
@@ -47,7 +49,9 @@ class CudaBuffer {
   size_t bytes_ = 0;
 };
 
-// RESOURCE_EXHAUSTED: `bytes` of `kind` memory for `what` could not be allocated (`error`).
+// `error`, Allocate's, as the growth of a buffer for `what` returns it: RESOURCE_EXHAUSTED saying
+// `bytes` of `kind` memory could not be allocated when the memory was not there; any other error
+// (the device's) with its code, naming the allocation.
 absl::Status GrowthFailed(std::string_view what, size_t bytes, MemoryKind kind,
                           const absl::Status& error);
 
@@ -58,7 +62,7 @@ using PinnedBuffer = CudaBuffer<MemoryKind::kPinnedHost>;
 // that grow a little every step (the plan gains page ids as sequences lengthen) are reallocated
 // only now and then, not each step (an allocation of pinned memory costs milliseconds, a
 // cudaFree waits for the device). When the memory is not there: RESOURCE_EXHAUSTED naming `what`
-// the buffer holds, and the buffer left empty.
+// the buffer holds, and the buffer left empty (GrowthFailed).
 template <MemoryKind Kind>
 absl::Status Grow(CudaBuffer<Kind>& buffer, size_t bytes, std::string_view what) {
   if (buffer.bytes() >= bytes) return absl::OkStatus();

@@ -347,6 +347,7 @@ absl::Status CudaBackend::ReserveDecodeStates() {
       DecodeStateCount(pool.total_pages(), rows_per_page, config_.n_kv_heads) * sizeof(KeyState);
   absl::StatusOr<DeviceBuffer> states = DeviceBuffer::Allocate(bytes);
   if (!states.ok()) {
+    if (states.status().code() != absl::StatusCode::kResourceExhausted) return states.status();
     return absl::ResourceExhaustedError(absl::StrCat(
         "decode-time eviction keeps a state per cached row beside the KV pool and its ",
         bytes >> 20, " MiB of device memory could not be allocated: ", states.status().message()));

@@ -81,6 +81,26 @@ TEST(Bf16Test, HostRoundingMatchesCuda) {
   }
 }
 
+// ---- a buffer that cannot grow (host; runs without a GPU) ----
+
+TEST(GrowthFailedTest, OutOfMemoryIsResourceExhaustedAndALostDeviceIsNot) {
+  const absl::Status no_memory = GrowthFailed(
+      "the chosen tokens", 3 << 20, MemoryKind::kDevice,
+      absl::ResourceExhaustedError("cudaMalloc(3145728 bytes): cudaErrorMemoryAllocation"));
+  EXPECT_EQ(no_memory.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(no_memory.message(),
+            "no device memory left for the chosen tokens: 3.0 MiB could not be allocated "
+            "(cudaMalloc(3145728 bytes): cudaErrorMemoryAllocation)");
+  // A device lost for good makes every allocation fail too: that is not a lack of memory.
+  const absl::Status lost =
+      GrowthFailed("the page list changes", 2048, MemoryKind::kPinnedHost,
+                   absl::InternalError("cudaMallocHost(2048 bytes): cudaErrorIllegalAddress"));
+  EXPECT_EQ(lost.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(lost.message(),
+            "allocating 0.0 MiB of page-locked host memory for the page list changes: "
+            "cudaMallocHost(2048 bytes): cudaErrorIllegalAddress");
+}
+
 // ---- embedding ----
 
 TEST_F(CudaKernelsTest, EmbeddingMatchesTableRows) {

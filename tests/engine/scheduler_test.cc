@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -458,6 +459,59 @@ TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
   EXPECT_EQ((*scheduler)->stats().running, 0);
   EXPECT_EQ((*scheduler)->stats().waiting, 0);
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
+}
+
+// Runs the CPU backend; its device is lost once the test says so, while no request runs (an
+// uncorrectable ECC error, a fault from another user of the context).
+class IdleLossBackend : public Backend {
+ public:
+  explicit IdleLossBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    return cpu_->Forward(steps, out);
+  }
+  absl::Status DeviceStatus() const override {
+    ++checks;
+    return lost ? absl::InternalError("the GPU: cudaErrorECCUncorrectable") : absl::OkStatus();
+  }
+  std::atomic<bool> lost{false};
+  mutable std::atomic<int> checks{0};
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+};
+
+TEST_F(SchedulerTest, ADeviceLostWhileIdleShowsInHealthBeforeTheNextRequest) {
+  IdleLossBackend* backend = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      CreateAround<IdleLossBackend>(model_, tokenizer_,
+                                    {.pool_bytes = 1 << 22,
+                                     .page_bytes = 1024,
+                                     .idle_device_check = std::chrono::milliseconds(2)},
+                                    &backend);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  (*scheduler)->Start();
+  // Served as usual between the checks.
+  std::shared_ptr<RecordingSink> served = Submit(**scheduler, Greedy(RandomPrompt(6, 920), 4));
+  served->WaitFinished();
+  EXPECT_EQ(served->finish.reason, FinishReason::kLength) << served->finish.error;
+  EXPECT_TRUE((*scheduler)->health().ok());
+
+  backend->lost = true;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while ((*scheduler)->health().ok() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const absl::Status health = (*scheduler)->health();
+  EXPECT_EQ(health.message(), "the GPU: cudaErrorECCUncorrectable");
+  auto refused = std::make_shared<RecordingSink>();
+  absl::StatusOr<uint64_t> handle = (*scheduler)->Submit(Greedy(RandomPrompt(5, 921), 4), refused);
+  EXPECT_EQ(handle.status().code(), absl::StatusCode::kUnavailable) << handle.status();
+  // Once lost, the device is not asked again.
+  const int checks = backend->checks;
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(backend->checks, checks);
+  (*scheduler)->Stop();
+  EXPECT_EQ(refused->finish_calls, 0);
 }
 
 // The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.

@@ -359,6 +359,16 @@ class NoDecodeEviction(unittest.TestCase):
                              f"{policy}: {result.details}")
             self.assertIn("--decode-eviction=false", result.details)
 
+    def test_the_cli_names_the_code(self):
+        address = f"127.0.0.1:{self.server.port}"
+        done = subprocess.run(
+            [harness.PATHS.cli, "generate", "--server", address, "--prompt", "Hi",
+             "--max-tokens", "2", "--compression", "eviction=corm"],
+            capture_output=True, text=True, timeout=harness.STREAM_TIMEOUT)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(f"kvtrim: {address}: FAILED_PRECONDITION: ", done.stderr)
+        self.assertIn("--decode-eviction=false", done.stderr)
+
     def test_other_requests_are_served(self):
         result = generate(self.server.stub, self.request(policy="snapkv", budget_ratio=0.5))
         self.assertTrue(result.ok, f"{result.code} {result.details}")

@@ -7,6 +7,7 @@
 #include <iterator>
 #include <memory>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -19,8 +20,11 @@ namespace {
 
 absl::Status FromGrpc(const grpc::Status& status, const std::string& server) {
   if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(server, ": ", status.error_message()));
+  // The code is part of the message: UNAVAILABLE or RESOURCE_EXHAUSTED may be worth a retry,
+  // INVALID_ARGUMENT is not.
+  const auto code = static_cast<absl::StatusCode>(status.error_code());
+  return absl::Status(code, absl::StrCat(server, ": ", absl::StatusCodeToString(code), ": ",
+                                         status.error_message()));
 }
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const ClientOptions& client) {

@@ -6,7 +6,7 @@
 #
 #   cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release
 #   cmake --build build-cuda --target cuda_kernels_test cuda_attention_test cuda_forward_test \
-#     cuda_limits_bench kvtrim kvtrim-server
+#     cuda_limits_bench kvtrim kvtrim-server kvtrim_device_fault
 #   tools/gpu/bundle.sh [build-cuda] [--model PATH]
 #
 # Then, on the GPU machine (see run_tests.sh): the first call carries .gpu/bundle and
@@ -71,6 +71,11 @@ for binary in "${binaries[@]}"; do
     copied[$name]=1
   done < <(ldd "$binary")
 done
+# Preloaded by tools/gpu/device_loss.sh; it needs nothing beyond the C and C++ runtimes.
+if [[ -f $build/tests/libkvtrim_device_fault.so ]]; then
+  cp "$build/tests/libkvtrim_device_fault.so" "$stage/lib/"
+  strip --strip-unneeded "$stage/lib/libkvtrim_device_fault.so"
+fi
 
 {
   echo "built from: $(git -C "$root" rev-parse --short HEAD) (+ working tree), $(date -u +%FT%TZ)"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with what tools/gpu/bundle.sh packed:
 # the CUDA tests (plainly, then under compute-sanitizer's memcheck), the CUDA benchmarks, an end
-# to end check of the kvtrim CLI and kvtrim-server on --device cuda, and the PyTorch baselines
-# (tools/gpu/torch_baselines.py). Logs go to $OUT (default /tmp/kvtrim-gpu): device.txt, one
-# <name>.log per program, summary.txt. Every program runs even when an earlier one fails; the
-# exit status is non-zero when any test failed.
+# to end check of the kvtrim CLI and kvtrim-server on --device cuda, kvtrim-server losing its GPU
+# (device_loss.sh), and the PyTorch baselines (tools/gpu/torch_baselines.py). Logs go to $OUT
+# (default /tmp/kvtrim-gpu): device.txt, one <name>.log per program, summary.txt. Every program
+# runs even when an earlier one fails; the exit status is non-zero when any test failed.
 #
 # What arrives is kept in /tmp/kvtrim-stage, which outlives a call while the machine stays warm:
 # .gpu/bundle (the binaries) and the two parts of the SmolLM2 GGUF, .gpu/model_a and
@@ -142,6 +142,14 @@ if [[ -n $have_model && -z ${SKIP_E2E:-} && -x $bundle/bin/kvtrim ]]; then
       grep -E 'backend|error|KV pool' "$out/kvtrim_server_$dtype.log" | sed 's/^/  /'
     done
   fi
+fi
+
+# ---- the server when its GPU fails for good (dummy weights: no model needed)
+if [[ -z ${SKIP_E2E:-} && ${ONLY:-} != smollm2 && -x $bundle/bin/kvtrim-server &&
+  -f $bundle/lib/libkvtrim_device_fault.so ]]; then
+  run device_loss env BIN="$bundle/bin" LIB="$bundle/lib" OUT="$out/device_loss" \
+    "${with_bundle[@]}" tools/gpu/device_loss.sh || failed=1
+  grep "^device loss" "$out/device_loss.log" | sed 's/^/  /'
 fi
 
 if [[ -z ${SKIP_BENCH:-} && ${ONLY:-} != smollm2 ]]; then
