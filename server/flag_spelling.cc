@@ -2,7 +2,11 @@
 
 #include <algorithm>
 
+#include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 
 namespace kvtrim {
 
@@ -17,6 +21,23 @@ std::vector<std::string> DashedFlagsToUnderscores(int argc, char** argv) {
     if (absl::FindCommandLineFlag(name) || negated) arg = "--" + name + arg.substr(end);
   }
   return args;
+}
+
+std::vector<std::string> ParseFlags(int argc, char** argv, std::string_view own_source,
+                                    std::string_view usage) {
+  absl::FlagsUsageConfig config;
+  config.contains_help_flags = [own = std::string(own_source)](absl::string_view file) {
+    return absl::EndsWith(file, own);
+  };
+  config.contains_helpshort_flags = config.contains_help_flags;
+  absl::SetFlagsUsageConfig(config);
+  absl::SetProgramUsageMessage(std::string(usage));
+  std::vector<std::string> spelled = DashedFlagsToUnderscores(argc, argv);
+  std::vector<char*> pointers;
+  for (std::string& arg : spelled) pointers.push_back(arg.data());
+  const std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(pointers.size()), pointers.data());
+  return std::vector<std::string>(positional.begin(), positional.end());
 }
 
 }  // namespace kvtrim

@@ -20,10 +20,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "engine/backend_choice.h"
@@ -372,18 +368,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // --help lists this binary's own flags (those defined in this file), with their defaults.
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "server/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
-      "kvtrim-server (--model PATH | --load-format dummy --arch NAME) [--listen HOST:PORT] "
-      "[flags]");
-  std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
-  std::vector<char*> args;
-  for (std::string& arg : spelled) args.push_back(arg.data());
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  kvtrim::ParseFlags(argc, argv, "server/main.cc",
+                     "kvtrim-server (--model PATH | --load-format dummy --arch NAME) "
+                     "[--listen HOST:PORT] [flags]");
   return kvtrim::server::Run();
 }

@@ -27,11 +27,8 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/backend_choice.h"
 #include "engine/generator.h"
@@ -279,23 +276,13 @@ int Dispatch(const std::string& command) {
 
 int main(int argc, char** argv) {
   // --help lists this binary's own flags (those defined in this file), with their defaults.
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "tools/cli/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
+  const std::vector<std::string> args = kvtrim::ParseFlags(
+      argc, argv, "tools/cli/main.cc",
       "kvtrim generate (--model PATH | --load-format dummy --arch NAME | --server HOST:PORT) "
       "[--device cuda|cpu|auto] [--dtype auto|bfloat16|float16] "
       "(--prompt TEXT | --chat TEXT) "
       "[--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--compression SPEC]\n"
       "       kvtrim tokenize|info|health --server HOST:PORT");
-  std::vector<std::string> spelled = kvtrim::DashedFlagsToUnderscores(argc, argv);
-  std::vector<char*> argv_spelled;
-  for (std::string& arg : spelled) argv_spelled.push_back(arg.data());
-  std::vector<char*> args =
-      absl::ParseCommandLine(static_cast<int>(argv_spelled.size()), argv_spelled.data());
   if (args.size() != 2) {
     std::fprintf(stderr, "usage: %s\n", absl::ProgramUsageMessage().data());
     return 2;
