@@ -799,8 +799,17 @@ void Scheduler::EngineLoop() {
         continue;
       }
     }
+    step_began_.store(std::max<Clock::rep>(Clock::now().time_since_epoch().count(), 1));
     Step();
+    step_began_.store(0);
   }
+}
+
+std::chrono::steady_clock::duration Scheduler::busy_for() const {
+  const Clock::rep began = step_began_.load();
+  if (began == 0) return Clock::duration::zero();
+  return std::max(Clock::now().time_since_epoch() - Clock::duration(began),
+                  Clock::duration::zero());
 }
 
 void Scheduler::Start() {

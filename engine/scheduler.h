@@ -35,6 +35,7 @@
 // at a time (the engine thread started by Start, or the caller of RunUntilIdle).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -139,6 +140,9 @@ class Scheduler {
   // (Backend::DeviceStatus), that error: every request then queued or running has finished with
   // it (kError), and Submit refuses new ones with UNAVAILABLE. It does not clear.
   absl::Status health() const;
+  // How long the step the engine thread (Start) is in has run; zero between steps. A step that
+  // never ends (a GPU kernel that does not return) shows here: kvtrim-server's --step-timeout.
+  std::chrono::steady_clock::duration busy_for() const;
   // OK when requests may ask for `compression`; else INVALID_ARGUMENT saying why (the backend
   // does not run it, or the model uses sliding-window attention).
   absl::Status CompressionSupport(const memory::compress::CompressionConfig& compression) const;
@@ -212,6 +216,8 @@ class Scheduler {
   SchedulerStats snapshot_;     // published at the end of every step
   bool stop_requested_ = false;
   absl::Status device_lost_;  // Backend::DeviceStatus's error once a step left the device unusable
+  // When the engine thread's current step began (steady_clock ticks); 0 between steps.
+  std::atomic<Clock::rep> step_began_{0};
 
   // Engine thread only.
   std::thread thread_;

@@ -3,7 +3,8 @@
 //
 // SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
 // flight run to completion for up to --drain-timeout and are then cancelled; exit code 0. A device
-// that fails for good (a GPU's sticky CUDA error) drains the same way, then exits 1.
+// that fails for good (a GPU's sticky CUDA error) drains the same way, then exits 1; one that
+// does not respond (a step past --step-timeout) exits 1 at once.
 #include <omp.h>
 #include <unistd.h>
 
@@ -74,6 +75,11 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls-key serv
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "on SIGTERM, how long requests in flight may run before they are cancelled");
+ABSL_FLAG(absl::Duration, step_timeout, absl::ZeroDuration(),
+          "longest an engine step may run: past it the device is taken as hung (a kernel that "
+          "does not return) and the server exits 1 at once, to be restarted; 0 = 60s on cuda "
+          "and no limit on the CPU engine (whose steps on a large model may take minutes); "
+          "inf = no limit");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(std::string, device, "auto",
           "engine backend: cuda, cpu, or auto (cuda when this binary has CUDA and a GPU is "
@@ -234,6 +240,14 @@ int Run() {
     spdlog::error("{}", std::string(backend.status().message()));
     return 2;
   }
+  absl::Duration step_timeout = absl::GetFlag(FLAGS_step_timeout);
+  if (step_timeout < absl::ZeroDuration()) {
+    spdlog::error("--step-timeout must not be negative (0 = the backend's default, inf = none)");
+    return 2;
+  }
+  if (step_timeout == absl::ZeroDuration()) {
+    step_timeout = backend->name == "cuda" ? absl::Seconds(60) : absl::InfiniteDuration();
+  }
   scheduler_options.kv_element_bytes = backend->kv_element_bytes;
   scheduler_options.kv_storage = backend->kv_storage;
   scheduler_options.step_tokens = backend->step_tokens;
@@ -313,14 +327,14 @@ int Run() {
       "config: {} backend ({} weights), KV pool {} MiB in {} KiB pages, step {} tokens, max "
       "running {}, "
       "max queued {}, max prompt {} tokens, max new tokens {} (default {}), max message {} MiB, "
-      "auth {}, TLS {}, drain timeout {}, metrics {}, {} engine threads, KV compression {}, "
-      "decode-time eviction {}",
+      "auth {}, TLS {}, drain timeout {}, step timeout {}, metrics {}, {} engine threads, KV "
+      "compression {}, decode-time eviction {}",
       backend->name, weights, scheduler_options.pool_bytes >> 20,
       (*scheduler)->stats().page_bytes >> 10, scheduler_options.step_tokens,
       scheduler_options.max_running, scheduler_options.max_queued, limits.max_prompt_tokens,
       limits.max_new_tokens, limits.default_max_tokens, absl::GetFlag(FLAGS_max_message_mib),
       api_key->empty() ? "off" : "on", absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : "on",
-      absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)),
+      absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)), absl::FormatDuration(step_timeout),
       metrics ? absl::StrCat(":", absl::GetFlag(FLAGS_metrics_port), "/metrics") : "off",
       omp_get_max_threads(), default_compression->Spec(),
       scheduler_options.decode_eviction ? "on" : "off");
@@ -334,10 +348,23 @@ int Run() {
   std::thread drainer(DrainOnSignal, server.get(), &service, scheduler->get(), signals);
   // Once the device has failed for good (Scheduler::health: every request then ends with the
   // error), the server stops as on SIGTERM and exits 1, so that its supervisor (Kubernetes,
-  // systemd, Docker's restart policy) starts a fresh process.
+  // systemd, Docker's restart policy) starts a fresh process. A step that runs past
+  // --step-timeout has a device that does not respond: nothing can be drained then (the engine
+  // thread is stuck in the step), so the server exits 1 at once and its clients' streams end
+  // with UNAVAILABLE as the connection closes.
   std::atomic<bool> serving{true}, device_failed{false};
   std::thread watcher([&] {
     while (serving.load()) {
+      if (const absl::Duration busy = absl::FromChrono((*scheduler)->busy_for());
+          busy > step_timeout) {
+        spdlog::error(
+            "a step has run for {} (--step-timeout {}): the device does not respond; exiting "
+            "at once so that the server is restarted",
+            absl::FormatDuration(absl::Trunc(busy, absl::Milliseconds(1))),
+            absl::FormatDuration(step_timeout));
+        spdlog::default_logger()->flush();
+        std::_Exit(1);
+      }
       if (const absl::Status health = (*scheduler)->health(); !health.ok()) {
         spdlog::error("the device failed: {}; stopping so that the server is restarted",
                       std::string(health.message()));

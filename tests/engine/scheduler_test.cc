@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -512,6 +514,65 @@ TEST_F(SchedulerTest, ADeviceLostWhileIdleShowsInHealthBeforeTheNextRequest) {
   EXPECT_EQ(backend->checks, checks);
   (*scheduler)->Stop();
   EXPECT_EQ(refused->finish_calls, 0);
+}
+
+// Runs the CPU backend, each Forward first waiting until the test lets it go (a step that
+// hangs until then).
+class GatedBackend : public Backend {
+ public:
+  explicit GatedBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++entered_;
+    changed_.notify_all();
+    changed_.wait(lock, [&] { return open_; });
+    lock.unlock();
+    return cpu_->Forward(steps, out);
+  }
+  void WaitEntered() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return entered_ > 0; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    changed_.notify_all();
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  int entered_ = 0;
+  bool open_ = false;
+};
+
+TEST_F(SchedulerTest, BusyForIsHowLongTheStepInProgressHasRun) {
+  GatedBackend* backend = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler = CreateAround<GatedBackend>(
+      model_, tokenizer_, {.pool_bytes = 1 << 22, .page_bytes = 1024}, &backend);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  EXPECT_EQ((*scheduler)->busy_for(), std::chrono::steady_clock::duration::zero());
+  (*scheduler)->Start();
+  const auto submitted = std::chrono::steady_clock::now();
+  std::shared_ptr<RecordingSink> sink = Submit(**scheduler, Greedy(RandomPrompt(6, 930), 3));
+  backend->WaitEntered();  // the first step is in Forward, held there
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto busy = (*scheduler)->busy_for();
+  EXPECT_GE(busy, std::chrono::milliseconds(50));
+  EXPECT_LE(busy, std::chrono::steady_clock::now() - submitted);  // the step began after Submit
+  EXPECT_GE((*scheduler)->busy_for(), busy);  // it keeps growing while the step is held
+  backend->Open();
+  sink->WaitFinished();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kLength) << sink->finish.error;
+  // Between steps, once idle: zero.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while ((*scheduler)->busy_for() != std::chrono::steady_clock::duration::zero() &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ((*scheduler)->busy_for(), std::chrono::steady_clock::duration::zero());
+  (*scheduler)->Stop();
 }
 
 // The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.

@@ -1,6 +1,6 @@
 """A request's and the server's lifecycle: a deadline shorter than the generation, a full queue,
-draining on SIGTERM (new requests refused, requests in flight complete, exit code 0), and the
-drain timeout cancelling what is left."""
+draining on SIGTERM (new requests refused, requests in flight complete, exit code 0), the
+drain timeout cancelling what is left, and a step past --step-timeout ending the server."""
 
 import threading
 import time
@@ -186,6 +186,38 @@ class Drain(unittest.TestCase):
             self.assertIn("drain timeout: cancelling 1 requests", server.log_text())
         finally:
             server.kill()
+
+
+
+class StepTimeout(unittest.TestCase):
+
+    def test_a_step_past_the_limit_ends_the_server(self):
+        """A step that runs past --step-timeout (here every step of the CPU engine: 1 ms) is
+        taken as a device that does not respond: the server exits 1 at once, and the stream in
+        flight ends with UNAVAILABLE as the connection closes."""
+        server = Server("step-timeout", "--step-timeout", "1ms")
+        try:
+            self.assertIn("step timeout 1ms", server.log_text())
+            results, errors = [None], []
+            threads = wait_for_first_messages(server.stub, [long_request(4096)], 1, results,
+                                              errors)
+            self.assertEqual(server.wait(), 1)
+            threads[0].join()
+            self.assertEqual(errors, [])
+            self.assertEqual(results[0].code, grpc.StatusCode.UNAVAILABLE, results[0].details)
+            self.assertLess(len(results[0].ids), 4096)
+            self.assertRegex(server.log_text(),
+                             r"a step has run for \S+ \(--step-timeout 1ms\): the device does "
+                             r"not respond; exiting at once")
+        finally:
+            server.kill()
+
+    def test_the_cpu_engine_has_no_limit_by_default(self):
+        server = Server("no-step-timeout")
+        try:
+            self.assertIn("step timeout inf", server.log_text())
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

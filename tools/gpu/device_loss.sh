@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# kvtrim-server when its GPU fails for good: libkvtrim_device_fault.so
-# (tests/server/device_fault.cu), preloaded into the server, writes to address 16 on the device
-# when told to, which loses the process's CUDA context as a fault in one of the engine's kernels
-# or an uncorrectable ECC error would. Dummy weights of --arch, so no model file travels. Two
-# cases, one server each:
-#   busy: CLIENTS streaming requests are decoding at the fault; every client must end with
-#         UNAVAILABLE, naming the device's error;
-#   idle: no request runs at the fault; the server must find it without one.
-# In both the server must log that the device failed, stop without hanging and exit 1 (within
-# 60 s), so that its supervisor (Kubernetes, systemd, Docker's restart policy) starts a fresh
-# one. Also printed: the first health check after the fault that did not answer SERVING. Runs
-# where the bundle's binaries run (the GPU machine); exits 1 when a check fails:
+# kvtrim-server when its GPU fails: libkvtrim_device_fault.so (tests/server/device_fault.cu),
+# preloaded into the server, makes the device fail when told to. Dummy weights of --arch, so no
+# model file travels. Three cases, one server each:
+#   busy: CLIENTS streaming requests are decoding when a kernel writes to address 16, which loses
+#         the process's CUDA context as a fault in one of the engine's kernels or an
+#         uncorrectable ECC error would; every client must end with UNAVAILABLE, naming the
+#         device's error, and the server must log that the device failed;
+#   idle: the same with no request running; the server must find it without one;
+#   hang: CLIENTS streaming requests are decoding when blocks that never return take every SM,
+#         so the step in flight never ends; with --step-timeout 5s the server must log that the
+#         device does not respond, and every client must end with UNAVAILABLE.
+# In every case the server must stop without hanging and exit 1 (within 60 s), so that its
+# supervisor (Kubernetes, systemd, Docker's restart policy) starts a fresh one. Also printed: the
+# first health check after the fault that did not answer SERVING. Runs where the bundle's
+# binaries run (the GPU machine); exits 1 when a check fails:
 #
-#   BIN=DIR LIB=DIR [ARCH=smollm2-135m] [CLIENTS=8] [CASES="busy idle"] tools/gpu/device_loss.sh
+#   BIN=DIR LIB=DIR [ARCH=smollm2-135m] [CLIENTS=8] [CASES="busy idle hang"] tools/gpu/device_loss.sh
 #
 # DIR holds kvtrim-server and kvtrim (a staged bundle's bin/), LIB libkvtrim_device_fault.so
 # (its lib/). Logs go to $OUT/<case> (default /tmp/kvtrim-device-loss).
@@ -35,10 +38,15 @@ run_case() {
   }
   mkdir -p "$out"
   rm -f "$out"/*.log "$out/fault"
+  local mode=lost injected="device_fault: wrote to address 16" logged="the device failed"
+  if [[ $case = hang ]]; then
+    mode=hang injected="device_fault: .* spinning" logged="the device does not respond"
+  fi
   LD_PRELOAD="$lib/libkvtrim_device_fault.so" KVTRIM_DEVICE_FAULT_FILE="$out/fault" \
+    KVTRIM_DEVICE_FAULT_MODE=$mode \
     "$bin/kvtrim-server" --load_format dummy --arch "$arch" --device cuda \
     --listen "127.0.0.1:$port" --metrics_port 0 --max_new_tokens 1000000 --drain_timeout 30s \
-    >"$out/server.log" 2>&1 &
+    --step_timeout 5s >"$out/server.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
     "$bin/kvtrim" health --server "127.0.0.1:$port" >/dev/null 2>&1 && break
@@ -51,7 +59,7 @@ run_case() {
   done
 
   local pids=() i waiting=0
-  if [[ $case = busy ]]; then
+  if [[ $case != idle ]]; then
     for i in $(seq 0 $((clients - 1))); do
       # Until the context is full: far longer than the test.
       local flags=(--max_tokens 1000000 --ignore_eos)
@@ -96,8 +104,8 @@ run_case() {
   rc=$?
   ended=$(date +%s.%N)
   ((rc == 1)) || fail "server exited $rc, not 1"
-  grep -q "device_fault: wrote to address 16" "$out/server.log" || fail "the fault was not injected"
-  grep -q "the device failed" "$out/server.log" || fail "server did not log the device failure"
+  grep -q "$injected" "$out/server.log" || fail "the fault was not injected"
+  grep -q "$logged" "$out/server.log" || fail "server did not log \"$logged\""
   local unavailable=0 crc
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"
@@ -111,7 +119,7 @@ run_case() {
     fi
   done
   echo "$case: server log after the fault:"
-  grep -aE "device_fault|error|warn|stopp|drain" "$out/server.log" | grep -v "chat template" |
+  grep -aE "device_fault|error|warn|stopp|drain|respond" "$out/server.log" | grep -v "chat template" |
     cut -c1-300 | sed 's/^/  /'
   ((${#pids[@]})) && echo "$case: a client's end: $(tail -1 "$out/client_0.log" | cut -c1-300)"
   [[ -n $health_seen ]] && echo "$case: health after the fault: $(tail -1 "$out/health.log" | cut -c1-200)"
@@ -121,7 +129,7 @@ run_case() {
   return $case_failed
 }
 
-for case in ${CASES:-busy idle}; do
+for case in ${CASES:-busy idle hang}; do
   run_case "$case" || failed=1
 done
 exit $failed
