@@ -1,8 +1,12 @@
 #include "server/generate_reactor.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -99,6 +103,7 @@ class StreamSink final : public engine::RequestSink {
   }
 
   void OnFinish(const engine::Finish& finish) override {
+    if (ended_.exchange(true)) return;  // ended by the server already (End)
     LogFinish(finish);
     service_->CountFinished(finish.kv_bytes);
     if (service_->metrics()) service_->metrics()->RequestFinished(finish);
@@ -142,6 +147,21 @@ class StreamSink final : public engine::RequestSink {
   void Detach() {
     std::lock_guard lock(mu_);
     reactor_ = nullptr;
+  }
+
+  // Any thread: ends the stream with `status` unless the engine has finished it
+  // (InferenceService::EndStreams). Returns whether it did.
+  bool End(const grpc::Status& status) {
+    if (ended_.exchange(true)) return false;
+    spdlog::info("request {} finished: error | ended by the server: {}", request_id_,
+                 status.error_message());
+    {
+      std::lock_guard lock(mu_);
+      status_ = status;
+      MaybeWriteLocked();
+    }
+    service_->StreamEnded();
+    return true;
   }
 
  private:
@@ -214,7 +234,8 @@ class StreamSink final : public engine::RequestSink {
   bool write_in_flight_ = false;
   bool finish_called_ = false;
   bool broken_ = false;
-  std::optional<grpc::Status> status_;  // set by OnFinish
+  std::optional<grpc::Status> status_;  // set by OnFinish or End
+  std::atomic<bool> ended_ = false;     // OnFinish or End has run: the other does nothing
 };
 
 GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServerContext* context,
@@ -261,6 +282,29 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
     return;
   }
   sink_->set_handle(*handle);
+  service->TrackStream(sink_);
+}
+
+void InferenceService::TrackStream(std::weak_ptr<StreamSink> sink) {
+  std::lock_guard lock(tracked_mu_);
+  if (tracked_.size() >= tracked_prune_at_) {
+    std::erase_if(tracked_, [](const std::weak_ptr<StreamSink>& s) { return s.expired(); });
+    tracked_prune_at_ = std::max<size_t>(64, 2 * tracked_.size());
+  }
+  tracked_.push_back(std::move(sink));
+}
+
+int InferenceService::EndStreams(const grpc::Status& status) {
+  std::vector<std::shared_ptr<StreamSink>> live;
+  {
+    std::lock_guard lock(tracked_mu_);
+    for (const std::weak_ptr<StreamSink>& s : tracked_) {
+      if (std::shared_ptr<StreamSink> sink = s.lock()) live.push_back(std::move(sink));
+    }
+  }
+  int ended = 0;
+  for (const std::shared_ptr<StreamSink>& sink : live) ended += sink->End(status);
+  return ended;
 }
 
 void GenerateReactor::OnWriteDone(bool ok) { sink_->WriteDone(ok); }

@@ -6,7 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "engine/scheduler.h"
 #include "kvtrim/v1/inference.grpc.pb.h"
@@ -16,6 +19,8 @@
 #include "server/validate.h"
 
 namespace kvtrim::server {
+
+class StreamSink;  // one Generate stream's engine side (generate_reactor.cc)
 
 struct ServiceOptions {
   RequestLimits limits;
@@ -76,6 +81,14 @@ class InferenceService final : public InferenceCallbackBase {
   void StreamStarted() { ++streams_in_flight_; }
   void StreamEnded() { --streams_in_flight_; }
   int64_t streams_in_flight() const { return streams_in_flight_; }
+  // The Generate streams taken in, so that they can be ended without the engine (EndStreams); a
+  // stream that has gone drops out by itself.
+  void TrackStream(std::weak_ptr<StreamSink> sink);
+  // Ends every tracked stream the engine has not finished yet with `status`, as the engine would
+  // have; what the engine publishes for them afterwards is dropped. For a device that does not
+  // respond, whose engine thread is stuck in a step. Returns how many it ended. (Defined in
+  // generate_reactor.cc, beside StreamSink.)
+  int EndStreams(const grpc::Status& status);
 
   // OK, or the status a new request must be refused with (authentication, draining); the
   // refusal is logged and counted.
@@ -94,6 +107,9 @@ class InferenceService final : public InferenceCallbackBase {
   std::atomic<int64_t> kv_bytes_stored_total_ = 0;
   std::atomic<int64_t> kv_bytes_saved_total_ = 0;
   std::atomic<int64_t> streams_in_flight_ = 0;
+  std::mutex tracked_mu_;
+  std::vector<std::weak_ptr<StreamSink>> tracked_;  // pruned of expired ones as it grows
+  size_t tracked_prune_at_ = 64;
 };
 
 // absl → gRPC status, same code and message.

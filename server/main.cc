@@ -4,7 +4,8 @@
 // SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
 // flight run to completion for up to --drain-timeout and are then cancelled; exit code 0. A device
 // that fails for good (a GPU's sticky CUDA error) drains the same way, then exits 1; one that
-// does not respond (a step past --step-timeout) exits 1 at once.
+// does not respond (a step past --step-timeout) ends every stream with UNAVAILABLE and exits 1
+// without draining.
 #include <omp.h>
 #include <unistd.h>
 
@@ -350,18 +351,28 @@ int Run() {
   // error), the server stops as on SIGTERM and exits 1, so that its supervisor (Kubernetes,
   // systemd, Docker's restart policy) starts a fresh process. A step that runs past
   // --step-timeout has a device that does not respond: nothing can be drained then (the engine
-  // thread is stuck in the step), so the server exits 1 at once and its clients' streams end
-  // with UNAVAILABLE as the connection closes.
+  // thread is stuck in the step), so the server ends every stream with UNAVAILABLE itself, gives
+  // gRPC a moment to send those, and exits 1 without joining the engine thread.
   std::atomic<bool> serving{true}, device_failed{false};
   std::thread watcher([&] {
     while (serving.load()) {
       if (const absl::Duration busy = absl::FromChrono((*scheduler)->busy_for());
           busy > step_timeout) {
-        spdlog::error(
-            "a step has run for {} (--step-timeout {}): the device does not respond; exiting "
-            "at once so that the server is restarted",
-            absl::FormatDuration(absl::Trunc(busy, absl::Milliseconds(1))),
-            absl::FormatDuration(step_timeout));
+        const std::string why =
+            absl::StrCat("the device does not respond: a step has run for ",
+                         absl::FormatDuration(absl::Trunc(busy, absl::Milliseconds(1))),
+                         " (--step-timeout ", absl::FormatDuration(step_timeout), ")");
+        spdlog::error("{}; ending every stream and exiting so that the server is restarted", why);
+        server->GetHealthCheckService()->SetServingStatus(false);
+        service.StartDraining();
+        const int ended = service.EndStreams(grpc::Status(
+            grpc::StatusCode::UNAVAILABLE, absl::StrCat(why, "; this server is restarting")));
+        const absl::Time give_up = absl::Now() + absl::Seconds(2);
+        while (service.streams_in_flight() > 0 && absl::Now() < give_up) {
+          absl::SleepFor(absl::Milliseconds(10));
+        }
+        absl::SleepFor(absl::Milliseconds(200));  // the streams' last writes, on gRPC's threads
+        spdlog::error("ended {} streams; exiting", ended);
         spdlog::default_logger()->flush();
         std::_Exit(1);
       }
