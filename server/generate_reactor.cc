@@ -149,6 +149,10 @@ class StreamSink final : public engine::RequestSink {
     reactor_ = nullptr;
   }
 
+  // The reactor, when Submit refused the request: the stream is its to finish unless End got
+  // there first (false: End has finished it).
+  bool Claim() { return !ended_.exchange(true); }
+
   // Any thread: ends the stream with `status` unless the engine has finished it
   // (InferenceService::EndStreams). Returns whether it did.
   bool End(const grpc::Status& status) {
@@ -274,15 +278,16 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   }
   sink_ = std::make_shared<StreamSink>(this, service, id, request.output(),
                                        engine_request->compression.Spec());
+  service->TrackStream(sink_);  // before Submit: from then on the engine may be stuck with it
   absl::StatusOr<uint64_t> handle = service->scheduler().Submit(*std::move(engine_request), sink_);
   if (!handle.ok()) {
+    const bool ours = sink_->Claim();
     sink_->Detach();
     sink_.reset();
-    refuse(handle.status());
+    if (ours) refuse(handle.status());
     return;
   }
   sink_->set_handle(*handle);
-  service->TrackStream(sink_);
 }
 
 void InferenceService::TrackStream(std::weak_ptr<StreamSink> sink) {
