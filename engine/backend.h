@@ -96,6 +96,11 @@ class Backend {
   // or an uncorrectable ECC error: every later call fails the same way); the scheduler then ends
   // every request and takes no new ones (Scheduler::health), and the server exits to be restarted.
   virtual absl::Status DeviceStatus() const { return absl::OkStatus(); }
+  // Asked on the engine's thread now and then while no request runs: runs a trivial piece of
+  // work on the device and waits for it. It does not return while the device does not respond
+  // (a kernel that never ends holds it), which Scheduler::busy_for shows as a step that does not
+  // end; an error as DeviceStatus's when the device is unusable for good.
+  virtual absl::Status Probe() { return DeviceStatus(); }
   // OK when Forward takes sequences compressed as `compression` says (SequenceStep::compression);
   // else INVALID_ARGUMENT naming what this backend does not run.
   virtual absl::Status SupportsCompression(

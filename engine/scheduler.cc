@@ -372,8 +372,9 @@ absl::Status Scheduler::health() const {
   return device_lost_;
 }
 
-void Scheduler::CheckDevice() {
-  absl::Status status = backend_->DeviceStatus();
+void Scheduler::CheckDevice() { RecordDeviceLoss(backend_->DeviceStatus()); }
+
+void Scheduler::RecordDeviceLoss(absl::Status status) {
   if (status.ok()) return;
   std::lock_guard<std::mutex> lock(mutex_);
   if (device_lost_.ok()) device_lost_ = std::move(status);
@@ -795,7 +796,10 @@ void Scheduler::EngineLoop() {
       if (stop_requested_) return;
       if (idle) {
         lock.unlock();
-        CheckDevice();  // records the loss for health(); the next Submit is refused
+        // Timed as a step: a device that does not respond holds the probe, and busy_for shows it.
+        step_began_.store(std::max<Clock::rep>(Clock::now().time_since_epoch().count(), 1));
+        RecordDeviceLoss(backend_->Probe());  // health() reports it; the next Submit is refused
+        step_began_.store(0);
         continue;
       }
     }

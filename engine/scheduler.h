@@ -76,8 +76,8 @@ struct SchedulerOptions {
   // eviction state (BackendOptions::decode_eviction).
   bool decode_eviction = true;
   // How often the engine thread asks the backend whether its device still works while no request
-  // runs (Backend::DeviceStatus), so that a GPU lost while idle shows in health() before the next
-  // request finds it. Zero: only after a failed step.
+  // runs (Backend::Probe), so that a GPU lost while idle shows in health(), and one that does not
+  // respond in busy_for(), before the next request finds it. Zero: only after a failed step.
   std::chrono::milliseconds idle_device_check{1000};
 };
 
@@ -140,8 +140,9 @@ class Scheduler {
   // (Backend::DeviceStatus), that error: every request then queued or running has finished with
   // it (kError), and Submit refuses new ones with UNAVAILABLE. It does not clear.
   absl::Status health() const;
-  // How long the step the engine thread (Start) is in has run; zero between steps. A step that
-  // never ends (a GPU kernel that does not return) shows here: kvtrim-server's --step-timeout.
+  // How long the step the engine thread (Start) is in, or its idle device check
+  // (Backend::Probe), has run; zero between them. One that never ends (a GPU kernel that does not
+  // return) shows here: kvtrim-server's --step-timeout.
   std::chrono::steady_clock::duration busy_for() const;
   // OK when requests may ask for `compression`; else INVALID_ARGUMENT saying why (the backend
   // does not run it, or the model uses sliding-window attention).
@@ -161,6 +162,8 @@ class Scheduler {
   std::vector<uint64_t> TakeIncoming();
   // After a failed Launch / Collect: records Backend::DeviceStatus's error, if any.
   void CheckDevice();
+  // `status`, a DeviceStatus or Probe error, as the device's loss (health()); OK: nothing.
+  void RecordDeviceLoss(absl::Status status);
   // Ends `r` with `status`'s message and code (Finish::error_code).
   void Fail(Active& r, const absl::Status& status);
   // A failed step's error as its requests end with it: UNAVAILABLE once the device is lost.

@@ -359,9 +359,9 @@ int Run() {
       if (const absl::Duration busy = absl::FromChrono((*scheduler)->busy_for());
           busy > step_timeout) {
         const std::string why =
-            absl::StrCat("the device does not respond: a step has run for ",
+            absl::StrCat("the device does not respond: the engine has waited ",
                          absl::FormatDuration(absl::Trunc(busy, absl::Milliseconds(1))),
-                         " (--step-timeout ", absl::FormatDuration(step_timeout), ")");
+                         " for it (--step-timeout ", absl::FormatDuration(step_timeout), ")");
         spdlog::error("{}; ending every stream and exiting so that the server is restarted", why);
         server->GetHealthCheckService()->SetServingStatus(false);
         service.StartDraining();

@@ -42,6 +42,7 @@
 #include "engine/cuda/compress_prompt.h"
 #include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/plan_patch.h"
+#include "engine/cuda/probe.h"
 #include "engine/cuda/status.h"
 #include "engine/rope.h"
 
@@ -399,6 +400,14 @@ absl::Status CudaBackend::DeviceStatus() const {
     if (IsSticky(error)) return CudaStatus(error, "the GPU");
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Probe() {
+  // A launch error that is not sticky (there is none for an empty kernel in practice) is taken
+  // off the runtime's last error, so that the next step's launch checks do not find it.
+  if (LaunchProbe(stream_) == cudaSuccess) cudaStreamSynchronize(stream_);
+  cudaGetLastError();
+  return DeviceStatus();
 }
 
 absl::Status CudaBackend::Prepare(const memory::compress::CompressionConfig& compression) {

@@ -127,6 +127,8 @@ class CudaBackend : public Backend {
   // CUDA's sticky errors (an illegal address, a trap, an uncorrectable ECC error: every later
   // call returns them until the process ends) as Backend::DeviceStatus's error; OK otherwise.
   absl::Status DeviceStatus() const override;
+  // An empty kernel on the backend's stream, waited for.
+  absl::Status Probe() override;
   // Allocates the decode state array for a request under a decode-time policy.
   absl::Status Prepare(const memory::compress::CompressionConfig& compression) override;
   // Prompt selection (snapkv, pyramidkv, streamingllm), ThinK and decode-time eviction (corm,

@@ -575,6 +575,73 @@ TEST_F(SchedulerTest, BusyForIsHowLongTheStepInProgressHasRun) {
   (*scheduler)->Stop();
 }
 
+// Runs the CPU backend; its idle probe does not return until the test lets it (a device that
+// stopped responding while no request ran).
+class HangingProbeBackend : public Backend {
+ public:
+  explicit HangingProbeBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
+    return cpu_->Forward(steps, out);
+  }
+  absl::Status Probe() override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++probes_;
+    changed_.notify_all();
+    changed_.wait(lock, [&] { return !hanging_; });
+    return absl::OkStatus();
+  }
+  void Hang() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    hanging_ = true;
+    probes_ = 0;
+  }
+  void WaitProbed() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return probes_ > 0; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    hanging_ = false;
+    changed_.notify_all();
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  int probes_ = 0;
+  bool hanging_ = false;
+};
+
+TEST_F(SchedulerTest, AnIdleProbeThatDoesNotReturnShowsInBusyFor) {
+  HangingProbeBackend* backend = nullptr;
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      CreateAround<HangingProbeBackend>(model_, tokenizer_,
+                                        {.pool_bytes = 1 << 22,
+                                         .page_bytes = 1024,
+                                         .idle_device_check = std::chrono::milliseconds(2)},
+                                        &backend);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  (*scheduler)->Start();
+  backend->Hang();
+  backend->WaitProbed();  // the engine thread is in a probe that does not return
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_GE((*scheduler)->busy_for(), std::chrono::milliseconds(50));
+  EXPECT_TRUE((*scheduler)->health().ok());  // not responding is not an error: only slow
+  backend->Release();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while ((*scheduler)->busy_for() >= std::chrono::milliseconds(50) &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_LT((*scheduler)->busy_for(), std::chrono::milliseconds(50));
+  // Requests are served as before.
+  std::shared_ptr<RecordingSink> served = Submit(**scheduler, Greedy(RandomPrompt(6, 940), 3));
+  served->WaitFinished();
+  EXPECT_EQ(served->finish.reason, FinishReason::kLength) << served->finish.error;
+  (*scheduler)->Stop();
+}
+
 // The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.
 class ProfilingBackend : public Backend {
  public:

@@ -206,7 +206,7 @@ class StepTimeout(unittest.TestCase):
             self.assertEqual(errors, [])
             self.assertEqual(results[0].code, grpc.StatusCode.UNAVAILABLE, results[0].details)
             self.assertRegex(results[0].details,
-                             r"^the device does not respond: a step has run for \S+ "
+                             r"^the device does not respond: the engine has waited \S+ for it "
                              r"\(--step-timeout 1ms\); this server is restarting$")
             self.assertLess(len(results[0].ids), 4096)
             self.assertIn("ended 1 streams; exiting", server.log_text())

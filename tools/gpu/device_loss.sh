@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kvtrim-server when its GPU fails: libkvtrim_device_fault.so (tests/server/device_fault.cu),
 # preloaded into the server, makes the device fail when told to. Dummy weights of --arch, so no
-# model file travels. Three cases, one server each:
+# model file travels. Four cases, one server each:
 #   busy: CLIENTS streaming requests are decoding when a kernel writes to address 16, which loses
 #         the process's CUDA context as a fault in one of the engine's kernels or an
 #         uncorrectable ECC error would; every client must end with UNAVAILABLE, naming the
@@ -9,13 +9,14 @@
 #   idle: the same with no request running; the server must find it without one;
 #   hang: CLIENTS streaming requests are decoding when blocks that never return take every SM,
 #         so the step in flight never ends; with --step-timeout 5s the server must log that the
-#         device does not respond, and every client must end with UNAVAILABLE.
+#         device does not respond, and every client must end with UNAVAILABLE;
+#   idle-hang: the same with no request running; the server's idle probe must find it.
 # In every case the server must stop without hanging and exit 1 (within 60 s), so that its
 # supervisor (Kubernetes, systemd, Docker's restart policy) starts a fresh one. Also printed: the
 # first health check after the fault that did not answer SERVING. Runs where the bundle's
 # binaries run (the GPU machine); exits 1 when a check fails:
 #
-#   BIN=DIR LIB=DIR [ARCH=smollm2-135m] [CLIENTS=8] [CASES="busy idle hang"] tools/gpu/device_loss.sh
+#   BIN=DIR LIB=DIR [ARCH=smollm2-135m] [CLIENTS=8] [CASES="busy idle hang idle-hang"] tools/gpu/device_loss.sh
 #
 # DIR holds kvtrim-server and kvtrim (a staged bundle's bin/), LIB libkvtrim_device_fault.so
 # (its lib/). Logs go to $OUT/<case> (default /tmp/kvtrim-device-loss).
@@ -39,7 +40,7 @@ run_case() {
   mkdir -p "$out"
   rm -f "$out"/*.log "$out/fault"
   local mode=lost injected="device_fault: wrote to address 16" logged="the device failed"
-  if [[ $case = hang ]]; then
+  if [[ $case = *hang ]]; then
     mode=hang injected="device_fault: .* spinning" logged="the device does not respond"
   fi
   LD_PRELOAD="$lib/libkvtrim_device_fault.so" KVTRIM_DEVICE_FAULT_FILE="$out/fault" \
@@ -59,7 +60,7 @@ run_case() {
   done
 
   local pids=() i waiting=0
-  if [[ $case != idle ]]; then
+  if [[ $case != idle* ]]; then
     for i in $(seq 0 $((clients - 1))); do
       # Until the context is full: far longer than the test.
       local flags=(--max_tokens 1000000 --ignore_eos)
@@ -129,7 +130,7 @@ run_case() {
   return $case_failed
 }
 
-for case in ${CASES:-busy idle hang}; do
+for case in ${CASES:-busy idle hang idle-hang}; do
   run_case "$case" || failed=1
 done
 exit $failed
