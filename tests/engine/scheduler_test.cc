@@ -463,11 +463,46 @@ TEST_F(SchedulerTest, LostDeviceEndsEveryRequestAndRefusesNewOnes) {
   EXPECT_EQ((*scheduler)->pool().free_pages(), (*scheduler)->pool().total_pages());
 }
 
-// Runs the CPU backend; its device is lost once the test says so, while no request runs (an
-// uncorrectable ECC error, a fault from another user of the context).
-class IdleLossBackend : public Backend {
+// Where a backend call waits while the test keeps it shut (a device that does not respond
+// until then); it counts the calls that reached it.
+class Gate {
  public:
-  explicit IdleLossBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  explicit Gate(bool open) : open_(open) {}
+  void Pass() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++arrived_;
+    changed_.notify_all();
+    changed_.wait(lock, [&] { return open_; });
+  }
+  void Shut() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = false;
+    arrived_ = 0;
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    changed_.notify_all();
+  }
+  // Until a call has reached the gate since it was made or last shut.
+  void WaitArrived() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return arrived_ > 0; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  int arrived_ = 0;
+  bool open_;
+};
+
+// Runs the CPU backend with a device that the test controls while no request runs: `lost`
+// makes DeviceStatus report it lost (an uncorrectable ECC error, a fault from another user of
+// the context), and the idle probe passes `gate` (shut: a device that stopped responding).
+class IdleDeviceBackend : public Backend {
+ public:
+  explicit IdleDeviceBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
     return cpu_->Forward(steps, out);
   }
@@ -475,76 +510,76 @@ class IdleLossBackend : public Backend {
     ++checks;
     return lost ? absl::InternalError("the GPU: cudaErrorECCUncorrectable") : absl::OkStatus();
   }
+  absl::Status Probe() override {
+    gate.Pass();
+    return DeviceStatus();
+  }
   std::atomic<bool> lost{false};
   mutable std::atomic<int> checks{0};
+  Gate gate{true};
 
  private:
   std::unique_ptr<Backend> cpu_;
 };
 
-TEST_F(SchedulerTest, ADeviceLostWhileIdleShowsInHealthBeforeTheNextRequest) {
-  IdleLossBackend* backend = nullptr;
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      CreateAround<IdleLossBackend>(model_, tokenizer_,
-                                    {.pool_bytes = 1 << 22,
-                                     .page_bytes = 1024,
-                                     .idle_device_check = std::chrono::milliseconds(2)},
-                                    &backend);
-  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
-  (*scheduler)->Start();
+// A started scheduler around an IdleDeviceBackend, checking its device every 2 ms while idle.
+class IdleCheckTest : public SchedulerTest {
+ protected:
+  std::unique_ptr<Scheduler> StartChecking(IdleDeviceBackend** backend) {
+    absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+        CreateAround<IdleDeviceBackend>(model_, tokenizer_,
+                                        {.pool_bytes = 1 << 22,
+                                         .page_bytes = 1024,
+                                         .idle_device_check = std::chrono::milliseconds(2)},
+                                        backend);
+    EXPECT_TRUE(scheduler.ok()) << scheduler.status();
+    if (!scheduler.ok()) return nullptr;
+    (*scheduler)->Start();
+    return *std::move(scheduler);
+  }
+};
+
+TEST_F(IdleCheckTest, ADeviceLostWhileIdleShowsInHealthBeforeTheNextRequest) {
+  IdleDeviceBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler = StartChecking(&backend);
+  ASSERT_NE(scheduler, nullptr);
   // Served as usual between the checks.
-  std::shared_ptr<RecordingSink> served = Submit(**scheduler, Greedy(RandomPrompt(6, 920), 4));
+  std::shared_ptr<RecordingSink> served = Submit(*scheduler, Greedy(RandomPrompt(6, 920), 4));
   served->WaitFinished();
   EXPECT_EQ(served->finish.reason, FinishReason::kLength) << served->finish.error;
-  EXPECT_TRUE((*scheduler)->health().ok());
+  EXPECT_TRUE(scheduler->health().ok());
 
   backend->lost = true;
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while ((*scheduler)->health().ok() && std::chrono::steady_clock::now() < until) {
+  while (scheduler->health().ok() && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  const absl::Status health = (*scheduler)->health();
+  const absl::Status health = scheduler->health();
   EXPECT_EQ(health.message(), "the GPU: cudaErrorECCUncorrectable");
   auto refused = std::make_shared<RecordingSink>();
-  absl::StatusOr<uint64_t> handle = (*scheduler)->Submit(Greedy(RandomPrompt(5, 921), 4), refused);
+  absl::StatusOr<uint64_t> handle = scheduler->Submit(Greedy(RandomPrompt(5, 921), 4), refused);
   EXPECT_EQ(handle.status().code(), absl::StatusCode::kUnavailable) << handle.status();
   // Once lost, the device is not asked again.
   const int checks = backend->checks;
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_EQ(backend->checks, checks);
-  (*scheduler)->Stop();
+  scheduler->Stop();
   EXPECT_EQ(refused->finish_calls, 0);
 }
 
-// Runs the CPU backend, each Forward first waiting until the test lets it go (a step that
-// hangs until then).
+// Runs the CPU backend, each Forward first passing a gate that starts shut (a step that hangs
+// until the test opens it).
 class GatedBackend : public Backend {
  public:
   explicit GatedBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
   absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
-    std::unique_lock<std::mutex> lock(mutex_);
-    ++entered_;
-    changed_.notify_all();
-    changed_.wait(lock, [&] { return open_; });
-    lock.unlock();
+    gate.Pass();
     return cpu_->Forward(steps, out);
   }
-  void WaitEntered() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    changed_.wait(lock, [&] { return entered_ > 0; });
-  }
-  void Open() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    open_ = true;
-    changed_.notify_all();
-  }
+  Gate gate{false};
 
  private:
   std::unique_ptr<Backend> cpu_;
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  int entered_ = 0;
-  bool open_ = false;
 };
 
 TEST_F(SchedulerTest, BusyForIsHowLongTheStepInProgressHasRun) {
@@ -556,13 +591,13 @@ TEST_F(SchedulerTest, BusyForIsHowLongTheStepInProgressHasRun) {
   (*scheduler)->Start();
   const auto submitted = std::chrono::steady_clock::now();
   std::shared_ptr<RecordingSink> sink = Submit(**scheduler, Greedy(RandomPrompt(6, 930), 3));
-  backend->WaitEntered();  // the first step is in Forward, held there
+  backend->gate.WaitArrived();  // the first step is in Forward, held there
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const auto busy = (*scheduler)->busy_for();
   EXPECT_GE(busy, std::chrono::milliseconds(50));
   EXPECT_LE(busy, std::chrono::steady_clock::now() - submitted);  // the step began after Submit
   EXPECT_GE((*scheduler)->busy_for(), busy);  // it keeps growing while the step is held
-  backend->Open();
+  backend->gate.Open();
   sink->WaitFinished();
   EXPECT_EQ(sink->finish.reason, FinishReason::kLength) << sink->finish.error;
   // Between steps, once idle: zero.
@@ -575,71 +610,27 @@ TEST_F(SchedulerTest, BusyForIsHowLongTheStepInProgressHasRun) {
   (*scheduler)->Stop();
 }
 
-// Runs the CPU backend; its idle probe does not return until the test lets it (a device that
-// stopped responding while no request ran).
-class HangingProbeBackend : public Backend {
- public:
-  explicit HangingProbeBackend(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
-  absl::Status Forward(std::span<const SequenceStep> steps, StepOutput& out) override {
-    return cpu_->Forward(steps, out);
-  }
-  absl::Status Probe() override {
-    std::unique_lock<std::mutex> lock(mutex_);
-    ++probes_;
-    changed_.notify_all();
-    changed_.wait(lock, [&] { return !hanging_; });
-    return absl::OkStatus();
-  }
-  void Hang() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    hanging_ = true;
-    probes_ = 0;
-  }
-  void WaitProbed() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    changed_.wait(lock, [&] { return probes_ > 0; });
-  }
-  void Release() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    hanging_ = false;
-    changed_.notify_all();
-  }
-
- private:
-  std::unique_ptr<Backend> cpu_;
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  int probes_ = 0;
-  bool hanging_ = false;
-};
-
-TEST_F(SchedulerTest, AnIdleProbeThatDoesNotReturnShowsInBusyFor) {
-  HangingProbeBackend* backend = nullptr;
-  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      CreateAround<HangingProbeBackend>(model_, tokenizer_,
-                                        {.pool_bytes = 1 << 22,
-                                         .page_bytes = 1024,
-                                         .idle_device_check = std::chrono::milliseconds(2)},
-                                        &backend);
-  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
-  (*scheduler)->Start();
-  backend->Hang();
-  backend->WaitProbed();  // the engine thread is in a probe that does not return
+TEST_F(IdleCheckTest, AnIdleProbeThatDoesNotReturnShowsInBusyFor) {
+  IdleDeviceBackend* backend = nullptr;
+  std::unique_ptr<Scheduler> scheduler = StartChecking(&backend);
+  ASSERT_NE(scheduler, nullptr);
+  backend->gate.Shut();
+  backend->gate.WaitArrived();  // the engine thread is in a probe that does not return
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  EXPECT_GE((*scheduler)->busy_for(), std::chrono::milliseconds(50));
-  EXPECT_TRUE((*scheduler)->health().ok());  // not responding is not an error: only slow
-  backend->Release();
+  EXPECT_GE(scheduler->busy_for(), std::chrono::milliseconds(50));
+  EXPECT_TRUE(scheduler->health().ok());  // not responding is not an error: only slow
+  backend->gate.Open();
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while ((*scheduler)->busy_for() >= std::chrono::milliseconds(50) &&
+  while (scheduler->busy_for() >= std::chrono::milliseconds(50) &&
          std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  EXPECT_LT((*scheduler)->busy_for(), std::chrono::milliseconds(50));
+  EXPECT_LT(scheduler->busy_for(), std::chrono::milliseconds(50));
   // Requests are served as before.
-  std::shared_ptr<RecordingSink> served = Submit(**scheduler, Greedy(RandomPrompt(6, 940), 3));
+  std::shared_ptr<RecordingSink> served = Submit(*scheduler, Greedy(RandomPrompt(6, 940), 3));
   served->WaitFinished();
   EXPECT_EQ(served->finish.reason, FinishReason::kLength) << served->finish.error;
-  (*scheduler)->Stop();
+  scheduler->Stop();
 }
 
 // The CPU backend reporting a fixed device span for every step, as the CUDA one reports its own.
