@@ -219,7 +219,7 @@ class Scheduler {
   SchedulerStats snapshot_;     // published at the end of every step
   bool stop_requested_ = false;
   absl::Status device_lost_;  // Backend::DeviceStatus's error once a step left the device unusable
-  // When the engine thread's current step began (steady_clock ticks); 0 between steps.
+  // When the engine thread's current step or idle probe began (steady_clock ticks); 0 between.
   std::atomic<Clock::rep> step_began_{0};
 
   // Engine thread only.
