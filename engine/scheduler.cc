@@ -779,6 +779,12 @@ void Scheduler::RunUntilIdle() {
 }
 
 void Scheduler::EngineLoop() {
+  // A step or an idle probe, timed for busy_for: a device that does not respond holds either.
+  const auto timed = [&](auto&& run) {
+    step_began_.store(std::max<Clock::rep>(Clock::now().time_since_epoch().count(), 1));
+    run();
+    step_began_.store(0);
+  };
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -796,16 +802,12 @@ void Scheduler::EngineLoop() {
       if (stop_requested_) return;
       if (idle) {
         lock.unlock();
-        // Timed as a step: a device that does not respond holds the probe, and busy_for shows it.
-        step_began_.store(std::max<Clock::rep>(Clock::now().time_since_epoch().count(), 1));
-        RecordDeviceLoss(backend_->Probe());  // health() reports it; the next Submit is refused
-        step_began_.store(0);
+        // A loss shows in health(), and the next Submit is refused.
+        timed([&] { RecordDeviceLoss(backend_->Probe()); });
         continue;
       }
     }
-    step_began_.store(std::max<Clock::rep>(Clock::now().time_since_epoch().count(), 1));
-    Step();
-    step_began_.store(0);
+    timed([&] { Step(); });
   }
 }
 

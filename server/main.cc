@@ -78,7 +78,8 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "on SIGTERM, how long requests in flight may run before they are cancelled");
 ABSL_FLAG(absl::Duration, step_timeout, absl::ZeroDuration(),
           "longest an engine step may run: past it the device is taken as hung (a kernel that "
-          "does not return) and the server exits 1 at once, to be restarted; 0 = 60s on cuda "
+          "does not return), every stream ends with UNAVAILABLE and the server exits 1 without "
+          "draining, to be restarted; 0 = 60s on cuda "
           "and no limit on the CPU engine (whose steps on a large model may take minutes); "
           "inf = no limit");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
