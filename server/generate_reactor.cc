@@ -278,7 +278,16 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   }
   sink_ = std::make_shared<StreamSink>(this, service, id, request.output(),
                                        engine_request->compression.Spec());
-  service->TrackStream(sink_);  // before Submit: from then on the engine may be stuck with it
+  // Tracked before Submit: from then on the engine may be stuck with it.
+  if (grpc::Status ended = service->TrackStream(sink_); !ended.ok()) {
+    sink_->Detach();
+    sink_.reset();
+    spdlog::info("request {} finished: error | ended by the server: {}", id,
+                 ended.error_message());
+    service->StreamEnded();
+    Finish(ended);
+    return;
+  }
   absl::StatusOr<uint64_t> handle = service->scheduler().Submit(*std::move(engine_request), sink_);
   if (!handle.ok()) {
     const bool ours = sink_->Claim();
@@ -290,19 +299,22 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   sink_->set_handle(*handle);
 }
 
-void InferenceService::TrackStream(std::weak_ptr<StreamSink> sink) {
+grpc::Status InferenceService::TrackStream(std::weak_ptr<StreamSink> sink) {
   std::lock_guard lock(tracked_mu_);
+  if (streams_ended_) return *streams_ended_;
   if (tracked_.size() >= tracked_prune_at_) {
     std::erase_if(tracked_, [](const std::weak_ptr<StreamSink>& s) { return s.expired(); });
     tracked_prune_at_ = std::max<size_t>(64, 2 * tracked_.size());
   }
   tracked_.push_back(std::move(sink));
+  return grpc::Status::OK;
 }
 
 int InferenceService::EndStreams(const grpc::Status& status) {
   std::vector<std::shared_ptr<StreamSink>> live;
   {
     std::lock_guard lock(tracked_mu_);
+    streams_ended_ = status;
     for (const std::weak_ptr<StreamSink>& s : tracked_) {
       if (std::shared_ptr<StreamSink> sink = s.lock()) live.push_back(std::move(sink));
     }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -82,12 +83,15 @@ class InferenceService final : public InferenceCallbackBase {
   void StreamEnded() { --streams_in_flight_; }
   int64_t streams_in_flight() const { return streams_in_flight_; }
   // The Generate streams taken in, so that they can be ended without the engine (EndStreams); a
-  // stream that has gone drops out by itself.
-  void TrackStream(std::weak_ptr<StreamSink> sink);
+  // stream that has gone drops out by itself. OK, or, once EndStreams has run, the status it
+  // ended the streams with: a stream that passed Admit just before the drain began and comes to
+  // be tracked only after EndStreams must end the same way, not wait for an engine that is stuck.
+  grpc::Status TrackStream(std::weak_ptr<StreamSink> sink);
   // Ends every tracked stream the engine has not finished yet with `status`, as the engine would
-  // have; what the engine publishes for them afterwards is dropped. For a device that does not
-  // respond, whose engine thread is stuck in a step. Returns how many it ended. (Defined in
-  // generate_reactor.cc, beside StreamSink.)
+  // have; what the engine publishes for them afterwards is dropped, and a stream tracked later is
+  // refused with `status` (TrackStream). For a device that does not respond, whose engine thread
+  // is stuck in a step. Returns how many it ended. (Defined in generate_reactor.cc, beside
+  // StreamSink.)
   int EndStreams(const grpc::Status& status);
 
   // OK, or the status a new request must be refused with (authentication, draining); the
@@ -110,6 +114,7 @@ class InferenceService final : public InferenceCallbackBase {
   std::mutex tracked_mu_;
   std::vector<std::weak_ptr<StreamSink>> tracked_;  // pruned of expired ones as it grows
   size_t tracked_prune_at_ = 64;
+  std::optional<grpc::Status> streams_ended_;  // EndStreams' status, once it has run
 };
 
 // absl → gRPC status, same code and message.
