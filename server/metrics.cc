@@ -112,6 +112,19 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& addr
                       .Name("kvtrim_requests_rejected_total")
                       .Help("Requests refused before they were queued, by gRPC status code.")
                       .Register(r);
+  // Every finish reason and every code the server refuses with exists at 0 from the start:
+  // rate() and increase() need a sample before the first event, so a series that appeared at 1
+  // would hide its first request (an alert on reason="error" would never see a lone error).
+  for (engine::FinishReason reason :
+       {engine::FinishReason::kEos, engine::FinishReason::kStop, engine::FinishReason::kLength,
+        engine::FinishReason::kCancelled, engine::FinishReason::kDeadline,
+        engine::FinishReason::kError}) {
+    m->finished_->Add({{"reason", engine::FinishReasonName(reason)}});
+  }
+  for (const char* code : {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                           "UNAVAILABLE", "UNAUTHENTICATED"}) {
+    m->rejected_->Add({{"code", code}});
+  }
   m->prompt_tokens_ = &prometheus::BuildCounter()
                            .Name("kvtrim_prompt_tokens_total")
                            .Help("Prompt tokens of finished requests.")

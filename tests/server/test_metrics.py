@@ -1,7 +1,10 @@
 """/metrics after a known load: every family is there with its type, and the counters and
-histogram counts equal what was sent and streamed."""
+histogram counts equal what was sent and streamed. A fresh server already has every series the
+deployment's rules and dashboard read, the labelled counters at 0."""
 
 import math
+import os
+import re
 import unittest
 
 import harness
@@ -23,10 +26,32 @@ class MetricsAfterLoad(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.server = Server("metrics", "--kv-pool-mib", str(POOL_MIB))
+        cls.fresh = cls.server.metrics()  # before any request
 
     @classmethod
     def tearDownClass(cls):
         cls.server.stop()
+
+    def test_a_fresh_server_has_every_reason_and_code_at_zero(self):
+        """rate() needs a sample before a series' first event: a counter that first appears at 1
+        hides that event, so an alert on reason="error" would miss a lone error."""
+        for reason in ("eos", "stop", "length", "cancelled", "deadline", "error"):
+            self.assertIn(({"reason": reason}, 0.0),
+                          self.fresh.samples.get("kvtrim_requests_finished_total", []), reason)
+        for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                     "UNAVAILABLE", "UNAUTHENTICATED"):
+            self.assertIn(({"code": code}, 0.0),
+                          self.fresh.samples.get("kvtrim_requests_rejected_total", []), code)
+
+    def test_the_deployment_reads_only_exported_series(self):
+        """Every kvtrim_ series (or family) that deploy/prometheus's rules and deploy/grafana's
+        dashboard name is in a fresh server's scrape."""
+        used = set()
+        for path in ("deploy/prometheus/kvtrim-rules.yml", "deploy/grafana/kvtrim-dashboard.json"):
+            with open(os.path.join(harness.PATHS.source_dir, path), encoding="utf-8") as f:
+                used |= set(re.findall(r"\bkvtrim_[a-z0-9_]+", f.read()))
+        self.assertGreater(len(used), 10)
+        self.assertEqual(sorted(used - set(self.fresh.samples) - set(self.fresh.types)), [])
 
     def check_histogram(self, metrics, name, count, total=None):
         self.assertEqual(metrics.types.get(name), "histogram", name)

@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev
+  prometheus  # promtool: deploy/prometheus's config check and rule unit tests
   python3 python3-pip python3-venv
 )
 missing=()
