@@ -282,8 +282,7 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
   if (grpc::Status ended = service->TrackStream(sink_); !ended.ok()) {
     sink_->Detach();
     sink_.reset();
-    spdlog::info("request {} finished: error | ended by the server: {}", id,
-                 ended.error_message());
+    spdlog::info("request {} finished: error | ended by the server: {}", id, ended.error_message());
     service->StreamEnded();
     Finish(ended);
     return;
