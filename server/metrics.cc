@@ -114,7 +114,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& addr
                       .Register(r);
   // Every finish reason and every code the server refuses with exists at 0 from the start:
   // rate() and increase() need a sample before the first event, so a series that appeared at 1
-  // would hide its first request (an alert on reason="error" would never see a lone error).
+  // would hide its first request (increase(...{reason="error"}[1h]) would show 0 after one).
   for (engine::FinishReason reason :
        {engine::FinishReason::kEos, engine::FinishReason::kStop, engine::FinishReason::kLength,
         engine::FinishReason::kCancelled, engine::FinishReason::kDeadline,

@@ -33,8 +33,8 @@ class MetricsAfterLoad(unittest.TestCase):
         cls.server.stop()
 
     def test_a_fresh_server_has_every_reason_and_code_at_zero(self):
-        """rate() needs a sample before a series' first event: a counter that first appears at 1
-        hides that event, so an alert on reason="error" would miss a lone error."""
+        """rate() and increase() need a sample before a series' first event: a counter that
+        first appears at 1 hides that event (a server's first error would count as none)."""
         for reason in ("eos", "stop", "length", "cancelled", "deadline", "error"):
             self.assertIn(({"reason": reason}, 0.0),
                           self.fresh.samples.get("kvtrim_requests_finished_total", []), reason)
