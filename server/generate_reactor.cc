@@ -280,11 +280,9 @@ GenerateReactor::GenerateReactor(InferenceService* service, grpc::CallbackServer
                                        engine_request->compression.Spec());
   // Tracked before Submit: from then on the engine may be stuck with it.
   if (grpc::Status ended = service->TrackStream(sink_); !ended.ok()) {
+    sink_->End(ended);  // as EndStreams ended the streams tracked before it
     sink_->Detach();
     sink_.reset();
-    spdlog::info("request {} finished: error | ended by the server: {}", id, ended.error_message());
-    service->StreamEnded();
-    Finish(ended);
     return;
   }
   absl::StatusOr<uint64_t> handle = service->scheduler().Submit(*std::move(engine_request), sink_);
