@@ -3,11 +3,12 @@
 # revision, so that a change can be measured against what it replaces side by side, in one call
 # on the GPU machine:
 #
-#   tools/gpu/variant.sh [--build DIR] [--name NAME] REV SOURCE TARGET...
+#   tools/gpu/variant.sh [--build DIR] [--name NAME] [--flags FLAGS] REV SOURCE TARGET...
 #   tools/gpu/variant.sh HEAD~1 engine/cuda/attention_prefill.cu cuda_prefill_attention_bench
 #
 # REV may also be file:PATH, a file standing in for SOURCE (a variant not committed anywhere,
-# such as one tile size of a kernel against another).
+# such as one tile size of a kernel against another). FLAGS are added to the compile line: with
+# --flags -lineinfo and REV HEAD, a profiler can put a kernel's stalls on its source lines.
 #
 # SOURCE (a file of engine/, built into kvtrim_cuda or kvtrim_engine) is compiled at REV with the
 # build's own flags, replaces its object in a copy of that library, and each TARGET (a program of
@@ -27,15 +28,17 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=$root/build
 name=before
+extra_flags=
 while (($#)); do
   case $1 in
     --build) build=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
+    --flags) extra_flags=$2; shift 2 ;;
     *) break ;;
   esac
 done
 if (($# < 3)); then
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 rev=$1 source=$2
@@ -87,7 +90,8 @@ done < <(grep -E '^[A-Z_]+ = ' "$flags_file")
 expanded=${expanded//"$root/$source"/$variant_source}
 expanded=$(sed -E "s# -o [^ ]+# -o $variant_object#; s# -MD -MT [^ ]+ -MF [^ ]+##; s# -MD -MT [^ ]+##" \
   <<<"$expanded")
-echo "compiling $source at $rev"
+[[ -n $extra_flags ]] && expanded="$expanded $extra_flags"
+echo "compiling $source at $rev${extra_flags:+ with $extra_flags}"
 (eval "$expanded")
 
 cp "$build/engine/lib$lib.a" "$work/lib$lib.a"
