@@ -3,9 +3,10 @@
 // One block of 16 warps per (sequence, kv-head) of the decode list; blocks of sequences without a
 // policy return at once.
 //  - CORM's observation scores the head's keys on the tensor cores (ScoreSegment: 16 rows a warp
-//    at a time, each lane loading 16 bytes of two rows per 32 channels), keeping the group's
-//    scores in the workspace and each lane's online softmax state; the weights then come from the
-//    stored scores, fp32 throughout.
+//    at a time, each lane loading 16 bytes of two rows per 32 channels; the recent segment's
+//    tiles go on to the warps after the thin segment's last), keeping the group's scores in the
+//    workspace and each lane's online softmax state; the weights then come from the stored
+//    scores, fp32 throughout. Rows find their pages by a multiply (RowsPerPage), not a division.
 //  - CORM's cap finds its cut by radix selection over the survivors' keys (CapCut).
 //  - Every warp marks evicted slots by ballot, a 32-slot word at a time in shared memory (the
 //    observation's state update in the same pass when there is no cap).
@@ -40,30 +41,33 @@ struct Segment {
   const int32_t* key_pages;
   const int32_t* value_pages;
   int rows;
-  int key_rows_per_page;  // rows of n_kv_heads * key_width
-  int key_width;          // elements of the head's key in a row
+  RowsPerPage key_rows;    // rows of n_kv_heads * key_width a key page holds
+  int key_width;           // elements of the head's key in a row
+  RowsPerPage value_rows;  // full-width rows a value page (and its states) holds
 };
 
 __device__ __forceinline__ int64_t KeyAt(const PagedKv& kv, const Segment& seg, int n_kv_heads,
                                          int kv_head, int slot) {
-  const int page = seg.key_pages[slot / seg.key_rows_per_page];
-  return page * kv.page_elements +
-         static_cast<int64_t>(slot % seg.key_rows_per_page) * n_kv_heads * seg.key_width +
+  const int index = seg.key_rows.PageOf(slot);
+  return seg.key_pages[index] * kv.page_elements +
+         static_cast<int64_t>(slot - index * seg.key_rows.rows) * n_kv_heads * seg.key_width +
          kv_head * seg.key_width;
 }
 
 __device__ __forceinline__ int64_t ValueAt(const PagedKv& kv, const Segment& seg, int head_dim,
                                            int kv_head, int slot) {
-  const int page = seg.value_pages[slot / kv.rows_per_page];
-  return page * kv.page_elements + static_cast<int64_t>(slot % kv.rows_per_page) * kv.row_elements +
+  const int index = seg.value_rows.PageOf(slot);
+  return seg.value_pages[index] * kv.page_elements +
+         static_cast<int64_t>(slot - index * seg.value_rows.rows) * kv.row_elements +
          kv_head * head_dim;
 }
 
+// (The states' rows per page are the value pages': LaunchDecodeEviction checks.)
 __device__ __forceinline__ KeyState* StateAt(const DecodeStates& st, const Segment& seg,
                                              int n_kv_heads, int kv_head, int slot) {
-  return st.states + DecodeStateIndex(seg.value_pages[slot / st.rows_per_page],
-                                      slot % st.rows_per_page, kv_head, n_kv_heads,
-                                      st.rows_per_page);
+  const int index = seg.value_rows.PageOf(slot);
+  return st.states + DecodeStateIndex(seg.value_pages[index], slot - index * seg.value_rows.rows,
+                                      kv_head, n_kv_heads, st.rows_per_page);
 }
 
 // pool[to, to + elements) = pool[from, ...), the two ranges apart; 16-byte pieces when `vector`
@@ -236,56 +240,104 @@ __device__ __forceinline__ void StoreQueryFragments(uint2* fragments, const __nv
 // this lane's online softmax state (m, l) of heads 2 (lane % 4) and 2 (lane % 4) + 1. A warp
 // scores 16 rows at a time on the tensor cores: lane l loads 8 adjacent elements of rows l / 4
 // and l / 4 + 8 per 32-channel block (16-byte loads), the A operand in the query's permuted
-// channel order (StoreQueryFragments).
-__device__ __forceinline__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_heads,
-                                             int kv_head, int group, const uint2* query,
-                                             float scale, int slot_base, float* scores,
-                                             float (&m)[2], float (&l)[2]) {
+// channel order (StoreQueryFragments). Tile i goes to warp (first_warp + i) % kWarps, so that a
+// segment's tiles carry on where the one before it left off. kTiles of the warp's tiles are
+// loaded before the first of their products, kBlocks 32-channel blocks of each at a time, so that
+// a warp waits on memory once per kTiles tiles. kVector: the key width is a multiple of 8 (every
+// piece one 16-byte load).
+template <int kTiles, int kBlocks, bool kVector>
+__device__ __forceinline__ void ScoreTiles(const PagedKv& kv, const Segment& seg, int n_kv_heads,
+                                           int kv_head, int group, const uint2* query, float scale,
+                                           int slot_base, int first_warp, float* scores,
+                                           float (&m)[2], float (&l)[2]) {
   const int width = seg.key_width, blocks = (width + 31) / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, i = lane % 4;
-  const bool vector = width % 8 == 0;
   const int tiles = (seg.rows + 15) / 16;
-  for (int tile = warp; tile < tiles; tile += kWarps) {
-    const int row0 = tile * 16 + r, row1 = row0 + 8;
-    const __nv_bfloat16* key0 =
-        row0 < seg.rows ? kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row0) : nullptr;
-    const __nv_bfloat16* key1 =
-        row1 < seg.rows ? kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row1) : nullptr;
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    // Four blocks (128 channels) loaded ahead of their products at a time.
+  for (int tile0 = (warp - first_warp + kWarps) % kWarps; tile0 < tiles; tile0 += kWarps * kTiles) {
+    const __nv_bfloat16* key[kTiles][2];
 #pragma unroll
-    for (int j0 = 0; j0 < kMaxBlocks; j0 += 4) {
+    for (int u = 0; u < kTiles; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = (tile0 + u * kWarps) * 16 + r + 8 * h;
+        key[u][h] = row < seg.rows ? kv.pool + KeyAt(kv, seg, n_kv_heads, kv_head, row) : nullptr;
+      }
+    }
+    float c[kTiles][4] = {};
+#pragma unroll
+    for (int j0 = 0; j0 < kMaxBlocks; j0 += kBlocks) {
       if (j0 >= blocks) continue;
-      uint4 k0[4], k1[4];
+      uint4 k[kTiles][2][kBlocks];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int first = 32 * (j0 + j) + 8 * i;
-        const bool in = j0 + j < blocks && first < width;
-        k0[j] =
-            in && key0 != nullptr ? KeyPiece(key0, first, width, vector) : make_uint4(0, 0, 0, 0);
-        k1[j] =
-            in && key1 != nullptr ? KeyPiece(key1, first, width, vector) : make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < kTiles; ++u) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int j = 0; j < kBlocks; ++j) {
+            const int first = 32 * (j0 + j) + 8 * i;
+            k[u][h][j] = j0 + j < blocks && first < width && key[u][h] != nullptr
+                             ? (kVector ? Load8(key[u][h] + first, true)
+                                        : KeyPiece(key[u][h], first, width, false))
+                             : make_uint4(0, 0, 0, 0);
+          }
+        }
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (j0 + j >= blocks) continue;
-        const uint32_t a0[4] = {k0[j].x, k1[j].x, k0[j].y, k1[j].y};
-        const uint32_t a1[4] = {k0[j].z, k1[j].z, k0[j].w, k1[j].w};
-        const uint2 b0 = query[(2 * (j0 + j)) * 32 + lane],
-                    b1 = query[(2 * (j0 + j) + 1) * 32 + lane];
-        Mma(c, a0, b0.x, b0.y);
-        Mma(c, a1, b1.x, b1.y);
+      for (int u = 0; u < kTiles; ++u) {
+#pragma unroll
+        for (int j = 0; j < kBlocks; ++j) {
+          if (j0 + j >= blocks) continue;
+          const uint32_t a0[4] = {k[u][0][j].x, k[u][1][j].x, k[u][0][j].y, k[u][1][j].y};
+          const uint32_t a1[4] = {k[u][0][j].z, k[u][1][j].z, k[u][0][j].w, k[u][1][j].w};
+          const uint2 b0 = query[(2 * (j0 + j)) * 32 + lane],
+                      b1 = query[(2 * (j0 + j) + 1) * 32 + lane];
+          Mma(c[u], a0, b0.x, b0.y);
+          Mma(c[u], a1, b1.x, b1.y);
+        }
       }
     }
-    // c: rows row0 (c[0], c[1]) and row1 (c[2], c[3]), heads 2i and 2i + 1.
+    // c[u]: rows row0 (c[u][0], c[u][1]) and row0 + 8 (c[u][2], c[u][3]), heads 2i and 2i + 1.
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = e < 2 ? row0 : row1, g = 2 * i + e % 2;
-      if (row >= seg.rows || g >= group) continue;
-      const float score = c[e] * scale;
-      scores[static_cast<int64_t>(slot_base + row) * group + g] = score;
-      Add(m[e % 2], l[e % 2], score);
+    for (int u = 0; u < kTiles; ++u) {
+      const int row0 = (tile0 + u * kWarps) * 16 + r;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? row0 : row0 + 8, g = 2 * i + e % 2;
+        if (row >= seg.rows || g >= group) continue;
+        const float score = c[u][e] * scale;
+        scores[static_cast<int64_t>(slot_base + row) * group + g] = score;
+        Add(m[e % 2], l[e % 2], score);
+      }
     }
+  }
+}
+
+// ScoreTiles for the segment's key width: two tiles in flight where a key is one 32-channel
+// block, wider keys one tile at a time (two tiles of 64-channel keys take more registers than two
+// blocks per multiprocessor leave, and spill). kAnyWidth: widths not a multiple of 8 may come
+// (thin keys); full-width keys are always a multiple of 8.
+template <bool kAnyWidth>
+__device__ __forceinline__ void ScoreSegment(const PagedKv& kv, const Segment& seg, int n_kv_heads,
+                                             int kv_head, int group, const uint2* query,
+                                             float scale, int slot_base, int first_warp,
+                                             float* scores, float (&m)[2], float (&l)[2]) {
+  const auto score = [&]<bool kVector>() {
+    const int blocks = (seg.key_width + 31) / 32;
+    if (blocks == 1) {
+      ScoreTiles<2, 1, kVector>(kv, seg, n_kv_heads, kv_head, group, query, scale, slot_base,
+                                first_warp, scores, m, l);
+    } else if (blocks == 2) {
+      ScoreTiles<1, 2, kVector>(kv, seg, n_kv_heads, kv_head, group, query, scale, slot_base,
+                                first_warp, scores, m, l);
+    } else {
+      ScoreTiles<1, 4, kVector>(kv, seg, n_kv_heads, kv_head, group, query, scale, slot_base,
+                                first_warp, scores, m, l);
+    }
+  };
+  if (!kAnyWidth || seg.key_width % 8 == 0) {
+    score.template operator()<true>();
+  } else {
+    score.template operator()<false>();
   }
 }
 
@@ -433,28 +485,54 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ float softmax_m[kMaxGroup], softmax_l[kMaxGroup];
   extern __shared__ uint32_t evicted[];  // 2 ((max_rows + 31) / 32) words
 
+  // The sequence's metadata, all of it asked for before the policy is tested: one wait.
   const int seq = seqs[blockIdx.x], kv_head = blockIdx.y;
-  const int32_t* p = params + static_cast<int64_t>(seq) * kEvictionParams;
-  if (p[0] == kEvictNone) return;
-  const Policy policy{p[0], p[1], p[2], __hiloint2double(p[4], p[3]), p[5]};
-  const int token = token_indptr[seq];
-  const int position = positions[token];
   const int head_at = seq * n_kv_heads + kv_head;
+  const int32_t* p = params + static_cast<int64_t>(seq) * kEvictionParams;
+  const int kind = p[0];
+  const int token = token_indptr[seq];
   const int key_width = ckv.key_width[seq];
+  const int thin_first = ckv.thin_indptr[seq], recent_first = kv.page_indptr[seq];
+  const int n_thin = ckv.thin_rows[head_at], n_recent = ckv.recent_rows[head_at];
+  const int channel_offset = ckv.channel_offset != nullptr ? ckv.channel_offset[seq] : 0;
+  if (kind == kEvictNone) return;
+  const Policy policy{kind, p[1], p[2], __hiloint2double(p[4], p[3]), p[5]};
+  const int position = positions[token];
+  const int key_rows_per_page = static_cast<int>(kv.page_elements / (n_kv_heads * key_width));
+  const RowsPerPage value_rows(kv.rows_per_page);
   const Segment segments[2] = {
-      Segment{ckv.thin_key_pages + ckv.thin_indptr[seq],
-              ckv.thin_value_pages + ckv.thin_indptr[seq], ckv.thin_rows[head_at],
-              static_cast<int>(kv.page_elements / (n_kv_heads * key_width)), key_width},
-      Segment{kv.key_pages + kv.page_indptr[seq], kv.value_pages + kv.page_indptr[seq],
-              ckv.recent_rows[head_at], kv.rows_per_page, head_dim},
+      Segment{ckv.thin_key_pages + thin_first, ckv.thin_value_pages + thin_first, n_thin,
+              RowsPerPage(key_rows_per_page), key_width, value_rows},
+      Segment{kv.key_pages + recent_first, kv.value_pages + recent_first, n_recent, value_rows,
+              head_dim, value_rows},
   };
-  const int n_thin = segments[0].rows, n_recent = segments[1].rows, t = n_thin + n_recent;
+  const int t = n_thin + n_recent;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const KeyState fresh{position, -1, 0.0f};  // the new row's state
-  const auto state_at = [&](int slot) {      // the head's slot: thin rows first
+
+  // CORM's query fragments (warps 0 and 1).
+  const uint16_t* channels = nullptr;
+  const __nv_bfloat16* q_heads = nullptr;
+  if (policy.kind == kEvictCorm) {
+    // A layer whose kept rows are all recent may have a key width and no channel set.
+    if (key_width < head_dim && n_thin > 0)
+      channels = ckv.channels + channel_offset + kv_head * key_width;
+    q_heads = q + static_cast<int64_t>(token) * q_stride +
+              static_cast<int64_t>(kv_head) * group * head_dim;
+    if (warp == 0) StoreQueryFragments(thin_query, q_heads, head_dim, group, key_width, channels);
+    if (warp == 1) StoreQueryFragments(full_query, q_heads, head_dim, group, head_dim, nullptr);
+  }
+  __syncthreads();
+
+  const auto state_at = [&](int slot) {  // the head's slot: thin rows first
+    // (Both segments' value pages hold the states; no segment picked by index, which would put
+    // them in local memory.)
     const bool thin = slot < n_thin;
-    return StateAt(states, segments[thin ? 0 : 1], n_kv_heads, kv_head,
-                   thin ? slot : slot - n_thin);
+    const int row = thin ? slot : slot - n_thin;
+    const int index = value_rows.PageOf(row);
+    const int32_t* pages = thin ? segments[0].value_pages : segments[1].value_pages;
+    return states.states + DecodeStateIndex(pages[index], row - index * value_rows.rows, kv_head,
+                                            n_kv_heads, states.rows_per_page);
   };
   const auto state_of = [&](int slot) { return slot == t - 1 ? fresh : *state_at(slot); };
 
@@ -474,24 +552,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const float* scores = nullptr;
   if (policy.kind == kEvictCorm) {
-    // A layer whose kept rows are all recent may have a key width and no channel set.
-    const uint16_t* channels = key_width < head_dim && n_thin > 0
-                                   ? ckv.channels + ckv.channel_offset[seq] + kv_head * key_width
-                                   : nullptr;
-    const __nv_bfloat16* q_heads = q + static_cast<int64_t>(token) * q_stride +
-                                   static_cast<int64_t>(kv_head) * group * head_dim;
     // Pass 1: every slot's scores into the block's (t, group) part of the workspace, and each
     // lane's online softmax state of the ones it wrote.
     float* written = reinterpret_cast<float*>(workspace + ScoresAt(n_seqs, n_kv_heads, max_rows)) +
                      static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 * max_rows * group;
     const float scale = rsqrtf(static_cast<float>(head_dim));
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    if (warp == 0) StoreQueryFragments(thin_query, q_heads, head_dim, group, key_width, channels);
-    if (warp == 1) StoreQueryFragments(full_query, q_heads, head_dim, group, head_dim, nullptr);
-    __syncthreads();
-    ScoreSegment(kv, segments[0], n_kv_heads, kv_head, group, thin_query, scale, 0, written, m, l);
-    ScoreSegment(kv, segments[1], n_kv_heads, kv_head, group, full_query, scale, n_thin, written, m,
-                 l);
+    ScoreSegment<true>(kv, segments[0], n_kv_heads, kv_head, group, thin_query, scale, 0, 0,
+                       written, m, l);
+    ScoreSegment<false>(kv, segments[1], n_kv_heads, kv_head, group, full_query, scale, n_thin,
+                        (n_thin + 15) / 16 % kWarps, written, m, l);
     // Lanes i, i + 4, ... hold heads 2i and 2i + 1.
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
@@ -581,7 +651,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   const auto gone_of = [&](int segment) { return evicted + (segment == 0 ? 0 : thin_words); };
   if (warp < 2) {
-    const int rows = segments[warp].rows;
+    const int rows = warp == 0 ? n_thin : n_recent;
     const uint32_t* gone = gone_of(warp);
     const int n_words = (rows + 31) / 32;
     int n_gone = 0;
@@ -621,11 +691,19 @@ __global__ void __launch_bounds__(kRethinThreads)
   if (rows < 2 * max(keep, 1)) return;
   const int n = rows - keep;
   const int key_width = ckv.key_width[seq];
+  const RowsPerPage value_rows(kv.rows_per_page);
   const Segment thin{ckv.thin_key_pages + ckv.thin_indptr[seq],
-                     ckv.thin_value_pages + ckv.thin_indptr[seq], thin_rows + n,
-                     static_cast<int>(kv.page_elements / (n_kv_heads * key_width)), key_width};
-  const Segment recent{kv.key_pages + kv.page_indptr[seq], kv.value_pages + kv.page_indptr[seq],
-                       rows, kv.rows_per_page, head_dim};
+                     ckv.thin_value_pages + ckv.thin_indptr[seq],
+                     thin_rows + n,
+                     RowsPerPage(static_cast<int>(kv.page_elements / (n_kv_heads * key_width))),
+                     key_width,
+                     value_rows};
+  const Segment recent{kv.key_pages + kv.page_indptr[seq],
+                       kv.value_pages + kv.page_indptr[seq],
+                       rows,
+                       value_rows,
+                       head_dim,
+                       value_rows};
   int32_t* positions = workspace + static_cast<int64_t>(blockIdx.x * n_kv_heads + kv_head) * 2 *
                                        max_rows;  // then the moving slots in order
   int32_t* src = positions + max_rows;
@@ -739,10 +817,10 @@ cudaError_t LaunchDecodeEviction(const PagedKv& kv, const CompressedKv& ckv,
   if (shape.n_kv_heads <= 0 || group < 1 || group > kMaxGroup ||
       shape.n_heads % shape.n_kv_heads != 0 || shape.head_dim < 16 ||
       shape.head_dim > kMaxHeadDim || shape.head_dim % 8 != 0 || max_rows < 1 ||
-      states.states == nullptr || states.rows_per_page != kv.rows_per_page ||
-      workspace == nullptr || counts == nullptr || params == nullptr || seqs == nullptr ||
-      reinterpret_cast<uintptr_t>(kv.pool) % 16 != 0 || kv.page_elements % 8 != 0 ||
-      kv.row_elements % 8 != 0) {
+      kv.rows_per_page < 1 || states.states == nullptr ||
+      states.rows_per_page != kv.rows_per_page || workspace == nullptr || counts == nullptr ||
+      params == nullptr || seqs == nullptr || reinterpret_cast<uintptr_t>(kv.pool) % 16 != 0 ||
+      kv.page_elements % 8 != 0 || kv.row_elements % 8 != 0) {
     return cudaErrorInvalidValue;
   }
   // The evicted-slot words of both segments, in dynamic shared memory.

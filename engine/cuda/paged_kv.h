@@ -31,6 +31,22 @@ struct PagedKv {
 // They are its last rows in the cache: positions kv_rows[s] - n_new ... kv_rows[s] - 1.
 
 #ifdef __CUDACC__
+// A list's rows per page, with row / rows and row % rows by a multiply instead of a division:
+// exact for row * rows < 2^32.
+struct RowsPerPage {
+  int rows;        // >= 1
+  uint32_t magic;  // ceil(2^32 / rows); 0 for one row a page
+
+  __device__ __forceinline__ explicit RowsPerPage(int rows_per_page)
+      : rows(rows_per_page),
+        magic(rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(rows_per_page) + 1u) {}
+
+  // The index of `row`'s page in its list.
+  __device__ __forceinline__ int PageOf(int row) const {
+    return magic == 0 ? row : static_cast<int>(__umulhi(static_cast<uint32_t>(row), magic));
+  }
+};
+
 // Element offset of `row` of one sequence's list (`pages` already offset to the sequence's first
 // page) in the pool.
 __device__ __forceinline__ int64_t PagedRowOffset(const PagedKv& kv, const int32_t* pages,
