@@ -30,23 +30,28 @@ struct PagedKv {
 // tokens at rows [token_indptr[s], token_indptr[s + 1]) (token_indptr: (n_seqs + 1), device).
 // They are its last rows in the cache: positions kv_rows[s] - n_new ... kv_rows[s] - 1.
 
-#ifdef __CUDACC__
-// A list's rows per page, with row / rows and row % rows by a multiply instead of a division:
-// exact for row * rows < 2^32.
+// A list's rows per page, with row / rows by a multiply instead of a division (the kernels' page
+// lookups): exact for row * rows < 2^32.
 struct RowsPerPage {
   int rows;        // >= 1
   uint32_t magic;  // ceil(2^32 / rows); 0 for one row a page
 
-  __device__ __forceinline__ explicit RowsPerPage(int rows_per_page)
+  __host__ __device__ __forceinline__ explicit RowsPerPage(int rows_per_page)
       : rows(rows_per_page),
         magic(rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(rows_per_page) + 1u) {}
 
   // The index of `row`'s page in its list.
-  __device__ __forceinline__ int PageOf(int row) const {
-    return magic == 0 ? row : static_cast<int>(__umulhi(static_cast<uint32_t>(row), magic));
+  __host__ __device__ __forceinline__ int PageOf(int row) const {
+    if (magic == 0) return row;
+#ifdef __CUDA_ARCH__
+    return static_cast<int>(__umulhi(static_cast<uint32_t>(row), magic));
+#else
+    return static_cast<int>(static_cast<uint64_t>(static_cast<uint32_t>(row)) * magic >> 32);
+#endif
   }
 };
 
+#ifdef __CUDACC__
 // Element offset of `row` of one sequence's list (`pages` already offset to the sequence's first
 // page) in the pool.
 __device__ __forceinline__ int64_t PagedRowOffset(const PagedKv& kv, const int32_t* pages,
