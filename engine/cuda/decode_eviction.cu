@@ -190,11 +190,10 @@ __host__ __device__ __forceinline__ int64_t ScoresAt(int n_seqs, int n_kv_heads,
   return (static_cast<int64_t>(n_seqs) * n_kv_heads * 2 * max_rows + 3) / 4 * 4;
 }
 
-// Up to 8 bf16 of a key row from element `first` on, zeros past `width`; 16-byte aligned when
-// `vector` (every row's width a multiple of 8).
-__device__ __forceinline__ uint4 KeyPiece(const __nv_bfloat16* row, int first, int width,
-                                          bool vector) {
-  if (first + 8 <= width) return Load8(row + first, vector);
+// Up to 8 bf16 of a key row from element `first` on, zeros past `width`, read element by element
+// (a row whose width is not a multiple of 8 is not 16-byte aligned).
+__device__ __forceinline__ uint4 KeyPiece(const __nv_bfloat16* row, int first, int width) {
+  if (first + 8 <= width) return Load8(row + first, false);
   const unsigned short* bits = reinterpret_cast<const unsigned short*>(row + first);
   uint32_t words[4];
 #pragma unroll
@@ -275,10 +274,10 @@ __device__ __forceinline__ void ScoreTiles(const PagedKv& kv, const Segment& seg
 #pragma unroll
           for (int j = 0; j < kBlocks; ++j) {
             const int first = 32 * (j0 + j) + 8 * i;
-            k[u][h][j] = j0 + j < blocks && first < width && key[u][h] != nullptr
-                             ? (kVector ? Load8(key[u][h] + first, true)
-                                        : KeyPiece(key[u][h], first, width, false))
-                             : make_uint4(0, 0, 0, 0);
+            k[u][h][j] =
+                j0 + j < blocks && first < width && key[u][h] != nullptr
+                    ? (kVector ? Load8(key[u][h] + first, true) : KeyPiece(key[u][h], first, width))
+                    : make_uint4(0, 0, 0, 0);
           }
         }
       }
