@@ -92,12 +92,9 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   const int piece = threadIdx.x % kPieces, first_row = threadIdx.x / kPieces;
   const int32_t* key_pages = kv.key_pages + kv.page_indptr[seq];
   const int32_t* value_pages = kv.value_pages + kv.page_indptr[seq];
-  const uint32_t page_magic =
-      kv.rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(kv.rows_per_page) + 1u;
+  const RowsPerPage per_page(kv.rows_per_page);
   const int in_row = kv_head * kHeadDim + piece * 8;
-  const auto page_of = [&](int row) {
-    return page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
-  };
+  const auto page_of = [&](int row) { return per_page.PageOf(row); };
   // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero), each copy after its page
   // id's load. (Loading the ids a tile ahead, into registers, paid off with 64-row query tiles
   // at head_dim 128; with two row blocks per warp those registers spill.)

@@ -113,8 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int piece = thread % kPieces, first_row = thread / kPieces;
     const int32_t* key_pages = kv.key_pages + kv.page_indptr[seq];
     const int32_t* value_pages = kv.value_pages + kv.page_indptr[seq];
-    const uint32_t page_magic =
-        kv.rows_per_page == 1 ? 0u : 0xffffffffu / static_cast<uint32_t>(kv.rows_per_page) + 1u;
+    const RowsPerPage per_page(kv.rows_per_page);
     const int in_row = head / group * kHeadDim + piece * 8;
 #pragma unroll
     for (int i = 0; i < kTileQ / kRowsPerPass; ++i) {
@@ -128,9 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The page ids of a tile pass through shared memory: thread j loads the j-th page of the
     // tile (a tile of 128 rows spans at most 128 pages), a tile ahead, so that no copy waits on
     // a page id's load.
-    const auto page_of = [&](int row) {
-      return page_magic == 0 ? row : static_cast<int>(__umulhi(row, page_magic));
-    };
+    const auto page_of = [&](int row) { return per_page.PageOf(row); };
     int key_page = 0, value_page = 0;
     const auto load_ids = [&](int t) {
       const int first_page = page_of(lo + t * kTileK);
