@@ -238,6 +238,8 @@ absl::Status Dequantize(GgmlType type, std::string_view bytes, int64_t n_element
                                                    n_blocks, " blocks of ", info->block_bytes,
                                                    " bytes, but ", bytes.size(), " were given"));
   }
+  // A zero-sized tensor: nothing to convert (its data and `out` may be null).
+  if (n_blocks == 0) return absl::OkStatus();
   RunBlocks(fn, *info, reinterpret_cast<const uint8_t*>(bytes.data()), n_blocks, out, max_threads);
   return absl::OkStatus();
 }
