@@ -94,7 +94,6 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   const int32_t* value_pages = kv.value_pages + kv.page_indptr[seq];
   const RowsPerPage per_page(kv.rows_per_page);
   const int in_row = kv_head * kHeadDim + piece * 8;
-  const auto page_of = [&](int row) { return per_page.PageOf(row); };
   // Starts copying K/V tile t into stage t % 2 (rows past `hi` zero), each copy after its page
   // id's load. (Loading the ids a tile ahead, into registers, paid off with 64-row query tiles
   // at head_dim 128; with two row blocks per warp those registers spill.)
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
       const bool valid = row < hi;
       int64_t key = 0, value = 0;
       if (valid) {
-        const int page = page_of(row);
+        const int page = per_page.PageOf(row);
         const int in_page = (row - page * kv.rows_per_page) * kv.row_elements + in_row;
         key = static_cast<int64_t>(key_pages[page]) * kv.page_elements + in_page;
         value = static_cast<int64_t>(value_pages[page]) * kv.page_elements + in_page;

@@ -127,11 +127,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The page ids of a tile pass through shared memory: thread j loads the j-th page of the
     // tile (a tile of 128 rows spans at most 128 pages), a tile ahead, so that no copy waits on
     // a page id's load.
-    const auto page_of = [&](int row) { return per_page.PageOf(row); };
     int key_page = 0, value_page = 0;
     const auto load_ids = [&](int t) {
-      const int first_page = page_of(lo + t * kTileK);
-      if (thread <= page_of(min(hi, lo + (t + 1) * kTileK) - 1) - first_page) {
+      const int first_page = per_page.PageOf(lo + t * kTileK);
+      if (thread <= per_page.PageOf(min(hi, lo + (t + 1) * kTileK) - 1) - first_page) {
         key_page = key_pages[first_page + thread];
         value_page = value_pages[first_page + thread];
       }
@@ -155,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool valid = row < hi;
         int64_t key = 0, value = 0;
         if (valid) {
-          const int page = page_of(row);
+          const int page = per_page.PageOf(row);
           const int in_page = (row - page * kv.rows_per_page) * kv.row_elements + in_row;
           key = static_cast<int64_t>(page_ids[page - first_page]) * kv.page_elements + in_page;
           value =
