@@ -496,13 +496,20 @@ absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
       },
       plan_capacity_));
   plan_capacity_.Fit(plan_);
-  const int splits =
-      config_.sliding_window > 0
-          ? DecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_, sm_count_)
-          : CompressedDecodeAttentionSplits(plan_.decode_seqs, plan_.max_decode_rows, shape_,
-                                            sm_count_);
-  KVTRIM_RETURN_IF_ERROR(
-      Reserve(DecodeAttentionWorkspaceBytes(plan_.decode_seqs, splits, shape_), previous_tokens));
+  // Each layer's decode attention splits its rows by the most its own queries see (PyramidKV
+  // keeps more rows in the bottom layers); the workspace holds the most splits.
+  layer_splits_.resize(config_.n_layers);
+  int most_splits = 1;
+  for (int layer = 0; layer < config_.n_layers; ++layer) {
+    const int rows = plan_.max_layer_rows[layer];
+    layer_splits_[layer] =
+        config_.sliding_window > 0
+            ? DecodeAttentionSplits(plan_.decode_seqs, rows, shape_, sm_count_)
+            : CompressedDecodeAttentionSplits(plan_.decode_seqs, rows, shape_, sm_count_);
+    most_splits = std::max(most_splits, layer_splits_[layer]);
+  }
+  KVTRIM_RETURN_IF_ERROR(Reserve(
+      DecodeAttentionWorkspaceBytes(plan_.decode_seqs, most_splits, shape_), previous_tokens));
   KVTRIM_RETURN_IF_ERROR(PlanOutputs(steps));
   device_holds_last_ = uploaded_to == plan_device_.as<void>();
   // Whatever the host needs of the step beyond its tokens keeps it from staying in flight.
@@ -515,7 +522,7 @@ absl::StatusOr<bool> CudaBackend::Launch(std::span<const SequenceStep> steps,
   step.slot = next_slot_;
   next_slot_ ^= 1;
   if (!stays) step.out = std::move(spare_);  // the buffers of the last output taken
-  absl::Status status = Run(splits, step, began);
+  absl::Status status = Run(layer_splits_, step, began);
   const Clock::time_point ran = Clock::now();
   if (status.ok()) status = UpdateSequences(steps);
   if (!status.ok()) {
@@ -647,7 +654,8 @@ absl::Status CudaBackend::UpdateSequences(std::span<const SequenceStep> steps) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Run(int splits, Launched& step, Clock::time_point began) {
+absl::Status CudaBackend::Run(std::span<const int32_t> splits, Launched& step,
+                              Clock::time_point began) {
   const Clock::time_point planned = Clock::now();
   profile_.plan_ms = Ms(began, planned);
   const int slot = step.slot;

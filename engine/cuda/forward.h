@@ -144,9 +144,10 @@ class CudaBackend : public Backend {
   struct GraphKey {
     StepPlan::Offsets at;
     int32_t tokens = 0, seqs = 0, decode_seqs = 0, logit_rows = 0;
-    int32_t page_stride = 0, thin_page_stride = 0, splits = 0, argmax_rows = 0, evicting = 0;
+    int32_t page_stride = 0, thin_page_stride = 0, argmax_rows = 0, evicting = 0;
     int32_t evict_rows = 0, rethinning = 0;
     bool evict_aside = false;
+    std::vector<int32_t> splits;   // each layer's decode attention's
     const void* buffers[16] = {};  // the device buffers the launches take
     bool operator==(const GraphKey&) const = default;
   };
@@ -169,10 +170,11 @@ class CudaBackend : public Backend {
   // Queues the whole step on stream_ and the copies of its tokens and logits back; unless the
   // step stays on the device, waits for it and takes its output.
   // `began`: when Launch was entered (the start of profile_.plan_ms).
-  absl::Status Run(int splits, Launched& step, std::chrono::steady_clock::time_point began);
+  absl::Status Run(std::span<const int32_t> splits, Launched& step,
+                   std::chrono::steady_clock::time_point began);
   // Queues the step's device work after the plan's upload: the embedding, the layers, the
   // logits of the rows that want them and, with argmax_rows, their argmax.
-  absl::Status QueueStep(int splits, int argmax_rows);
+  absl::Status QueueStep(std::span<const int32_t> splits, int argmax_rows);
   // What comes back of the step's rows that want logits (wanting_steps_, token_only_), and for
   // those sampled on the device (SequenceStep::sampling) their jobs and penalised ids, staged for
   // the upload, with the buffers grown (before any of the step's work is queued).
@@ -184,13 +186,13 @@ class CudaBackend : public Backend {
   void TakeResults(StepOutput& out, int slot);
   // QueueStep for a decode step: replays the captured graph when the key is its key, captures
   // one (and replays it) when the previous decode step had the same key, else queues eagerly.
-  absl::Status QueueDecodeStep(int splits, int argmax_rows);
+  absl::Status QueueDecodeStep(std::span<const int32_t> splits, int argmax_rows);
   // Waits for the step left in flight before the one being launched, if any.
   absl::Status WaitForStepInFlight();
-  GraphKey KeyOf(int splits, int argmax_rows) const;
+  GraphKey KeyOf(std::span<const int32_t> splits, int argmax_rows) const;
   // QueueStep with the GEMMs' activations in Half, the weights' type (__nv_bfloat16 or __half).
   template <typename Half>
-  absl::Status QueueStepIn(int splits, int argmax_rows);
+  absl::Status QueueStepIn(std::span<const int32_t> splits, int argmax_rows);
   template <typename Half>
   absl::Status Layer(int layer, int splits);
   // The page tables of `layer` over the uploaded plan.
@@ -282,6 +284,8 @@ class CudaBackend : public Backend {
   // penalties apply to, staged and uploaded together.
   std::vector<SampleJob> sample_jobs_;
   std::vector<int32_t> penalized_;
+  // Each layer's split count of the step's decode attention (the most rows its queries see).
+  std::vector<int32_t> layer_splits_;
   PinnedBuffer sample_staging_;
   DeviceBuffer sample_device_;
   DeviceBuffer sample_workspace_;  // SampleWorkspaceBytes of the step's jobs

@@ -6,9 +6,9 @@
 // A graph replays the launches of the step it was captured from with the same arguments, so it
 // stands for another step only when everything those arguments come from is equal (GraphKey):
 // the plan's array offsets (the plan's contents are data the kernels read, uploaded each step),
-// the step's counts, the split count and the device buffers. A key seen once is queued eagerly,
-// since a batch that changes every step would pay a capture each step; seen twice in a row it is
-// captured, and replayed for as long as it holds.
+// the step's counts, each layer's split count and the device buffers. A key seen once is queued
+// eagerly, since a batch that changes every step would pay a capture each step; seen twice in a
+// row it is captured, and replayed for as long as it holds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,7 +31,7 @@
 
 namespace kvtrim::engine::cuda {
 
-absl::Status CudaBackend::QueueStep(int splits, int argmax_rows) {
+absl::Status CudaBackend::QueueStep(std::span<const int32_t> splits, int argmax_rows) {
   const absl::Status queued = weights_.type == HalfFloat::kFp16
                                   ? QueueStepIn<__half>(splits, argmax_rows)
                                   : QueueStepIn<__nv_bfloat16>(splits, argmax_rows);
@@ -46,7 +46,7 @@ absl::Status CudaBackend::QueueStep(int splits, int argmax_rows) {
 }
 
 template <typename Half>
-absl::Status CudaBackend::QueueStepIn(int splits, int argmax_rows) {
+absl::Status CudaBackend::QueueStepIn(std::span<const int32_t> splits, int argmax_rows) {
   const StepPlan::Offsets& at = plan_.at;
   const int tokens = plan_.tokens, hidden = config_.hidden;
   KVTRIM_RETURN_IF_ERROR(
@@ -60,7 +60,7 @@ absl::Status CudaBackend::QueueStepIn(int splits, int argmax_rows) {
                                   normed_.as<Half>(), stream_),
                  "AddRmsNorm"));
   for (int layer = 0; layer < config_.n_layers; ++layer) {
-    KVTRIM_RETURN_IF_ERROR(Layer<Half>(layer, splits));
+    KVTRIM_RETURN_IF_ERROR(Layer<Half>(layer, splits[layer]));
   }
   // normed_ now holds output_norm(x) for every token; only the wanting rows go to the lm_head.
   const int wanting = plan_.logit_rows;
@@ -76,7 +76,7 @@ absl::Status CudaBackend::QueueStepIn(int splits, int argmax_rows) {
                     "RowArgmax");
 }
 
-CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
+CudaBackend::GraphKey CudaBackend::KeyOf(std::span<const int32_t> splits, int argmax_rows) const {
   return GraphKey{
       .at = plan_.at,
       .tokens = plan_.tokens,
@@ -85,12 +85,12 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
       .logit_rows = plan_.logit_rows,
       .page_stride = plan_.page_stride,
       .thin_page_stride = plan_.thin_page_stride,
-      .splits = splits,
       .argmax_rows = argmax_rows,
       .evicting = plan_.evicting,
       .evict_rows = plan_.evicting > 0 ? evict_rows_ : 0,
       .rethinning = plan_.rethinning,
       .evict_aside = evict_aside_,
+      .splits = {splits.begin(), splits.end()},
       .buffers = {plan_device_.as<void>(), x_.as<void>(), normed_.as<void>(), qkv_.as<void>(),
                   attention_.as<void>(), gate_up_.as<void>(), activation_.as<void>(),
                   workspace_.as<void>(), last_.as<void>(), logits_.as<void>(), tokens_.as<void>(),
@@ -99,7 +99,7 @@ CudaBackend::GraphKey CudaBackend::KeyOf(int splits, int argmax_rows) const {
   };
 }
 
-absl::Status CudaBackend::QueueDecodeStep(int splits, int argmax_rows) {
+absl::Status CudaBackend::QueueDecodeStep(std::span<const int32_t> splits, int argmax_rows) {
   const GraphKey key = KeyOf(splits, argmax_rows);
   const bool repeated = last_key_ == key;
   last_key_ = key;

@@ -248,10 +248,13 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
   // A fresh plan that keeps the vectors' capacity.
   std::vector<int32_t> own = std::move(plan.own), step_of_seq = std::move(plan.step_of_seq);
   std::vector<PromptJob> jobs = std::move(plan.prompts);
+  std::vector<int32_t> layer_rows = std::move(plan.max_layer_rows);
   step_of_seq.clear();
   jobs.clear();
+  layer_rows.assign(n_layers, 0);
   plan = StepPlan{};
   plan.own = std::move(own);
+  plan.max_layer_rows = std::move(layer_rows);
   plan.step_of_seq = std::move(step_of_seq);
   plan.prompts = std::move(jobs);
   plan.page_patches = std::move(patches);
@@ -309,16 +312,17 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
         if (step.compression->think.enabled() && step.compression->think.rethin) {
           ++plan.rethinning;
         }
-        for (const memory::CompressedLayer& c : kv.compressed) {
+        for (int layer = 0; layer < n_layers; ++layer) {
+          const memory::CompressedLayer& c = kv.compressed[layer];
           // Rows moved to a thin segment this step may have given its lists a page that a
           // shorter list's padding hid from the sequence's page count.
           thin_grows = thin_grows || RethinRows(c, *step.compression, n_new) > 0 ||
                        RethinAfterEvictionRows(c, *step.compression, n_new) > 0;
           channel_elements += c.channels.size();
-          for (int h = 0; h < H; ++h) {
-            plan.max_decode_rows =
-                std::max(plan.max_decode_rows, c.prompt_rows[h] + c.recent_rows[h] + 1);
-          }
+          int32_t& most = plan.max_layer_rows[layer];
+          for (int h = 0; h < H; ++h)
+            most = std::max(most, c.prompt_rows[h] + c.recent_rows[h] + 1);
+          plan.max_decode_rows = std::max(plan.max_decode_rows, most);
         }
       }
     } else {
@@ -328,8 +332,9 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
       seq_thin_pages.push_back(0);
       if (n_new == 1) {
         ++plan.decode_seqs;
-        plan.max_decode_rows =
-            std::max(plan.max_decode_rows, shape.window > 0 ? std::min(rows, shape.window) : rows);
+        const int32_t seen = shape.window > 0 ? std::min(rows, shape.window) : rows;
+        plan.max_decode_rows = std::max(plan.max_decode_rows, seen);
+        for (int32_t& most : plan.max_layer_rows) most = std::max(most, seen);
       } else {
         plan.prefill_items += (n_new + shape.query_tile - 1) / shape.query_tile;
       }

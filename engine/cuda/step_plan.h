@@ -76,6 +76,9 @@ struct StepPlan {
   int32_t scratch_rows = 0;      // NS: scratch entries (the compressed prompts' tokens)
   int32_t scratch_items = 0;     // query tiles of the compressed prompts
   std::vector<PromptJob> prompts;
+  // (n_layers) most rows a decode query sees in each layer: under PyramidKV the bottom layers
+  // keep more than the top ones, and each layer's decode attention splits its rows by its own.
+  std::vector<int32_t> max_layer_rows;
   size_t channel_out = 0;  // uint16 elements of channel sets the prompts write
 
   // Where each array starts in `data`, in int32 elements. Layer-major arrays hold layer l's part

@@ -164,6 +164,7 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   EXPECT_EQ(plan.decode_seqs, 2);
   EXPECT_EQ(Slice(plan, plan.at.decode, 2), (std::vector<int32_t>{1, 2}));
   EXPECT_EQ(plan.max_decode_rows, 10);
+  EXPECT_EQ(plan.max_layer_rows, (std::vector<int32_t>{10, 10}));  // every layer alike
   EXPECT_EQ(plan.prefill_items, 2);  // 3 tokens in tiles of 2
   EXPECT_EQ(Slice(plan, plan.at.prefill, 4), (std::vector<int32_t>{0, 0, 0, 2}));
   EXPECT_EQ(plan.logit_rows, 2);
@@ -437,6 +438,7 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   EXPECT_EQ(plan.decode_seqs, 2);
   EXPECT_EQ(plan.compressed_decode, 1);
   EXPECT_EQ(plan.max_decode_rows, 5);  // 3 thin + 1 recent + the new token
+  EXPECT_EQ(plan.max_layer_rows, (std::vector<int32_t>{5, 5}));
   EXPECT_EQ(Slice(plan, plan.at.token_seq, 2), (std::vector<int32_t>{0, 1}));
   EXPECT_EQ(Slice(plan, plan.at.kv_rows, 4), (std::vector<int32_t>{2, 4, 2, 4}));
   // (layer, sequence, kv-head)
@@ -485,6 +487,14 @@ TEST_F(StepPlanTest, PlansCompressedPromptsAndDecodes) {
   ASSERT_TRUE(BuildStepPlan(decode, Shape(4), fresh, {}, room).ok());
   EXPECT_FALSE(fresh.thin_kept);
   EXPECT_EQ(ReadEntries(plan, 2), ReadEntries(fresh, 2));
+  EXPECT_EQ(fresh.max_layer_rows, (std::vector<int32_t>{6, 6}));  // a: 3 thin + 2 recent + 1
+  // Each layer counts its own rows: with fewer thin rows in a's layer 1, b's 4 rows and its new
+  // token are that layer's most.
+  a.compressed[1].prompt_rows = {2, 2};
+  ASSERT_TRUE(BuildStepPlan(decode, Shape(4), fresh, {}, room).ok());
+  EXPECT_EQ(fresh.max_layer_rows, (std::vector<int32_t>{6, 5}));
+  EXPECT_EQ(fresh.max_decode_rows, 6);
+  a.compressed[1].prompt_rows = {3, 2};
   // Another sequence (a new id) in a's place is planned whole.
   a.id += 1000;
   ASSERT_TRUE(BuildStepPlan(decode, Shape(4), plan, {}, room).ok());
