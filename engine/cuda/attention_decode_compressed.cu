@@ -610,19 +610,42 @@ int BlocksPerMultiprocessor() {
   return blocks;
 }
 
-int BlocksPerMultiprocessor(int head_dim) {
+// 6 warps to a block, for the real models' head dimensions: shared memory still takes two such
+// blocks to a multiprocessor at D = 64 and 128. (An H200 read a batch-32 compressed Llama-3-8B
+// launch in 0.034 ms against 0.036 with 4 warps, and in 0.043 with 12: one block of 12 warps.)
+constexpr bool HasWideBlocks(int head_dim) { return head_dim == 64 || head_dim == 128; }
+constexpr int kWideWarps = 6;
+
+// Blocks of `warps` warps that fit a multiprocessor at `head_dim` (0 for a block size the head
+// dimension does not have).
+int BlocksPerMultiprocessor(int head_dim, int warps) {
+  const bool wide = warps == kWideWarps;
+  if (wide && !HasWideBlocks(head_dim)) return 0;
   switch (head_dim) {
     case 16:
       return BlocksPerMultiprocessor<16>();
     case 32:
       return BlocksPerMultiprocessor<32>();
     case 64:
-      return BlocksPerMultiprocessor<64>();
+      return wide ? BlocksPerMultiprocessor<64, kWideWarps>() : BlocksPerMultiprocessor<64>();
     case 128:
-      return BlocksPerMultiprocessor<128>();
+      return wide ? BlocksPerMultiprocessor<128, kWideWarps>() : BlocksPerMultiprocessor<128>();
     default:
       return BlocksPerMultiprocessor<256>();
   }
+}
+
+// Whether a launch of `blocks` blocks at `head_dim` on `sms` multiprocessors takes 6 warps to a
+// block by the kernel's own choice: where every block then runs at once with more warps on each
+// multiprocessor than 4 would give.
+bool TakesWideBlocks(int64_t blocks, int head_dim, int sms) {
+  // Resident warps per multiprocessor with `warps` to a block; 0 past one wave.
+  const auto resident = [&](int warps) -> int64_t {
+    const int fit = BlocksPerMultiprocessor(head_dim, warps);
+    if (fit == 0 || blocks > int64_t{fit} * sms) return 0;
+    return std::min<int64_t>(fit, (blocks + sms - 1) / sms) * warps;
+  };
+  return resident(kWideWarps) > resident(decode_attention::kWarps);
 }
 
 template <int kHeadDim, int kWarps>
@@ -636,14 +659,7 @@ cudaError_t LaunchWarps(const LaunchArgs& a) {
                          a.scale_log2, a.splits, a.out, a.workspace);
 }
 
-// 6 warps to a block, for the real models' head dimensions: shared memory still takes two such
-// blocks to a multiprocessor at D = 64 and 128. (An H200 read a batch-32 compressed Llama-3-8B
-// launch in 0.034 ms against 0.036 with 4 warps, and in 0.043 with 12: one block of 12 warps.)
-constexpr bool HasWideBlocks(int head_dim) { return head_dim == 64 || head_dim == 128; }
-constexpr int kWideWarps = 6;
-
-// The block size `a` asks for; 0: 6 warps where every block of the launch then fits the GPU at
-// once and each multiprocessor gets more warps than with 4, else 4.
+// The block size `a` asks for; 0: the kernel's choice (TakesWideBlocks), else 4.
 template <int kHeadDim>
 cudaError_t Launch(const LaunchArgs& a) {
   if constexpr (HasWideBlocks(kHeadDim)) {
@@ -653,15 +669,7 @@ cudaError_t Launch(const LaunchArgs& a) {
       KVTRIM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
       KVTRIM_CUDA_RETURN_IF_ERROR(
           cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      const int64_t blocks = int64_t{a.grid.x} * a.grid.y * a.grid.z;
-      // Resident warps per multiprocessor with `warps` to a block, `fit` blocks to a
-      // multiprocessor; 0 past one wave.
-      const auto resident = [&](int warps, int fit) -> int64_t {
-        if (fit == 0 || blocks > int64_t{fit} * sms) return 0;
-        return std::min<int64_t>(fit, (blocks + sms - 1) / sms) * warps;
-      };
-      wide = resident(kWideWarps, BlocksPerMultiprocessor<kHeadDim, kWideWarps>()) >
-             resident(decode_attention::kWarps, BlocksPerMultiprocessor<kHeadDim>());
+      wide = TakesWideBlocks(int64_t{a.grid.x} * a.grid.y * a.grid.z, kHeadDim, sms);
     }
     if (wide) return LaunchWarps<kHeadDim, kWideWarps>(a);
   }
@@ -682,20 +690,27 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
     return 1;
   }
   const int64_t blocks = int64_t{n_seqs} * shape.n_kv_heads * GroupChunks(shape);
-  const int64_t slots = int64_t{std::max(1, BlocksPerMultiprocessor(shape.head_dim))} * sm_count;
   // A block's time: its rows plus a fixed cost (its start and its warps' merge); the launch's:
   // that times the waves of blocks, plus the split-K merge kernel when there is one. Both costs
-  // in rows, fitted to an H200 (cuda_decode_attention_bench --splits 1..8, docs/PERFORMANCE.md):
-  // a compressed Llama-3-8B batch of 32 (984 rows per kv-head) takes 0.041 ms in one split and
-  // 0.047 in three, SmolLM2's uncompressed one (96 blocks of 8193 rows) 0.113 in one and 0.063
-  // in four. The cheapest of 1 to 32 splits.
+  // in rows of a 4-warp block, fitted to an H200 (cuda_decode_attention_bench --splits 1..8,
+  // docs/PERFORMANCE.md). A launch that takes 6-warp blocks (TakesWideBlocks) fits two of them
+  // where three of 4 warps fit: as many warps on a multiprocessor, so each block reads its rows
+  // in 4/6 of the time. A compressed Llama-3-8B batch of 32 with 1966 rows per kv-head takes
+  // 0.063 ms in one split (6 warps) and 0.072 in three (4 warps); SmolLM2's uncompressed one (96
+  // blocks of 8193 rows) 0.113 in one and 0.063 in four. The cheapest of 1 to 32 splits.
   constexpr int64_t kBlockCost = 192, kMergeCost = 320;
   int best = 1;
   int64_t best_cost = std::numeric_limits<int64_t>::max();
   for (int splits = 1; splits <= 32; ++splits) {
-    const int64_t waves = (blocks * splits + slots - 1) / slots;
-    const int64_t cost =
-        waves * ((max_rows + splits - 1) / splits + kBlockCost) + (splits > 1 ? kMergeCost : 0);
+    const int64_t launched = blocks * splits;
+    const bool wide = TakesWideBlocks(launched, shape.head_dim, sm_count);
+    const int warps = wide ? kWideWarps : decode_attention::kWarps;
+    const int64_t slots =
+        int64_t{std::max(1, BlocksPerMultiprocessor(shape.head_dim, warps))} * sm_count;
+    const int64_t waves = (launched + slots - 1) / slots;
+    const int64_t rows = (int64_t{max_rows} + splits - 1) / splits;
+    const int64_t cost = waves * (rows * decode_attention::kWarps / warps + kBlockCost) +
+                         (splits > 1 ? kMergeCost : 0);
     if (cost < best_cost) {
       best = splits;
       best_cost = cost;
