@@ -4,17 +4,18 @@
 //
 // One block per (sequence, kv-head [, group chunk], split) serves up to 16 query heads of the
 // GQA group, so each row is read once for the group; 4 warps, or 6 where a launch's blocks are
-// few (Geometry). The group's queries are the 16 rows of an mma.sync m16n8k16 tile (heads past
-// the group are zero rows), so a tile of T key rows costs (key width / 16) x (T / 8) products for
-// the scores and (T / 16) x (head_dim / 8) for the values, with no per-row shuffles: the
-// kernel's arithmetic is far below its bytes.
+// few (TakesWideBlocks, decode_splits.h). The group's queries are the 16 rows of an mma.sync
+// m16n8k16 tile (heads past the group are zero rows), so a tile of T key rows costs
+// (key width / 16) x (T / 8) products for the scores and (T / 16) x (head_dim / 8) for the
+// values, with no per-row shuffles: the kernel's arithmetic is far below its bytes.
 //  - The block's rows are one stream of tiles of T = 16 rows (32 when head_dim <= 32): the thin
 //    segment's, then the recent one's; tile i goes to warp i % warps, which copies it into its own
 //    cp.async pipeline in shared memory (2 to 4 tiles, Geometry) while it adds earlier ones. The
 //    first tiles are asked for before the query tiles are filled. 2 to 4 blocks fit a
-//    multiprocessor; CompressedDecodeAttentionSplits sizes the grid to whole waves of them. On
-//    an H200 this reads an uncompressed Llama-3-8B batch at about 90% of the device-to-device
-//    copy rate (tests/bench/cuda_decode_attention_bench.cu).
+//    multiprocessor; CompressedDecodeAttentionSplits weighs the waves of them that each split
+//    count makes (ChooseDecodeSplits, decode_splits.h). On an H200 this reads an uncompressed
+//    Llama-3-8B batch at 96-98% of the device-to-device copy rate
+//    (tests/bench/cuda_decode_attention_bench.cu).
 //  - Scores S = Q Kᵀ (fp32, bf16 inputs) come out of the products in the register layout the
 //    value product takes as its left operand, so the probabilities P (rounded to bf16) never
 //    leave the registers; online softmax in the log2 domain, one rescale per tile.
@@ -26,17 +27,17 @@
 //  - split-K: a kv-head's rows are thin_rows[s, h] + recent_rows[s, h] (heads of one sequence may
 //    hold different counts); split z covers a contiguous part of that concatenation and writes
 //    the uncompressed kernel's (acc, m, l) records, merged by its MergeSplitsKernel.
-// The four warps' states are merged through shared memory at the end (WriteMerged).
+// The block's warps' states are merged through shared memory at the end (WriteMerged).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "engine/cuda/attention_decode_common.cuh"
 #include "engine/cuda/attention_decode_compressed.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/decode_splits.h"
 #include "engine/cuda/dependent_launch.cuh"
 #include "engine/cuda/tensor_core.cuh"
 
@@ -614,38 +615,32 @@ int BlocksPerMultiprocessor() {
 // blocks to a multiprocessor at D = 64 and 128. (An H200 read a batch-32 compressed Llama-3-8B
 // launch in 0.034 ms against 0.036 with 4 warps, and in 0.043 with 12: one block of 12 warps.)
 constexpr bool HasWideBlocks(int head_dim) { return head_dim == 64 || head_dim == 128; }
-constexpr int kWideWarps = 6;
+constexpr int kWideWarps = kDecodeWideWarps;
+static_assert(decode_attention::kWarps == kDecodeNarrowWarps);
 
-// Blocks of `warps` warps that fit a multiprocessor at `head_dim` (0 for a block size the head
-// dimension does not have).
-int BlocksPerMultiprocessor(int head_dim, int warps) {
-  const bool wide = warps == kWideWarps;
-  if (wide && !HasWideBlocks(head_dim)) return 0;
+// How the kernel's blocks at `head_dim` fit a GPU of `sms` multiprocessors (decode_splits.h).
+DecodeBlockFit FitOf(int head_dim, int sms) {
+  DecodeBlockFit fit{.sms = sms};
   switch (head_dim) {
     case 16:
-      return BlocksPerMultiprocessor<16>();
+      fit.narrow = BlocksPerMultiprocessor<16>();
+      break;
     case 32:
-      return BlocksPerMultiprocessor<32>();
+      fit.narrow = BlocksPerMultiprocessor<32>();
+      break;
     case 64:
-      return wide ? BlocksPerMultiprocessor<64, kWideWarps>() : BlocksPerMultiprocessor<64>();
+      fit.narrow = BlocksPerMultiprocessor<64>();
+      fit.wide = BlocksPerMultiprocessor<64, kWideWarps>();
+      break;
     case 128:
-      return wide ? BlocksPerMultiprocessor<128, kWideWarps>() : BlocksPerMultiprocessor<128>();
+      fit.narrow = BlocksPerMultiprocessor<128>();
+      fit.wide = BlocksPerMultiprocessor<128, kWideWarps>();
+      break;
     default:
-      return BlocksPerMultiprocessor<256>();
+      fit.narrow = BlocksPerMultiprocessor<256>();
+      break;
   }
-}
-
-// Whether a launch of `blocks` blocks at `head_dim` on `sms` multiprocessors takes 6 warps to a
-// block by the kernel's own choice: where every block then runs at once with more warps on each
-// multiprocessor than 4 would give.
-bool TakesWideBlocks(int64_t blocks, int head_dim, int sms) {
-  // Resident warps per multiprocessor with `warps` to a block; 0 past one wave.
-  const auto resident = [&](int warps) -> int64_t {
-    const int fit = BlocksPerMultiprocessor(head_dim, warps);
-    if (fit == 0 || blocks > int64_t{fit} * sms) return 0;
-    return std::min<int64_t>(fit, (blocks + sms - 1) / sms) * warps;
-  };
-  return resident(kWideWarps) > resident(decode_attention::kWarps);
+  return fit;
 }
 
 template <int kHeadDim, int kWarps>
@@ -659,7 +654,7 @@ cudaError_t LaunchWarps(const LaunchArgs& a) {
                          a.scale_log2, a.splits, a.out, a.workspace);
 }
 
-// The block size `a` asks for; 0: the kernel's choice (TakesWideBlocks), else 4.
+// The block size `a` asks for; 0: the kernel's choice (TakesWideBlocks, decode_splits.h), else 4.
 template <int kHeadDim>
 cudaError_t Launch(const LaunchArgs& a) {
   if constexpr (HasWideBlocks(kHeadDim)) {
@@ -669,7 +664,7 @@ cudaError_t Launch(const LaunchArgs& a) {
       KVTRIM_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
       KVTRIM_CUDA_RETURN_IF_ERROR(
           cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      wide = TakesWideBlocks(int64_t{a.grid.x} * a.grid.y * a.grid.z, kHeadDim, sms);
+      wide = TakesWideBlocks(int64_t{a.grid.x} * a.grid.y * a.grid.z, FitOf(kHeadDim, sms));
     }
     if (wide) return LaunchWarps<kHeadDim, kWideWarps>(a);
   }
@@ -689,34 +684,8 @@ int CompressedDecodeAttentionSplits(int n_seqs, int max_rows, const AttentionSha
       !AttentionSupportsHeadDim(shape.head_dim)) {
     return 1;
   }
-  const int64_t blocks = int64_t{n_seqs} * shape.n_kv_heads * GroupChunks(shape);
-  // A block's time: its rows plus a fixed cost (its start and its warps' merge); the launch's:
-  // that times the waves of blocks, plus the split-K merge kernel when there is one. Both costs
-  // in rows of a 4-warp block, fitted to an H200 (cuda_decode_attention_bench --splits 1..8,
-  // docs/PERFORMANCE.md). A launch that takes 6-warp blocks (TakesWideBlocks) fits two of them
-  // where three of 4 warps fit: as many warps on a multiprocessor, so each block reads its rows
-  // in 4/6 of the time. A compressed Llama-3-8B batch of 32 with 1966 rows per kv-head takes
-  // 0.063 ms in one split (6 warps) and 0.072 in three (4 warps); SmolLM2's uncompressed one (96
-  // blocks of 8193 rows) 0.113 in one and 0.063 in four. The cheapest of 1 to 32 splits.
-  constexpr int64_t kBlockCost = 192, kMergeCost = 320;
-  int best = 1;
-  int64_t best_cost = std::numeric_limits<int64_t>::max();
-  for (int splits = 1; splits <= 32; ++splits) {
-    const int64_t launched = blocks * splits;
-    const bool wide = TakesWideBlocks(launched, shape.head_dim, sm_count);
-    const int warps = wide ? kWideWarps : decode_attention::kWarps;
-    const int64_t slots =
-        int64_t{std::max(1, BlocksPerMultiprocessor(shape.head_dim, warps))} * sm_count;
-    const int64_t waves = (launched + slots - 1) / slots;
-    const int64_t rows = (int64_t{max_rows} + splits - 1) / splits;
-    const int64_t cost = waves * (rows * decode_attention::kWarps / warps + kBlockCost) +
-                         (splits > 1 ? kMergeCost : 0);
-    if (cost < best_cost) {
-      best = splits;
-      best_cost = cost;
-    }
-  }
-  return best;
+  return ChooseDecodeSplits(int64_t{n_seqs} * shape.n_kv_heads * GroupChunks(shape), max_rows,
+                            FitOf(shape.head_dim, sm_count));
 }
 
 cudaError_t LaunchCompressedDecodeAttention(const PagedKv& kv, const CompressedKv& ckv,
