@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <span>
 #include <vector>
 
@@ -23,10 +24,11 @@ namespace {
 
 class StepPlanTest : public ::testing::Test {
  protected:
+  static constexpr int kPageBytes = 256, kHeadDim = 16;
   // 2 layers, 2 kv-heads of 16, bf16: 64-byte rows, 4 per 256-byte page.
   void SetUp() override {
     pool_ = std::make_unique<memory::PagePool>(
-        *memory::PagePool::Create(256, 64, memory::PageStorage::kNone));
+        *memory::PagePool::Create(kPageBytes, 64, memory::PageStorage::kNone));
     cache_ =
         std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
   }
@@ -62,11 +64,14 @@ class StepPlanTest : public ::testing::Test {
   }
   // The entries of `plan` its readers read, from `data` (the plan's own by default): the arrays
   // before the page lists but for page_indptr, each sequence's page ids in every layer's
-  // full-width lists (from its page_indptr on), each layer's first PT thin list entries, the
-  // scratch page ids and the channel sets. Where a sequence's part starts and the room after it
-  // depend on the plans before; the room after a layer's entries (PlanCapacity) is never read.
+  // full-width lists (from its page_indptr on), in each layer's thin lists the pages that hold
+  // the rows its heads count (thin_rows; a list that lost pages to eviction keeps stale entries
+  // past them, never read), the scratch page ids and the channel sets. Where a sequence's part
+  // starts and the room after it depend on the plans before; the room after a layer's entries
+  // (PlanCapacity) is never read. Pages of kPageBytes.
   static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers,
                                           std::span<const int32_t> data = {}) {
+    constexpr int n_kv_heads = 2;
     if (data.empty()) data = plan.data;
     const StepPlan::Offsets& at = plan.at;
     std::vector<int32_t> out(data.begin(), data.begin() + at.page_indptr);
@@ -81,11 +86,21 @@ class StepPlanTest : public ::testing::Test {
         }
       }
     }
+    const int S = plan.seqs, H = n_kv_heads;
     for (const size_t first : {at.thin_key_pages, at.thin_value_pages}) {
-      for (int layer = 0; layer < n_layers; ++layer) {
-        const auto begin =
-            data.begin() + first + static_cast<size_t>(layer) * plan.thin_page_stride;
-        out.insert(out.end(), begin, begin + plan.thin_pages);
+      for (int layer = 0; layer < n_layers && plan.thin_pages > 0; ++layer) {
+        for (int s = 0; s < S; ++s) {
+          const size_t seq_at = static_cast<size_t>(layer) * S + s;
+          int32_t rows = 0;
+          for (int h = 0; h < H; ++h) rows = std::max(rows, data[at.thin_rows + seq_at * H + h]);
+          // Thin keys are rows of n_kv_heads * key_width bf16, values full rows.
+          const int32_t width = first == at.thin_key_pages ? data[at.key_width + seq_at] : kHeadDim;
+          const int32_t rows_per_page = kPageBytes / (H * width * 2);
+          const auto begin = data.begin() + first +
+                             static_cast<size_t>(layer) * plan.thin_page_stride +
+                             data[at.thin_indptr + s];
+          out.insert(out.end(), begin, begin + (rows + rows_per_page - 1) / rows_per_page);
+        }
       }
     }
     out.insert(out.end(), data.begin() + at.scratch_keys, data.begin() + plan.data.size());
@@ -164,7 +179,8 @@ TEST_F(StepPlanTest, PacksTokensPagesAndWork) {
   EXPECT_EQ(plan.decode_seqs, 2);
   EXPECT_EQ(Slice(plan, plan.at.decode, 2), (std::vector<int32_t>{1, 2}));
   EXPECT_EQ(plan.max_decode_rows, 10);
-  EXPECT_EQ(plan.max_layer_rows, (std::vector<int32_t>{10, 10}));  // every layer alike
+  // Uncompressed sequences hold the same rows in every layer.
+  EXPECT_EQ(plan.max_layer_rows, (std::vector<int32_t>{10, 10}));
   EXPECT_EQ(plan.prefill_items, 2);  // 3 tokens in tiles of 2
   EXPECT_EQ(Slice(plan, plan.at.prefill, 4), (std::vector<int32_t>{0, 0, 0, 2}));
   EXPECT_EQ(plan.logit_rows, 2);
@@ -239,7 +255,7 @@ TEST_F(StepPlanTest, PageListsKeepTheirPartsAndStrideWithinTheCapacity) {
 TEST_F(StepPlanTest, DecodesPatchTheDeviceCopyUpToAFreshPlan) {
   // A pool of its own, for 40 tokens more of each sequence.
   pool_ = std::make_unique<memory::PagePool>(
-      *memory::PagePool::Create(256, 256, memory::PageStorage::kNone));
+      *memory::PagePool::Create(kPageBytes, 256, memory::PageStorage::kNone));
   cache_ = std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
   std::vector<memory::SequenceKv> kvs;
   for (int cached : {1, 6, 13}) kvs.push_back(Sequence(cached, cached + 1));
@@ -758,6 +774,164 @@ TEST_F(StepPlanTest, RethinKeepsTheDeviceCopyUpToAFreshPlan) {
   EXPECT_GE(kept_steps, 3);
   for (memory::SequenceKv& kv : kvs) cache_->Release(kv);
   cache_->Release(hog);
+}
+
+// Random batches, step after step: uncompressed sequences (joining as prompts or as decodes),
+// compressed ones with ThinK channel sets, with re-thinning, and under window eviction (rows
+// dropped from random heads), joining and leaving, while another sequence takes the pages they
+// free; the page list room fitted after each plan as CudaBackend::Forward fits it. Every upload
+// over the last leaves the device copy reading as a plan built afresh.
+TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
+  namespace mc = memory::compress;
+  pool_ = std::make_unique<memory::PagePool>(
+      *memory::PagePool::Create(kPageBytes, 8192, memory::PageStorage::kNone));
+  cache_ = std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  std::vector<mc::CompressionConfig> configs;
+  for (const char* spec : {"eviction=window,window.sinks=1,window.recent=4",
+                           "policy=pyramidkv,budget_ratio=0.5,think.lambda=0.5",
+                           "policy=streamingllm,budget_tokens=8,sinks=1,think.lambda=0.5,"
+                           "think.recent=4,think.rethin=1"}) {
+    const absl::StatusOr<mc::CompressionConfig> config = mc::ParseCompressionSpec(spec);
+    ASSERT_TRUE(config.ok()) << spec << ": " << config.status();
+    configs.push_back(*config);
+  }
+  struct Live {
+    std::unique_ptr<memory::SequenceKv> kv;
+    const mc::CompressionConfig* config = nullptr;  // null: uncompressed
+    std::vector<int32_t> prompt;                    // tokens still to feed as one chunk
+  };
+  int kept_steps = 0, evicted = 0, moved_rows = 0, prompts = 0;
+  for (uint32_t seed = 1; seed <= 4; ++seed) {
+    std::mt19937 rng(seed);
+    const auto chance = [&](int in) { return rng() % in == 0; };
+    std::vector<Live> live;
+    memory::SequenceKv hog = cache_->NewSequence();
+    StepPlan plan;
+    std::vector<int32_t> device;
+    PlanCapacity capacity;
+    for (int step = 0; step < 120; ++step) {
+      // The batch changes now and then: a sequence joins, one leaves, the hog takes pages.
+      if (live.empty() || (live.size() < 8 && chance(6))) {
+        Live joining;
+        const int kind = static_cast<int>(rng() % 5);
+        const int tokens = 6 + static_cast<int>(rng() % 20);
+        if (kind == 0) {  // an uncompressed prompt
+          joining.kv = std::make_unique<memory::SequenceKv>(Sequence(0, tokens));
+          joining.prompt.assign(tokens, 5);
+          ++prompts;
+        } else if (kind == 1) {  // an uncompressed sequence decoding
+          joining.kv = std::make_unique<memory::SequenceKv>(Sequence(tokens, tokens + 1));
+        } else {
+          joining.config = &configs[kind - 2];
+          joining.kv =
+              std::make_unique<memory::SequenceKv>(CompressedSequence(*joining.config, tokens));
+          for (memory::CompressedLayer& c : joining.kv->compressed) {
+            if (c.key_width < 16 && c.prompt_rows[0] > 0) {
+              c.channels.assign(2 * c.key_width, static_cast<uint16_t>(rng() % 16));
+            }
+          }
+          // Now and then layer 1 keeps more thin rows than layer 0 (as PyramidKV's lower layers
+          // do) and no channel set, so it never re-thins: layer 0's new pages may then hide
+          // behind its longer lists in the sequence's page count.
+          memory::CompressedLayer& wide = joining.kv->compressed[1];
+          if (wide.prompt_rows[0] > 0 && chance(2)) {
+            const int32_t more = 4 + static_cast<int32_t>(rng() % 29);
+            ASSERT_TRUE(cache_->ReservePromptRows(*joining.kv, 1, wide.prompt_rows[0] + more));
+            for (int32_t& rows : wide.prompt_rows) rows += more;
+            wide.keys.rows = wide.values.rows = wide.prompt_rows[0];
+            wide.channels.clear();
+          }
+        }
+        live.push_back(std::move(joining));
+      }
+      if (live.size() > 1 && chance(10)) {
+        const size_t leaving = rng() % live.size();
+        cache_->Release(*live[leaving].kv);
+        live.erase(live.begin() + static_cast<std::ptrdiff_t>(leaving));
+      }
+      if (chance(5)) {
+        ASSERT_TRUE(cache_->Reserve(hog, 1 + static_cast<int>(rng() % 6)));
+      }
+      if (chance(20)) cache_->Release(hog);
+
+      // As CudaBackend::Forward reserves before planning.
+      static const std::vector<int32_t> next{7};
+      std::vector<SequenceStep> steps;
+      for (Live& s : live) {
+        memory::SequenceKv& kv = *s.kv;
+        if (!s.prompt.empty()) {
+          steps.push_back({&kv, s.prompt, true});
+          continue;
+        }
+        ASSERT_TRUE(cache_->Reserve(kv, 1));
+        if (s.config != nullptr && s.config->think.rethin) {
+          for (int layer = 0; layer < 2; ++layer) {
+            const memory::CompressedLayer& c = kv.compressed[layer];
+            if (const int32_t moved = RethinRows(c, *s.config, 1); moved > 0) {
+              ASSERT_TRUE(cache_->ReservePromptRows(kv, layer, c.prompt_rows[0] + moved));
+            }
+          }
+        }
+        steps.push_back({&kv, next, true, s.config});
+      }
+      ASSERT_TRUE(BuildStepPlan(steps, Shape(4), plan, {}, capacity).ok()) << "step " << step;
+      Upload(plan, device);
+      StepPlan fresh;
+      ASSERT_TRUE(BuildStepPlan(steps, Shape(4), fresh, {}, capacity).ok());
+      ASSERT_EQ(ReadEntries(plan, 2, device), ReadEntries(fresh, 2))
+          << "seed " << seed << ", step " << step;
+      kept_steps += plan.pages_kept;
+      capacity.Fit(plan);
+
+      // What the device leaves (CudaBackend::UpdateSequences).
+      for (size_t i = 0; i < live.size(); ++i) {
+        memory::SequenceKv& kv = *live[i].kv;
+        if (!live[i].prompt.empty()) {
+          for (int layer = 0; layer < 2; ++layer) {
+            kv.keys[layer].rows = kv.values[layer].rows = kv.tokens + live[i].prompt.size();
+          }
+          kv.tokens += static_cast<int32_t>(live[i].prompt.size());
+          live[i].prompt.clear();
+          continue;
+        }
+        if (live[i].config == nullptr) {
+          for (int layer = 0; layer < 2; ++layer) ++kv.keys[layer].rows, ++kv.values[layer].rows;
+          ++kv.tokens;
+          continue;
+        }
+        const bool evicts = live[i].config->eviction != mc::EvictionPolicy::kNone;
+        for (int layer = 0; layer < 2; ++layer) {
+          memory::CompressedLayer& c = kv.compressed[layer];
+          const int32_t moved =
+              plan.rethinning > 0 ? plan.data[plan.at.rethin + layer * plan.seqs + i] : 0;
+          moved_rows += moved;
+          for (int h = 0; h < 2; ++h) {
+            c.prompt_rows[h] += moved;
+            c.recent_rows[h] += 1 - moved;
+            if (evicts && chance(3)) {  // the window drops rows of this head
+              c.recent_rows[h] = std::max(1, c.recent_rows[h] - static_cast<int32_t>(rng() % 3));
+              c.prompt_rows[h] = std::max(0, c.prompt_rows[h] - static_cast<int32_t>(rng() % 2));
+              ++evicted;
+            }
+          }
+          c.keys.rows = c.values.rows =
+              *std::max_element(c.prompt_rows.begin(), c.prompt_rows.end());
+          kv.keys[layer].rows = kv.values[layer].rows =
+              *std::max_element(c.recent_rows.begin(), c.recent_rows.end());
+        }
+        cache_->TrimPages(kv);
+        ++kv.tokens;
+      }
+    }
+    for (Live& s : live) cache_->Release(*s.kv);
+    cache_->Release(hog);
+  }
+  // Every kind of change happened, and most steps kept their page lists.
+  EXPECT_GT(kept_steps, 200);
+  EXPECT_GT(evicted, 20);
+  EXPECT_GT(moved_rows, 20);
+  EXPECT_GT(prompts, 4);
+  EXPECT_EQ(pool_->used_pages(), 0);
 }
 
 }  // namespace
