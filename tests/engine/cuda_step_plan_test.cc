@@ -777,8 +777,9 @@ TEST_F(StepPlanTest, RethinKeepsTheDeviceCopyUpToAFreshPlan) {
 }
 
 // Random batches, step after step: uncompressed sequences (joining as prompts or as decodes),
-// compressed ones with ThinK channel sets, with re-thinning, and under window eviction (rows
-// dropped from random heads), joining and leaving, while another sequence takes the pages they
+// compressed ones with ThinK channel sets, with re-thinning, under window eviction (rows dropped
+// from random heads) and with both (the device re-thinning each head after eviction), joining
+// and leaving, while another sequence takes the pages they
 // free; the page list room fitted after each plan as CudaBackend::Forward fits it. Every upload
 // over the last leaves the device copy reading as a plan built afresh.
 TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
@@ -790,7 +791,10 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
   for (const char* spec : {"eviction=window,window.sinks=1,window.recent=4",
                            "policy=pyramidkv,budget_ratio=0.5,think.lambda=0.5",
                            "policy=streamingllm,budget_tokens=8,sinks=1,think.lambda=0.5,"
-                           "think.recent=4,think.rethin=1"}) {
+                           "think.recent=4,think.rethin=1",
+                           "policy=streamingllm,budget_tokens=8,sinks=1,think.lambda=0.5,"
+                           "think.recent=2,think.rethin=1,eviction=window,window.sinks=1,"
+                           "window.recent=6"}) {
     const absl::StatusOr<mc::CompressionConfig> config = mc::ParseCompressionSpec(spec);
     ASSERT_TRUE(config.ok()) << spec << ": " << config.status();
     configs.push_back(*config);
@@ -800,7 +804,7 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
     const mc::CompressionConfig* config = nullptr;  // null: uncompressed
     std::vector<int32_t> prompt;                    // tokens still to feed as one chunk
   };
-  int kept_steps = 0, evicted = 0, moved_rows = 0, prompts = 0;
+  int kept_steps = 0, evicted = 0, moved_rows = 0, moved_after_eviction = 0, prompts = 0;
   for (uint32_t seed = 1; seed <= 4; ++seed) {
     std::mt19937 rng(seed);
     const auto chance = [&](int in) { return rng() % in == 0; };
@@ -813,7 +817,7 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
       // The batch changes now and then: a sequence joins, one leaves, the hog takes pages.
       if (live.empty() || (live.size() < 8 && chance(6))) {
         Live joining;
-        const int kind = static_cast<int>(rng() % 5);
+        const int kind = static_cast<int>(rng() % (2 + configs.size()));
         const int tokens = 6 + static_cast<int>(rng() % 20);
         if (kind == 0) {  // an uncompressed prompt
           joining.kv = std::make_unique<memory::SequenceKv>(Sequence(0, tokens));
@@ -869,6 +873,8 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
             const memory::CompressedLayer& c = kv.compressed[layer];
             if (const int32_t moved = RethinRows(c, *s.config, 1); moved > 0) {
               ASSERT_TRUE(cache_->ReservePromptRows(kv, layer, c.prompt_rows[0] + moved));
+            } else if (const int32_t rows = RethinAfterEvictionRows(c, *s.config, 1); rows > 0) {
+              ASSERT_TRUE(cache_->ReservePromptRows(kv, layer, rows));
             }
           }
         }
@@ -902,16 +908,26 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
         const bool evicts = live[i].config->eviction != mc::EvictionPolicy::kNone;
         for (int layer = 0; layer < 2; ++layer) {
           memory::CompressedLayer& c = kv.compressed[layer];
-          const int32_t moved =
+          // Rows moved to the thin segment: as the plan says, or under eviction (a negative
+          // mark) as the device decides after it, per head.
+          const int32_t rethin =
               plan.rethinning > 0 ? plan.data[plan.at.rethin + layer * plan.seqs + i] : 0;
-          moved_rows += moved;
+          const int32_t keep = live[i].config->think.recent;
           for (int h = 0; h < 2; ++h) {
+            const int32_t moved = std::max(rethin, 0);
             c.prompt_rows[h] += moved;
             c.recent_rows[h] += 1 - moved;
+            moved_rows += moved;
             if (evicts && chance(3)) {  // the window drops rows of this head
               c.recent_rows[h] = std::max(1, c.recent_rows[h] - static_cast<int32_t>(rng() % 3));
               c.prompt_rows[h] = std::max(0, c.prompt_rows[h] - static_cast<int32_t>(rng() % 2));
               ++evicted;
+            }
+            if (rethin < 0 && c.recent_rows[h] >= 2 * std::max(keep, 1)) {
+              c.prompt_rows[h] += c.recent_rows[h] - keep;
+              moved_rows += c.recent_rows[h] - keep;
+              moved_after_eviction += c.recent_rows[h] - keep;
+              c.recent_rows[h] = keep;
             }
           }
           c.keys.rows = c.values.rows =
@@ -930,6 +946,7 @@ TEST_F(StepPlanTest, RandomBatchesKeepTheDeviceCopyUpToAFreshPlan) {
   EXPECT_GT(kept_steps, 200);
   EXPECT_GT(evicted, 20);
   EXPECT_GT(moved_rows, 20);
+  EXPECT_GT(moved_after_eviction, 10);
   EXPECT_GT(prompts, 4);
   EXPECT_EQ(pool_->used_pages(), 0);
 }
