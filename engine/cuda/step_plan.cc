@@ -320,8 +320,9 @@ absl::Status BuildStepPlan(std::span<const SequenceStep> steps, const StepShape&
                        RethinAfterEvictionRows(c, *step.compression, n_new) > 0;
           channel_elements += c.channels.size();
           int32_t& most = plan.max_layer_rows[layer];
-          for (int h = 0; h < H; ++h)
+          for (int h = 0; h < H; ++h) {
             most = std::max(most, c.prompt_rows[h] + c.recent_rows[h] + 1);
+          }
           plan.max_decode_rows = std::max(plan.max_decode_rows, most);
         }
       }
