@@ -33,10 +33,7 @@ class StepPlanRandomTest : public StepPlanTest {
   };
 
   void SetUp() override {
-    pool_ = std::make_unique<memory::PagePool>(
-        *memory::PagePool::Create(kPageBytes, 8192, memory::PageStorage::kNone));
-    cache_ =
-        std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+    NewCache(8192);
     for (const char* spec : {"eviction=window,window.sinks=1,window.recent=4",
                              "policy=pyramidkv,budget_ratio=0.5,think.lambda=0.5",
                              "policy=streamingllm,budget_tokens=8,sinks=1,think.lambda=0.5,"

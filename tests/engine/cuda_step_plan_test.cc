@@ -133,9 +133,7 @@ TEST_F(StepPlanTest, PageListsKeepTheirPartsAndStrideWithinTheCapacity) {
 // the sequences cross page boundaries, outgrow their parts (laid out anew) and the batch changes.
 TEST_F(StepPlanTest, DecodesPatchTheDeviceCopyUpToAFreshPlan) {
   // A pool of its own, for 40 tokens more of each sequence.
-  pool_ = std::make_unique<memory::PagePool>(
-      *memory::PagePool::Create(kPageBytes, 256, memory::PageStorage::kNone));
-  cache_ = std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+  NewCache(256);
   std::vector<memory::SequenceKv> kvs;
   for (int cached : {1, 6, 13}) kvs.push_back(Sequence(cached, cached + 1));
   const std::vector<int32_t> next{7};

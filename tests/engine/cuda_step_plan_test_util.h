@@ -19,13 +19,16 @@ namespace kvtrim::engine::cuda {
 
 class StepPlanTest : public ::testing::Test {
  protected:
-  static constexpr int kPageBytes = 256, kHeadDim = 16;
   // 2 layers, 2 kv-heads of 16, bf16: 64-byte rows, 4 per 256-byte page.
-  void SetUp() override {
+  static constexpr int kKvHeads = 2, kHeadDim = 16, kPageBytes = 256;
+  void SetUp() override { NewCache(64); }
+  // A pool of `pages` pages and a cache over it, in place of the ones before.
+  void NewCache(int32_t pages) {
+    cache_.reset();
     pool_ = std::make_unique<memory::PagePool>(
-        *memory::PagePool::Create(kPageBytes, 64, memory::PageStorage::kNone));
-    cache_ =
-        std::make_unique<memory::KvCache>(*memory::KvCache::Create(pool_.get(), {2, 2, 16, 2}));
+        *memory::PagePool::Create(kPageBytes, pages, memory::PageStorage::kNone));
+    cache_ = std::make_unique<memory::KvCache>(
+        *memory::KvCache::Create(pool_.get(), {2, kKvHeads, kHeadDim, 2}));
   }
   memory::SequenceKv Sequence(int cached, int capacity) {
     memory::SequenceKv kv = cache_->NewSequence();
@@ -66,7 +69,6 @@ class StepPlanTest : public ::testing::Test {
   // (PlanCapacity) is never read. Pages of kPageBytes.
   static std::vector<int32_t> ReadEntries(const StepPlan& plan, int n_layers,
                                           std::span<const int32_t> data = {}) {
-    constexpr int n_kv_heads = 2;
     if (data.empty()) data = plan.data;
     const StepPlan::Offsets& at = plan.at;
     std::vector<int32_t> out(data.begin(), data.begin() + at.page_indptr);
@@ -81,7 +83,7 @@ class StepPlanTest : public ::testing::Test {
         }
       }
     }
-    const int S = plan.seqs, H = n_kv_heads;
+    const int S = plan.seqs, H = kKvHeads;
     for (const size_t first : {at.thin_key_pages, at.thin_value_pages}) {
       for (int layer = 0; layer < n_layers && plan.thin_pages > 0; ++layer) {
         for (int s = 0; s < S; ++s) {
@@ -128,7 +130,7 @@ class StepPlanTest : public ::testing::Test {
   static StepShape Shape(int query_tile, int window = 0) {
     return StepShape{.n_layers = 2,
                      .n_heads = 4,
-                     .n_kv_heads = 2,
+                     .n_kv_heads = kKvHeads,
                      .head_dim = 16,
                      .vocab_size = 100,
                      .window = window,
