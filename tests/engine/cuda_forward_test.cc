@@ -1444,21 +1444,36 @@ TEST_F(CudaSmolLm2Test, CompressedGreedyTokensMatchTheCpuEngine) {
       }
       std::printf("[smollm2] compressed greedy %-10s %-52s equal %2d/%zu  first divergence %d\n",
                   names[i].c_str(), spec, equal, a.tokens.size(), first_divergence);
-      if (!fixed_rows) continue;
-      // Teacher-forced: the CPU engine's tokens fed to both engines one at a time after the
-      // compressed prompt. Free-running generations part for good at the first near-tie; here
-      // every position is compared afresh, so the argmax must agree but at near-ties, and the
-      // logits within bf16 rounding.
+      const bool parted = first_divergence >= 0;
+      if (!fixed_rows && !parted) continue;
+      // The CPU engine's tokens replayed one at a time after the compressed prompt: its own
+      // logits up to the parting position, and (fixed_rows) every position, teacher-forced.
       TestEngine cpu_engine = MakeEngine(*model_, false, 16 << 10, 16384);
-      TestEngine gpu_engine = MakeEngine(*model_, true, 16 << 10, 16384);
-      ASSERT_TRUE(cpu_engine.backend && gpu_engine.backend);
-      const std::span<const int32_t> forced(b.tokens.data(), b.tokens.size() - 1);
+      ASSERT_TRUE(cpu_engine.backend);
+      const std::span<const int32_t> forced(
+          b.tokens.data(),
+          fixed_rows ? b.tokens.size() - 1 : static_cast<size_t>(first_divergence));
       const std::vector<float> cpu_logits =
           RunCompressed(cpu_engine, *config, requests[i].prompt, forced);
+      const size_t vocab = model_->config.vocab_size, rows = cpu_logits.size() / vocab;
+      if (parted) {
+        // How near a tie the parting was for the CPU engine: its logit for its own token over
+        // its logit for the GPU's.
+        const float* row = cpu_logits.data() + static_cast<size_t>(first_divergence) * vocab;
+        const int32_t mine = b.tokens[first_divergence], theirs = a.tokens[first_divergence];
+        std::printf(
+            "[smollm2] compressed parting %-10s %-52s at %2d: CPU logit of %d is %.4f above %d\n",
+            names[i].c_str(), spec, first_divergence, mine, row[mine] - row[theirs], theirs);
+      }
+      if (!fixed_rows) continue;
+      // Teacher-forced: free-running generations part for good at the first near-tie; here
+      // every position is compared afresh, so the argmax must agree but at near-ties, and the
+      // logits within bf16 rounding.
+      TestEngine gpu_engine = MakeEngine(*model_, true, 16 << 10, 16384);
+      ASSERT_TRUE(gpu_engine.backend);
       const std::vector<float> gpu_logits =
           RunCompressed(gpu_engine, *config, requests[i].prompt, forced);
       ASSERT_EQ(cpu_logits.size(), gpu_logits.size());
-      const size_t vocab = model_->config.vocab_size, rows = cpu_logits.size() / vocab;
       int agree = 0;
       for (size_t k = 0; k < rows; ++k) {
         const std::span<const float> cpu_row(cpu_logits.data() + k * vocab, vocab);
