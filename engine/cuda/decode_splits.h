@@ -23,10 +23,11 @@ struct DecodeBlockFit {
 // once with more warps on each multiprocessor than 4 warps a block would give.
 bool TakesWideBlocks(int64_t blocks, const DecodeBlockFit& fit);
 
-// The cheapest of 1 to 32 splits for a launch of `blocks` blocks a split whose longest kv-head
-// holds `max_rows` rows: each split count's waves of blocks times a block's rows plus its fixed
-// cost, plus the merge kernel a split adds. A 6-warp block (TakesWideBlocks) reads its rows in
-// 4/6 of a 4-warp block's time. 1 for an empty launch.
+// The cheapest of 1, 2, 4, 8, 16 or 32 splits for a launch of `blocks` blocks a split
+// whose longest kv-head holds `max_rows` rows: each split count's waves of blocks times a block's
+// rows plus its fixed cost, plus the merge kernel a split adds and its share for each split. A
+// 6-warp block (TakesWideBlocks) reads its rows in 4/6 of a 4-warp block's time. 1 for an empty
+// launch.
 int ChooseDecodeSplits(int64_t blocks, int max_rows, const DecodeBlockFit& fit);
 
 }  // namespace kvtrim::engine::cuda

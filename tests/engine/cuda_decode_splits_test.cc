@@ -1,7 +1,7 @@
 // The compressed decode attention's split count and block size (engine/cuda/decode_splits.cc),
 // without a GPU: the choices the H200 measurements in docs/PERFORMANCE.md ("The split count
-// weighs the 6-warp blocks") call for, on that GPU's fit: 132 multiprocessors, three 4-warp or
-// two 6-warp blocks to one at head_dim 64 and 128.
+// weighs the 6-warp blocks", "Split counts of one or two sequences") call for, on that GPU's fit:
+// 132 multiprocessors, three 4-warp or two 6-warp blocks to one at head_dim 64 and 128.
 #include <gtest/gtest.h>
 
 #include "engine/cuda/decode_splits.h"
@@ -33,18 +33,54 @@ TEST(DecodeSplitsTest, ChoosesWhatTheH200Measured) {
   // SmolLM2's heads (3 kv-heads), batch 32 uncompressed: 96 blocks of 8193 rows take four
   // splits (0.063 ms against 0.095 in one).
   EXPECT_EQ(ChooseDecodeSplits(32 * 3, 8193, kH200), 4);
-  // One sequence's long rows: as many splits as the heuristic allows.
-  EXPECT_EQ(ChooseDecodeSplits(8, 8193, kH200), 32);
   // Batch 128 fills the GPU without splitting.
   EXPECT_EQ(ChooseDecodeSplits(128 * 8, 983, kH200), 1);
 }
 
-TEST(DecodeSplitsTest, FourWarpBlocksAloneSplitLongerRows) {
+// One or two sequences leave most of the GPU idle in one split, and past 8 to 16 splits each
+// more costs more than it saves. Every range below holds the fastest split count measured
+// (docs/PERFORMANCE.md "Split counts of one or two sequences") and leaves out one split.
+TEST(DecodeSplitsTest, OneOrTwoSequencesSplitModerately) {
+  const auto expect_between = [](int64_t blocks, int rows, int low, int high) {
+    const int splits = ChooseDecodeSplits(blocks, rows, kH200);
+    EXPECT_GE(splits, low) << blocks << " blocks of " << rows << " rows";
+    EXPECT_LE(splits, high) << blocks << " blocks of " << rows << " rows";
+  };
+  // SmolLM2's heads, one sequence: 493 rows 0.012 ms in one split and in 32, 0.010 in eight;
+  // 983 rows 0.017 in one, 0.010 in eight and sixteen, 0.012 in 32.
+  expect_between(3, 493, 4, 16);
+  expect_between(3, 983, 8, 16);
+  // Two sequences, 493 rows: 0.012 in one, 0.010 in eight, 0.014 in 32.
+  expect_between(6, 493, 4, 16);
+  // Llama-3-8B's heads, one uncompressed sequence of 2048 rows: 0.033 in one split, 0.014 in
+  // eight, 0.018 in 32; of 8192 rows 0.102 in one, 0.022 in sixteen, 0.025 in 32.
+  expect_between(8, 2048, 8, 16);
+  expect_between(8, 8192, 16, 32);
+}
+
+// A layer's rows grow by one each decode step, and each new set of split counts is a new CUDA
+// graph of the step: the counts are powers of two, and change at most 4 times over 9000 rows (a
+// count of 1 to 32 chosen freely changed 47 times for one to eight sequences).
+TEST(DecodeSplitsTest, CountsArePowersOfTwoAndChangeRarelyAsRowsGrow) {
+  for (const int64_t blocks : {1, 2, 3, 6, 8, 16, 24, 32, 64, 96, 256, 1024, 4096}) {
+    int changes = 0, previous = ChooseDecodeSplits(blocks, 1, kH200);
+    for (int rows = 1; rows <= 9000; ++rows) {
+      const int splits = ChooseDecodeSplits(blocks, rows, kH200);
+      ASSERT_TRUE(splits >= 1 && splits <= 32 && (splits & (splits - 1)) == 0)
+          << splits << " splits for " << blocks << " blocks of " << rows << " rows";
+      changes += splits != previous;
+      previous = splits;
+    }
+    EXPECT_LE(changes, 4) << blocks << " blocks";
+  }
+}
+
+TEST(DecodeSplitsTest, FourWarpBlocksAloneSplitNoLongRowsOfAFullBatch) {
   // Without 6-warp blocks, one split of 256 blocks leaves a third of the GPU's 4-warp slots
-  // empty, and past about 1500 rows three splits in two waves cost less.
+  // empty, and two splits take two waves: one split, at 983 rows as at 1966.
   const DecodeBlockFit narrow_only{.sms = 132, .narrow = 3, .wide = 0};
   EXPECT_EQ(ChooseDecodeSplits(32 * 8, 983, narrow_only), 1);
-  EXPECT_EQ(ChooseDecodeSplits(32 * 8, 1966, narrow_only), 3);
+  EXPECT_EQ(ChooseDecodeSplits(32 * 8, 1966, narrow_only), 1);
 }
 
 TEST(DecodeSplitsTest, EmptyLaunchesTakeOneSplit) {
