@@ -683,7 +683,8 @@ class EvictionCheck {
                                       : prior_[i][h].recent[r - thin]);
       keep[r] = survives(before, important[r]);
       // Within the band the kernel's fp32 weight may fall either side: the row's survival, or
-      // only its last_important (a recent row survives either way), may differ.
+      // only its last_important (a row important within the window survives either way), may
+      // differ.
       if (spec.kind == kEvictCorm && strict[r] != loose[r]) unsure = true;
     }
     // The cap (ApplyCap): the weakest survivors outside the recent rows, by the new states.
